@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Benchmark driver (see bench/run.sh). Standard library only.
+
+Each timed run writes to a fresh destination directory (never deleted inside a batch:
+on these machines creating files right after deleting a similar tree is 5-10x slower),
+source trees are read just before each timed run (warm cache), and the tools alternate
+(A B A B) so both see the same machine state. Every destination is checked afterwards
+with `rsync -anc --delete src/ dst/`, which must list nothing.
+"""
+import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release"
+GEN = (ROOT / ".." / "shared" / "bench" / "gen_dataset.py").resolve()
+
+
+def sh(*args, **kw):
+    return subprocess.run([str(a) for a in args], check=True, **kw)
+
+
+def warm(path):
+    subprocess.run(["tar", "cf", "/dev/null", "-C", str(path.parent), path.name], check=True)
+
+
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def hwm_kib(pid):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def start(cmd, log):
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    for line in p.stdout:
+        if "listening on" in line:
+            return p, line.split("listening on")[1].strip()
+    raise SystemExit(f"{cmd[0]} did not start; see {log}")
+
+
+def datasets(base, names):
+    base.mkdir(parents=True, exist_ok=True)
+    for k in names:
+        if not (base / "base" / k).exists():
+            sh(sys.executable, GEN, "gen", k, "--out", base / "base", "--seed", "42")
+        if not (base / "mut" / k).exists():
+            (base / "mut").mkdir(exist_ok=True)
+            sh("cp", "-a", base / "base" / k, base / "mut" / k)
+            sh(sys.executable, GEN, "mutate", base / "mut" / k, "--seed", "1")
+
+
+def verify(src, dst):
+    out = subprocess.run(["rsync", "-anci", "--delete", f"{src}/", f"{dst}/"], capture_output=True, text=True, check=True).stdout
+    lines = [l for l in out.splitlines() if l.strip() and not l.startswith(".d")]
+    if lines:
+        raise SystemExit(f"{dst} differs from {src}: {lines[:5]}")
+
+
+def cms_round(work, src_base, src_mut, durability):
+    dst = work / f"cms-{time.time_ns()}"
+    tdir, sdir = work / f"t-{time.time_ns()}", work / f"s-{time.time_ns()}"
+    tdir.mkdir(); sdir.mkdir()
+    target, taddr = start([BIN / "mirror-target", "--listen", "127.0.0.1:0", "--site", f"main={dst}",
+                           "--data-dir", tdir, "--durability", durability], tdir / "log")
+    cfg = sdir / "mirror.toml"
+    cfg.write_text("".join(
+        f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\n[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
+        for n, p in (("base", src_base), ("mut", src_mut))))
+    source, saddr = start([BIN / "mirror-source", "--listen", "127.0.0.1:0", "--config", cfg, "--data-dir", sdir], sdir / "log")
+    res = {}
+    try:
+        for phase, ch, tree in (("full", "base", src_base), ("nochange", "base", src_base), ("edit", "mut", src_mut)):
+            warm(tree)
+            t0 = time.perf_counter()
+            out = subprocess.run([BIN / "mirrorctl", "--source", f"http://{saddr}", "start", ch, "--wait", "--json"],
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if out.returncode != 0:
+                raise SystemExit(f"cms-mirror {phase} failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+            job = json.loads(out.stdout[out.stdout.index("{\n"):])
+            t = job["targets"][0]
+            res[phase] = {"wall": wall, "wire": t["bytes_on_wire"], "files": t["items_total"]}
+            verify(tree, dst)
+        res["rss"] = (hwm_kib(source.pid) // 1024, hwm_kib(target.pid) // 1024)
+    finally:
+        for p in (source, target):
+            p.terminate(); p.wait()
+    return res
+
+
+def rsync_round(work, src_base, src_mut):
+    root = work / f"rsyncd-{time.time_ns()}"
+    root.mkdir()
+    port = free_port()
+    conf = root / "rsyncd.conf"
+    conf.write_text(f"use chroot = false\nuid = root\ngid = root\n[bench]\npath = {root}\nread only = false\n")
+    d = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--port={port}", f"--config={conf}"])
+    time.sleep(0.3)
+    res = {}
+    try:
+        for phase, tree in (("full", src_base), ("nochange", src_base), ("edit", src_mut)):
+            warm(tree)
+            t0 = time.perf_counter()
+            out = subprocess.run(["/usr/bin/time", "-f", "RSS %M", "rsync", "-a", "--delete", "--stats",
+                                  f"{tree}/", f"rsync://127.0.0.1:{port}/bench/dst/"], capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - t0
+            sent = int(re.search(r"Total bytes sent: ([\d,]+)", out.stdout).group(1).replace(",", ""))
+            rss = int(re.search(r"RSS (\d+)", out.stderr).group(1)) // 1024
+            res[phase] = {"wall": wall, "wire": sent, "rss": rss}
+            verify(tree, root / "dst")
+    finally:
+        d.terminate(); d.wait()
+    return res
+
+
+def memory_run(work, n):
+    tree = work / f"tiny-{n}"
+    if not tree.exists():
+        print(f"creating {n} tiny files in {tree} ...", flush=True)
+        for i in range(n):
+            d = tree / f"d{i % 1000:03d}" / f"e{(i // 1000) % 100:02d}"
+            if i < 100_000 or not d.exists():
+                d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}").write_bytes(b"x" * (i % 3))
+    r = cms_round(work, tree, tree, "syncfs")
+    print(f"| {n:,} tiny files | full {r['full']['wall']:.1f} s | no-change {r['nochange']['wall']:.2f} s | peak RSS source {r['rss'][0]} MiB, target {r['rss'][1]} MiB |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--datasets", default="small,large,mixed")
+    ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/cms-mirror-bench"))
+    ap.add_argument("--durability", default="syncfs")
+    ap.add_argument("--memory", type=int, default=0, help="only the memory run on N tiny files")
+    a = ap.parse_args()
+    base = Path(a.dir)
+    work = base / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    if a.memory:
+        memory_run(work, a.memory)
+        return
+    names = a.datasets.split(",")
+    datasets(base, names)
+    print(f"| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for k in names:
+        cms, rs = [], []
+        for _ in range(a.rounds):
+            cms.append(cms_round(work, base / "base" / k, base / "mut" / k, a.durability))
+            rs.append(rsync_round(work, base / "base" / k, base / "mut" / k))
+        for phase in ("full", "nochange", "edit"):
+            cw = statistics.median(r[phase]["wall"] for r in cms)
+            rw = statistics.median(r[phase]["wall"] for r in rs)
+            print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
+                  f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
+                  f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+//! `mirrorctl`: the admin and monitoring client of mirror-source.
+//!
+//! Exit codes: 0 success; for `start --wait` 1 when the job completed with item errors
+//! and 2 when it failed or was cancelled; 3 for a usage or connection error.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use cms_mirror::pb;
+use cms_mirror::pb::source_service_client::SourceServiceClient;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mirrorctl",
+    version,
+    about = "Start, inspect and watch cms-mirror jobs"
+)]
+struct Cli {
+    /// URL of the mirror-source service.
+    #[arg(
+        long,
+        global = true,
+        env = "MIRROR_SOURCE",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    source: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a job for a channel.
+    Start {
+        channel: String,
+        /// Send everything, ignoring what the targets already have.
+        #[arg(long)]
+        full: bool,
+        /// Plan only: report what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Compare content hashes instead of size and mtime.
+        #[arg(long)]
+        checksum: bool,
+        /// Mirror only this path (repeatable).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+        /// Follow the job to its end; exit 0 succeeded, 1 completed with errors, 2 failed or cancelled.
+        #[arg(long)]
+        wait: bool,
+        /// Who asks (stored with the job).
+        #[arg(long, env = "USER", default_value = "")]
+        requested_by: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent jobs.
+    Jobs {
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job with its targets and item errors.
+    Show {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List channels with their targets and sync lag.
+    Channels {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job.
+    Cancel {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job (or all jobs) live.
+    Watch {
+        job: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the per-item plan of a job (what a dry run found).
+    Plan {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Queued => "queued",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::CompletedWithErrors => "completed_with_errors",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+        pb::JobState::Unspecified => "unknown",
+    }
+}
+
+fn trigger_name(t: i32) -> &'static str {
+    match pb::Trigger::try_from(t).unwrap_or(pb::Trigger::Unspecified) {
+        pb::Trigger::Admin => "admin",
+        pb::Trigger::Schedule => "schedule",
+        pb::Trigger::Api => "api",
+        pb::Trigger::Watch => "watch",
+        pb::Trigger::Unspecified => "",
+    }
+}
+
+fn job_json(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id, "channel": j.channel, "state": state_name(j.state), "trigger": trigger_name(j.trigger),
+        "requested_by": j.requested_by, "created_at": j.created_at, "started_at": j.started_at,
+        "finished_at": j.finished_at, "error": j.error, "summary": j.summary, "dry_run": j.dry_run,
+        "full": j.full, "checksum": j.checksum, "paths": j.paths,
+        "targets": j.targets.iter().map(|t| json!({
+            "target": t.target, "url": t.url, "site": t.site, "state": t.state, "error": t.error,
+            "items_total": t.items_total, "items_done": t.items_done,
+            "bytes_total": t.bytes_total, "bytes_done": t.bytes_done,
+            "deletes_total": t.deletes_total, "deletes_done": t.deletes_done,
+            "packages_sent": t.packages_sent, "packages_acked": t.packages_acked,
+            "packages_retried": t.packages_retried, "bytes_on_wire": t.bytes_on_wire,
+            "item_errors": t.item_errors, "reconnects": t.reconnects, "last_acked_seq": t.last_acked_seq,
+        })).collect::<Vec<_>>(),
+        "item_errors": j.item_errors.iter().map(|e| {
+            let ie = e.error.clone().unwrap_or_default();
+            json!({"target": e.target, "path": ie.path, "code": ie.code, "message": ie.message, "retryable": ie.retryable, "at": e.at})
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn print_job(j: &pb::Job) {
+    println!(
+        "job {}  channel {}  {}",
+        j.id,
+        j.channel,
+        state_name(j.state)
+    );
+    println!(
+        "  trigger {} by {:?}  created {}  started {}  finished {}",
+        trigger_name(j.trigger),
+        j.requested_by,
+        j.created_at,
+        j.started_at,
+        j.finished_at
+    );
+    if !j.summary.is_empty() {
+        println!("  {}", j.summary);
+    }
+    if !j.error.is_empty() {
+        println!("  error: {}", j.error);
+    }
+    for t in &j.targets {
+        println!(
+            "  target {} [{}]: items {}/{}, bytes {}/{}, deletes {}/{}, packages {}/{} acked, {} item error(s){}",
+            t.target,
+            t.state,
+            t.items_done,
+            t.items_total,
+            human_bytes(t.bytes_done),
+            human_bytes(t.bytes_total),
+            t.deletes_done,
+            t.deletes_total,
+            t.packages_acked,
+            t.packages_sent,
+            t.item_errors,
+            if t.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", t.error)
+            }
+        );
+    }
+    for e in &j.item_errors {
+        let ie = e.error.clone().unwrap_or_default();
+        println!(
+            "  item error [{}] {}: {} ({})",
+            e.target, ie.path, ie.message, ie.code
+        );
+    }
+}
+
+/// Prints a job as pretty JSON or as text.
+fn output_job(j: &pb::Job, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&job_json(j)).unwrap_or_default()
+        );
+    } else {
+        print_job(j);
+    }
+}
+
+/// An event as one JSON object (`--json` output of watch).
+fn event_json(e: &pb::JobEvent) -> Value {
+    json!({
+        "id": e.id, "job_id": e.job_id, "seq": e.seq, "kind": e.kind, "at": e.at, "target": e.target,
+        "data": serde_json::from_str::<Value>(&e.data_json).unwrap_or(Value::Null), "missed": e.missed,
+    })
+}
+
+/// One line per event, for terminals and logs alike.
+fn event_line(e: &pb::JobEvent) -> String {
+    let d: Value = serde_json::from_str(&e.data_json).unwrap_or(Value::Null);
+    let who = if e.target.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", e.target)
+    };
+    let detail = match e.kind.as_str() {
+        "planned" => format!(
+            "{} items, {}, {} deletes to send ({} unchanged)",
+            d["items_total"],
+            human_bytes(d["bytes_total"].as_u64().unwrap_or(0)),
+            d["deletes_total"],
+            d["unchanged"]
+        ),
+        "progress" => {
+            let (bd, bt) = (
+                d["bytes_done"].as_u64().unwrap_or(0),
+                d["bytes_total"].as_u64().unwrap_or(0),
+            );
+            let rate = d["rate_bytes_per_sec"].as_u64().unwrap_or(0);
+            let eta = if rate > 0 && bt > bd {
+                format!(", ETA {}s", (bt - bd) / rate.max(1))
+            } else {
+                String::new()
+            };
+            format!(
+                "items {}/{}, {}/{}, deletes {}/{}, {}/s{eta}",
+                d["items_done"],
+                d["items_total"],
+                human_bytes(bd),
+                human_bytes(bt),
+                d["deletes_done"],
+                d["deletes_total"],
+                human_bytes(rate)
+            )
+        }
+        "item_failed" => format!(
+            "{}: {} ({})",
+            d["path"].as_str().unwrap_or(""),
+            d["message"].as_str().unwrap_or(""),
+            d["code"].as_str().unwrap_or("")
+        ),
+        "finished" => format!(
+            "{}{}{}",
+            d["state"].as_str().unwrap_or(""),
+            d["summary"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default(),
+            d["error"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(|s| format!(" (error: {s})"))
+                .unwrap_or_default()
+        ),
+        _ => {
+            if d.as_object().is_some_and(|o| !o.is_empty()) {
+                d.to_string()
+            } else {
+                String::new()
+            }
+        }
+    };
+    let missed = if e.missed > 0 {
+        format!(" ({} events missed)", e.missed)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} {} #{} {}{who} {detail}{missed}",
+        e.at,
+        &e.job_id[..8.min(e.job_id.len())],
+        e.seq,
+        e.kind
+    )
+}
+
+async fn connect(url: &str) -> Result<SourceServiceClient<Channel>, String> {
+    let ep = cms_mirror::transport::endpoint(url)
+        .map_err(|e| format!("invalid source URL {url:?}: {e}"))?;
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach mirror-source at {url}: {e}"))?;
+    Ok(SourceServiceClient::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE))
+}
+
+fn status_msg(s: tonic::Status) -> String {
+    format!("{}: {}", s.code(), s.message())
+}
+
+/// Follows a job until it finishes; returns its final state.
+async fn follow(
+    client: &mut SourceServiceClient<Channel>,
+    job: &str,
+    json_out: bool,
+) -> Result<i32, String> {
+    let req = pb::WatchJobsRequest {
+        job_id: job.to_string(),
+        ..Default::default()
+    };
+    // Text goes to stderr: stdout is kept for the job printed afterwards.
+    print_events(client, req, json_out, true).await?;
+    let j = client
+        .get_job(pb::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    Ok(j.state)
+}
+
+/// Prints a watch's events as they arrive (JSON lines or text), until the stream ends
+/// or, for one job, its `finished` event.
+async fn print_events(
+    client: &mut SourceServiceClient<Channel>,
+    req: pb::WatchJobsRequest,
+    json_out: bool,
+    text_to_stderr: bool,
+) -> Result<(), String> {
+    let one_job = !req.job_id.is_empty();
+    let mut stream = client
+        .watch_jobs(req)
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    while let Some(e) = stream.message().await.map_err(status_msg)? {
+        match (json_out, text_to_stderr) {
+            (true, _) => println!("{}", event_json(&e)),
+            (false, true) => eprintln!("{}", event_line(&e)),
+            (false, false) => println!("{}", event_line(&e)),
+        }
+        if one_job && e.kind == "finished" {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn exit_for(state: i32) -> ExitCode {
+    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Succeeded => ExitCode::from(0),
+        pb::JobState::CompletedWithErrors => ExitCode::from(1),
+        _ => ExitCode::from(2),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let mut c = connect(&cli.source).await?;
+    match cli.cmd {
+        Cmd::Start {
+            channel,
+            full,
+            dry_run,
+            checksum,
+            paths,
+            wait,
+            requested_by,
+            json,
+        } => {
+            let r = c
+                .start_job(pb::StartJobRequest {
+                    channel,
+                    trigger: pb::Trigger::Admin as i32,
+                    requested_by,
+                    full,
+                    dry_run,
+                    checksum,
+                    paths,
+                    lineage: Vec::new(),
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if !wait {
+                if json {
+                    println!("{}", json!({"job_id": r.job_id, "coalesced": r.coalesced}));
+                } else {
+                    println!(
+                        "{}{}",
+                        r.job_id,
+                        if r.coalesced {
+                            " (coalesced into the queued job)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !json {
+                eprintln!("job {} started", r.job_id);
+            }
+            let state = follow(&mut c, &r.job_id, false).await?;
+            let j = c
+                .get_job(pb::GetJobRequest {
+                    job_id: r.job_id.clone(),
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if dry_run {
+                print_plan(&mut c, &r.job_id, json).await?;
+            }
+            output_job(&j, json);
+            Ok(exit_for(state))
+        }
+        Cmd::Jobs {
+            channel,
+            limit,
+            json,
+        } => {
+            let r = c
+                .list_jobs(pb::ListJobsRequest {
+                    channel: channel.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r.jobs.iter().map(job_json).collect::<Vec<_>>())
+                        .unwrap_or_default()
+                );
+            } else {
+                for j in &r.jobs {
+                    println!(
+                        "{}  {:<12} {:<22} {:<8} {}  {}",
+                        j.id,
+                        j.channel,
+                        state_name(j.state),
+                        trigger_name(j.trigger),
+                        j.created_at,
+                        j.summary
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Show { job, json } => {
+            let j = c
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            output_job(&j, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Channels { json } => {
+            let r = c
+                .list_channels(pb::ListChannelsRequest {})
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if json {
+                let v: Vec<Value> = r.channels.iter().map(|ch| json!({
+                    "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete,
+                    "last_job_id": ch.last_job_id, "last_job_state": state_name(ch.last_job_state),
+                    "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds})).collect::<Vec<_>>(),
+                })).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                for ch in &r.channels {
+                    println!(
+                        "{}  source {}  last job {} {}",
+                        ch.name,
+                        ch.source,
+                        ch.last_job_id,
+                        state_name(ch.last_job_state)
+                    );
+                    for t in &ch.targets {
+                        let lag = if t.lag_seconds < 0 {
+                            "never synced".to_string()
+                        } else {
+                            format!("lag {}s", t.lag_seconds)
+                        };
+                        println!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cancel { job, json } => {
+            let j = c
+                .cancel_job(pb::CancelJobRequest { job_id: job })
+                .await
+                .map_err(status_msg)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&job_json(&j)).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "cancel requested for job {} (now {})",
+                    j.id,
+                    state_name(j.state)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch { job, channel, json } => match job {
+            Some(job) => {
+                let state = follow(&mut c, &job, json).await?;
+                Ok(exit_for(state))
+            }
+            None => {
+                let req = pb::WatchJobsRequest {
+                    channel: channel.unwrap_or_default(),
+                    live_only: true,
+                    ..Default::default()
+                };
+                print_events(&mut c, req, json, false).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Cmd::Plan { job, json } => {
+            print_plan(&mut c, &job, json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints a job's plan, one line per item like `rsync -i`.
+async fn print_plan(
+    c: &mut SourceServiceClient<Channel>,
+    job: &str,
+    json: bool,
+) -> Result<(), String> {
+    let mut s = c
+        .get_plan(pb::GetPlanRequest {
+            job_id: job.to_string(),
+            target: String::new(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    while let Some(p) = s.message().await.map_err(status_msg)? {
+        let m = p.meta.unwrap_or_default();
+        let kind = cms_mirror::model::Kind::from_pb(m.kind)
+            .map(|k| k.as_str())
+            .unwrap_or("?");
+        if json {
+            println!(
+                "{}",
+                json!({"target": p.target, "action": p.action, "kind": kind, "path": m.path, "size": m.size})
+            );
+        } else {
+            let code = match (p.action.as_str(), kind) {
+                ("delete", _) => "*deleting".to_string(),
+                (a, k) => format!("{}{}", if a == "create" { ">+" } else { ">c" }, &k[..1]),
+            };
+            println!("{code:<10} {:<40} {:>10}  [{}]", m.path, m.size, p.target);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mirrorctl: {e}");
+            ExitCode::from(3)
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! cms-mirror source service.
+//!
+//! - [`App`]: shared state (configuration, job store, event bus, running jobs).
+//! - [`SourceService`]: the gRPC `SourceService` (StartJob, GetJob, ListJobs, CancelJob,
+//!   ListChannels, WatchJobs, GetPlan).
+//! - [`runner`]: the worker that claims jobs and runs each target's session.
+//! - [`plan`] and [`packer`]: the merge-join planner and the package builder.
+//! - [`events`]: stored-then-broadcast job events.
+//! - [`start`]: wires it all on a bound listener.
+#![forbid(unsafe_code)]
+
+pub mod events;
+pub mod failpoints;
+pub mod packer;
+pub mod plan;
+pub mod runner;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use cms_mirror::config::MirrorConfig;
+use cms_mirror::jobstore::{EventRow, JobOptions, JobRow, JobStore, NewJob, StoreError};
+use cms_mirror::pb;
+use cms_mirror::pb::source_service_server::{SourceService as SourceApi, SourceServiceServer};
+use cms_mirror::{ms_to_rfc3339, now_ms};
+
+use events::EventBus;
+
+/// Shared state of a source instance.
+pub struct App {
+    pub config: MirrorConfig,
+    pub store: JobStore,
+    pub bus: EventBus,
+    /// Plans and other per-job files.
+    pub data_dir: PathBuf,
+    /// Identifies this instance in job leases.
+    pub instance_id: String,
+    /// How long a claimed job stays ours without renewal.
+    pub lease_ms: i64,
+    /// Wakes the worker when a job is queued.
+    pub wake: Notify,
+    /// Cancel switches of the jobs this instance runs.
+    pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
+}
+
+impl App {
+    /// Where the plan of one target of a job is stored.
+    pub fn plan_dir(&self, job: &str, target: &str) -> PathBuf {
+        self.data_dir
+            .join("plans")
+            .join(job)
+            .join(&blake3::hash(target.as_bytes()).to_hex().as_str()[..16])
+    }
+
+    pub fn new(config: MirrorConfig, store: JobStore, data_dir: PathBuf) -> App {
+        App {
+            config,
+            bus: EventBus::new(store.clone()),
+            store,
+            data_dir,
+            instance_id: format!(
+                "source-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
+            lease_ms: 15_000,
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(id) => Status::not_found(format!("job {id} not found")),
+        StoreError::Db(e) => {
+            tracing::error!(error = %e, "job store error");
+            Status::unavailable("job store unavailable; retry later")
+        }
+    }
+}
+
+fn trigger_name(t: i32) -> &'static str {
+    match pb::Trigger::try_from(t).unwrap_or(pb::Trigger::Unspecified) {
+        pb::Trigger::Schedule => "schedule",
+        pb::Trigger::Api => "api",
+        pb::Trigger::Watch => "watch",
+        pb::Trigger::Admin | pb::Trigger::Unspecified => "admin",
+    }
+}
+
+fn trigger_pb(s: &str) -> pb::Trigger {
+    match s {
+        "schedule" => pb::Trigger::Schedule,
+        "api" => pb::Trigger::Api,
+        "watch" => pb::Trigger::Watch,
+        _ => pb::Trigger::Admin,
+    }
+}
+
+fn state_pb(s: &str) -> pb::JobState {
+    use cms_mirror::jobstore::JobState as S;
+    match S::parse(s) {
+        Some(S::Queued) => pb::JobState::Queued,
+        Some(S::Running) => pb::JobState::Running,
+        Some(S::Succeeded) => pb::JobState::Succeeded,
+        Some(S::CompletedWithErrors) => pb::JobState::CompletedWithErrors,
+        Some(S::Failed) => pb::JobState::Failed,
+        Some(S::Cancelled) => pb::JobState::Cancelled,
+        None => pb::JobState::Unspecified,
+    }
+}
+
+fn event_pb(e: &EventRow, channel: &str, missed: u64) -> pb::JobEvent {
+    pb::JobEvent {
+        id: e.id as u64,
+        job_id: e.job_id.clone(),
+        seq: e.seq as u64,
+        kind: e.kind.clone(),
+        at: ms_to_rfc3339(e.at),
+        channel: channel.to_string(),
+        target: e.target.clone(),
+        data_json: e.data_json.clone(),
+        missed,
+    }
+}
+
+/// The gRPC source service.
+#[derive(Clone)]
+pub struct SourceService {
+    app: Arc<App>,
+}
+
+impl SourceService {
+    pub fn new(app: Arc<App>) -> SourceService {
+        SourceService { app }
+    }
+
+    async fn job_pb(&self, j: JobRow, detail: bool) -> Result<pb::Job, Status> {
+        let store = &self.app.store;
+        let targets = store.targets(&j.id).await.map_err(store_status)?;
+        let errors = if detail {
+            store.item_errors(&j.id).await.map_err(store_status)?
+        } else {
+            Vec::new()
+        };
+        let o = j.options();
+        Ok(pb::Job {
+            state: state_pb(&j.state) as i32,
+            trigger: trigger_pb(&j.trigger_kind) as i32,
+            requested_by: j.requested_by.clone(),
+            created_at: ms_to_rfc3339(j.created_at),
+            started_at: j.started_at.map(ms_to_rfc3339).unwrap_or_default(),
+            finished_at: j.finished_at.map(ms_to_rfc3339).unwrap_or_default(),
+            error: j.error.clone().unwrap_or_default(),
+            summary: j.summary.clone().unwrap_or_default(),
+            targets: targets
+                .into_iter()
+                .map(|t| pb::TargetProgress {
+                    target: t.target,
+                    url: t.url,
+                    site: t.site,
+                    state: t.state,
+                    items_total: t.items_total as u64,
+                    bytes_total: t.bytes_total as u64,
+                    deletes_total: t.deletes_total as u64,
+                    items_done: t.items_done as u64,
+                    bytes_done: t.bytes_done as u64,
+                    deletes_done: t.deletes_done as u64,
+                    packages_sent: t.packages_sent as u64,
+                    packages_acked: t.packages_acked as u64,
+                    item_errors: t.item_errors as u64,
+                    error: t.error.unwrap_or_default(),
+                    bytes_on_wire: t.bytes_on_wire as u64,
+                    packages_retried: t.packages_retried as u64,
+                    reconnects: t.reconnects as u64,
+                    planned: t.planned != 0,
+                    last_acked_seq: t.checkpoint_seq as u64,
+                })
+                .collect(),
+            item_errors: errors
+                .into_iter()
+                .map(|e| pb::JobItemError {
+                    target: e.target,
+                    at: ms_to_rfc3339(e.at),
+                    error: Some(pb::ItemError {
+                        path: e.path,
+                        code: e.code,
+                        message: e.message,
+                        retryable: e.retryable != 0,
+                    }),
+                })
+                .collect(),
+            dry_run: o.dry_run,
+            full: o.full,
+            checksum: o.checksum,
+            paths: o.paths,
+            id: j.id,
+            channel: j.channel,
+        })
+    }
+
+    /// Queues a job for a channel (used by the API, the scheduler and the watcher).
+    pub async fn start_job(
+        &self,
+        req: pb::StartJobRequest,
+    ) -> Result<pb::StartJobResponse, Status> {
+        let Some(ch) = self.app.config.channel(&req.channel) else {
+            return Err(Status::not_found(format!(
+                "unknown channel {:?}",
+                req.channel
+            )));
+        };
+        for p in &req.paths {
+            cms_mirror::pathsafe::validate(p, 4096)
+                .map_err(|e| Status::invalid_argument(format!("paths: {e}")))?;
+        }
+        let new = NewJob {
+            channel: ch.name.clone(),
+            trigger: trigger_name(req.trigger).to_string(),
+            requested_by: req.requested_by.clone(),
+            options: JobOptions {
+                full: req.full,
+                dry_run: req.dry_run,
+                checksum: req.checksum,
+                paths: req.paths,
+                lineage: req.lineage,
+            },
+            targets: ch
+                .targets
+                .iter()
+                .map(|t| (t.name.clone(), t.url.clone(), t.site.clone()))
+                .collect(),
+        };
+        let (job, coalesced) = self.app.store.create_job(new).await.map_err(store_status)?;
+        if !coalesced {
+            self.app
+                .bus
+                .emit(&job.id, "queued", "", serde_json::json!({"channel": job.channel, "trigger": job.trigger_kind, "requested_by": job.requested_by}))
+                .await;
+        }
+        self.app.wake.notify_one();
+        tracing::info!(job = %job.id, channel = %job.channel, coalesced, "job queued");
+        Ok(pb::StartJobResponse {
+            job_id: job.id,
+            coalesced,
+        })
+    }
+}
+
+type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SourceApi for SourceService {
+    async fn start_job(
+        &self,
+        req: Request<pb::StartJobRequest>,
+    ) -> Result<Response<pb::StartJobResponse>, Status> {
+        Ok(Response::new(
+            SourceService::start_job(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let j = self
+            .app
+            .store
+            .get_job(&req.into_inner().job_id)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(self.job_pb(j, true).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
+        let ch = (!r.channel.is_empty()).then_some(r.channel.as_str());
+        let rows = self
+            .app
+            .store
+            .list_jobs(ch, limit)
+            .await
+            .map_err(store_status)?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for j in rows {
+            jobs.push(self.job_pb(j, false).await?);
+        }
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = req.into_inner().job_id;
+        let was_queued = self
+            .app
+            .store
+            .request_cancel(&id)
+            .await
+            .map_err(store_status)?;
+        if was_queued {
+            self.app
+                .bus
+                .emit(&id, "finished", "", serde_json::json!({"state": "cancelled", "error": "cancelled before it started", "summary": ""}))
+                .await;
+        } else if let Some(tx) = self.app.running.lock().expect("running lock").get(&id) {
+            let _ = tx.send(true);
+        }
+        let j = self.app.store.get_job(&id).await.map_err(store_status)?;
+        Ok(Response::new(self.job_pb(j, true).await?))
+    }
+
+    async fn list_channels(
+        &self,
+        _req: Request<pb::ListChannelsRequest>,
+    ) -> Result<Response<pb::ListChannelsResponse>, Status> {
+        let states = self
+            .app
+            .store
+            .channel_states()
+            .await
+            .map_err(store_status)?;
+        let now = now_ms();
+        let mut channels = Vec::new();
+        for c in &self.app.config.channels {
+            let last = self
+                .app
+                .store
+                .list_jobs(Some(&c.name), 1)
+                .await
+                .map_err(store_status)?;
+            channels.push(pb::Channel {
+                name: c.name.clone(),
+                source: c.source.display().to_string(),
+                schedule: c.schedule.clone().unwrap_or_default(),
+                delete: c.delete,
+                last_job_id: last.first().map(|j| j.id.clone()).unwrap_or_default(),
+                last_job_state: last.first().map(|j| state_pb(&j.state) as i32).unwrap_or(0),
+                targets: c
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let st = states
+                            .iter()
+                            .find(|s| s.channel == c.name && s.target == t.name);
+                        let at = st.and_then(|s| s.last_success_at);
+                        pb::ChannelTarget {
+                            name: t.name.clone(),
+                            url: t.url.clone(),
+                            site: t.site.clone(),
+                            last_success_at: at.map(ms_to_rfc3339).unwrap_or_default(),
+                            lag_seconds: at.map(|a| (now - a) / 1000).unwrap_or(-1),
+                        }
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Response::new(pb::ListChannelsResponse { channels }))
+    }
+
+    type WatchJobsStream = BoxStream<pb::JobEvent>;
+
+    async fn watch_jobs(
+        &self,
+        req: Request<pb::WatchJobsRequest>,
+    ) -> Result<Response<Self::WatchJobsStream>, Status> {
+        let r = req.into_inner();
+        let store = self.app.store.clone();
+        let one_job = (!r.job_id.is_empty()).then(|| r.job_id.clone());
+        let job_channel = match &one_job {
+            Some(id) => Some(store.get_job(id).await.map_err(store_status)?.channel),
+            None => None,
+        };
+        // Subscribe before replaying, so nothing falls between the two.
+        let mut live = self.app.bus.subscribe();
+        let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(256);
+        let channel_filter = (!r.channel.is_empty()).then(|| r.channel.clone());
+        tokio::spawn(async move {
+            let mut channels: HashMap<String, String> = HashMap::new();
+            let mut channel_of = async |job: &str| -> String {
+                if let Some(c) = &job_channel {
+                    return c.clone();
+                }
+                if let Some(c) = channels.get(job) {
+                    return c.clone();
+                }
+                let c = store
+                    .get_job(job)
+                    .await
+                    .map(|j| j.channel)
+                    .unwrap_or_default();
+                channels.insert(job.to_string(), c.clone());
+                c
+            };
+            // Replay. For one job `since` is its per-job seq; for all jobs, a global id.
+            let mut last_id: i64 = 0;
+            let mut last_seq: i64 = if one_job.is_some() { r.since as i64 } else { 0 };
+            let mut finished = false;
+            let replay = |last_id: i64, last_seq: i64| {
+                let store = store.clone();
+                let one_job = one_job.clone();
+                let chf = channel_filter.clone();
+                async move {
+                    match &one_job {
+                        Some(id) => store.events_of_job(id, last_seq).await,
+                        None => store.events_after(chf.as_deref(), last_id, 10_000).await,
+                    }
+                }
+            };
+            if !r.live_only {
+                if one_job.is_none() {
+                    last_id = r.since as i64;
+                }
+                match replay(last_id, last_seq).await {
+                    Ok(evs) => {
+                        for e in evs {
+                            last_id = last_id.max(e.id);
+                            last_seq = e.seq;
+                            finished |= e.kind == "finished";
+                            let c = channel_of(&e.job_id).await;
+                            if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                }
+            } else {
+                last_id = i64::MAX;
+            }
+            if finished && one_job.is_some() {
+                return;
+            }
+            loop {
+                let e = match live.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        // Too slow: catch up from the store, and say how many were missed live.
+                        tracing::debug!(missed = n, "watcher lagged; catching up from the store");
+                        let evs = match replay(last_id, last_seq).await {
+                            Ok(v) => v,
+                            Err(e) => {
+                                let _ = tx.send(Err(store_status(e))).await;
+                                return;
+                            }
+                        };
+                        let mut first = true;
+                        for e in evs {
+                            if one_job.is_none() && e.id <= last_id {
+                                continue;
+                            }
+                            last_id = last_id.max(e.id);
+                            last_seq = e.seq;
+                            let c = channel_of(&e.job_id).await;
+                            let done = e.kind == "finished" && one_job.is_some();
+                            if tx
+                                .send(Ok(event_pb(&e, &c, if first { n } else { 0 })))
+                                .await
+                                .is_err()
+                                || done
+                            {
+                                return;
+                            }
+                            first = false;
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                match &one_job {
+                    Some(id) if &e.job_id != id => continue,
+                    Some(_) if e.seq <= last_seq => continue,
+                    None if e.id <= last_id && last_id != i64::MAX => continue,
+                    _ => {}
+                }
+                let c = channel_of(&e.job_id).await;
+                if let Some(f) = &channel_filter
+                    && &c != f
+                {
+                    continue;
+                }
+                last_id = if last_id == i64::MAX {
+                    i64::MAX
+                } else {
+                    last_id.max(e.id)
+                };
+                last_seq = e.seq;
+                let done = e.kind == "finished" && one_job.is_some();
+                if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetPlanStream = BoxStream<pb::PlanItem>;
+
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<Self::GetPlanStream>, Status> {
+        let r = req.into_inner();
+        let targets = self
+            .app
+            .store
+            .targets(&r.job_id)
+            .await
+            .map_err(store_status)?;
+        if targets.is_empty() {
+            return Err(Status::not_found(format!("job {} not found", r.job_id)));
+        }
+        let dirs: Vec<(String, PathBuf)> = targets
+            .into_iter()
+            .filter(|t| r.target.is_empty() || t.target == r.target)
+            .map(|t| {
+                let d = self.app.plan_dir(&r.job_id, &t.target);
+                (t.target, d)
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::task::spawn_blocking(move || {
+            for (target, dir) in dirs {
+                let Ok(mut rd) = plan::PlanReader::open(
+                    &dir,
+                    &plan::Cursor::default(),
+                    plan::PhaseName::ALL.to_vec(),
+                ) else {
+                    continue;
+                };
+                while let Ok(Some((ph, e, _))) = rd.next_entry() {
+                    let item = pb::PlanItem {
+                        action: e.a.as_str().into(),
+                        meta: Some(e.i.to_pb()),
+                        target: target.clone(),
+                        phase: ph.to_pb() as i32,
+                    };
+                    if tx.blocking_send(Ok(item)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves the source service (with health and reflection) and runs the job worker on
+/// `listener`, until `shutdown`.
+pub async fn start(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(runner::worker(app.clone(), stop_rx));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SourceServiceServer<SourceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor set is valid");
+    let res = cms_mirror::transport::server()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(SourceServiceServer::new(SourceService::new(app)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = worker.await;
+    res
+}

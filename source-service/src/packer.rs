@@ -1,0 +1,336 @@
+//! Turning a stored plan into packages of bounded size, from any cursor.
+//!
+//! Bodies are read in pieces; a file larger than a package spans several. The packer
+//! never mixes phases in one package, so the sender can hold the delete phase back
+//! until every content package is acknowledged. A file that changes while it is read
+//! is aborted on the target (which keeps its old version) and reported.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use cms_mirror::fswalk::io_error;
+use cms_mirror::jobstore::NewItemError;
+use cms_mirror::model::{Item, Kind};
+use cms_mirror::package;
+use cms_mirror::pb;
+
+use crate::plan::{Action, Cursor, PhaseName, PlanEntry, PlanReader};
+
+/// Rough per-entry framing overhead counted against the package size.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// A sealed package and what it completes.
+#[derive(Debug)]
+pub struct Built {
+    pub pkg: pb::Package,
+    pub phase: PhaseName,
+    /// Where the plan stands once this package is applied.
+    pub cursor_after: Cursor,
+    pub items: u64,
+    pub bytes: u64,
+    pub deletes: u64,
+    /// Items the source could not send (vanished, unreadable, changed while read).
+    pub errors: Vec<NewItemError>,
+}
+
+struct Current {
+    item: Item,
+    file: File,
+    offset: u64,
+    hasher: blake3::Hasher,
+    entry_pos: u64,
+    phase: PhaseName,
+    mtime_ns: i64,
+}
+
+pub struct Packer {
+    reader: PlanReader,
+    source: PathBuf,
+    package_bytes: usize,
+    max_entries: usize,
+    seq: u64,
+    current: Option<Current>,
+    pending: Option<(PhaseName, PlanEntry, u64)>,
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+fn err(path: &str, code: &str, message: String, retryable: bool) -> NewItemError {
+    NewItemError {
+        path: path.to_string(),
+        code: code.to_string(),
+        message,
+        retryable,
+    }
+}
+
+impl Packer {
+    /// A packer that continues `cursor` with package number `next_seq`.
+    pub fn new(
+        plan_dir: &std::path::Path,
+        source: PathBuf,
+        cursor: &Cursor,
+        phases: Vec<PhaseName>,
+        next_seq: u64,
+        package_bytes: usize,
+    ) -> io::Result<Packer> {
+        let mut reader = PlanReader::open(plan_dir, cursor, phases)?;
+        let mut current = None;
+        if cursor.body_offset > 0 {
+            // Resume inside a file: its put was acknowledged, continue its body.
+            if let Some((phase, e, pos)) = reader.next_entry()? {
+                let p = source.join(&e.i.path);
+                let mut file = File::open(&p)?;
+                let md = file.metadata()?;
+                let mut hasher = blake3::Hasher::new();
+                let mut prefix = (&mut file).take(cursor.body_offset);
+                hasher.update_reader(&mut prefix)?;
+                file.seek(SeekFrom::Start(cursor.body_offset))?;
+                current = Some(Current {
+                    item: e.i,
+                    file,
+                    offset: cursor.body_offset,
+                    hasher,
+                    entry_pos: pos,
+                    phase,
+                    mtime_ns: mtime_ns(&md),
+                });
+            }
+        }
+        Ok(Packer {
+            reader,
+            source,
+            package_bytes,
+            max_entries: package::DEFAULT_MAX_ENTRIES,
+            seq: next_seq,
+            current,
+            pending: None,
+        })
+    }
+
+    fn next_plan_entry(&mut self) -> io::Result<Option<(PhaseName, PlanEntry, u64)>> {
+        if let Some(p) = self.pending.take() {
+            return Ok(Some(p));
+        }
+        self.reader.next_entry()
+    }
+
+    fn cursor_now(&self) -> Cursor {
+        if let Some(c) = &self.current {
+            return Cursor {
+                phase: Some(c.phase),
+                pos: c.entry_pos,
+                body_offset: c.offset,
+            };
+        }
+        if let Some((ph, _, pos)) = &self.pending {
+            return Cursor {
+                phase: Some(*ph),
+                pos: *pos,
+                body_offset: 0,
+            };
+        }
+        let (ph, pos) = self.reader.position();
+        Cursor {
+            phase: Some(ph),
+            pos,
+            body_offset: 0,
+        }
+    }
+
+    /// Builds the next package, or None when the plan is done.
+    pub fn next_package(&mut self) -> io::Result<Option<Built>> {
+        let mut entries: Vec<pb::Entry> = Vec::new();
+        let mut size = 0usize;
+        let mut phase: Option<PhaseName> = self.current.as_ref().map(|c| c.phase);
+        let (mut items, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
+        let mut errors = Vec::new();
+        while entries.len() < self.max_entries && size < self.package_bytes {
+            if let Some(cur) = &mut self.current {
+                let remaining = cur.item.size - cur.offset;
+                let budget = (self.package_bytes - size).max(4096) as u64;
+                let want = remaining.min(budget) as usize;
+                let mut buf = vec![0u8; want];
+                let got =
+                    read_full(&mut cur.file, &mut buf).map_err(|e| io_error(&cur.item.path, &e));
+                let changed = match &got {
+                    Ok(n) => *n < want,
+                    Err(_) => true,
+                };
+                let path = cur.item.path.clone();
+                if let Err(e) = got {
+                    entries.push(abort(&path, &e.message));
+                    errors.push(err(&path, e.code, e.message, e.retryable));
+                    self.current = None;
+                    continue;
+                }
+                buf.truncate(want);
+                cur.hasher.update(&buf);
+                let offset = cur.offset;
+                cur.offset += want as u64;
+                let last = cur.offset == cur.item.size;
+                // At the end, the file must still be what we started reading.
+                let still_same = !last
+                    || cur
+                        .file
+                        .metadata()
+                        .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
+                        .unwrap_or(false);
+                if changed || !still_same {
+                    entries.push(abort(&path, "changed while being read"));
+                    errors.push(err(
+                        &path,
+                        "changed_while_read",
+                        "file changed while it was read; the target keeps its previous version"
+                            .into(),
+                        true,
+                    ));
+                    self.current = None;
+                    continue;
+                }
+                size += want + ENTRY_OVERHEAD;
+                bytes += want as u64;
+                let blake3 = if last {
+                    cur.hasher.finalize().as_bytes().to_vec()
+                } else {
+                    Vec::new()
+                };
+                entries.push(pb::Entry {
+                    op: Some(pb::entry::Op::Data(pb::FileData {
+                        path,
+                        offset,
+                        data: buf.into(),
+                        last,
+                        blake3,
+                        ..Default::default()
+                    })),
+                });
+                if last {
+                    items += 1;
+                    self.current = None;
+                }
+                continue;
+            }
+            let Some((ph, e, pos)) = self.next_plan_entry()? else {
+                break;
+            };
+            if phase.is_some_and(|p| p != ph) {
+                self.pending = Some((ph, e, pos));
+                break;
+            }
+            phase = Some(ph);
+            size += ENTRY_OVERHEAD + e.i.path.len();
+            if e.a == Action::Delete {
+                entries.push(pb::Entry {
+                    op: Some(pb::entry::Op::Delete(pb::DeleteItem {
+                        path: e.i.path,
+                        kind: e.i.kind.to_pb() as i32,
+                    })),
+                });
+                deletes += 1;
+                continue;
+            }
+            let mut item = e.i;
+            let p = self.source.join(&item.path);
+            // Send what is there now (kind, size, mtime, mode), read without following links.
+            let md = match std::fs::symlink_metadata(&p) {
+                Ok(md) => md,
+                Err(e) => {
+                    let we = io_error(&item.path, &e);
+                    errors.push(err(&item.path, we.code, we.message, we.retryable));
+                    continue;
+                }
+            };
+            match cms_mirror::fswalk::item_from_metadata(&self.source, &item.path, &md) {
+                Ok(now) if now.kind == item.kind => {
+                    item.size = now.size;
+                    item.mtime_ns = now.mtime_ns;
+                    item.mode = now.mode;
+                    item.link = now.link;
+                }
+                Ok(_) => {
+                    errors.push(err(
+                        &item.path,
+                        "changed_while_read",
+                        "item changed kind since planning".into(),
+                        true,
+                    ));
+                    continue;
+                }
+                Err(we) => {
+                    errors.push(err(&item.path, we.code, we.message, we.retryable));
+                    continue;
+                }
+            }
+            if item.kind == Kind::File && item.size > 0 {
+                let file = match File::open(&p) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let we = io_error(&item.path, &e);
+                        errors.push(err(&item.path, we.code, we.message, we.retryable));
+                        continue;
+                    }
+                };
+                entries.push(pb::Entry {
+                    op: Some(pb::entry::Op::Put(item.to_pb())),
+                });
+                self.current = Some(Current {
+                    mtime_ns: item.mtime_ns,
+                    item,
+                    file,
+                    offset: 0,
+                    hasher: blake3::Hasher::new(),
+                    entry_pos: pos,
+                    phase: ph,
+                });
+            } else {
+                if item.kind == Kind::File {
+                    item.hash = Some(blake3::hash(b"").to_hex().to_string());
+                }
+                entries.push(pb::Entry {
+                    op: Some(pb::entry::Op::Put(item.to_pb())),
+                });
+                items += 1;
+            }
+        }
+        if entries.is_empty() && errors.is_empty() {
+            return Ok(None);
+        }
+        let phase = phase.unwrap_or(PhaseName::Content);
+        let pkg = package::seal(self.seq, phase.to_pb(), &pb::PackagePayload { entries });
+        self.seq += 1;
+        Ok(Some(Built {
+            pkg,
+            phase,
+            cursor_after: self.cursor_now(),
+            items,
+            bytes,
+            deletes,
+            errors,
+        }))
+    }
+}
+
+fn abort(path: &str, reason: &str) -> pb::Entry {
+    pb::Entry {
+        op: Some(pb::entry::Op::Abort(pb::AbortItem {
+            path: path.to_string(),
+            reason: reason.to_string(),
+        })),
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,474 @@
+//! Configuration files: `mirror.toml` (the source's channels) and `target.toml` (the
+//! target's sites). Unknown keys are refused; every error names the file and the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::fswalk::{Filter, Patterns};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: channel {channel:?}: {key}: {message}")]
+    Channel {
+        path: PathBuf,
+        channel: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error("config {path}: site {site:?}: {key}: {message}")]
+    Site {
+        path: PathBuf,
+        site: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// `max_delete`: an absolute count or a percentage of the target's items.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MaxDelete {
+    Count(u64),
+    Percent(f64),
+}
+
+impl MaxDelete {
+    pub fn parse(s: &str) -> Result<MaxDelete, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not a number or a percentage"))?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(format!("{s:?} is not between 0% and 100%"));
+            }
+            Ok(MaxDelete::Percent(v))
+        } else {
+            s.parse()
+                .map(MaxDelete::Count)
+                .map_err(|_| format!("{s:?} is not a number or a percentage"))
+        }
+    }
+
+    /// Largest number of deletes allowed on a target holding `existing` items.
+    pub fn limit(&self, existing: u64) -> u64 {
+        match *self {
+            MaxDelete::Count(n) => n,
+            MaxDelete::Percent(p) => ((existing as f64) * p / 100.0).floor() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StrOrNum {
+    S(String),
+    N(u64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    #[serde(default)]
+    channel: Vec<RawChannel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChannel {
+    name: String,
+    source: String,
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    last: Vec<String>,
+    #[serde(default)]
+    delete: bool,
+    max_delete: Option<StrOrNum>,
+    max_errors: Option<u64>,
+    #[serde(default)]
+    checksum: bool,
+    schedule: Option<String>,
+    package_bytes: Option<u64>,
+    window: Option<u32>,
+    retry_budget: Option<u32>,
+    #[serde(default)]
+    target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Option<String>,
+    url: String,
+    site: String,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+}
+
+/// A target of a channel.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// Unique within the channel; defaults to `SITE@HOST:PORT`.
+    pub name: String,
+    pub url: String,
+    pub site: String,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A channel: what to mirror from where to which targets.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    pub name: String,
+    /// Source directory (the `fs` provider).
+    pub source: PathBuf,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub filter: Filter,
+    /// Items applied after the rest of the content (indexes, sitemaps, feeds).
+    pub last: Patterns,
+    pub delete: bool,
+    pub max_delete: Option<MaxDelete>,
+    pub max_errors: Option<u64>,
+    pub checksum: bool,
+    pub schedule: Option<String>,
+    pub package_bytes: usize,
+    /// Packages in flight per target.
+    pub window: u32,
+    /// Reconnect attempts per target before the target is given up.
+    pub retry_budget: u32,
+    pub targets: Vec<TargetConfig>,
+}
+
+/// The source's configuration (`mirror.toml`).
+#[derive(Clone, Debug, Default)]
+pub struct MirrorConfig {
+    pub channels: Vec<ChannelConfig>,
+}
+
+impl MirrorConfig {
+    pub fn load(path: &Path) -> Result<MirrorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        MirrorConfig::parse(&text, path)
+    }
+
+    /// Parses `mirror.toml` text; `path` is used in messages and to resolve relative
+    /// source directories (relative to the config file's directory).
+    pub fn parse(text: &str, path: &Path) -> Result<MirrorConfig, ConfigError> {
+        let raw: RawMirror = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut channels = Vec::new();
+        for c in raw.channel {
+            let err = |key: &'static str, message: String| ConfigError::Channel {
+                path: path.to_path_buf(),
+                channel: c.name.clone(),
+                key,
+                message,
+            };
+            if c.name.is_empty() || channels.iter().any(|x: &ChannelConfig| x.name == c.name) {
+                return Err(err("name", "must be unique and not empty".into()));
+            }
+            let include = Patterns::new(&c.include).map_err(|e| err("include", e.to_string()))?;
+            let exclude = Patterns::new(&c.exclude).map_err(|e| err("exclude", e.to_string()))?;
+            let last = Patterns::new(&c.last).map_err(|e| err("last", e.to_string()))?;
+            let max_delete = match &c.max_delete {
+                None => None,
+                Some(StrOrNum::N(n)) => Some(MaxDelete::Count(*n)),
+                Some(StrOrNum::S(s)) => {
+                    Some(MaxDelete::parse(s).map_err(|m| err("max_delete", m))?)
+                }
+            };
+            if let Some(s) = &c.schedule {
+                validate_cron(s).map_err(|m| err("schedule", m))?;
+            }
+            let package_bytes = c
+                .package_bytes
+                .unwrap_or(crate::package::DEFAULT_PACKAGE_BYTES as u64);
+            if !(1024..=32 * 1024 * 1024).contains(&package_bytes) {
+                return Err(err(
+                    "package_bytes",
+                    format!("{package_bytes} is not between 1024 and 33554432"),
+                ));
+            }
+            let window = c.window.unwrap_or(4);
+            if !(1..=64).contains(&window) {
+                return Err(err("window", format!("{window} is not between 1 and 64")));
+            }
+            if c.target.is_empty() {
+                return Err(err(
+                    "target",
+                    "a channel needs at least one [[channel.target]]".into(),
+                ));
+            }
+            let mut targets: Vec<TargetConfig> = Vec::new();
+            for t in c.target {
+                if !(t.url.starts_with("http://") || t.url.starts_with("https://"))
+                    || t.url.parse::<tonic::transport::Uri>().is_err()
+                {
+                    return Err(err(
+                        "target.url",
+                        format!("{:?} is not an http:// or https:// URL", t.url),
+                    ));
+                }
+                if t.site.is_empty() {
+                    return Err(err("target.site", "must not be empty".into()));
+                }
+                let name = t.name.unwrap_or_else(|| {
+                    let host = t
+                        .url
+                        .split("://")
+                        .nth(1)
+                        .unwrap_or(&t.url)
+                        .trim_end_matches('/');
+                    format!("{}@{}", t.site, host)
+                });
+                if targets.iter().any(|x| x.name == name) {
+                    return Err(err("target.name", format!("{name:?} appears twice")));
+                }
+                targets.push(TargetConfig {
+                    name,
+                    url: t.url,
+                    site: t.site,
+                    token_file: t.token_file.map(|p| base.join(p)),
+                    ca_file: t.ca_file.map(|p| base.join(p)),
+                });
+            }
+            channels.push(ChannelConfig {
+                name: c.name.clone(),
+                source: base.join(&c.source),
+                include: c.include,
+                exclude: c.exclude,
+                filter: Filter::new(include, exclude),
+                last,
+                delete: c.delete,
+                max_delete,
+                max_errors: c.max_errors,
+                checksum: c.checksum,
+                schedule: c.schedule,
+                package_bytes: package_bytes as usize,
+                window,
+                retry_budget: c.retry_budget.unwrap_or(8),
+                targets,
+            });
+        }
+        Ok(MirrorConfig { channels })
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&ChannelConfig> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+}
+
+/// Checks a six-field cron expression (seconds first) for shape; the scheduler parses
+/// it fully.
+fn validate_cron(s: &str) -> Result<(), String> {
+    let fields = s.split_whitespace().count();
+    if fields != 6 {
+        return Err(format!(
+            "{s:?} is not a cron expression with seconds (6 fields expected, {fields} found)"
+        ));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || " */,-?".contains(c))
+    {
+        return Err(format!("{s:?} is not a valid cron expression"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetFile {
+    #[serde(default)]
+    site: Vec<RawSite>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: String,
+    root: PathBuf,
+    base_url: Option<String>,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    url: Option<String>,
+    command: Option<Vec<String>>,
+    timeout_secs: Option<u64>,
+    retries: Option<u32>,
+}
+
+/// A cache invalidation hook run after a job is committed.
+#[derive(Clone, Debug)]
+pub enum Hook {
+    Http {
+        url: String,
+        timeout_secs: u64,
+        retries: u32,
+    },
+    Command {
+        argv: Vec<String>,
+        timeout_secs: u64,
+        retries: u32,
+    },
+}
+
+/// A site the target serves.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    pub name: String,
+    pub root: PathBuf,
+    pub base_url: Option<String>,
+    pub hooks: Vec<Hook>,
+}
+
+impl SiteConfig {
+    /// Parses the `--site NAME=DIR` short form.
+    pub fn from_flag(s: &str) -> Result<SiteConfig, String> {
+        let (name, dir) = s
+            .split_once('=')
+            .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+            .ok_or_else(|| format!("--site {s:?}: expected NAME=DIR"))?;
+        Ok(SiteConfig {
+            name: name.into(),
+            root: dir.into(),
+            base_url: None,
+            hooks: Vec::new(),
+        })
+    }
+
+    /// Loads the sites of a `target.toml`.
+    pub fn load_file(path: &Path) -> Result<Vec<SiteConfig>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawTargetFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.site
+            .into_iter()
+            .map(|s| {
+                let err = |key: &'static str, message: String| ConfigError::Site {
+                    path: path.to_path_buf(),
+                    site: s.name.clone(),
+                    key,
+                    message,
+                };
+                let mut hooks = Vec::new();
+                for h in &s.hook {
+                    let timeout_secs = h.timeout_secs.unwrap_or(10);
+                    let retries = h.retries.unwrap_or(3);
+                    hooks.push(match (&h.url, &h.command) {
+                        (Some(u), None) => {
+                            if !(u.starts_with("http://") || u.starts_with("https://"))
+                                || u.parse::<tonic::transport::Uri>().is_err()
+                            {
+                                return Err(err(
+                                    "hook.url",
+                                    format!("{u:?} is not an http:// or https:// URL"),
+                                ));
+                            }
+                            Hook::Http {
+                                url: u.clone(),
+                                timeout_secs,
+                                retries,
+                            }
+                        }
+                        (None, Some(argv)) if !argv.is_empty() => Hook::Command {
+                            argv: argv.clone(),
+                            timeout_secs,
+                            retries,
+                        },
+                        _ => {
+                            return Err(err(
+                                "hook",
+                                "set exactly one of url or command (a non-empty list)".into(),
+                            ));
+                        }
+                    });
+                }
+                Ok(SiteConfig {
+                    root: base.join(&s.root),
+                    name: s.name.clone(),
+                    base_url: s.base_url.clone(),
+                    hooks,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<MirrorConfig, ConfigError> {
+        MirrorConfig::parse(t, Path::new("/etc/mirror.toml"))
+    }
+
+    const OK: &str = r#"
+[[channel]]
+name = "site"
+source = "site"
+exclude = ["cache/**"]
+max_delete = "10%"
+  [[channel.target]]
+  url = "http://127.0.0.1:7701"
+  site = "main"
+"#;
+
+    #[test]
+    fn parses_a_channel() {
+        let c = parse(OK).unwrap();
+        let ch = c.channel("site").unwrap();
+        assert_eq!(ch.source, Path::new("/etc/site"));
+        assert_eq!(ch.max_delete, Some(MaxDelete::Percent(10.0)));
+        assert_eq!(ch.targets[0].name, "main@127.0.0.1:7701");
+        assert!(ch.filter.excludes("cache/x", crate::model::Kind::File));
+    }
+
+    #[test]
+    fn errors_name_the_channel_and_key() {
+        let e = parse(&OK.replace("\"10%\"", "\"lots\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("channel \"site\": max_delete"), "{e}");
+        let e = parse(&OK.replace("cache/**", "cache/["))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("channel \"site\": exclude"), "{e}");
+        let e = parse(&OK.replace("http://127.0.0.1:7701", "ftp://x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target.url"), "{e}");
+        let e = parse(&OK.replace("site = \"main\"", "site = \"main\"\nbogus = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/etc/mirror.toml") && e.contains("bogus"), "{e}");
+    }
+}

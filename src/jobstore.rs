@@ -1,0 +1,654 @@
+//! The source's job store: jobs, per-target state and checkpoints, the append-only
+//! event log that monitors replay, item errors, and per-channel sync state.
+//!
+//! Every write that a monitor or a resume depends on is committed before it is
+//! announced: an event gets its per-job sequence number in the same transaction
+//! that stores it, and an ack is counted only once its checkpoint row is stored.
+
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+
+use crate::db::{Backend, Db};
+use crate::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Job states, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    CompletedWithErrors,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::CompletedWithErrors => "completed_with_errors",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "completed_with_errors" => JobState::CompletedWithErrors,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// Options a job was started with (stored as JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOptions {
+    #[serde(default)]
+    pub full: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub checksum: bool,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub lineage: Vec<String>,
+}
+
+#[derive(Clone, Debug, FromRow)]
+pub struct JobRow {
+    pub id: String,
+    pub channel: String,
+    pub state: String,
+    pub trigger_kind: String,
+    pub requested_by: String,
+    pub options_json: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+    pub summary: Option<String>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub cancel_requested: i64,
+    pub event_seq: i64,
+}
+
+impl JobRow {
+    pub fn state(&self) -> JobState {
+        JobState::parse(&self.state).unwrap_or(JobState::Failed)
+    }
+    pub fn options(&self) -> JobOptions {
+        serde_json::from_str(&self.options_json).unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Debug, Default, FromRow, Serialize)]
+pub struct TargetRow {
+    pub job_id: String,
+    pub target: String,
+    pub url: String,
+    pub site: String,
+    pub state: String,
+    pub planned: i64,
+    pub items_total: i64,
+    pub bytes_total: i64,
+    pub deletes_total: i64,
+    pub items_done: i64,
+    pub bytes_done: i64,
+    pub deletes_done: i64,
+    pub packages_sent: i64,
+    pub packages_acked: i64,
+    pub packages_retried: i64,
+    pub bytes_on_wire: i64,
+    pub item_errors: i64,
+    pub reconnects: i64,
+    pub checkpoint_seq: i64,
+    pub checkpoint_json: String,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub job_id: String,
+    pub seq: i64,
+    pub kind: String,
+    pub at: i64,
+    pub target: String,
+    pub data_json: String,
+}
+
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct ItemErrorRow {
+    pub target: String,
+    pub path: String,
+    pub code: String,
+    pub message: String,
+    pub retryable: i64,
+    pub at: i64,
+}
+
+#[derive(Clone, Debug, FromRow)]
+pub struct ChannelTargetRow {
+    pub channel: String,
+    pub target: String,
+    pub last_success_at: Option<i64>,
+    pub last_job_id: Option<String>,
+}
+
+/// A new job to queue.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub channel: String,
+    pub trigger: String,
+    pub requested_by: String,
+    pub options: JobOptions,
+    /// (name, url, site) of each target of the channel.
+    pub targets: Vec<(String, String, String)>,
+}
+
+/// Counter increments applied with a checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub items: i64,
+    pub bytes: i64,
+    pub deletes: i64,
+    pub packages_acked: i64,
+    pub item_errors: i64,
+}
+
+/// Item error to record.
+#[derive(Clone, Debug)]
+pub struct NewItemError {
+    pub path: String,
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+const JOB_COLS: &str = "id, channel, state, trigger_kind, requested_by, options_json, created_at, \
+     started_at, finished_at, error, summary, lease_owner, lease_expires_at, cancel_requested, \
+     event_seq";
+
+/// The job store over either backend.
+#[derive(Clone, Debug)]
+pub struct JobStore {
+    db: Db,
+}
+
+impl JobStore {
+    pub fn new(db: Db) -> JobStore {
+        JobStore { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Queues a job, or folds the request into the channel's job that is already queued
+    /// with the same options (`coalesced = true`). Returns the job and the stored
+    /// `queued` event when a new job was created.
+    pub async fn create_job(&self, new: NewJob) -> Result<(JobRow, bool), StoreError> {
+        let options_json = serde_json::to_string(&new.options).unwrap_or_else(|_| "{}".into());
+        let mut tx = self.db.pool.begin().await?;
+        let existing: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE channel = $1 AND state = 'queued' \
+             AND options_json = $2 ORDER BY created_at LIMIT 1"
+        )))
+        .bind(&new.channel)
+        .bind(&options_json)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(job) = existing {
+            tx.commit().await?;
+            return Ok((job, true));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO jobs (id, channel, state, trigger_kind, requested_by, options_json, created_at) \
+             VALUES ($1, $2, 'queued', $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(&new.channel)
+        .bind(&new.trigger)
+        .bind(&new.requested_by)
+        .bind(&options_json)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (name, url, site) in &new.targets {
+            sqlx::query(
+                "INSERT INTO job_targets (job_id, target, url, site, state) VALUES ($1, $2, $3, $4, 'pending')",
+            )
+            .bind(&id)
+            .bind(name)
+            .bind(url)
+            .bind(site)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((self.get_job(&id).await?, false))
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<JobRow, StoreError> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    /// Newest first.
+    pub async fn list_jobs(
+        &self,
+        channel: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE ($1 = '' OR channel = $1) \
+             ORDER BY created_at DESC, id LIMIT $2"
+        )))
+        .bind(channel.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Claims the oldest runnable job for `owner`: a queued job of a channel that has no
+    /// job running, or a running job whose lease expired (its owner died). On PostgreSQL
+    /// the candidate row is locked with `SKIP LOCKED`, so concurrent instances never
+    /// claim the same job.
+    pub async fn claim_next(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let now = now_ms();
+        let lock = match self.db.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+                 started_at = COALESCE(started_at, $3) \
+             WHERE id = (SELECT j.id FROM jobs j WHERE \
+                 (j.state = 'queued' AND NOT EXISTS (SELECT 1 FROM jobs r WHERE r.channel = j.channel \
+                      AND r.state = 'running' AND r.lease_expires_at >= $3)) \
+                 OR (j.state = 'running' AND j.lease_expires_at < $3) \
+               ORDER BY j.state DESC, j.created_at LIMIT 1 {lock}) \
+             RETURNING {JOB_COLS}"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .fetch_optional(&self.db.pool)
+            .await?)
+    }
+
+    /// Extends a lease; false when the job is no longer ours (taken over or finished).
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(now_ms() + lease_ms)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Records the outcome of a job.
+    pub async fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        summary: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = $1, error = $2, summary = $3, finished_at = $4, \
+             lease_owner = NULL, lease_expires_at = NULL WHERE id = $5",
+        )
+        .bind(state.as_str())
+        .bind(error)
+        .bind(summary)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Asks a job to stop. A queued job is cancelled at once (returns true); a running
+    /// job gets a flag its runner polls.
+    pub async fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let job = self.get_job(id).await?;
+        match job.state() {
+            JobState::Queued => {
+                let r = sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = $1, error = 'cancelled before it started' \
+                     WHERE id = $2 AND state = 'queued'",
+                )
+                .bind(now_ms())
+                .bind(id)
+                .execute(&self.db.pool)
+                .await?;
+                Ok(r.rows_affected() == 1)
+            }
+            JobState::Running => {
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
+                    .bind(id)
+                    .execute(&self.db.pool)
+                    .await?;
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub async fn targets(&self, job: &str) -> Result<Vec<TargetRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT job_id, target, url, site, state, planned, items_total, bytes_total, deletes_total, \
+             items_done, bytes_done, deletes_done, packages_sent, packages_acked, packages_retried, \
+             bytes_on_wire, item_errors, reconnects, checkpoint_seq, checkpoint_json, error \
+             FROM job_targets WHERE job_id = $1 ORDER BY target",
+        )
+        .bind(job)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    pub async fn set_target_state(
+        &self,
+        job: &str,
+        target: &str,
+        state: &str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE job_targets SET state = $1, error = $2 WHERE job_id = $3 AND target = $4",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(job)
+        .bind(target)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores a target's planned totals; progress counters and the plan cursor restart
+    /// from zero, and the package sequence continues from `seq` (the target session's).
+    pub async fn set_planned(
+        &self,
+        job: &str,
+        target: &str,
+        items: i64,
+        bytes: i64,
+        deletes: i64,
+        seq: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE job_targets SET planned = 1, items_total = $1, bytes_total = $2, deletes_total = $3, \
+             items_done = 0, bytes_done = 0, deletes_done = 0, checkpoint_json = '', checkpoint_seq = $6 \
+             WHERE job_id = $4 AND target = $5",
+        )
+        .bind(items)
+        .bind(bytes)
+        .bind(deletes)
+        .bind(job)
+        .bind(target)
+        .bind(seq)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores the checkpoint after an ack (the highest contiguous acknowledged package
+    /// and where the plan stands after it) together with the counters it adds.
+    pub async fn checkpoint(
+        &self,
+        job: &str,
+        target: &str,
+        seq: i64,
+        cursor_json: &str,
+        p: &Progress,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE job_targets SET checkpoint_seq = $1, checkpoint_json = $2, \
+             items_done = items_done + $3, bytes_done = bytes_done + $4, deletes_done = deletes_done + $5, \
+             packages_acked = packages_acked + $6, item_errors = item_errors + $7 \
+             WHERE job_id = $8 AND target = $9",
+        )
+        .bind(seq)
+        .bind(cursor_json)
+        .bind(p.items)
+        .bind(p.bytes)
+        .bind(p.deletes)
+        .bind(p.packages_acked)
+        .bind(p.item_errors)
+        .bind(job)
+        .bind(target)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Adds to the transport counters of a target.
+    pub async fn add_sent(
+        &self,
+        job: &str,
+        target: &str,
+        packages: i64,
+        wire_bytes: i64,
+        retried: i64,
+        reconnects: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE job_targets SET packages_sent = packages_sent + $1, bytes_on_wire = bytes_on_wire + $2, \
+             packages_retried = packages_retried + $3, reconnects = reconnects + $4 \
+             WHERE job_id = $5 AND target = $6",
+        )
+        .bind(packages)
+        .bind(wire_bytes)
+        .bind(retried)
+        .bind(reconnects)
+        .bind(job)
+        .bind(target)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records item errors (the target's counter is updated by the caller's checkpoint).
+    pub async fn add_item_errors(
+        &self,
+        job: &str,
+        target: &str,
+        errors: &[NewItemError],
+    ) -> Result<(), StoreError> {
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.db.pool.begin().await?;
+        for e in errors {
+            sqlx::query(
+                "INSERT INTO job_item_errors (job_id, target, path, code, message, retryable, at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(job)
+            .bind(target)
+            .bind(&e.path)
+            .bind(&e.code)
+            .bind(&e.message)
+            .bind(e.retryable as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn item_errors(&self, job: &str) -> Result<Vec<ItemErrorRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT target, path, code, message, retryable, at FROM job_item_errors \
+             WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Appends an event with the job's next sequence number (gap-free: the number is
+    /// taken in the transaction that stores the event).
+    pub async fn append_event(
+        &self,
+        job: &str,
+        kind: &str,
+        target: &str,
+        data: &serde_json::Value,
+    ) -> Result<EventRow, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let (seq,): (i64,) = sqlx::query_as(
+            "UPDATE jobs SET event_seq = event_seq + 1 WHERE id = $1 RETURNING event_seq",
+        )
+        .bind(job)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(job.to_string()))?;
+        let ev: EventRow = sqlx::query_as(
+            "INSERT INTO job_events (job_id, seq, kind, at, target, data_json) VALUES ($1, $2, $3, $4, $5, $6) \
+             RETURNING id, job_id, seq, kind, at, target, data_json",
+        )
+        .bind(job)
+        .bind(seq)
+        .bind(kind)
+        .bind(now_ms())
+        .bind(target)
+        .bind(data.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ev)
+    }
+
+    /// Stored events of one job after a per-job sequence number.
+    pub async fn events_of_job(
+        &self,
+        job: &str,
+        after_seq: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, job_id, seq, kind, at, target, data_json FROM job_events \
+             WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(job)
+        .bind(after_seq)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Stored events of all jobs (optionally of one channel) after a global event id.
+    pub async fn events_after(
+        &self,
+        channel: Option<&str>,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT e.id, e.job_id, e.seq, e.kind, e.at, e.target, e.data_json FROM job_events e \
+             JOIN jobs j ON j.id = e.job_id WHERE e.id > $1 AND ($2 = '' OR j.channel = $2) \
+             ORDER BY e.id LIMIT $3",
+        )
+        .bind(after_id)
+        .bind(channel.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    /// Records a successful sync of a channel to a target (for sync lag).
+    pub async fn record_success(
+        &self,
+        channel: &str,
+        target: &str,
+        job: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO channel_target_state (channel, target, last_success_at, last_job_id) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (channel, target) \
+             DO UPDATE SET last_success_at = excluded.last_success_at, last_job_id = excluded.last_job_id",
+        )
+        .bind(channel)
+        .bind(target)
+        .bind(at)
+        .bind(job)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn channel_states(&self) -> Result<Vec<ChannelTargetRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT channel, target, last_success_at, last_job_id FROM channel_target_state",
+        )
+        .fetch_all(&self.db.pool)
+        .await?)
+    }
+
+    pub async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.db.pool)
+            .await?;
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Stores a setting unless it exists; returns the value that is stored.
+    pub async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(self
+            .get_setting(key)
+            .await?
+            .unwrap_or_else(|| value.to_string()))
+    }
+}

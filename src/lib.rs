@@ -1,0 +1,64 @@
+//! Shared library of cms-mirror.
+//!
+//! - [`pb`]: the generated protocol (`proto/cmsmirror/v1`), and [`FILE_DESCRIPTOR_SET`]
+//!   for server reflection.
+//! - [`model`]: the content model (items, kinds, tree order) and its protocol conversions.
+//! - [`fswalk`]: the `fs` content provider's reader, a sorted depth-first walk with memory
+//!   bounded by the depth and width of the tree, never by its size.
+//! - [`package`]: sealing and opening packages (checksum, limits).
+//! - [`pathsafe`]: validation of the relative paths a target receives.
+//! - [`db`]: database connection by URL scheme, migrations, URL redaction.
+//! - [`jobstore`]: the source's job store (jobs, per-target state, events, item errors).
+//! - [`config`]: `mirror.toml` and `target.toml`.
+//! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`transport`]: HTTP/2 tuning shared by clients and servers.
+#![forbid(unsafe_code)]
+
+pub use prost;
+pub use tonic;
+
+pub mod config;
+pub mod db;
+pub mod fswalk;
+pub mod jobstore;
+pub mod model;
+pub mod package;
+pub mod pathsafe;
+pub mod telemetry;
+pub mod transport;
+
+/// The generated protocol, package `cmsmirror.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("cmsmirror.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the protocol, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cmsmirror_descriptor.bin"));
+
+/// Protocol version spoken by this build (sent in `OpenSession`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Resolves on SIGINT or SIGTERM: the graceful-shutdown trigger of both services.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Current time as milliseconds since the Unix epoch (the store's time unit).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Formats store milliseconds as RFC 3339 (UTC), as the API shows times.
+pub fn ms_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}

@@ -1,0 +1,147 @@
+//! The content model: one item kind set for every provider, and the tree order in
+//! which both sides enumerate their content so that a plan is a merge join.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pb;
+
+/// Kind of an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Dir => "dir",
+            Kind::File => "file",
+            Kind::Symlink => "symlink",
+        }
+    }
+    pub fn to_pb(self) -> pb::ItemKind {
+        match self {
+            Kind::Dir => pb::ItemKind::Directory,
+            Kind::File => pb::ItemKind::File,
+            Kind::Symlink => pb::ItemKind::Symlink,
+        }
+    }
+    pub fn from_pb(k: i32) -> Option<Kind> {
+        match pb::ItemKind::try_from(k).ok()? {
+            pb::ItemKind::Directory => Some(Kind::Dir),
+            pb::ItemKind::File | pb::ItemKind::Page => Some(Kind::File),
+            pb::ItemKind::Symlink => Some(Kind::Symlink),
+            pb::ItemKind::Unspecified => None,
+        }
+    }
+    pub fn code(self) -> i64 {
+        self.to_pb() as i64
+    }
+}
+
+/// One item of a site: a stable key (its relative path) and its metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub path: String,
+    pub kind: Kind,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mtime_ns: i64,
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub link: String,
+    /// BLAKE3 of the body, hex, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+impl Item {
+    pub fn to_pb(&self) -> pb::ItemMeta {
+        pb::ItemMeta {
+            path: self.path.clone(),
+            kind: self.kind.to_pb() as i32,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            mode: self.mode,
+            symlink_target: self.link.clone(),
+            blake3: self
+                .hash
+                .as_deref()
+                .and_then(|h| blake3::Hash::from_hex(h).ok())
+                .map(|h| h.as_bytes().to_vec())
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    /// Converts protocol metadata; `None` when the kind is missing or unknown.
+    pub fn from_pb(m: &pb::ItemMeta) -> Option<Item> {
+        Some(Item {
+            path: m.path.clone(),
+            kind: Kind::from_pb(m.kind)?,
+            size: m.size,
+            mtime_ns: m.mtime_ns,
+            mode: m.mode,
+            link: m.symlink_target.clone(),
+            hash: (m.blake3.len() == 32).then(|| hex(&m.blake3)),
+        })
+    }
+
+    /// Quick check (rsync's default): same kind, and for files same size and mtime,
+    /// for symlinks same target. Directories are equal when their mode and mtime are.
+    pub fn same_quick(&self, other: &Item) -> bool {
+        self.kind == other.kind
+            && match self.kind {
+                Kind::File => {
+                    self.size == other.size
+                        && self.mtime_ns == other.mtime_ns
+                        && self.mode == other.mode
+                }
+                Kind::Symlink => self.link == other.link && self.mtime_ns == other.mtime_ns,
+                Kind::Dir => self.mode == other.mode && self.mtime_ns == other.mtime_ns,
+            }
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+/// The tree-order key of a path: its components joined by a NUL byte.
+///
+/// Sorting by this key is the order of a depth-first walk that visits the children of
+/// each directory sorted by name bytes (`a`, `a/b`, `a-c`), which is what the walker
+/// produces and what the target's index returns, so a plan is one merge join.
+pub fn tree_key(path: &str) -> Vec<u8> {
+    path.bytes()
+        .map(|b| if b == b'/' { 0 } else { b })
+        .collect()
+}
+
+/// Parent directory of a relative path ("" for top-level items).
+pub fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_order_is_depth_first() {
+        let mut v = vec!["a-c", "a/b", "a", "a/b/c", "b", "a.txt"];
+        v.sort_by_key(|p| tree_key(p));
+        assert_eq!(v, ["a", "a/b", "a/b/c", "a-c", "a.txt", "b"]);
+    }
+}

@@ -1,0 +1,90 @@
+//! Validation of the relative paths a target receives. The target trusts nothing:
+//! a path is accepted only when every component is a plain name.
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("empty path")]
+    Empty,
+    #[error("absolute path {0:?}")]
+    Absolute(String),
+    #[error("path {0:?} has an empty, '.' or '..' component")]
+    BadComponent(String),
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("path {0:?} contains a backslash")]
+    Backslash(String),
+    #[error("path of {len} bytes exceeds the limit of {limit}")]
+    TooLong { len: usize, limit: usize },
+    #[error("path {0:?} has a component longer than 255 bytes")]
+    NameTooLong(String),
+    #[error("path {0:?} is reserved for the target's staging area")]
+    Reserved(String),
+}
+
+/// Name of the directory under each site root where the target stages incoming files
+/// (same filesystem as the site, so a rename publishes atomically).
+pub const STAGING_DIR: &str = ".cms-mirror-staging";
+
+/// Checks that `path` is a safe relative path: '/'-separated plain names, none empty,
+/// "." or "..", no NUL, no backslash, within the length limits.
+pub fn validate(path: &str, max_len: usize) -> Result<(), PathError> {
+    if path.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if path.len() > max_len {
+        return Err(PathError::TooLong {
+            len: path.len(),
+            limit: max_len,
+        });
+    }
+    if path.starts_with('/') {
+        return Err(PathError::Absolute(path.into()));
+    }
+    if path.contains('\0') {
+        return Err(PathError::Nul(path.replace('\0', "\\0")));
+    }
+    if path.contains('\\') {
+        return Err(PathError::Backslash(path.into()));
+    }
+    for c in path.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(PathError::BadComponent(path.into()));
+        }
+        if c.len() > 255 {
+            return Err(PathError::NameTooLong(path.into()));
+        }
+    }
+    if path == STAGING_DIR || path.starts_with(&format!("{STAGING_DIR}/")) {
+        return Err(PathError::Reserved(path.into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_hostile_paths() {
+        for p in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "a//b",
+            "./a",
+            "a/.",
+            "a\0b",
+            "a\\..\\b",
+            ".cms-mirror-staging/x",
+        ] {
+            assert!(validate(p, 4096).is_err(), "{p:?} accepted");
+        }
+        assert!(validate(&"x".repeat(300), 4096).is_err());
+        assert!(validate(&"a/".repeat(3000), 4096).is_err());
+        for p in ["a", "a/b c/ü.html", "..a", "a..", ".hidden"] {
+            assert!(validate(p, 4096).is_ok(), "{p:?} refused");
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! HTTP/2 settings shared by every gRPC client and server of the project.
+//!
+//! hyper's defaults (1 MiB windows, 16 KiB frames) let only one 1 MiB message be in
+//! flight; these values were measured on the project machines (../shared/PERF-NOTES.md).
+
+use std::time::Duration;
+
+pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Largest message either side decodes (packages are a few MiB; limits are enforced
+/// again, more tightly, on the payload).
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// HTTP/2 keepalive: a peer that stops answering pings is a disconnect.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A client endpoint with the project's HTTP/2 tuning.
+pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
+}
+
+/// A server builder with the project's HTTP/2 tuning.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}

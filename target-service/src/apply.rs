@@ -1,0 +1,736 @@
+//! Applying a package's entries to a site directory, durably and safely.
+//!
+//! Files are written under the site's staging directory (same filesystem), made durable
+//! as one batch, then renamed into place, then their directories are synced; only then
+//! does the caller record the package in the ledger and ack it. A crash at any moment
+//! leaves either the old or the new version of each file visible, never a partial one.
+//!
+//! Every path is validated ([`cms_mirror::pathsafe`]) and resolved one component at a
+//! time without following symlinks: an ancestor that is a symlink (planted on the
+//! target or created by an earlier entry) refuses the item.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cms_mirror::model::{Item, Kind, hex, parent};
+use cms_mirror::pathsafe::{self, STAGING_DIR};
+use cms_mirror::pb;
+
+use crate::ledger::PackageChanges;
+
+/// How an applied package is made durable before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// One `syncfs` of the site's filesystem per package (fastest for a dedicated volume).
+    Syncfs,
+    /// `fsync` of every written file, from a few threads.
+    Fsync,
+    /// No sync (tests and benchmarks of the transport only): acks do not mean durable.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "syncfs" => Ok(Durability::Syncfs),
+            "fsync" => Ok(Durability::Fsync),
+            "none" => Ok(Durability::None),
+            o => Err(format!(
+                "unknown durability {o:?} (expected syncfs, fsync or none)"
+            )),
+        }
+    }
+}
+
+/// A site's directories.
+#[derive(Clone, Debug)]
+pub struct SiteFs {
+    pub root: PathBuf,
+}
+
+impl SiteFs {
+    pub fn staging(&self) -> PathBuf {
+        self.root.join(STAGING_DIR)
+    }
+    pub fn session_dir(&self, session: &str) -> PathBuf {
+        self.staging()
+            .join(&blake3::hash(session.as_bytes()).to_hex()[..32])
+    }
+}
+
+/// A file whose body is arriving over several entries (possibly several packages).
+struct OpenFile {
+    meta: Item,
+    file: File,
+    tmp: PathBuf,
+    /// Incremental hash while chunks arrive contiguously from offset 0 in this process.
+    hasher: Option<blake3::Hasher>,
+    next_offset: u64,
+    action: &'static str,
+    /// Whether the metadata sidecar exists (written only for a file still in progress
+    /// when its package ends, so a restarted target can finish it).
+    meta_written: bool,
+}
+
+/// Per-session state of files in progress (kept in memory, rebuilt from the staging
+/// directory after a restart).
+pub struct SessionFiles {
+    pub dir: PathBuf,
+    open: HashMap<String, OpenFile>,
+    failed: HashSet<String>,
+    /// Set by an abort: no package of this session is applied any more.
+    pub aborted: bool,
+}
+
+impl SessionFiles {
+    pub fn new(dir: PathBuf) -> SessionFiles {
+        SessionFiles {
+            dir,
+            open: HashMap::new(),
+            failed: HashSet::new(),
+            aborted: false,
+        }
+    }
+}
+
+/// Outcome of applying one package.
+#[derive(Default)]
+pub struct Applied {
+    pub changes: PackageChanges,
+    pub errors: Vec<pb::ItemError>,
+    pub items: u64,
+    pub bytes: u64,
+}
+
+struct Publish {
+    tmp: PathBuf,
+    item: Item,
+    action: &'static str,
+    had_meta: bool,
+}
+
+fn item_error(
+    path: &str,
+    code: &str,
+    message: impl Into<String>,
+    retryable: bool,
+) -> pb::ItemError {
+    pb::ItemError {
+        path: path.to_string(),
+        code: code.to_string(),
+        message: message.into(),
+        retryable,
+    }
+}
+
+fn io_item_error(path: &str, what: &str, e: &io::Error) -> pb::ItemError {
+    let (code, retryable) = match e.raw_os_error() {
+        Some(28) | Some(122) => ("no_space", true), // ENOSPC, EDQUOT
+        Some(36) => ("invalid_path", false),        // ENAMETOOLONG
+        Some(84) | Some(22) => ("invalid_path", false), // EILSEQ, EINVAL: name refused
+        _ => ("io", true),
+    };
+    item_error(path, code, format!("{what}: {e}"), retryable)
+}
+
+/// Checks that every ancestor of `rel` under `root` is a real directory (not a symlink).
+fn check_parents(root: &Path, rel: &str) -> Result<(), String> {
+    check_parents_cached(root, rel, &mut HashSet::new())
+}
+
+/// [`check_parents`], skipping ancestors already checked in this package (`ok` holds
+/// them; an entry that replaces a directory must remove it and its descendants).
+fn check_parents_cached(root: &Path, rel: &str, ok: &mut HashSet<String>) -> Result<(), String> {
+    let parent_rel = parent(rel);
+    if parent_rel.is_empty() || ok.contains(parent_rel) {
+        return Ok(());
+    }
+    let mut cur = root.to_path_buf();
+    let comps: Vec<&str> = rel.split('/').collect();
+    for (i, c) in comps[..comps.len() - 1].iter().enumerate() {
+        cur.push(c);
+        if ok.contains(&comps[..=i].join("/")) {
+            continue;
+        }
+        match fs::symlink_metadata(&cur) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(format!(
+                    "refusing to write through symlink {:?}",
+                    comps[..=i].join("/")
+                ));
+            }
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(format!("{:?} is not a directory", comps[..=i].join("/"))),
+            Err(e) => return Err(format!("parent {:?}: {e}", comps[..=i].join("/"))),
+        }
+    }
+    ok.insert(parent_rel.to_string());
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn staged_name(prefix: &str, path: &str) -> String {
+    format!("{prefix}-{}", &blake3::hash(path.as_bytes()).to_hex()[..32])
+}
+
+fn file_time(mtime_ns: i64) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000) as u32,
+    )
+}
+
+fn set_mtime(path: &Path, mtime_ns: i64) -> io::Result<()> {
+    let t = file_time(mtime_ns);
+    filetime::set_file_times(path, t, t)
+}
+
+fn set_symlink_mtime(path: &Path, mtime_ns: i64) -> io::Result<()> {
+    let t = filetime::FileTime::from_unix_time(
+        mtime_ns.div_euclid(1_000_000_000),
+        mtime_ns.rem_euclid(1_000_000_000) as u32,
+    );
+    filetime::set_symlink_file_times(path, t, t)
+}
+
+/// Applies the entries of one package. I/O problems with one item become item errors;
+/// the rest of the package is applied.
+pub fn apply(
+    site: &SiteFs,
+    sess: &mut SessionFiles,
+    payload: pb::PackagePayload,
+    max_path: usize,
+    durability: Durability,
+) -> Applied {
+    let mut out = Applied::default();
+    let mut publish: Vec<Publish> = Vec::new();
+    let mut to_sync: Vec<PathBuf> = Vec::new();
+    let mut dirs_to_sync: HashSet<PathBuf> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut parents_ok: HashSet<String> = HashSet::new();
+    if let Err(e) = fs::create_dir_all(&sess.dir) {
+        out.errors
+            .push(io_item_error("", "cannot create staging directory", &e));
+        return out;
+    }
+    for entry in payload.entries {
+        let Some(op) = entry.op else { continue };
+        match op {
+            pb::entry::Op::Put(meta) => {
+                let path = meta.path.clone();
+                if let Err(e) = pathsafe::validate(&path, max_path) {
+                    out.errors
+                        .push(item_error(&path, "invalid_path", e.to_string(), false));
+                    sess.failed.insert(path);
+                    continue;
+                }
+                if !seen.insert(path.clone()) {
+                    out.errors.push(item_error(
+                        &path,
+                        "invalid_path",
+                        "duplicate path in one package",
+                        false,
+                    ));
+                    continue;
+                }
+                let Some(item) = Item::from_pb(&meta) else {
+                    out.errors.push(item_error(
+                        &path,
+                        "invalid_argument",
+                        "unknown item kind",
+                        false,
+                    ));
+                    sess.failed.insert(path);
+                    continue;
+                };
+                if item.mode > 0o7777 {
+                    out.errors.push(item_error(
+                        &path,
+                        "invalid_argument",
+                        format!("mode {:o} out of range", item.mode),
+                        false,
+                    ));
+                    sess.failed.insert(path);
+                    continue;
+                }
+                if let Err(m) = check_parents_cached(&site.root, &path, &mut parents_ok) {
+                    out.errors.push(item_error(&path, "invalid_path", m, false));
+                    sess.failed.insert(path);
+                    continue;
+                }
+                sess.failed.remove(&path);
+                match put(site, sess, item, &mut publish, &mut to_sync, &mut out) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        out.errors.push(io_item_error(&path, "cannot write", &e));
+                        sess.failed.insert(path);
+                    }
+                }
+            }
+            pb::entry::Op::Data(d) => {
+                if sess.failed.contains(&d.path) {
+                    continue;
+                }
+                let path = d.path.clone();
+                match data(sess, d, &mut publish, &mut out) {
+                    Ok(Some(tmp)) => to_sync.push(tmp),
+                    Ok(None) => {}
+                    Err(e) => {
+                        out.errors.push(e);
+                        if let Some(of) = sess.open.remove(&path) {
+                            let _ = fs::remove_file(&of.tmp);
+                        }
+                        let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
+                        sess.failed.insert(path);
+                    }
+                }
+            }
+            pb::entry::Op::Delete(d) => {
+                let path = d.path;
+                if let Err(e) = pathsafe::validate(&path, max_path) {
+                    out.errors
+                        .push(item_error(&path, "invalid_path", e.to_string(), false));
+                    continue;
+                }
+                if let Err(m) = check_parents(&site.root, &path) {
+                    // A missing parent means the item is already gone.
+                    if !m.contains("No such file") {
+                        out.errors.push(item_error(&path, "invalid_path", m, false));
+                        continue;
+                    }
+                } else if let Err(e) = remove_any(&site.root.join(&path)) {
+                    out.errors.push(io_item_error(&path, "cannot delete", &e));
+                    continue;
+                }
+                dirs_to_sync.insert(site.root.join(parent(&path)));
+                touch_parent(&mut out.changes, &path);
+                out.changes.deletes.push(path.clone());
+                out.changes.changes.push((path, "deleted"));
+                out.items += 1;
+            }
+            pb::entry::Op::Abort(a) => {
+                if let Some(of) = sess.open.remove(&a.path) {
+                    let _ = fs::remove_file(&of.tmp);
+                }
+                let _ = fs::remove_file(sess.dir.join(staged_name("m", &a.path)));
+            }
+        }
+    }
+
+    // Files continuing in a later package: keep their metadata beside the staged body so
+    // a restarted target can finish them when the next chunk arrives.
+    for (path, of) in sess.open.iter_mut().filter(|(_, of)| !of.meta_written) {
+        let meta_path = sess.dir.join(staged_name("m", path));
+        match fs::write(
+            &meta_path,
+            serde_json::to_vec(&(&of.meta, of.action)).unwrap_or_default(),
+        ) {
+            Ok(()) => {
+                of.meta_written = true;
+                to_sync.push(meta_path);
+            }
+            Err(e) => out
+                .errors
+                .push(io_item_error(path, "cannot write staging metadata", &e)),
+        }
+    }
+
+    // Make the batch durable, then publish it.
+    if let Err(e) = sync_batch(&site.root, &to_sync, durability) {
+        for p in publish.drain(..) {
+            let _ = fs::remove_file(&p.tmp);
+            out.errors
+                .push(io_item_error(&p.item.path, "cannot sync", &e));
+        }
+    }
+    // Once a symlink is published, a later item's parent may have become that link:
+    // check every later item's parents again before its rename.
+    let mut recheck = false;
+    for p in publish {
+        let dest = site.root.join(&p.item.path);
+        if recheck && let Err(m) = check_parents(&site.root, &p.item.path) {
+            let _ = fs::remove_file(&p.tmp);
+            out.errors
+                .push(item_error(&p.item.path, "invalid_path", m, false));
+            continue;
+        }
+        recheck |= p.item.kind == Kind::Symlink;
+        let res = (|| -> io::Result<()> {
+            if let Ok(md) = fs::symlink_metadata(&dest)
+                && md.is_dir()
+            {
+                fs::remove_dir_all(&dest)?;
+            }
+            fs::rename(&p.tmp, &dest)
+        })();
+        match res {
+            Ok(()) => {
+                if p.had_meta {
+                    let _ = fs::remove_file(sess.dir.join(staged_name("m", &p.item.path)));
+                }
+                dirs_to_sync.insert(site.root.join(parent(&p.item.path)));
+                touch_parent(&mut out.changes, &p.item.path);
+                out.changes.changes.push((p.item.path.clone(), p.action));
+                out.changes.upserts.push(p.item);
+                out.items += 1;
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&p.tmp);
+                out.errors
+                    .push(io_item_error(&p.item.path, "cannot rename into place", &e));
+            }
+        }
+    }
+    if durability != Durability::None {
+        for d in dirs_to_sync {
+            if let Ok(f) = File::open(&d) {
+                let _ = f.sync_all();
+            }
+        }
+    }
+    out
+}
+
+fn touch_parent(ch: &mut PackageChanges, path: &str) {
+    let p = parent(path);
+    if !p.is_empty() && ch.touched_dirs.last().map(String::as_str) != Some(p) {
+        ch.touched_dirs.push(p.to_string());
+    }
+}
+
+fn put(
+    site: &SiteFs,
+    sess: &mut SessionFiles,
+    item: Item,
+    publish: &mut Vec<Publish>,
+    to_sync: &mut Vec<PathBuf>,
+    out: &mut Applied,
+) -> io::Result<()> {
+    let dest = site.root.join(&item.path);
+    let existing = match fs::symlink_metadata(&dest) {
+        Ok(md) => Some(md),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let action = if existing.is_some() {
+        "updated"
+    } else {
+        "created"
+    };
+    match item.kind {
+        Kind::Dir => {
+            match &existing {
+                Some(md) if md.is_dir() => {}
+                Some(_) => {
+                    fs::remove_file(&dest)?;
+                    fs::create_dir(&dest)?;
+                }
+                None => fs::create_dir(&dest)?,
+            }
+            fs::set_permissions(&dest, fs::Permissions::from_mode(item.mode))?;
+            touch_parent(&mut out.changes, &item.path);
+            out.changes.changes.push((item.path.clone(), action));
+            out.changes.touched_dirs.push(item.path.clone());
+            out.changes.upserts.push(item);
+            out.items += 1;
+        }
+        Kind::Symlink => {
+            let tmp = sess.dir.join(staged_name("l", &item.path));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&item.link, &tmp)?;
+            set_symlink_mtime(&tmp, item.mtime_ns)?;
+            publish.push(Publish {
+                tmp,
+                item,
+                action,
+                had_meta: false,
+            });
+        }
+        Kind::File => {
+            if let Some(of) = sess.open.remove(&item.path) {
+                drop(of.file);
+            }
+            let tmp = sess.dir.join(staged_name("f", &item.path));
+            let file = File::create(&tmp)?;
+            if item.size == 0 {
+                let expected = blake3::hash(b"");
+                if let Some(h) = &item.hash
+                    && h != &expected.to_hex().to_string()
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "hash of an empty file does not match",
+                    ));
+                }
+                file.set_permissions(fs::Permissions::from_mode(item.mode))?;
+                drop(file);
+                set_mtime(&tmp, item.mtime_ns)?;
+                to_sync.push(tmp.clone());
+                let mut item = item;
+                item.hash = Some(expected.to_hex().to_string());
+                publish.push(Publish {
+                    tmp,
+                    item,
+                    action,
+                    had_meta: false,
+                });
+            } else {
+                // The metadata is kept beside the staged body so a restarted target can
+                // finish the file when the next chunk arrives.
+                let meta_path = sess.dir.join(staged_name("m", &item.path));
+                fs::write(
+                    &meta_path,
+                    serde_json::to_vec(&(&item, action)).unwrap_or_default(),
+                )?;
+                to_sync.push(meta_path);
+                sess.open.insert(
+                    item.path.clone(),
+                    OpenFile {
+                        meta: item,
+                        file,
+                        tmp,
+                        hasher: Some(blake3::Hasher::new()),
+                        next_offset: 0,
+                        action,
+                        meta_written: false,
+                    },
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes a chunk. Returns the staged path to sync when the chunk was written.
+fn data(
+    sess: &mut SessionFiles,
+    d: pb::FileData,
+    publish: &mut Vec<Publish>,
+    out: &mut Applied,
+) -> Result<Option<PathBuf>, pb::ItemError> {
+    let path = d.path.clone();
+    if !sess.open.contains_key(&path) {
+        // After a restart: reopen the staged file and its metadata.
+        let meta_path = sess.dir.join(staged_name("m", &path));
+        let tmp = sess.dir.join(staged_name("f", &path));
+        let (meta, action): (Item, String) = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                item_error(
+                    &path,
+                    "invalid_argument",
+                    "file data without a preceding put",
+                    false,
+                )
+            })?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&tmp)
+            .map_err(|e| io_item_error(&path, "cannot reopen staged file", &e))?;
+        let action = if action == "created" {
+            "created"
+        } else {
+            "updated"
+        };
+        sess.open.insert(
+            path.clone(),
+            OpenFile {
+                meta,
+                file,
+                tmp,
+                hasher: None,
+                next_offset: u64::MAX,
+                action,
+                meta_written: true,
+            },
+        );
+    }
+    let of = sess.open.get_mut(&path).expect("inserted above");
+    let end = d
+        .offset
+        .checked_add(d.data.len() as u64)
+        .unwrap_or(u64::MAX);
+    if end > of.meta.size {
+        return Err(item_error(
+            &path,
+            "invalid_argument",
+            format!(
+                "chunk ends at {end}, beyond the announced size {}",
+                of.meta.size
+            ),
+            false,
+        ));
+    }
+    if d.offset != of.next_offset {
+        of.hasher = None;
+    }
+    of.file
+        .write_all_at(&d.data, d.offset)
+        .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+    if let Some(h) = &mut of.hasher {
+        h.update(&d.data);
+    }
+    of.next_offset = end;
+    out.bytes += d.data.len() as u64;
+    if !d.last {
+        return Ok(Some(of.tmp.clone()));
+    }
+    let of = sess.open.remove(&path).expect("present");
+    let len = of
+        .file
+        .metadata()
+        .map_err(|e| io_item_error(&path, "cannot stat", &e))?
+        .len();
+    let mismatch = |m: String| {
+        let _ = fs::remove_file(&of.tmp);
+        item_error(&path, "checksum_mismatch", m, true)
+    };
+    if len != of.meta.size {
+        return Err(mismatch(format!(
+            "received {len} bytes, expected {}",
+            of.meta.size
+        )));
+    }
+    let actual = match of.hasher {
+        Some(h) => h.finalize(),
+        None => {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(
+                File::open(&of.tmp).map_err(|e| io_item_error(&path, "cannot read back", &e))?,
+            )
+            .map_err(|e| io_item_error(&path, "cannot read back", &e))?;
+            h.finalize()
+        }
+    };
+    if d.blake3.len() != 32 || actual.as_bytes().as_slice() != d.blake3.as_slice() {
+        return Err(mismatch(format!(
+            "content hash {} does not match the source's {}",
+            actual.to_hex(),
+            hex(&d.blake3)
+        )));
+    }
+    of.file
+        .set_permissions(fs::Permissions::from_mode(of.meta.mode))
+        .map_err(|e| io_item_error(&path, "cannot set mode", &e))?;
+    filetime::set_file_handle_times(
+        &of.file,
+        Some(file_time(of.meta.mtime_ns)),
+        Some(file_time(of.meta.mtime_ns)),
+    )
+    .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
+    drop(of.file);
+    let action = of.action;
+    let mut item = of.meta;
+    item.hash = Some(actual.to_hex().to_string());
+    publish.push(Publish {
+        tmp: of.tmp.clone(),
+        item,
+        action,
+        had_meta: of.meta_written,
+    });
+    Ok(Some(of.tmp))
+}
+
+fn sync_batch(root: &Path, files: &[PathBuf], durability: Durability) -> io::Result<()> {
+    match durability {
+        Durability::None => Ok(()),
+        Durability::Syncfs => {
+            if files.is_empty() {
+                return Ok(());
+            }
+            let f = File::open(root)?;
+            rustix::fs::syncfs(&f).map_err(io::Error::from)
+        }
+        Durability::Fsync => {
+            let threads = files.len().clamp(1, 4);
+            let chunk = files.len().div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = files
+                    .chunks(chunk)
+                    .map(|c| {
+                        s.spawn(move || -> io::Result<()> {
+                            for p in c {
+                                File::open(p)?.sync_all()?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("sync thread panicked")))
+                })
+            })
+        }
+    }
+}
+
+/// Aborts a session: waits for an apply in progress (the caller holds the lock), drops
+/// its open files and removes its staging directory, and the site's staging directory
+/// when it is empty.
+pub fn abort_session(site: &SiteFs, sess: &mut SessionFiles) {
+    sess.aborted = true;
+    sess.open.clear();
+    let _ = fs::remove_dir_all(&sess.dir);
+    let _ = fs::remove_dir(site.staging());
+}
+
+/// Restores the recorded mtime of directories (deepest first), at commit.
+pub fn restore_dir_times(root: &Path, dirs: &[Item]) {
+    for d in dirs {
+        if check_parents(root, &d.path).is_err() {
+            continue;
+        }
+        let p = root.join(&d.path);
+        if fs::symlink_metadata(&p)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
+        {
+            let _ = set_mtime(&p, d.mtime_ns);
+        }
+    }
+}
+
+/// Removes staging directories of sessions that are not open any more (leftovers of a
+/// crash); keeps those of open sessions, whose acknowledged partial files a resumed job
+/// continues.
+pub fn clean_staging(site: &SiteFs, open_sessions: &[String]) -> io::Result<usize> {
+    let keep: HashSet<String> = open_sessions
+        .iter()
+        .map(|s| {
+            site.session_dir(s)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let mut removed = 0;
+    match fs::read_dir(site.staging()) {
+        Ok(rd) => {
+            for e in rd.flatten() {
+                if !keep.contains(&e.file_name().to_string_lossy().into_owned()) {
+                    remove_any(&e.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}

@@ -1,0 +1,478 @@
+//! cms-mirror target service.
+//!
+//! - [`TargetService`]: the gRPC `TargetService` (OpenSession, GetManifest, Import,
+//!   Commit) over the sites it serves.
+//! - [`apply`]: durable, path-safe application of package entries to a site directory.
+//! - [`ledger`]: sessions, applied packages and the manifest index, in the target's own
+//!   database (SQLite by default).
+//! - [`run`]: serves the service (with health and reflection) on a bound listener.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod ledger;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use cms_mirror::config::SiteConfig;
+use cms_mirror::package::{self, Limits};
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_server::{TargetService as TargetApi, TargetServiceServer};
+
+use apply::{Applied, Durability, SessionFiles, SiteFs};
+use ledger::Ledger;
+
+/// How long an Import stream may stay silent before the target drops it.
+pub const IMPORT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a target service.
+#[derive(Clone, Debug)]
+pub struct TargetSettings {
+    pub sites: Vec<SiteConfig>,
+    pub limits: Limits,
+    pub durability: Durability,
+    /// Identifies this target in lineages (loop prevention in tier chains).
+    pub target_id: String,
+}
+
+struct Site {
+    fs: SiteFs,
+}
+
+struct Inner {
+    sites: HashMap<String, Site>,
+    ledger: Ledger,
+    settings: TargetSettings,
+    /// Files in progress per session; one package of a session is applied at a time.
+    sessions: Mutex<HashMap<String, Arc<Mutex<SessionFiles>>>>,
+}
+
+/// The gRPC target service.
+#[derive(Clone)]
+pub struct TargetService {
+    inner: Arc<Inner>,
+}
+
+/// Errors starting a target.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("site {site:?}: root {root}: {message}")]
+    Site {
+        site: String,
+        root: String,
+        message: String,
+    },
+    #[error("no site configured (use --site NAME=DIR or a target.toml)")]
+    NoSites,
+    #[error("cannot read the ledger: {0}")]
+    Ledger(#[from] sqlx::Error),
+}
+
+fn db_status(e: sqlx::Error) -> Status {
+    tracing::error!(error = %e, "ledger database error");
+    Status::unavailable("target ledger unavailable; retry later")
+}
+
+impl TargetService {
+    /// Prepares the sites (creating their roots, cleaning leftover staging files).
+    pub async fn new(
+        settings: TargetSettings,
+        ledger: Ledger,
+    ) -> Result<TargetService, StartError> {
+        if settings.sites.is_empty() {
+            return Err(StartError::NoSites);
+        }
+        let open: Vec<String> = ledger
+            .open_sessions()
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let mut sites = HashMap::new();
+        for s in &settings.sites {
+            let err = |message: String| StartError::Site {
+                site: s.name.clone(),
+                root: s.root.display().to_string(),
+                message,
+            };
+            std::fs::create_dir_all(&s.root).map_err(|e| err(e.to_string()))?;
+            let root = s.root.canonicalize().map_err(|e| err(e.to_string()))?;
+            let fs = SiteFs { root };
+            let removed = apply::clean_staging(&fs, &open)
+                .map_err(|e| err(format!("cannot clean staging: {e}")))?;
+            if removed > 0 {
+                tracing::info!(site = %s.name, removed, "removed leftover staging files");
+            }
+            sites.insert(s.name.clone(), Site { fs });
+        }
+        Ok(TargetService {
+            inner: Arc::new(Inner {
+                sites,
+                ledger,
+                settings,
+                sessions: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    fn site(&self, name: &str) -> Result<&Site, Status> {
+        self.inner
+            .sites
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("unknown site {name:?}")))
+    }
+
+    fn session_files(&self, session: &str, fs: &SiteFs) -> Arc<Mutex<SessionFiles>> {
+        let mut m = self.inner.sessions.lock().expect("sessions lock");
+        m.entry(session.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(SessionFiles::new(fs.session_dir(session)))))
+            .clone()
+    }
+
+    /// Verifies, applies and records one package; returns its ack.
+    async fn handle_package(
+        &self,
+        session: &str,
+        site_name: &str,
+        last: &mut u64,
+        pkg: pb::Package,
+    ) -> Result<pb::PackageAck, Status> {
+        let seq = pkg.seq;
+        let ack = |status: pb::AckStatus, message: String| pb::PackageAck {
+            seq,
+            status: status as i32,
+            message,
+            ..Default::default()
+        };
+        if seq == 0 {
+            return Ok(ack(
+                pb::AckStatus::Rejected,
+                "package sequence numbers start at 1".into(),
+            ));
+        }
+        if seq > *last + 1 {
+            return Ok(ack(
+                pb::AckStatus::Rejected,
+                format!("out of order: expected package {}, got {seq}", *last + 1),
+            ));
+        }
+        if seq <= *last
+            && let Some(sum) = self
+                .inner
+                .ledger
+                .applied_checksum(session, seq)
+                .await
+                .map_err(db_status)?
+            && sum == pkg.checksum
+        {
+            let mut a = ack(pb::AckStatus::Ok, "already applied".into());
+            a.duplicate = true;
+            return Ok(a);
+        }
+        let payload = match package::open(&pkg, &self.inner.settings.limits) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(session, seq, error = %e, "package refused");
+                let status = if e.retryable() {
+                    pb::AckStatus::Retry
+                } else {
+                    pb::AckStatus::Rejected
+                };
+                return Ok(ack(status, e.to_string()));
+            }
+        };
+        let site = self.site(site_name)?;
+        let fs = site.fs.clone();
+        let files = self.session_files(session, &fs);
+        let max_path = self.inner.settings.limits.max_path_bytes;
+        let durability = self.inner.settings.durability;
+        let applied: Option<Applied> = tokio::task::spawn_blocking(move || {
+            let mut f = files.lock().expect("session files lock");
+            (!f.aborted).then(|| apply::apply(&fs, &mut f, payload, max_path, durability))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
+        let Some(applied) = applied else {
+            return Err(Status::failed_precondition(format!(
+                "session {session} was aborted"
+            )));
+        };
+        self.inner
+            .ledger
+            .record_package(session, site_name, seq, &pkg.checksum, &applied.changes)
+            .await
+            .map_err(db_status)?;
+        *last = (*last).max(seq);
+        let mut a = ack(pb::AckStatus::Ok, String::new());
+        a.items_applied = applied.items;
+        a.bytes_applied = applied.bytes;
+        a.item_errors = applied.errors;
+        Ok(a)
+    }
+}
+
+type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TargetApi for TargetService {
+    async fn open_session(
+        &self,
+        req: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        let r = req.into_inner();
+        if r.job_id.is_empty() {
+            return Err(Status::invalid_argument("job_id is required"));
+        }
+        self.site(&r.site)?;
+        if r.lineage
+            .iter()
+            .any(|l| l == &self.inner.settings.target_id)
+        {
+            return Err(Status::failed_precondition(format!(
+                "job {} already passed through target {} (lineage loop)",
+                r.job_id, self.inner.settings.target_id
+            )));
+        }
+        let s = self
+            .inner
+            .ledger
+            .open_session(&r.job_id, &r.site, &r.channel)
+            .await
+            .map_err(db_status)?;
+        tracing::info!(session = %s.id, last_seq = s.last_seq, "session opened");
+        Ok(Response::new(pb::OpenSessionResponse {
+            session_id: s.id,
+            last_applied_seq: s.last_seq as u64,
+            committed: s.state == "committed",
+            max_message_bytes: self.inner.settings.limits.max_message_bytes as u64,
+            max_entries_per_package: self.inner.settings.limits.max_entries as u32,
+            target_id: self.inner.settings.target_id.clone(),
+        }))
+    }
+
+    type GetManifestStream = BoxStream<pb::ManifestBatch>;
+
+    async fn get_manifest(
+        &self,
+        req: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<Self::GetManifestStream>, Status> {
+        let r = req.into_inner();
+        self.site(&r.site)?;
+        let ledger = self.inner.ledger.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut after = if r.after_path.is_empty() {
+                Vec::new()
+            } else {
+                cms_mirror::model::tree_key(&r.after_path)
+            };
+            loop {
+                let page = match ledger.manifest_page(&r.site, &after, 2000).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(db_status(e))).await;
+                        return;
+                    }
+                };
+                let Some(lastp) = page.last() else { return };
+                after = cms_mirror::model::tree_key(&lastp.path);
+                let batch = pb::ManifestBatch {
+                    entries: page
+                        .iter()
+                        .map(|i| pb::ManifestEntry {
+                            meta: Some(i.to_pb()),
+                        })
+                        .collect(),
+                };
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ImportStream = BoxStream<pb::ImportResponse>;
+
+    async fn import(
+        &self,
+        req: Request<Streaming<pb::ImportRequest>>,
+    ) -> Result<Response<Self::ImportStream>, Status> {
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await? {
+            Some(pb::ImportRequest {
+                msg: Some(pb::import_request::Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first Import message must be an ImportHeader",
+                ));
+            }
+        };
+        let session = self
+            .inner
+            .ledger
+            .session(&header.session_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown session {:?}; call OpenSession first",
+                    header.session_id
+                ))
+            })?;
+        if session.state == "committed" {
+            return Err(Status::failed_precondition(format!(
+                "session {} is already committed",
+                session.id
+            )));
+        }
+        let this = self.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = session.last_seq as u64;
+            loop {
+                let msg = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
+                        tracing::info!(session = %session.id, %status, "import stream ended");
+                        break;
+                    }
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(
+                                "import stream idle for too long",
+                            )))
+                            .await;
+                        break;
+                    }
+                };
+                let pkg = match msg.msg {
+                    Some(pb::import_request::Msg::Package(p)) => p,
+                    _ => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument("expected a package")))
+                            .await;
+                        break;
+                    }
+                };
+                let reply = this
+                    .handle_package(&session.id, &session.site, &mut last, pkg)
+                    .await;
+                let done = reply.is_err();
+                let item = reply.map(|ack| pb::ImportResponse {
+                    msg: Some(pb::import_response::Msg::Ack(ack)),
+                });
+                if tx.send(item).await.is_err() || done {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let r = req.into_inner();
+        let ledger = &self.inner.ledger;
+        let s = ledger
+            .session(&r.session_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| Status::not_found(format!("unknown session {:?}", r.session_id)))?;
+        let site = self.site(&s.site)?;
+        if r.abort {
+            // Under the session's lock: an apply still running for a dropped stream
+            // finishes first, and no later package of this session is applied.
+            let files = self.session_files(&s.id, &site.fs);
+            let fs = site.fs.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut f = files.lock().expect("session files lock");
+                apply::abort_session(&fs, &mut f);
+            })
+            .await
+            .map_err(|e| Status::internal(format!("abort task failed: {e}")))?;
+            ledger.abort_session(&s.id).await.map_err(db_status)?;
+            tracing::info!(session = %s.id, "session aborted");
+            return Ok(Response::new(pb::CommitResponse::default()));
+        }
+        if s.state != "committed" {
+            if s.last_seq as u64 != r.last_seq {
+                return Err(Status::failed_precondition(format!(
+                    "commit of session {} at package {} but {} applied",
+                    s.id, r.last_seq, s.last_seq
+                )));
+            }
+            let dirs = ledger
+                .touched_dirs(&s.id, &s.site)
+                .await
+                .map_err(db_status)?;
+            let fs = site.fs.clone();
+            let sdir = fs.session_dir(&s.id);
+            tokio::task::spawn_blocking(move || {
+                apply::restore_dir_times(&fs.root, &dirs);
+                let _ = std::fs::remove_dir_all(sdir);
+                // Leave no trace in the site once nothing is in progress.
+                let _ = std::fs::remove_dir(fs.staging());
+            })
+            .await
+            .map_err(|e| Status::internal(format!("commit task failed: {e}")))?;
+            self.inner
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .remove(&s.id);
+        }
+        let (created, updated, deleted) = ledger
+            .commit_session(&s.id, &s.site)
+            .await
+            .map_err(db_status)?;
+        tracing::info!(session = %s.id, created, updated, deleted, "session committed");
+        Ok(Response::new(pb::CommitResponse {
+            items_created: created,
+            items_updated: updated,
+            items_deleted: deleted,
+            hooks: Vec::new(),
+        }))
+    }
+}
+
+/// Serves the target service, gRPC health and reflection on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    service: TargetService,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<TargetServiceServer<TargetService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor set is valid");
+    let max = service.inner.settings.limits.max_message_bytes;
+    cms_mirror::transport::server()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            TargetServiceServer::new(service)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

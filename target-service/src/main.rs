@@ -1,0 +1,84 @@
+//! `mirror-target`: receives packages from mirror-source and applies them to its sites.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use mimalloc::MiMalloc;
+
+use cms_mirror::config::SiteConfig;
+use cms_mirror::package::Limits;
+use mirror_target::apply::Durability;
+use mirror_target::{TargetService, TargetSettings, ledger::Ledger};
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+/// Receives a site's content from mirror-source and applies it durably.
+#[derive(Parser, Debug)]
+#[command(name = "mirror-target", version)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "MIRROR_TARGET_LISTEN", default_value = "127.0.0.1:7701")]
+    listen: String,
+    /// A site as NAME=DIR (repeatable).
+    #[arg(long = "site", env = "MIRROR_SITES", value_delimiter = ',')]
+    sites: Vec<String>,
+    /// target.toml with sites and hooks.
+    #[arg(long, env = "MIRROR_TARGET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ledger database URL (sqlite://PATH or postgres://...). Default: a SQLite file in
+    /// the data directory.
+    #[arg(long, env = "MIRROR_DB")]
+    db: Option<String>,
+    /// Directory for the default SQLite ledger.
+    #[arg(long, env = "MIRROR_DATA_DIR", default_value = "./mirror-target-data")]
+    data_dir: PathBuf,
+    /// How applied packages are made durable before the ack: syncfs, fsync or none.
+    #[arg(long, env = "MIRROR_DURABILITY", default_value = "syncfs")]
+    durability: Durability,
+    /// Largest package payload accepted, in bytes.
+    #[arg(long, env = "MIRROR_MAX_PACKAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_package_bytes: usize,
+    /// Identity of this target in lineages (default: the listen address).
+    #[arg(long, env = "MIRROR_TARGET_ID")]
+    target_id: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
+    log_format: cms_mirror::telemetry::LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    cms_mirror::telemetry::init(args.log_format);
+    let mut sites = Vec::new();
+    if let Some(path) = &args.config {
+        sites.extend(SiteConfig::load_file(path)?);
+    }
+    for s in &args.sites {
+        sites.push(SiteConfig::from_flag(s).map_err(anyhow::Error::msg)?);
+    }
+    let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "target.db");
+    let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Target).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let limits = Limits {
+        max_payload_bytes: args.max_package_bytes,
+        ..Limits::default()
+    };
+    let settings = TargetSettings {
+        sites,
+        limits,
+        durability: args.durability,
+        target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
+    };
+    let service = TargetService::new(settings, Ledger::new(db)).await?;
+    // The bound address on stdout, for scripts and tests that listen on port 0.
+    println!("mirror-target listening on {addr}");
+    tracing::info!(%addr, db = %cms_mirror::db::redact(&db_url), "mirror-target started");
+    mirror_target::run(listener, service, cms_mirror::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! Issue 4: jobs survive faults. Real processes, real kills, a TCP proxy that cuts
+//! connections, a corrupted package.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+/// A TCP proxy that cuts every connection each time `cut_every` bytes went upstream,
+/// at most `max_cuts` times.
+struct CutProxy {
+    addr: String,
+    cuts: Arc<AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn cut_proxy(upstream: String, cut_every: u64, max_cuts: u64) -> CutProxy {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cuts = Arc::new(AtomicU64::new(0));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (gen_tx, _) = tokio::sync::watch::channel(0u64);
+    let gen_tx = Arc::new(gen_tx);
+    let since = Arc::new(AtomicU64::new(0));
+    let c = cuts.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (gen_tx, since, cuts) = (gen_tx.clone(), since.clone(), c.clone());
+            let mut gen_rx = gen_tx.subscribe();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let mut up = [0u8; 16384];
+                let mut down = [0u8; 16384];
+                loop {
+                    tokio::select! {
+                        n = cr.read(&mut up) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 || sw.write_all(&up[..n]).await.is_err() { return; }
+                            let total = since.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            if total >= cut_every && cuts.load(Ordering::SeqCst) < max_cuts {
+                                since.store(0, Ordering::SeqCst);
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                gen_tx.send_modify(|g| *g += 1);
+                                return;
+                            }
+                        }
+                        n = sr.read(&mut down) => {
+                            let Ok(n) = n else { return };
+                            if n == 0 || cw.write_all(&down[..n]).await.is_err() { return; }
+                        }
+                        _ = gen_rx.changed() => return,
+                    }
+                }
+            });
+        }
+    });
+    CutProxy {
+        addr: format!("http://{addr}"),
+        cuts,
+        _rt: rt,
+    }
+}
+
+#[test]
+fn a_mirror_completes_through_a_connection_cut_every_n_packages() {
+    for n in [3u64, 7] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        make_many(&src, 2000);
+        let target = spawn_target(tmp.path(), &dst);
+        let package = 32 * 1024u64;
+        let proxy = cut_proxy(target.addr.clone(), n * package, 6);
+        let window = 4u64;
+        let config = write_config(
+            tmp.path(),
+            &src,
+            &proxy.addr,
+            &format!("package_bytes = {package}\nwindow = {window}\nretry_budget = 20"),
+        );
+        let source = spawn_source(tmp.path(), &config);
+        let (code, job) = run_job(&source.url(), &[]);
+        assert_eq!(code, 0, "N={n}: {job:#}");
+        assert_same_tree(&src, &dst);
+        let cuts = proxy.cuts.load(Ordering::SeqCst);
+        assert!(cuts >= 3, "N={n}: the proxy cut only {cuts} times");
+        let t = &job["targets"][0];
+        let (sent, last) = (
+            t["packages_sent"].as_u64().unwrap(),
+            t["last_acked_seq"].as_u64().unwrap(),
+        );
+        assert!(sent >= last, "{t}");
+        // Re-sent after the cuts: at most one window per cut.
+        assert!(
+            sent - last <= cuts * window,
+            "N={n}: {} packages re-sent for {cuts} cuts: {t}",
+            sent - last
+        );
+        assert!(t["reconnects"].as_u64().unwrap() >= 1, "{t}");
+    }
+}
+
+fn wait_for_job(source_url: &str, job: &str) -> i32 {
+    let out = mirrorctl(source_url, &["watch", job]);
+    out.status.code().unwrap_or(-1)
+}
+
+fn start_job(source_url: &str) -> String {
+    let out = mirrorctl(source_url, &["start", "site"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn show(source_url: &str, job: &str) -> serde_json::Value {
+    let out = mirrorctl(source_url, &["show", job, "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the job's first target acknowledged at least `n` packages.
+fn wait_acked(source_url: &str, job: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let j = show(source_url, job);
+        if j["targets"][0]["packages_acked"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(
+            j["state"] != "succeeded" && j["state"] != "failed",
+            "job ended too early: {j:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("job {job} did not get {n} acks");
+}
+
+#[test]
+fn kill_9_of_the_target_at_random_points() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_many(&src, 3000);
+    let mut target = spawn_target(tmp.path(), &dst);
+    let addr = target.addr.clone();
+    let config = write_config(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "package_bytes = 16384\nretry_budget = 30",
+    );
+    let source = spawn_source(tmp.path(), &config);
+    let job = start_job(&source.url());
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut acked = 2;
+    for _ in 0..3 {
+        wait_acked(&source.url(), &job, acked);
+        std::thread::sleep(Duration::from_millis(rng.u64(0..200)));
+        target.kill9();
+        std::thread::sleep(Duration::from_millis(rng.u64(50..300)));
+        target = spawn_target_at(tmp.path(), &dst, &addr);
+        acked = show(&source.url(), &job)["targets"][0]["packages_acked"]
+            .as_u64()
+            .unwrap()
+            + 5;
+    }
+    assert_eq!(
+        wait_for_job(&source.url(), &job),
+        0,
+        "{:#}",
+        show(&source.url(), &job)
+    );
+    assert_same_tree(&src, &dst);
+    assert!(
+        !dst.join(".cms-mirror-staging").exists(),
+        "temp files remain"
+    );
+}
+
+#[test]
+fn kill_9_of_the_source_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_many(&src, 3000);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "package_bytes = 16384\nwindow = 2",
+    );
+    let mut source = spawn_source(tmp.path(), &config);
+    let job = start_job(&source.url());
+    wait_acked(&source.url(), &job, 10);
+    source.kill9();
+    // The checkpoint the dead instance left.
+    let db_path = tmp.path().join("source-data/source.db");
+    let checkpoint = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let db = cms_mirror::db::connect(
+            &format!("sqlite://{}", db_path.display()),
+            cms_mirror::db::Schema::Source,
+        )
+        .await
+        .unwrap();
+        cms_mirror::jobstore::JobStore::new(db)
+            .targets(&job)
+            .await
+            .unwrap()[0]
+            .checkpoint_seq as u64
+    });
+    assert!(checkpoint >= 10);
+    let source = spawn_source(tmp.path(), &config);
+    assert_eq!(wait_for_job(&source.url(), &job), 0);
+    assert_same_tree(&src, &dst);
+    // The new instance resumed right after the checkpoint: no acknowledged package again.
+    let out = mirrorctl(&source.url(), &["watch", &job, "--json"]);
+    let resumed: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "resumed" && e["target"] == "web1")
+        .map(|e| e["data"]["from_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        resumed.first(),
+        Some(&(checkpoint + 1)),
+        "resume points: {resumed:?}"
+    );
+    let j = show(&source.url(), &job);
+    let t = &j["targets"][0];
+    assert_eq!(j["state"], "succeeded");
+    assert!(
+        t["packages_sent"].as_u64().unwrap() - t["last_acked_seq"].as_u64().unwrap() <= 2,
+        "{t}"
+    );
+}
+
+#[test]
+fn a_corrupted_package_is_detected_and_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = spawn_source_env(
+        tmp.path(),
+        &config,
+        &[("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "2")],
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(job["targets"][0]["packages_retried"], 1, "{job:#}");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn cancel_stops_the_job_and_leaves_the_target_consistent() {
+    let Mirror {
+        tmp: _tmp,
+        src,
+        dst,
+        config: _config,
+        target: _target,
+        source,
+    } = Mirror::start(
+        |src| make_many(src, 3000),
+        "package_bytes = 16384\nwindow = 2",
+    );
+    let job = start_job(&source.url());
+    wait_acked(&source.url(), &job, 3);
+    let out = mirrorctl(&source.url(), &["cancel", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_for_job(&source.url(), &job), 2);
+    let j = show(&source.url(), &job);
+    assert_eq!(j["state"], "cancelled", "{j:#}");
+    assert_eq!(j["targets"][0]["state"], "cancelled");
+    let acked_at_end = j["targets"][0]["packages_acked"].as_u64().unwrap();
+    let planned = j["targets"][0]["items_total"].as_u64().unwrap();
+    assert!(
+        j["targets"][0]["items_done"].as_u64().unwrap() < planned,
+        "the job ran to its end: {j:#}"
+    );
+    // Consistent: every visible file is a complete copy of its source; no staging left.
+    assert!(
+        !dst.join(".cms-mirror-staging").exists(),
+        "staged files left after cancel"
+    );
+    let (a, b) = (snapshot(&src), snapshot(&dst));
+    for (k, n) in b.iter().filter(|(_, n)| n.kind == "file") {
+        assert_eq!(
+            a.get(k).map(|x| &x.content),
+            Some(&n.content),
+            "{k} is not a complete copy"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        show(&source.url(), &job)["targets"][0]["packages_acked"]
+            .as_u64()
+            .unwrap(),
+        acked_at_end,
+        "still sending after cancel"
+    );
+}
+
+#[test]
+fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    for i in 0..12 {
+        write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 300_000));
+    }
+    std::fs::create_dir_all(&dst).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2m",
+            "tmpfs",
+            dst.to_str().unwrap(),
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(dst.clone());
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = spawn_source(tmp.path(), &config);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 1, "{job:#}");
+    let errs = job["item_errors"].as_array().unwrap();
+    assert!(!errs.is_empty());
+    assert!(
+        errs.iter()
+            .all(|e| e["code"] == "no_space"
+                && e["message"].as_str().unwrap().contains("No space left")),
+        "{errs:?}"
+    );
+    // What is visible is complete; nothing truncated.
+    let a = snapshot(&src);
+    for (k, n) in snapshot(&dst).iter().filter(|(_, n)| n.kind == "file") {
+        assert_eq!(
+            a.get(k).map(|x| &x.content),
+            Some(&n.content),
+            "{k} is truncated"
+        );
+    }
+    assert!(!dst.join(".cms-mirror-staging").exists());
+    // Space freed: the next job completes and the trees are identical.
+    assert!(
+        std::process::Command::new("mount")
+            .args(["-o", "remount,size=20m", dst.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+}

@@ -1,0 +1,396 @@
+//! Shared helpers: the service binaries as real processes, generated trees, and tree
+//! snapshots for exact comparison.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Directory of the workspace's built binaries; builds them once per test binary.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "mirror-source",
+                "-p",
+                "mirror-target",
+                "-p",
+                "mirrorctl",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "building the service binaries failed");
+        let exe = std::env::current_exe().expect("test exe path");
+        exe.parent()
+            .and_then(|p| p.parent())
+            .expect("target/debug")
+            .to_path_buf()
+    })
+}
+
+/// A service process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Proc {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a binary that prints "... listening on ADDR" on stdout and waits for it.
+pub fn spawn(bin: &str, args: &[&str], log: &Path) -> Proc {
+    spawn_env(bin, args, log, &[])
+}
+
+/// Like [`spawn`], with extra environment variables.
+pub fn spawn_env(bin: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
+    let mut child = Command::new(bin_dir().join(bin))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.split("listening on ").nth(1) {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{bin} did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+    Proc { child, addr }
+}
+
+pub fn spawn_target(dir: &Path, site_root: &Path) -> Proc {
+    spawn_target_at(dir, site_root, "127.0.0.1:0")
+}
+
+/// A target on a given address (a restart on the port it had).
+pub fn spawn_target_at(dir: &Path, site_root: &Path, listen: &str) -> Proc {
+    let site = format!("main={}", site_root.display());
+    let data = dir.join("target-data");
+    let log = dir.join(format!(
+        "target-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    spawn(
+        "mirror-target",
+        &[
+            "--listen",
+            listen,
+            "--site",
+            &site,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--durability",
+            "fsync",
+        ],
+        &log,
+    )
+}
+
+pub fn spawn_source(dir: &Path, config: &Path) -> Proc {
+    spawn_source_env(dir, config, &[])
+}
+
+pub fn spawn_source_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proc {
+    let data = dir.join("source-data");
+    let log = dir.join(format!(
+        "source-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    spawn_env(
+        "mirror-source",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--lease-secs",
+            "3",
+        ],
+        &log,
+        env,
+    )
+}
+
+/// Writes a mirror.toml with one channel `site` and the given extra channel keys.
+pub fn write_config(dir: &Path, source: &Path, target_url: &str, extra: &str) -> PathBuf {
+    let p = dir.join("mirror.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[[channel]]\nname = \"site\"\nsource = \"{}\"\n{}{}{extra}\n\n  [[channel.target]]\n  name = \"web1\"\n  url = \"{target_url}\"\n  site = \"main\"\n",
+            source.display(),
+            if extra.contains("package_bytes") { "" } else { "package_bytes = 65536\n" },
+            if extra.contains("retry_budget") { "" } else { "retry_budget = 2\n" },
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Runs mirrorctl against a source.
+pub fn mirrorctl(source_url: &str, args: &[&str]) -> Output {
+    Command::new(bin_dir().join("mirrorctl"))
+        .arg("--source")
+        .arg(source_url)
+        .args(args)
+        .output()
+        .expect("run mirrorctl")
+}
+
+/// Starts a job and waits for it; returns (exit code, the job as JSON).
+pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["start", "site", "--wait", "--json"];
+    args.extend_from_slice(extra);
+    let out = mirrorctl(source_url, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let start = stdout.find("{\n").unwrap_or_else(|| {
+        panic!(
+            "no job JSON in mirrorctl output: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let v = serde_json::from_str(&stdout[start..]).expect("job JSON");
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// One entry of a tree snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    /// BLAKE3 of a file, or the target of a symlink.
+    pub content: String,
+}
+
+/// Every item under `root` (not the root itself), by relative path.
+pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let md = std::fs::symlink_metadata(root.join(&r)).unwrap();
+            let ft = md.file_type();
+            let (kind, content) = if ft.is_symlink() {
+                (
+                    "symlink",
+                    std::fs::read_link(root.join(&r))
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                )
+            } else if ft.is_dir() {
+                ("dir", String::new())
+            } else if ft.is_file() {
+                (
+                    "file",
+                    blake3::hash(&std::fs::read(root.join(&r)).unwrap())
+                        .to_hex()
+                        .to_string(),
+                )
+            } else {
+                ("special", String::new())
+            };
+            out.insert(
+                r.clone(),
+                Node {
+                    kind,
+                    mode: if kind == "symlink" {
+                        0
+                    } else {
+                        md.permissions().mode() & 0o7777
+                    },
+                    mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                    size: if kind == "file" { md.len() } else { 0 },
+                    content,
+                },
+            );
+            if kind == "dir" {
+                walk(root, &r, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, "", &mut out);
+    out
+}
+
+/// Asserts two trees are identical in paths, kinds, bytes, modes, mtimes and links.
+pub fn assert_same_tree(src: &Path, dst: &Path) {
+    let a = snapshot(src);
+    let b = snapshot(dst);
+    let only_a: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+    let only_b: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "only in source: {only_a:?}; only in target: {only_b:?}"
+    );
+    for (k, na) in &a {
+        assert_eq!(Some(na), b.get(k), "item {k:?} differs");
+    }
+}
+
+/// Sets an mtime (seconds + nanos) on a path without following symlinks.
+pub fn set_mtime(p: &Path, secs: i64, nanos: u32) {
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    filetime::set_symlink_file_times(p, t, t).unwrap();
+}
+
+pub fn write(root: &Path, rel: &str, data: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, data).unwrap();
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The tree every e2e test starts from: nested dirs, an empty dir, a symlink, a file
+/// larger than three packages (64 KiB each), a zero-byte file, non-ASCII and
+/// space-containing names, varied modes and mtimes (with nanoseconds).
+pub fn make_tree(root: &Path) -> usize {
+    std::fs::create_dir_all(root).unwrap();
+    write(root, "index.html", b"<h1>home</h1>");
+    write(root, "a/b/c/deep.txt", b"deep");
+    write(root, "a/b/page two.html", &bytes(1, 5000));
+    write(
+        root,
+        "a/übersicht.json",
+        "{\"title\":\"Übersicht ✓\"}".as_bytes(),
+    );
+    write(root, "media/big.bin", &bytes(2, 300_000));
+    write(root, "media/zero.bin", b"");
+    write(root, "docs/readme.md", &bytes(3, 10_000));
+    std::fs::create_dir_all(root.join("empty dir")).unwrap();
+    std::os::unix::fs::symlink("../index.html", root.join("a/link-to-index")).unwrap();
+    std::os::unix::fs::symlink("media", root.join("media-link")).unwrap();
+    std::fs::set_permissions(
+        root.join("docs/readme.md"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("a/b/page two.html"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("a/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let mut n = 0;
+    for (i, (k, _)) in snapshot(root).iter().rev().enumerate() {
+        set_mtime(&root.join(k), 1_700_000_000 + i as i64 * 1000, 123_456_789);
+        n += 1;
+    }
+    n
+}
+
+/// Many small files in nested directories, plus a few that span packages.
+pub fn make_many(root: &Path, n: usize) {
+    for i in 0..n {
+        write(
+            root,
+            &format!("d{}/e{}/f{i}.html", i % 17, i % 5),
+            &bytes(i as u64, 500 + (i * 37) % 4000),
+        );
+    }
+    for i in 0..3 {
+        write(root, &format!("media/v{i}.bin"), &bytes(1000 + i, 200_000));
+    }
+}
+
+/// A source tree, a target process serving `dst`, and a source process with a channel
+/// `site` from `src` to it (`extra` adds channel keys).
+pub struct Mirror {
+    pub tmp: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub config: PathBuf,
+    pub target: Proc,
+    pub source: Proc,
+}
+
+impl Mirror {
+    pub fn start<R>(fill: impl FnOnce(&Path) -> R, extra: &str) -> Mirror {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fill(&src);
+        let target = spawn_target(tmp.path(), &dst);
+        let config = write_config(tmp.path(), &src, &target.url(), extra);
+        let source = spawn_source(tmp.path(), &config);
+        Mirror {
+            tmp,
+            src,
+            dst,
+            config,
+            target,
+            source,
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real service processes (and in-process services for direct
+//! protocol tests) on ephemeral loopback ports.
+
+mod faults;
+mod helpers;
+mod incremental;
+mod mirror;
+mod monitor;
+mod protocol;

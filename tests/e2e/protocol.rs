@@ -1,0 +1,306 @@
+//! Direct protocol tests against an in-process target: checksums, duplicates, order,
+//! and paths that must be refused.
+
+use std::path::{Path, PathBuf};
+
+use cms_mirror::package;
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_client::TargetServiceClient;
+use mirror_target::apply::Durability;
+use mirror_target::{TargetService, TargetSettings, ledger::Ledger};
+use tokio_stream::wrappers::ReceiverStream;
+
+struct InProc {
+    url: String,
+    root: PathBuf,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_target(dir: &Path) -> InProc {
+    let root = dir.join("site");
+    let db = cms_mirror::db::connect(
+        &format!("sqlite://{}", dir.join("t.db").display()),
+        cms_mirror::db::Schema::Target,
+    )
+    .await
+    .unwrap();
+    let settings = TargetSettings {
+        sites: vec![
+            cms_mirror::config::SiteConfig::from_flag(&format!("main={}", root.display())).unwrap(),
+        ],
+        limits: Default::default(),
+        durability: Durability::Fsync,
+        target_id: "t1".into(),
+    };
+    let svc = TargetService::new(settings, Ledger::new(db)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(mirror_target::run(listener, svc, async {
+        let _ = rx.await;
+    }));
+    InProc {
+        url,
+        root: root.canonicalize().unwrap(),
+        _stop: tx,
+    }
+}
+
+fn put_file(path: &str, data: &[u8]) -> Vec<pb::Entry> {
+    vec![
+        pb::Entry {
+            op: Some(pb::entry::Op::Put(pb::ItemMeta {
+                path: path.into(),
+                kind: pb::ItemKind::File as i32,
+                size: data.len() as u64,
+                mtime_ns: 1_600_000_000_000_000_000,
+                mode: 0o644,
+                ..Default::default()
+            })),
+        },
+        pb::Entry {
+            op: Some(pb::entry::Op::Data(pb::FileData {
+                path: path.into(),
+                offset: 0,
+                data: data.to_vec().into(),
+                last: true,
+                blake3: blake3::hash(data).as_bytes().to_vec(),
+                ..Default::default()
+            })),
+        },
+    ]
+}
+
+fn pkg(seq: u64, entries: Vec<pb::Entry>) -> pb::Package {
+    package::seal(seq, pb::Phase::Content, &pb::PackagePayload { entries })
+}
+
+/// Opens a session and an Import stream; returns the sender and the ack stream.
+async fn session(
+    url: &str,
+    job: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ImportRequest>,
+    tonic::Streaming<pb::ImportResponse>,
+    String,
+) {
+    let mut c = TargetServiceClient::connect(url.to_string()).await.unwrap();
+    let s = c
+        .open_session(pb::OpenSessionRequest {
+            job_id: job.into(),
+            site: "main".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::ImportRequest {
+        msg: Some(pb::import_request::Msg::Header(pb::ImportHeader {
+            session_id: s.session_id.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let acks = c
+        .import(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, acks, s.session_id)
+}
+
+async fn send(
+    tx: &tokio::sync::mpsc::Sender<pb::ImportRequest>,
+    acks: &mut tonic::Streaming<pb::ImportResponse>,
+    p: pb::Package,
+) -> pb::PackageAck {
+    tx.send(pb::ImportRequest {
+        msg: Some(pb::import_request::Msg::Package(p)),
+    })
+    .await
+    .unwrap();
+    match acks.message().await.unwrap().unwrap().msg {
+        Some(pb::import_response::Msg::Ack(a)) => a,
+        None => panic!("empty response"),
+    }
+}
+
+fn status(a: &pb::PackageAck) -> pb::AckStatus {
+    pb::AckStatus::try_from(a.status).unwrap()
+}
+
+#[tokio::test]
+async fn a_package_with_a_wrong_checksum_is_refused_and_nothing_is_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let (tx, mut acks, _) = session(&t.url, "job-1").await;
+    let mut p = pkg(1, put_file("x.html", b"hello"));
+    let mut payload = p.payload.to_vec();
+    let last = payload.len() - 40;
+    payload[last] ^= 0xff; // a byte flipped after hashing
+    p.payload = payload.into();
+    let a = send(&tx, &mut acks, p).await;
+    assert_eq!(status(&a), pb::AckStatus::Retry);
+    assert!(a.message.contains("checksum mismatch"), "{}", a.message);
+    assert!(!t.root.join("x.html").exists());
+    // Sent again intact, it is applied.
+    let a = send(&tx, &mut acks, pkg(1, put_file("x.html", b"hello"))).await;
+    assert_eq!(status(&a), pb::AckStatus::Ok);
+    assert_eq!(std::fs::read(t.root.join("x.html")).unwrap(), b"hello");
+}
+
+#[tokio::test]
+async fn a_package_delivered_twice_is_applied_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let (tx, mut acks, _) = session(&t.url, "job-2").await;
+    let p = pkg(1, put_file("once.txt", b"original"));
+    let a = send(&tx, &mut acks, p.clone()).await;
+    assert_eq!(
+        (status(&a), a.duplicate, a.items_applied),
+        (pb::AckStatus::Ok, false, 1)
+    );
+    // Change the file behind the target's back: re-applying would overwrite it.
+    std::fs::write(t.root.join("once.txt"), b"changed locally").unwrap();
+    let a = send(&tx, &mut acks, p.clone()).await;
+    assert_eq!((status(&a), a.duplicate), (pb::AckStatus::Ok, true));
+    assert_eq!(
+        std::fs::read(t.root.join("once.txt")).unwrap(),
+        b"changed locally"
+    );
+    // Also across a reconnect (a new stream of the same session).
+    drop(tx);
+    let (tx, mut acks, _) = session(&t.url, "job-2").await;
+    let a = send(&tx, &mut acks, p).await;
+    assert!(a.duplicate);
+    assert_eq!(
+        std::fs::read(t.root.join("once.txt")).unwrap(),
+        b"changed locally"
+    );
+}
+
+#[tokio::test]
+async fn packages_out_of_order_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let (tx, mut acks, _) = session(&t.url, "job-3").await;
+    let a = send(&tx, &mut acks, pkg(2, put_file("skip.txt", b"x"))).await;
+    assert_eq!(status(&a), pb::AckStatus::Rejected);
+    assert!(
+        a.message.contains("expected package 1, got 2"),
+        "{}",
+        a.message
+    );
+    assert!(!t.root.join("skip.txt").exists());
+}
+
+#[tokio::test]
+async fn hostile_paths_are_refused_and_nothing_leaves_the_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // A symlinked directory planted on the target before the job.
+    std::os::unix::fs::symlink(&outside, t.root.join("planted")).unwrap();
+    let (tx, mut acks, _) = session(&t.url, "job-4").await;
+    let mut entries = Vec::new();
+    for p in [
+        "../escape.txt",
+        "/abs.txt",
+        "a/../../x",
+        "planted/x.txt",
+        "ok/../x",
+        "nul\0.txt",
+        ".cms-mirror-staging/x",
+    ] {
+        entries.extend(put_file(p, b"evil"));
+    }
+    // A symlink created by the package, then an entry through it.
+    entries.push(pb::Entry {
+        op: Some(pb::entry::Op::Put(pb::ItemMeta {
+            path: "a".into(),
+            kind: pb::ItemKind::Symlink as i32,
+            symlink_target: "/".into(),
+            ..Default::default()
+        })),
+    });
+    let a = send(&tx, &mut acks, pkg(1, entries)).await;
+    assert_eq!(status(&a), pb::AckStatus::Ok);
+    let a2 = send(&tx, &mut acks, pkg(2, put_file("a/x", b"evil"))).await;
+    let mut errs: Vec<String> = a
+        .item_errors
+        .iter()
+        .chain(&a2.item_errors)
+        .map(|e| format!("{} {}", e.code, e.path))
+        .collect();
+    errs.sort();
+    assert_eq!(errs.len(), 8, "{errs:?}");
+    assert!(
+        a.item_errors
+            .iter()
+            .chain(&a2.item_errors)
+            .all(|e| e.code == "invalid_path" && !e.message.is_empty()),
+        "{errs:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "something was written outside the root"
+    );
+    assert!(
+        !tmp.path().join("escape.txt").exists()
+            && !Path::new("/abs.txt").exists()
+            && !Path::new("/x").exists()
+    );
+    // The symlink itself is a legitimate item: it exists as a link, nothing went through it.
+    assert_eq!(
+        std::fs::read_link(t.root.join("a")).unwrap(),
+        Path::new("/")
+    );
+}
+
+#[tokio::test]
+async fn a_directory_turned_into_a_symlink_in_the_same_package_is_not_written_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let (tx, mut acks, _) = session(&t.url, "job-5").await;
+    let dir = pb::Entry {
+        op: Some(pb::entry::Op::Put(pb::ItemMeta {
+            path: "a".into(),
+            kind: pb::ItemKind::Directory as i32,
+            mode: 0o755,
+            ..Default::default()
+        })),
+    };
+    assert_eq!(
+        status(&send(&tx, &mut acks, pkg(1, vec![dir])).await),
+        pb::AckStatus::Ok
+    );
+    // One package: `a` becomes a link to the outside, then a file below `a`.
+    let mut entries = vec![pb::Entry {
+        op: Some(pb::entry::Op::Put(pb::ItemMeta {
+            path: "a".into(),
+            kind: pb::ItemKind::Symlink as i32,
+            symlink_target: outside.display().to_string(),
+            ..Default::default()
+        })),
+    }];
+    entries.extend(put_file("a/x", b"evil"));
+    let a = send(&tx, &mut acks, pkg(2, entries)).await;
+    assert_eq!(status(&a), pb::AckStatus::Ok);
+    assert!(
+        a.item_errors
+            .iter()
+            .any(|e| e.path == "a/x" && e.code == "invalid_path"),
+        "{:?}",
+        a.item_errors
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through the symlink"
+    );
+}

@@ -1,0 +1,342 @@
+//! The store suite: the same tests on SQLite (always) and on PostgreSQL (when
+//! TEST_DATABASE_URL is set; CI sets it). Every test gets its own database.
+
+use cms_mirror::db::{self, Db, Schema};
+use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress};
+use cms_mirror::model::{Item, Kind};
+use mirror_target::ledger::{Ledger, PackageChanges};
+
+/// Fresh databases for one test, on each backend available.
+async fn databases(schema: Schema) -> Vec<(String, Db, Option<tempfile::TempDir>)> {
+    let mut out = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    out.push((
+        "sqlite".to_string(),
+        db::connect(&url, schema).await.unwrap(),
+        Some(dir),
+    ));
+    if let Ok(base) = std::env::var("TEST_DATABASE_URL") {
+        let admin = db::connect_raw(&base)
+            .await
+            .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"));
+        let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let (prefix, _) = base
+            .rsplit_once('/')
+            .expect("database URL ends with /DBNAME");
+        let url = format!("{prefix}/{name}");
+        out.push((
+            "postgres".to_string(),
+            db::connect(&url, schema).await.unwrap(),
+            None,
+        ));
+    }
+    out
+}
+
+fn new_job(channel: &str) -> NewJob {
+    NewJob {
+        channel: channel.into(),
+        trigger: "admin".into(),
+        requested_by: "tester".into(),
+        options: JobOptions::default(),
+        targets: vec![
+            ("web1".into(), "http://127.0.0.1:1".into(), "main".into()),
+            ("web2".into(), "http://127.0.0.1:2".into(), "main".into()),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn jobs_are_created_coalesced_claimed_and_finished() {
+    for (backend, db, _keep) in databases(Schema::Source).await {
+        let s = JobStore::new(db);
+        let (a, coalesced) = s.create_job(new_job("site")).await.unwrap();
+        assert!(!coalesced, "{backend}");
+        assert_eq!(a.state(), JobState::Queued);
+        // A second request with the same options folds into the queued job.
+        let (a2, coalesced) = s.create_job(new_job("site")).await.unwrap();
+        assert!(coalesced && a2.id == a.id, "{backend}");
+        let (b, _) = s.create_job(new_job("other")).await.unwrap();
+        assert_eq!(s.targets(&a.id).await.unwrap().len(), 2);
+
+        let c1 = s
+            .claim_next("i1", 60_000)
+            .await
+            .unwrap()
+            .expect("a job to claim");
+        assert_eq!(c1.id, a.id, "{backend}: oldest first");
+        assert_eq!(c1.lease_owner.as_deref(), Some("i1"));
+        // A channel never runs two jobs: a new job of `site` waits, `other` is next.
+        let (a3, coalesced) = s.create_job(new_job("site")).await.unwrap();
+        assert!(!coalesced);
+        let c2 = s.claim_next("i2", 60_000).await.unwrap().unwrap();
+        assert_eq!(c2.id, b.id, "{backend}");
+        assert!(
+            s.claim_next("i2", 60_000).await.unwrap().is_none(),
+            "{backend}: a3 must wait"
+        );
+        assert!(s.renew_lease(&a.id, "i1", 60_000).await.unwrap());
+        assert!(
+            !s.renew_lease(&a.id, "i2", 60_000).await.unwrap(),
+            "{backend}: not i2's lease"
+        );
+        s.finish_job(&a.id, JobState::Succeeded, None, "done")
+            .await
+            .unwrap();
+        let c3 = s.claim_next("i1", 60_000).await.unwrap().unwrap();
+        assert_eq!(c3.id, a3.id);
+        let done = s.get_job(&a.id).await.unwrap();
+        assert_eq!(
+            (done.state(), done.summary.as_deref(), done.lease_owner),
+            (JobState::Succeeded, Some("done"), None)
+        );
+        assert_eq!(s.list_jobs(Some("site"), 10).await.unwrap().len(), 2);
+        assert!(matches!(
+            s.get_job("nope").await,
+            Err(cms_mirror::jobstore::StoreError::NotFound(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_and_cancel_works() {
+    for (backend, db, _keep) in databases(Schema::Source).await {
+        let s = JobStore::new(db);
+        let (a, _) = s.create_job(new_job("site")).await.unwrap();
+        s.claim_next("dead", 1).await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let taken = s
+            .claim_next("alive", 60_000)
+            .await
+            .unwrap()
+            .expect("expired lease taken over");
+        assert_eq!(
+            (taken.id.as_str(), taken.lease_owner.as_deref()),
+            (a.id.as_str(), Some("alive")),
+            "{backend}"
+        );
+        assert!(
+            !s.request_cancel(&a.id).await.unwrap(),
+            "running job: flag only"
+        );
+        assert_eq!(s.get_job(&a.id).await.unwrap().cancel_requested, 1);
+        let (q, _) = s.create_job(new_job("other")).await.unwrap();
+        assert!(
+            s.request_cancel(&q.id).await.unwrap(),
+            "queued job: cancelled at once"
+        );
+        assert_eq!(s.get_job(&q.id).await.unwrap().state(), JobState::Cancelled);
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_counters_events_and_item_errors() {
+    for (backend, db, _keep) in databases(Schema::Source).await {
+        let s = JobStore::new(db);
+        let (a, _) = s.create_job(new_job("site")).await.unwrap();
+        s.set_planned(&a.id, "web1", 10, 1000, 2, 0).await.unwrap();
+        let p = Progress {
+            items: 4,
+            bytes: 400,
+            deletes: 0,
+            packages_acked: 1,
+            item_errors: 1,
+        };
+        s.checkpoint(&a.id, "web1", 1, r#"{"pos":10}"#, &p)
+            .await
+            .unwrap();
+        s.checkpoint(&a.id, "web1", 2, r#"{"pos":20}"#, &p)
+            .await
+            .unwrap();
+        s.add_sent(&a.id, "web1", 2, 900, 1, 1).await.unwrap();
+        let t = s
+            .targets(&a.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.target == "web1")
+            .unwrap();
+        assert_eq!(
+            (
+                t.items_total,
+                t.items_done,
+                t.bytes_done,
+                t.packages_acked,
+                t.item_errors
+            ),
+            (10, 8, 800, 2, 2),
+            "{backend}"
+        );
+        assert_eq!(
+            (
+                t.checkpoint_seq,
+                t.checkpoint_json.as_str(),
+                t.packages_sent,
+                t.bytes_on_wire
+            ),
+            (2, r#"{"pos":20}"#, 2, 900)
+        );
+        s.add_item_errors(
+            &a.id,
+            "web1",
+            &[NewItemError {
+                path: "a/b".into(),
+                code: "unreadable".into(),
+                message: "permission denied".into(),
+                retryable: false,
+            }],
+        )
+        .await
+        .unwrap();
+        let errs = s.item_errors(&a.id).await.unwrap();
+        assert_eq!(
+            (errs.len(), errs[0].path.as_str(), errs[0].retryable),
+            (1, "a/b", 0)
+        );
+
+        // Events: per-job sequence without gaps, even when written concurrently.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = s.clone();
+            let id = a.id.clone();
+            tasks.push(tokio::spawn(async move {
+                s.append_event(&id, "progress", "web1", &serde_json::json!({"i": i}))
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let evs = s.events_of_job(&a.id, 0).await.unwrap();
+        assert_eq!(
+            evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>(),
+            "{backend}"
+        );
+        assert_eq!(s.events_of_job(&a.id, 15).await.unwrap().len(), 5);
+        let all = s.events_after(Some("site"), evs[9].id, 100).await.unwrap();
+        assert_eq!(all.len(), 10);
+        assert!(
+            s.events_after(Some("other"), 0, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        s.record_success("site", "web1", &a.id, 1234).await.unwrap();
+        s.record_success("site", "web1", &a.id, 5678).await.unwrap();
+        let st = s.channel_states().await.unwrap();
+        assert_eq!((st.len(), st[0].last_success_at), (1, Some(5678)));
+        assert_eq!(s.init_setting("offset", "7").await.unwrap(), "7");
+        assert_eq!(
+            s.init_setting("offset", "9").await.unwrap(),
+            "7",
+            "{backend}: a stored setting is kept"
+        );
+    }
+}
+
+fn item(path: &str, kind: Kind) -> Item {
+    Item {
+        path: path.into(),
+        kind,
+        size: 3,
+        mtime_ns: 42,
+        mode: 0o644,
+        link: String::new(),
+        hash: Some(blake3::hash(b"abc").to_hex().to_string()),
+    }
+}
+
+#[tokio::test]
+async fn the_target_ledger_and_manifest_index() {
+    for (backend, db, _keep) in databases(Schema::Target).await {
+        let l = Ledger::new(db);
+        let s = l.open_session("job1", "main", "site").await.unwrap();
+        assert_eq!((s.last_seq, s.state.as_str()), (0, "open"));
+        let ch = PackageChanges {
+            upserts: vec![
+                item("a", Kind::Dir),
+                item("a/b", Kind::File),
+                item("a-c", Kind::File),
+                item("a/b/x", Kind::File),
+            ],
+            deletes: vec![],
+            touched_dirs: vec!["a".into()],
+            changes: vec![("a".into(), "created"), ("a/b".into(), "created")],
+        };
+        l.record_package(&s.id, "main", 1, b"sum1", &ch)
+            .await
+            .unwrap();
+        assert_eq!(
+            l.applied_checksum(&s.id, 1).await.unwrap().as_deref(),
+            Some(&b"sum1"[..])
+        );
+        assert_eq!(
+            l.open_session("job1", "main", "site")
+                .await
+                .unwrap()
+                .last_seq,
+            1,
+            "{backend}: resume point"
+        );
+        // Tree order: a, a/b, a/b/x, a-c (not byte order of the full paths).
+        let page = l.manifest_page("main", &[], 100).await.unwrap();
+        assert_eq!(
+            page.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
+            ["a", "a/b", "a/b/x", "a-c"],
+            "{backend}"
+        );
+        assert_eq!(page[1].hash, item("", Kind::File).hash);
+        // Deleting a directory removes everything below it, and nothing else.
+        let del = PackageChanges {
+            deletes: vec!["a/b".into()],
+            changes: vec![("a/b".into(), "deleted")],
+            ..Default::default()
+        };
+        l.record_package(&s.id, "main", 2, b"sum2", &del)
+            .await
+            .unwrap();
+        let page = l.manifest_page("main", &[], 100).await.unwrap();
+        assert_eq!(
+            page.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
+            ["a", "a-c"],
+            "{backend}"
+        );
+        assert_eq!(l.touched_dirs(&s.id, "main").await.unwrap().len(), 1);
+        let (c, u, d) = l.commit_session(&s.id, "main").await.unwrap();
+        assert_eq!(
+            (c, u, d),
+            (1, 0, 1),
+            "{backend}: a created then deleted, a/b deleted"
+        );
+        assert!(l.touched_dirs(&s.id, "main").await.unwrap().is_empty());
+        assert_eq!(l.session(&s.id).await.unwrap().unwrap().state, "committed");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_scheme_or_unreachable_database_is_a_clear_error() {
+    let e = db::connect("mysql://u:pw@h/db", Schema::Source)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unsupported database URL mysql://u:***@h/db"),
+        "{e}"
+    );
+    let e = db::connect("postgres://u:secret@127.0.0.1:1/db", Schema::Source)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("postgres://u:***@127.0.0.1:1/db") && !e.contains("secret"),
+        "{e}"
+    );
+}
