@@ -102,6 +102,8 @@ struct RawChannel {
     package_bytes: Option<u64>,
     window: Option<u32>,
     retry_budget: Option<u32>,
+    ack_timeout_secs: Option<u64>,
+    on_disk_full: Option<String>,
     #[serde(default)]
     target: Vec<RawTarget>,
 }
@@ -148,7 +150,21 @@ pub struct ChannelConfig {
     pub window: u32,
     /// Reconnect attempts per target before the target is given up.
     pub retry_budget: u32,
+    /// Packages in flight and no ack for this long: the target is hung, reconnect.
+    pub ack_timeout: std::time::Duration,
+    pub on_disk_full: OnDiskFull,
     pub targets: Vec<TargetConfig>,
+}
+
+/// What a job does when a target runs out of space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDiskFull {
+    /// The target fails with a clear error (the default); a later job completes once
+    /// space is freed.
+    Fail,
+    /// The job waits (retrying the package with backoff) until space is freed or the
+    /// job is cancelled.
+    Wait,
 }
 
 /// The source's configuration (`mirror.toml`).
@@ -211,6 +227,23 @@ impl MirrorConfig {
             if !(1..=64).contains(&window) {
                 return Err(err("window", format!("{window} is not between 1 and 64")));
             }
+            let ack_timeout_secs = c.ack_timeout_secs.unwrap_or(60);
+            if !(1..=3600).contains(&ack_timeout_secs) {
+                return Err(err(
+                    "ack_timeout_secs",
+                    format!("{ack_timeout_secs} is not between 1 and 3600"),
+                ));
+            }
+            let on_disk_full = match c.on_disk_full.as_deref() {
+                None | Some("fail") => OnDiskFull::Fail,
+                Some("wait") => OnDiskFull::Wait,
+                Some(other) => {
+                    return Err(err(
+                        "on_disk_full",
+                        format!("{other:?} is not \"fail\" or \"wait\""),
+                    ));
+                }
+            };
             if c.target.is_empty() {
                 return Err(err(
                     "target",
@@ -265,6 +298,8 @@ impl MirrorConfig {
                 package_bytes: package_bytes as usize,
                 window,
                 retry_budget: c.retry_budget.unwrap_or(8),
+                ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
+                on_disk_full,
                 targets,
             });
         }

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use cms_mirror::fswalk::io_error;
 use cms_mirror::jobstore::NewItemError;
@@ -43,7 +44,14 @@ struct Current {
     entry_pos: u64,
     phase: PhaseName,
     mtime_ns: i64,
+    /// Times this file was read again because it changed while read.
+    retries: u32,
+    /// Where its put sits in the package being built (None once that package is done).
+    put_at: Option<(usize, usize, u64)>,
 }
+
+/// Reads of a file that changed while read, before it is reported.
+pub const MAX_CHANGE_RETRIES: u32 = 3;
 
 pub struct Packer {
     reader: PlanReader,
@@ -98,6 +106,8 @@ impl Packer {
                     entry_pos: pos,
                     phase,
                     mtime_ns: mtime_ns(&md),
+                    retries: 0,
+                    put_at: None,
                 });
             }
         }
@@ -149,6 +159,9 @@ impl Packer {
         let mut phase: Option<PhaseName> = self.current.as_ref().map(|c| c.phase);
         let (mut items, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
         let mut errors = Vec::new();
+        if let Some(c) = &mut self.current {
+            c.put_at = None;
+        }
         while entries.len() < self.max_entries && size < self.package_bytes {
             if let Some(cur) = &mut self.current {
                 let remaining = cur.item.size - cur.offset;
@@ -169,6 +182,7 @@ impl Packer {
                     continue;
                 }
                 buf.truncate(want);
+                crate::failpoints::maybe_change(&self.source, &cur.item.path);
                 cur.hasher.update(&buf);
                 let offset = cur.offset;
                 cur.offset += want as u64;
@@ -181,15 +195,51 @@ impl Packer {
                         .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
                         .unwrap_or(false);
                 if changed || !still_same {
-                    entries.push(abort(&path, "changed while being read"));
-                    errors.push(err(
-                        &path,
-                        "changed_while_read",
-                        "file changed while it was read; the target keeps its previous version"
-                            .into(),
-                        true,
-                    ));
-                    self.current = None;
+                    let cur = self.current.take().expect("current file");
+                    if cur.retries >= MAX_CHANGE_RETRIES {
+                        entries.push(abort(&path, "changed while being read"));
+                        errors.push(err(
+                            &path,
+                            "changed_while_read",
+                            format!(
+                                "file changed while it was read ({} attempts); the target keeps its previous version",
+                                cur.retries + 1
+                            ),
+                            true,
+                        ));
+                        continue;
+                    }
+                    // Read it again from the start: drop what this package holds of it,
+                    // or tell the target to drop what earlier packages brought.
+                    match cur.put_at {
+                        Some((n, sz, by)) => {
+                            entries.truncate(n);
+                            size = sz;
+                            bytes = by;
+                        }
+                        None => {
+                            entries.push(abort(&path, "changed while being read; reading it again"))
+                        }
+                    }
+                    tracing::debug!(
+                        path,
+                        attempt = cur.retries + 1,
+                        "file changed while read; reading it again"
+                    );
+                    std::thread::sleep(Duration::from_millis(20 << cur.retries));
+                    let marks = (entries.len(), size, bytes);
+                    if self.begin(
+                        cur.item,
+                        cur.entry_pos,
+                        cur.phase,
+                        cur.retries + 1,
+                        marks,
+                        &mut entries,
+                        &mut errors,
+                    ) {
+                        items += 1;
+                    }
+                    size += ENTRY_OVERHEAD + path.len();
                     continue;
                 }
                 size += want + ENTRY_OVERHEAD;
@@ -234,66 +284,8 @@ impl Packer {
                 deletes += 1;
                 continue;
             }
-            let mut item = e.i;
-            let p = self.source.join(&item.path);
-            // Send what is there now (kind, size, mtime, mode), read without following links.
-            let md = match std::fs::symlink_metadata(&p) {
-                Ok(md) => md,
-                Err(e) => {
-                    let we = io_error(&item.path, &e);
-                    errors.push(err(&item.path, we.code, we.message, we.retryable));
-                    continue;
-                }
-            };
-            match cms_mirror::fswalk::item_from_metadata(&self.source, &item.path, &md) {
-                Ok(now) if now.kind == item.kind => {
-                    item.size = now.size;
-                    item.mtime_ns = now.mtime_ns;
-                    item.mode = now.mode;
-                    item.link = now.link;
-                }
-                Ok(_) => {
-                    errors.push(err(
-                        &item.path,
-                        "changed_while_read",
-                        "item changed kind since planning".into(),
-                        true,
-                    ));
-                    continue;
-                }
-                Err(we) => {
-                    errors.push(err(&item.path, we.code, we.message, we.retryable));
-                    continue;
-                }
-            }
-            if item.kind == Kind::File && item.size > 0 {
-                let file = match File::open(&p) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        let we = io_error(&item.path, &e);
-                        errors.push(err(&item.path, we.code, we.message, we.retryable));
-                        continue;
-                    }
-                };
-                entries.push(pb::Entry {
-                    op: Some(pb::entry::Op::Put(item.to_pb())),
-                });
-                self.current = Some(Current {
-                    mtime_ns: item.mtime_ns,
-                    item,
-                    file,
-                    offset: 0,
-                    hasher: blake3::Hasher::new(),
-                    entry_pos: pos,
-                    phase: ph,
-                });
-            } else {
-                if item.kind == Kind::File {
-                    item.hash = Some(blake3::hash(b"").to_hex().to_string());
-                }
-                entries.push(pb::Entry {
-                    op: Some(pb::entry::Op::Put(item.to_pb())),
-                });
+            let marks = (entries.len(), size, bytes);
+            if self.begin(e.i, pos, ph, 0, marks, &mut entries, &mut errors) {
                 items += 1;
             }
         }
@@ -312,6 +304,91 @@ impl Packer {
             deletes,
             errors,
         }))
+    }
+}
+
+impl Packer {
+    /// Starts an item: re-reads its metadata (what is sent is what is there now) and
+    /// pushes its put; a file with a body becomes `current`. True when the item is
+    /// complete with its put. `marks` (entries, size, bytes of the package so far)
+    /// let a file that changes while read be dropped from this package again.
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &mut self,
+        mut item: Item,
+        pos: u64,
+        ph: PhaseName,
+        retries: u32,
+        marks: (usize, usize, u64),
+        entries: &mut Vec<pb::Entry>,
+        errors: &mut Vec<NewItemError>,
+    ) -> bool {
+        let p = self.source.join(&item.path);
+        if retries > 0 {
+            item.hash = None;
+        }
+        // Read without following links.
+        let md = match std::fs::symlink_metadata(&p) {
+            Ok(md) => md,
+            Err(e) => {
+                let we = io_error(&item.path, &e);
+                errors.push(err(&item.path, we.code, we.message, we.retryable));
+                return false;
+            }
+        };
+        match cms_mirror::fswalk::item_from_metadata(&self.source, &item.path, &md) {
+            Ok(now) if now.kind == item.kind => {
+                item.size = now.size;
+                item.mtime_ns = now.mtime_ns;
+                item.mode = now.mode;
+                item.link = now.link;
+            }
+            Ok(_) => {
+                errors.push(err(
+                    &item.path,
+                    "changed_while_read",
+                    "item changed kind since planning".into(),
+                    true,
+                ));
+                return false;
+            }
+            Err(we) => {
+                errors.push(err(&item.path, we.code, we.message, we.retryable));
+                return false;
+            }
+        }
+        if item.kind == Kind::File && item.size > 0 {
+            let file = match File::open(&p) {
+                Ok(f) => f,
+                Err(e) => {
+                    let we = io_error(&item.path, &e);
+                    errors.push(err(&item.path, we.code, we.message, we.retryable));
+                    return false;
+                }
+            };
+            entries.push(pb::Entry {
+                op: Some(pb::entry::Op::Put(item.to_pb())),
+            });
+            self.current = Some(Current {
+                mtime_ns: item.mtime_ns,
+                item,
+                file,
+                offset: 0,
+                hasher: blake3::Hasher::new(),
+                entry_pos: pos,
+                phase: ph,
+                retries,
+                put_at: Some(marks),
+            });
+            return false;
+        }
+        if item.kind == Kind::File {
+            item.hash = Some(blake3::hash(b"").to_hex().to_string());
+        }
+        entries.push(pb::Entry {
+            op: Some(pb::entry::Op::Put(item.to_pb())),
+        });
+        true
     }
 }
 

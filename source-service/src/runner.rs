@@ -11,11 +11,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use cms_mirror::config::{ChannelConfig, TargetConfig};
+use cms_mirror::config::{ChannelConfig, OnDiskFull, TargetConfig};
 use cms_mirror::jobstore::{JobRow, JobState, NewItemError, Progress};
 use cms_mirror::model::Item;
-use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::{package, pb};
 
 use crate::App;
 use crate::packer::{Built, Packer};
@@ -238,6 +238,8 @@ enum StreamEnd {
         last_seq: u64,
     },
     Rewind(String),
+    /// The target is out of space and the channel waits for it (`on_disk_full = "wait"`).
+    WaitForSpace(String),
     /// The stream broke; `progressed` when packages were acknowledged on it.
     Disconnected(String, bool),
     Cancelled,
@@ -288,7 +290,7 @@ async fn run_target(
             protocol_version: cms_mirror::PROTOCOL_VERSION,
             dry_run: false,
         };
-        match client.open_session(req).await {
+        match within(ch.ack_timeout, client.open_session(req)).await {
             Ok(r) => break Some(r.into_inner()),
             Err(s) if retryable(&s) && failures < ch.retry_budget => {
                 failures += 1;
@@ -432,6 +434,7 @@ async fn run_target(
     let _ = store.set_target_state(jid, tname, "sending", None).await;
     let mut attempts: HashMap<u64, u32> = HashMap::new();
     let mut failures = 0u32;
+    let mut space_waits = 0u32;
     let last_seq = loop {
         let end = stream_once(
             app,
@@ -448,15 +451,12 @@ async fn run_target(
         match end {
             StreamEnd::Done { last_seq } => break last_seq,
             StreamEnd::Cancelled => {
-                let req = pb::CommitRequest {
-                    session_id: session.session_id.clone(),
-                    abort: true,
-                    ..Default::default()
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), client.commit(req)).await;
+                abort_session(&mut client, &session.session_id).await;
                 return cancelled(app, jid, tname).await;
             }
             StreamEnd::Fatal(msg) => {
+                // The session ends here: the target drops what it staged.
+                abort_session(&mut client, &session.session_id).await;
                 let errs = current_row(app, jid, tname).await.item_errors as u64;
                 return fail(format!("{}: {msg}", target_label(t)), errs).await;
             }
@@ -464,6 +464,26 @@ async fn run_target(
                 app.bus
                     .emit(jid, "rewind", tname, json!({"reason": why}))
                     .await;
+            }
+            StreamEnd::WaitForSpace(why) => {
+                space_waits += 1;
+                let wait = Duration::from_secs((1u64 << space_waits.min(5)).min(30));
+                if space_waits == 1 {
+                    let _ = store
+                        .set_target_state(jid, tname, "waiting_for_space", None)
+                        .await;
+                }
+                app.bus
+                    .emit(
+                        jid,
+                        "waiting_for_space",
+                        tname,
+                        json!({"reason": why, "retry_in_ms": wait.as_millis() as u64}),
+                    )
+                    .await;
+                if !wait_unless_cancelled(wait, &mut cancel).await {
+                    return cancelled(app, jid, tname).await;
+                }
             }
             StreamEnd::Disconnected(why, progressed) => {
                 // The budget bounds consecutive failures: a stream that made progress
@@ -583,6 +603,33 @@ async fn current_row(app: &Arc<App>, jid: &str, tname: &str) -> cms_mirror::jobs
         .unwrap_or_default()
 }
 
+/// Tells the target to drop a session's staged files (best effort, bounded).
+async fn abort_session(
+    client: &mut TargetServiceClient<tonic::transport::Channel>,
+    session_id: &str,
+) {
+    let req = pb::CommitRequest {
+        session_id: session_id.to_string(),
+        abort: true,
+        ..Default::default()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.commit(req)).await;
+}
+
+/// `f`, or DEADLINE_EXCEEDED when the peer does not answer within `d` (a stopped
+/// process accepts connections but never answers).
+async fn within<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(d, f).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {}s",
+            d.as_secs()
+        )))
+    })
+}
+
 fn retryable(s: &tonic::Status) -> bool {
     matches!(
         s.code(),
@@ -619,29 +666,32 @@ async fn make_plan(
     jid: &str,
 ) -> Result<plan::Totals, PlanError> {
     let (mtx, mut mrx) = mpsc::channel::<Result<Item, String>>(4096);
-    let mut stream = client
-        .get_manifest(pb::GetManifestRequest {
+    let mut stream = within(
+        ch.ack_timeout,
+        client.get_manifest(pb::GetManifestRequest {
             site: t.site.clone(),
             after_path: String::new(),
-        })
-        .await
-        .map_err(|s| {
-            let msg = format!(
-                "{}: cannot read its manifest: {}",
-                target_label(t),
-                status_text(&s)
-            );
-            if retryable(&s) {
-                PlanError::Transport(msg)
-            } else {
-                PlanError::Fatal(msg)
-            }
-        })?
-        .into_inner();
+        }),
+    )
+    .await
+    .map_err(|s| {
+        let msg = format!(
+            "{}: cannot read its manifest: {}",
+            target_label(t),
+            status_text(&s)
+        );
+        if retryable(&s) {
+            PlanError::Transport(msg)
+        } else {
+            PlanError::Fatal(msg)
+        }
+    })?
+    .into_inner();
     let label = target_label(t);
+    let idle = ch.ack_timeout;
     let feeder = tokio::spawn(async move {
         loop {
-            match stream.message().await {
+            match within(idle, stream.message()).await {
                 Ok(Some(batch)) => {
                     for e in batch.entries {
                         let item = e
@@ -749,6 +799,13 @@ async fn stream_once(
     let cursor: Cursor = serde_json::from_str(&row.checkpoint_json).unwrap_or_default();
     let mut last_acked = row.checkpoint_seq as u64;
     let mut item_errors = row.item_errors as u64;
+    if let Some(max) = ch.max_errors
+        && item_errors > max
+    {
+        return StreamEnd::Fatal(format!(
+            "{item_errors} item errors exceed max_errors = {max}"
+        ));
+    }
     let mut phases = vec![PhaseName::Content, PhaseName::Last];
     if ch.delete {
         phases.push(PhaseName::Delete);
@@ -805,7 +862,14 @@ async fn stream_once(
     let started = Instant::now();
     let mut bytes_this_stream = 0u64;
     let mut acked_here = 0u64;
+    // A hung target (stopped, deadlocked, behind a black-holed route) stops acking while
+    // the connection may look alive: no ack for `ack_timeout` with packages in flight is
+    // a disconnect. Every ack restarts the clock.
+    let mut ack_deadline = tokio::time::Instant::now() + ch.ack_timeout;
     let end = loop {
+        if inflight.is_empty() {
+            ack_deadline = tokio::time::Instant::now() + ch.ack_timeout;
+        }
         // The delete phase waits until all content is acknowledged; with item errors it
         // is skipped (a failed item must not turn into a dangling reference).
         if held.is_some() && inflight.is_empty() {
@@ -815,7 +879,8 @@ async fn stream_once(
                 held = None;
                 app.bus.emit(jid, "deletes_skipped", tname, json!({"reason": format!("{item_errors} item error(s) in this job; no deletions applied")})).await;
             } else if let Some(b) = held.take() {
-                if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight).await {
+                if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts).await
+                {
                     break e;
                 }
             }
@@ -838,13 +903,20 @@ async fn stream_once(
                             held = Some(b);
                         } else if b.phase == PhaseName::Delete && skip_deletes {
                             packer_done = true;
-                        } else if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight).await {
+                        } else if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts).await {
                             break e;
                         }
                     }
                 }
             }
+            _ = tokio::time::sleep_until(ack_deadline), if !inflight.is_empty() => {
+                break StreamEnd::Disconnected(
+                    format!("no acknowledgement for {}s with {} package(s) in flight; the target seems hung", ch.ack_timeout.as_secs(), inflight.len()),
+                    acked_here > 0,
+                );
+            }
             a = acks.message() => {
+                ack_deadline = tokio::time::Instant::now() + ch.ack_timeout;
                 let ack = match a {
                     Ok(Some(pb::ImportResponse { msg: Some(pb::import_response::Msg::Ack(ack)) })) => ack,
                     Ok(Some(_)) => continue,
@@ -897,13 +969,26 @@ async fn stream_once(
                             emit_progress(app, jid, tname, bytes_this_stream, started).await;
                         }
                     }
+                    pb::AckStatus::Retry if ack.item_errors.iter().any(|e| e.code == "no_space") => {
+                        if ch.on_disk_full == OnDiskFull::Wait {
+                            break StreamEnd::WaitForSpace(ack.message);
+                        }
+                        let errs: Vec<NewItemError> = ack.item_errors.into_iter().map(pb_item_error).collect();
+                        record_item_errors(app, jid, tname, &errs).await;
+                        let _ = app.store.checkpoint(jid, tname, last_acked as i64, &current_row(app, jid, tname).await.checkpoint_json, &Progress { item_errors: errs.len() as i64, ..Default::default() }).await;
+                        break StreamEnd::Fatal(ack.message);
+                    }
                     pb::AckStatus::Retry => {
                         let n = attempts.entry(ack.seq).or_insert(0);
                         *n += 1;
-                        if *n >= MAX_PACKAGE_ATTEMPTS {
-                            break StreamEnd::Fatal(format!("package {} refused {} times: {}", ack.seq, n, ack.message));
-                        }
                         let _ = app.store.add_sent(jid, tname, 0, 0, 1, 0).await;
+                        if *n >= 2 * MAX_PACKAGE_ATTEMPTS {
+                            break StreamEnd::Fatal(format!("package {} refused {} times, even after giving its items up: {}", ack.seq, n, ack.message));
+                        }
+                        if *n >= MAX_PACKAGE_ATTEMPTS {
+                            // Sent again as a package that gives its items up (see send_built).
+                            break StreamEnd::Rewind(format!("package {} refused {} times ({}); its items are given up", ack.seq, n, ack.message));
+                        }
                         break StreamEnd::Rewind(format!("package {} must be sent again: {}", ack.seq, ack.message));
                     }
                     pb::AckStatus::Rejected if ack.message.starts_with("out of order") => {
@@ -929,10 +1014,17 @@ async fn send_built(
     otx: &mpsc::Sender<pb::ImportRequest>,
     b: Built,
     inflight: &mut VecDeque<InFlight>,
+    attempts: &HashMap<u64, u32>,
 ) -> Result<(), StreamEnd> {
-    let wire = b.pkg.payload.len() as i64;
     let seq = b.pkg.seq;
     let mut b = b;
+    if attempts
+        .get(&seq)
+        .is_some_and(|n| *n >= MAX_PACKAGE_ATTEMPTS)
+    {
+        give_up_package(&mut b);
+    }
+    let wire = b.pkg.payload.len() as i64;
     crate::failpoints::maybe_corrupt(&mut b.pkg);
     inflight.push_back(InFlight {
         seq,
@@ -950,6 +1042,66 @@ async fn send_built(
     .map_err(|_| {
         StreamEnd::Disconnected(format!("stream closed while sending package {seq}"), false)
     })
+}
+
+/// Replaces a package that failed its checksum MAX_PACKAGE_ATTEMPTS times by one with
+/// the same number that abandons its items (so the sequence stays contiguous and the
+/// target drops what it staged of them); each item becomes an item error.
+fn give_up_package(b: &mut Built) {
+    let payload = match package::open(&b.pkg, &package::Limits::default()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(seq = b.pkg.seq, error = %e, "cannot reopen a package to give it up");
+            pb::PackagePayload::default()
+        }
+    };
+    // Directories stay (they carry no body, and giving one up would fail everything
+    // below it); every other item is abandoned.
+    let mut keep: Vec<pb::Entry> = Vec::new();
+    let mut paths: Vec<String> = Vec::new();
+    let mut dirs: u64 = 0;
+    for e in payload.entries {
+        let path = match e.op {
+            Some(pb::entry::Op::Put(m)) if m.kind == pb::ItemKind::Directory as i32 => {
+                keep.push(pb::Entry {
+                    op: Some(pb::entry::Op::Put(m)),
+                });
+                dirs += 1;
+                continue;
+            }
+            Some(pb::entry::Op::Put(m)) => m.path,
+            Some(pb::entry::Op::Data(d)) => d.path,
+            Some(pb::entry::Op::Delete(d)) => d.path,
+            _ => continue,
+        };
+        if paths.last() != Some(&path) && !paths.contains(&path) {
+            paths.push(path);
+        }
+    }
+    let reason = format!(
+        "package {} failed its checksum on the target {MAX_PACKAGE_ATTEMPTS} times",
+        b.pkg.seq
+    );
+    let entries = keep
+        .into_iter()
+        .chain(paths.iter().map(|p| pb::Entry {
+            op: Some(pb::entry::Op::Abort(pb::AbortItem {
+                path: p.clone(),
+                reason: reason.clone(),
+            })),
+        }))
+        .collect();
+    let phase = pb::Phase::try_from(b.pkg.phase).unwrap_or(pb::Phase::Content);
+    b.pkg = package::seal(b.pkg.seq, phase, &pb::PackagePayload { entries });
+    b.items = dirs;
+    b.bytes = 0;
+    b.deletes = 0;
+    b.errors.extend(paths.into_iter().map(|path| NewItemError {
+        path,
+        code: "checksum_mismatch".into(),
+        message: reason.clone(),
+        retryable: true,
+    }));
 }
 
 async fn emit_progress(app: &Arc<App>, jid: &str, tname: &str, bytes: u64, started: Instant) {

@@ -104,6 +104,9 @@ pub struct Applied {
     pub errors: Vec<pb::ItemError>,
     pub items: u64,
     pub bytes: u64,
+    /// The target ran out of space: nothing of this package was published, it is not
+    /// recorded, and the source must send it again (or fail the job) once space is freed.
+    pub no_space: bool,
 }
 
 struct Publish {
@@ -127,10 +130,13 @@ fn item_error(
     }
 }
 
+/// Item error code of a write that failed for lack of space.
+pub const NO_SPACE: &str = "no_space";
+
 fn io_item_error(path: &str, what: &str, e: &io::Error) -> pb::ItemError {
     let (code, retryable) = match e.raw_os_error() {
-        Some(28) | Some(122) => ("no_space", true), // ENOSPC, EDQUOT
-        Some(36) => ("invalid_path", false),        // ENAMETOOLONG
+        Some(28) | Some(122) => (NO_SPACE, true), // ENOSPC, EDQUOT
+        Some(36) => ("invalid_path", false),      // ENAMETOOLONG
         Some(84) | Some(22) => ("invalid_path", false), // EILSEQ, EINVAL: name refused
         _ => ("io", true),
     };
@@ -274,7 +280,13 @@ pub fn apply(
                 match put(site, sess, item, &mut publish, &mut to_sync, &mut out) {
                     Ok(()) => {}
                     Err(e) => {
-                        out.errors.push(io_item_error(&path, "cannot write", &e));
+                        let err = io_item_error(&path, "cannot write", &e);
+                        if err.code == NO_SPACE {
+                            out.errors.push(err);
+                            out.no_space = true;
+                            break;
+                        }
+                        out.errors.push(err);
                         sess.failed.insert(path);
                     }
                 }
@@ -287,6 +299,13 @@ pub fn apply(
                 match data(sess, d, &mut publish, &mut out) {
                     Ok(Some(tmp)) => to_sync.push(tmp),
                     Ok(None) => {}
+                    Err(e) if e.code == NO_SPACE => {
+                        // Keep what was staged: the package comes again once there is
+                        // space, and its chunks are written at their offsets.
+                        out.errors.push(e);
+                        out.no_space = true;
+                        break;
+                    }
                     Err(e) => {
                         out.errors.push(e);
                         if let Some(of) = sess.open.remove(&path) {
@@ -325,8 +344,13 @@ pub fn apply(
                     let _ = fs::remove_file(&of.tmp);
                 }
                 let _ = fs::remove_file(sess.dir.join(staged_name("m", &a.path)));
+                // Later chunks of the abandoned body (already packed) are dropped.
+                sess.failed.insert(a.path);
             }
         }
+    }
+    if out.no_space {
+        return discard_for_retry(sess, publish, out);
     }
 
     // Files continuing in a later package: keep their metadata beside the staged body so
@@ -341,14 +365,28 @@ pub fn apply(
                 of.meta_written = true;
                 to_sync.push(meta_path);
             }
-            Err(e) => out
-                .errors
-                .push(io_item_error(path, "cannot write staging metadata", &e)),
+            Err(e) => {
+                let err = io_item_error(path, "cannot write staging metadata", &e);
+                out.no_space |= err.code == NO_SPACE;
+                out.errors.push(err);
+            }
         }
+    }
+    if out.no_space {
+        return discard_for_retry(sess, publish, out);
     }
 
     // Make the batch durable, then publish it.
     if let Err(e) = sync_batch(&site.root, &to_sync, durability) {
+        if matches!(e.raw_os_error(), Some(28) | Some(122)) {
+            let first = publish
+                .first()
+                .map(|p| p.item.path.clone())
+                .unwrap_or_default();
+            out.errors.push(io_item_error(&first, "cannot sync", &e));
+            out.no_space = true;
+            return discard_for_retry(sess, publish, out);
+        }
         for p in publish.drain(..) {
             let _ = fs::remove_file(&p.tmp);
             out.errors
@@ -400,6 +438,23 @@ pub fn apply(
             }
         }
     }
+    out
+}
+
+/// Undoes the visible effects of a package that ran out of space: none of its files is
+/// published. Bodies that began in an earlier package keep their staged data and
+/// metadata, so the resent package completes them.
+fn discard_for_retry(sess: &mut SessionFiles, publish: Vec<Publish>, mut out: Applied) -> Applied {
+    for p in publish {
+        if p.had_meta {
+            sess.failed.remove(&p.item.path);
+        } else {
+            let _ = fs::remove_file(&p.tmp);
+        }
+    }
+    out.changes = PackageChanges::default();
+    out.items = 0;
+    out.bytes = 0;
     out
 }
 

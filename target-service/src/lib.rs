@@ -207,6 +207,23 @@ impl TargetService {
                 "session {session} was aborted"
             )));
         };
+        if applied.no_space {
+            // Not recorded: the source sends the package again once there is space (or
+            // fails the job, as its channel says).
+            let first = applied
+                .errors
+                .iter()
+                .find(|e| e.code == apply::NO_SPACE)
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .unwrap_or_default();
+            tracing::warn!(session, seq, error = %first, "disk full; package not applied");
+            let mut a = ack(
+                pb::AckStatus::Retry,
+                format!("target disk full, package {seq} not applied ({first})"),
+            );
+            a.item_errors = applied.errors;
+            return Ok(a);
+        }
         self.inner
             .ledger
             .record_package(session, site_name, seq, &pkg.checksum, &applied.changes)

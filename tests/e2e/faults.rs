@@ -322,42 +322,88 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
     );
 }
 
+/// A target site on a 2 MiB tmpfs (unmounted on drop), or None where mounting is not
+/// allowed.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dst: &std::path::Path) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dst).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=2m",
+                "tmpfs",
+                dst.to_str().unwrap(),
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+        }
+        ok.then(|| SmallDisk(dst.to_path_buf()))
+    }
+
+    fn grow(&self) {
+        assert!(
+            std::process::Command::new("mount")
+                .args(["-o", "remount,size=20m", self.0.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Every file visible in `dst` is a complete copy of its source.
+fn assert_nothing_partial(src: &std::path::Path, dst: &std::path::Path) {
+    let a = snapshot(src);
+    for (k, n) in snapshot(dst)
+        .iter()
+        .filter(|(k, n)| n.kind == "file" && !k.starts_with(".cms-mirror-staging/"))
+    {
+        assert_eq!(
+            a.get(k).map(|x| &x.content),
+            Some(&n.content),
+            "{k} is truncated"
+        );
+    }
+}
+
+fn media_files(src: &std::path::Path) {
+    for i in 0..12 {
+        write(src, &format!("media/f{i:02}.bin"), &bytes(i, 300_000));
+    }
+}
+
 #[test]
 fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-    for i in 0..12 {
-        write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 300_000));
-    }
-    std::fs::create_dir_all(&dst).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m",
-            "tmpfs",
-            dst.to_str().unwrap(),
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
-        eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+    media_files(&src);
+    let Some(disk) = SmallDisk::mount(&dst) else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(dst.clone());
+    };
     let target = spawn_target(tmp.path(), &dst);
     let config = write_config(tmp.path(), &src, &target.url(), "");
     let source = spawn_source(tmp.path(), &config);
     let (code, job) = run_job(&source.url(), &[]);
-    assert_eq!(code, 1, "{job:#}");
+    // The default, on_disk_full = "fail": the job fails and says why.
+    assert_eq!(code, 2, "{job:#}");
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert!(
+        job["error"].as_str().unwrap().contains("disk full"),
+        "{job:#}"
+    );
     let errs = job["item_errors"].as_array().unwrap();
     assert!(!errs.is_empty());
     assert!(
@@ -366,25 +412,253 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
                 && e["message"].as_str().unwrap().contains("No space left")),
         "{errs:?}"
     );
-    // What is visible is complete; nothing truncated.
-    let a = snapshot(&src);
-    for (k, n) in snapshot(&dst).iter().filter(|(_, n)| n.kind == "file") {
-        assert_eq!(
-            a.get(k).map(|x| &x.content),
-            Some(&n.content),
-            "{k} is truncated"
-        );
-    }
-    assert!(!dst.join(".cms-mirror-staging").exists());
-    // Space freed: the next job completes and the trees are identical.
+    assert_nothing_partial(&src, &dst);
     assert!(
-        std::process::Command::new("mount")
-            .args(["-o", "remount,size=20m", dst.to_str().unwrap()])
-            .status()
-            .unwrap()
-            .success()
+        !dst.join(".cms-mirror-staging").exists(),
+        "the failed session's staged files remain"
     );
+    // Space freed: the next job completes and the trees are identical.
+    disk.grow();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     assert_same_tree(&src, &dst);
+    assert!(!dst.join(".cms-mirror-staging").exists());
+}
+
+#[test]
+fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    media_files(&src);
+    let Some(disk) = SmallDisk::mount(&dst) else {
+        return;
+    };
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "on_disk_full = \"wait\"");
+    let source = spawn_source(tmp.path(), &config);
+    let job = start_job(&source.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = show(&source.url(), &job);
+        if j["targets"][0]["state"] == "waiting_for_space" {
+            break;
+        }
+        assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
+        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_nothing_partial(&src, &dst);
+    disk.grow();
+    assert_eq!(
+        wait_for_job(&source.url(), &job),
+        0,
+        "{:#}",
+        show(&source.url(), &job)
+    );
+    let j = show(&source.url(), &job);
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    assert_eq!(j["item_errors"].as_array().map(Vec::len), Some(0), "{j:#}");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn a_package_that_always_fails_its_checksum_gives_its_items_up_and_the_job_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_many(&src, 300);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 16384");
+    let source = spawn_source_env(
+        tmp.path(),
+        &config,
+        &[
+            ("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "3"),
+            ("CMS_MIRROR_FAILPOINT_CORRUPT_TIMES", "5"),
+        ],
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 1, "{job:#}");
+    assert_eq!(job["state"], "completed_with_errors", "{job:#}");
+    assert_eq!(job["targets"][0]["packages_retried"], 5, "{job:#}");
+    let failed: std::collections::BTreeSet<String> = job["item_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["code"], "checksum_mismatch", "{e}");
+            assert_eq!(e["retryable"], true, "{e}");
+            e["path"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(!failed.is_empty());
+    // Every other item arrived intact; the given-up ones are not there at all.
+    let (a, b) = (snapshot(&src), snapshot(&dst));
+    for (k, n) in &a {
+        if failed.contains(k) {
+            assert!(
+                !b.contains_key(k) || n.kind == "dir",
+                "{k} should have been given up"
+            );
+        } else if n.kind == "file" {
+            assert_eq!(b.get(k).map(|x| &x.content), Some(&n.content), "{k}");
+        }
+    }
+    // A later job sends them again.
+    let source = {
+        drop(source);
+        spawn_source(tmp.path(), &config)
+    };
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn a_file_changed_while_read_is_read_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    // media/big.bin spans several packages; it grows while its first read is under way.
+    let source = spawn_source_env(
+        tmp.path(),
+        &config,
+        &[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1")],
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(
+        std::fs::metadata(src.join("media/big.bin")).unwrap().len(),
+        300_001
+    );
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn a_file_that_keeps_changing_is_reported_and_the_target_keeps_its_old_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = spawn_source(tmp.path(), &config);
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    drop(source);
+    let old = std::fs::read(dst.join("media/big.bin")).unwrap();
+    write(&src, "media/big.bin", &bytes(99, 300_000));
+    write(&src, "index.html", b"<h1>new home</h1>");
+    let source = spawn_source_env(
+        tmp.path(),
+        &config,
+        &[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1000")],
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 1, "{job:#}");
+    let errs = job["item_errors"].as_array().unwrap();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0]["path"], "media/big.bin");
+    assert_eq!(errs[0]["code"], "changed_while_read");
+    assert!(
+        errs[0]["message"].as_str().unwrap().contains("4 attempts"),
+        "{errs:?}"
+    );
+    // Never half-old half-new: the previous version, exactly.
+    assert_eq!(std::fs::read(dst.join("media/big.bin")).unwrap(), old);
+    assert_eq!(
+        std::fs::read(dst.join("index.html")).unwrap(),
+        b"<h1>new home</h1>"
+    );
+    assert!(!dst.join(".cms-mirror-staging").exists());
+}
+
+#[test]
+fn max_errors_turns_too_many_item_errors_into_a_failed_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    for i in 0..3 {
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(src.join(format!("docs/pipe{i}")))
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(tmp.path(), &src, &target.url(), "max_errors = 2");
+    let source = spawn_source(tmp.path(), &config);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 2, "{job:#}");
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("3 item errors exceed max_errors = 2"),
+        "{job:#}"
+    );
+    assert_eq!(job["item_errors"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() {
+    let Mirror {
+        tmp: _tmp,
+        src,
+        dst,
+        config: _config,
+        target,
+        source,
+    } = Mirror::start(
+        |src| make_many(src, 2000),
+        "package_bytes = 16384\nwindow = 2\nack_timeout_secs = 2\nretry_budget = 40",
+    );
+    let job = start_job(&source.url());
+    wait_acked(&source.url(), &job, 3);
+    let pid = target.child.id().to_string();
+    let signal = |s: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([s, &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    loop {
+        let j = show(&source.url(), &job);
+        if j["targets"][0]["reconnects"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "a stopped target went unnoticed: {j:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    signal("-CONT");
+    assert_eq!(
+        wait_for_job(&source.url(), &job),
+        0,
+        "{:#}",
+        show(&source.url(), &job)
+    );
+    assert_same_tree(&src, &dst);
+    let out = mirrorctl(&source.url(), &["watch", &job, "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["kind"] == "target_disconnected"
+                && e["data"]["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("no acknowledgement")),
+        "{text}"
+    );
 }
