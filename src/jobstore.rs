@@ -71,6 +71,10 @@ pub struct JobOptions {
     pub paths: Vec<String>,
     #[serde(default)]
     pub lineage: Vec<String>,
+    /// W3C trace context of the request that started the job, so the job's spans join
+    /// the caller's trace even though the job runs later.
+    #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
+    pub trace: std::collections::HashMap<String, String>,
 }
 
 #[derive(Clone, Debug, FromRow)]

@@ -22,6 +22,7 @@ pub mod db;
 pub mod fswalk;
 pub mod jobstore;
 pub mod model;
+pub mod observe;
 pub mod package;
 pub mod pathsafe;
 pub mod telemetry;

@@ -36,4 +36,18 @@ pub fn server() -> tonic::transport::Server {
         .max_frame_size(MAX_FRAME)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .trace_fn(request_span)
+}
+
+/// A span per RPC, named after the method and continuing the caller's trace (W3C
+/// `traceparent` in the request metadata).
+fn request_span(req: &axum::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/grpc.health") || path.starts_with("/grpc.reflection") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!("rpc", otel.name = %path.trim_start_matches('/'), rpc = %path);
+    let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+    crate::telemetry::follow(&span, &md);
+    span
 }

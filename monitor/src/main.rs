@@ -373,6 +373,16 @@ async fn print_events(
     Ok(())
 }
 
+impl Cmd {
+    fn name(&self) -> String {
+        format!("{self:?}")
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or_default()
+            .to_lowercase()
+    }
+}
+
 fn exit_for(state: i32) -> ExitCode {
     match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
         pb::JobState::Succeeded => ExitCode::from(0),
@@ -395,16 +405,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             json,
         } => {
             let r = c
-                .start_job(pb::StartJobRequest {
-                    channel,
-                    trigger: pb::Trigger::Admin as i32,
-                    requested_by,
-                    full,
-                    dry_run,
-                    checksum,
-                    paths,
-                    lineage: Vec::new(),
-                })
+                .start_job(cms_mirror::telemetry::inject(tonic::Request::new(
+                    pb::StartJobRequest {
+                        channel,
+                        trigger: pb::Trigger::Admin as i32,
+                        requested_by,
+                        full,
+                        dry_run,
+                        checksum,
+                        paths,
+                        lineage: Vec::new(),
+                    },
+                )))
                 .await
                 .map_err(status_msg)?
                 .into_inner();
@@ -598,11 +610,17 @@ async fn print_plan(
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    // Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; the guard flushes them
+    // before the process exits.
+    let telemetry = cms_mirror::telemetry::init(Default::default(), "mirrorctl");
+    let span = tracing::info_span!("mirrorctl", command = %cli.cmd.name());
+    let code = match tracing::Instrument::instrument(run(cli), span).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mirrorctl: {e}");
             ExitCode::from(3)
         }
-    }
+    };
+    drop(telemetry);
+    code
 }

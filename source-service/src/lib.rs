@@ -11,6 +11,7 @@
 
 pub mod events;
 pub mod failpoints;
+pub mod metrics;
 pub mod packer;
 pub mod plan;
 pub mod runner;
@@ -47,6 +48,7 @@ pub struct App {
     pub wake: Notify,
     /// Cancel switches of the jobs this instance runs.
     pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    pub metrics: metrics::Metrics,
 }
 
 impl App {
@@ -71,7 +73,25 @@ impl App {
             lease_ms: 15_000,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::new(),
         }
+    }
+
+    /// The metrics page: refreshes the gauges read from elsewhere, then encodes.
+    pub async fn render_metrics(&self) -> String {
+        self.metrics.subscribers.set(self.bus.subscribers() as i64);
+        if let Ok(states) = self.store.channel_states().await {
+            let now = cms_mirror::now_ms();
+            for st in states {
+                if let Some(at) = st.last_success_at {
+                    self.metrics
+                        .sync_lag
+                        .get_or_create(&metrics::Metrics::target(&st.channel, &st.target))
+                        .set((now - at).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        self.metrics.render()
     }
 }
 
@@ -230,6 +250,7 @@ impl SourceService {
                 checksum: req.checksum,
                 paths: req.paths,
                 lineage: req.lineage,
+                trace: cms_mirror::telemetry::current_context(),
             },
             targets: ch
                 .targets
@@ -567,9 +588,12 @@ pub async fn start(
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(runner::worker(app.clone(), stop_rx));
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<SourceServiceServer<SourceService>>()
-        .await;
+    cms_mirror::observe::follow_database(
+        health_reporter,
+        <SourceServiceServer<SourceService> as tonic::server::NamedService>::NAME,
+        app.store.db().clone(),
+    )
+    .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
         .build_v1()

@@ -34,6 +34,9 @@ struct Args {
     /// Seconds a claimed job stays with this instance without renewal.
     #[arg(long, env = "MIRROR_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
+    #[arg(long, env = "MIRROR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
     log_format: cms_mirror::telemetry::LogFormat,
@@ -42,7 +45,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cms_mirror::telemetry::init(args.log_format);
+    let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-source");
     let config = MirrorConfig::load(&args.config)?;
     for c in &config.channels {
         if !c.source.is_dir() {
@@ -57,8 +60,19 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut app = App::new(config, JobStore::new(db), args.data_dir.clone());
     app.lease_ms = (args.lease_secs * 1000) as i64;
+    let app = Arc::new(app);
+    if let Some(m) = &args.metrics_listen {
+        let l = cms_mirror::observe::bind_metrics(m)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let app = app.clone();
+        tokio::spawn(cms_mirror::observe::serve_metrics(l, move || {
+            let app = app.clone();
+            async move { app.render_metrics().await }
+        }));
+    }
     println!("mirror-source listening on {addr}");
     tracing::info!(%addr, instance = %app.instance_id, db = %cms_mirror::db::redact(&db_url), "mirror-source started");
-    mirror_source::start(listener, Arc::new(app), cms_mirror::shutdown_signal()).await?;
+    mirror_source::start(listener, app, cms_mirror::shutdown_signal()).await?;
     Ok(())
 }

@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use tracing::Instrument;
 
 use cms_mirror::config::{ChannelConfig, OnDiskFull, TargetConfig};
 use cms_mirror::jobstore::{JobRow, JobState, NewItemError, Progress};
@@ -18,6 +19,7 @@ use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::{package, pb};
 
 use crate::App;
+use crate::metrics::Metrics;
 use crate::packer::{Built, Packer};
 use crate::plan::{self, Compare, Cursor, PhaseName, PlanSpec};
 
@@ -73,8 +75,15 @@ impl TargetOutcome {
     }
 }
 
-/// Runs one claimed job to its end.
+/// Runs one claimed job to its end, in a span that continues the trace of the request
+/// that started it.
 pub async fn run_job(app: Arc<App>, job: JobRow) {
+    let span = tracing::info_span!("job", job = %job.id, channel = %job.channel, trigger = %job.trigger_kind);
+    cms_mirror::telemetry::follow_stored(&span, &job.options().trace);
+    run_job_inner(app, job).instrument(span).await
+}
+
+async fn run_job_inner(app: Arc<App>, job: JobRow) {
     let id = job.id.clone();
     let (cancel_tx, cancel_rx) = watch::channel(false);
     app.running
@@ -131,10 +140,10 @@ pub async fn run_job(app: Arc<App>, job: JobRow) {
         ),
         Some(ch) => {
             let ch = ch.clone();
-            let futs = ch
-                .targets
-                .iter()
-                .map(|t| run_target(&app, &job, &ch, t, cancel_rx.clone()));
+            let futs = ch.targets.iter().map(|t| {
+                run_target(&app, &job, &ch, t, cancel_rx.clone())
+                    .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
+            });
             let outcomes = futures::future::join_all(futs).await;
             aggregate(&ch, &outcomes, *cancel_rx.borrow(), job.options().dry_run)
         }
@@ -155,6 +164,13 @@ pub async fn run_job(app: Arc<App>, job: JobRow) {
     {
         tracing::error!(job = %id, error = %e, "cannot record the job outcome");
     }
+    app.metrics
+        .jobs
+        .get_or_create(&cms_mirror::observe::labels(&[
+            ("channel", &job.channel),
+            ("outcome", state.as_str()),
+        ]))
+        .inc();
     let targets = app.store.targets(&id).await.unwrap_or_default();
     app.bus
         .emit(&id, "finished", "", json!({"state": state.as_str(), "error": error, "summary": summary, "targets": targets}))
@@ -290,7 +306,7 @@ async fn run_target(
             protocol_version: cms_mirror::PROTOCOL_VERSION,
             dry_run: false,
         };
-        match within(ch.ack_timeout, client.open_session(req)).await {
+        match within(ch.ack_timeout, client.open_session(traced(req))).await {
             Ok(r) => break Some(r.into_inner()),
             Err(s) if retryable(&s) && failures < ch.retry_budget => {
                 failures += 1;
@@ -345,7 +361,10 @@ async fn run_target(
             let _ = store.set_target_state(jid, tname, "planning", None).await;
             let mut failures = 0u32;
             loop {
-                match make_plan(app, &mut client, ch, t, &opts, &plan_dir, jid).await {
+                match make_plan(app, &mut client, ch, t, &opts, &plan_dir, jid)
+                    .instrument(tracing::info_span!("plan", job = %jid, target = %tname))
+                    .await
+                {
                     Ok(tot) => break tot,
                     Err(PlanError::Transport(msg)) if failures < ch.retry_budget => {
                         failures += 1;
@@ -447,6 +466,7 @@ async fn run_target(
             &mut cancel,
             &mut attempts,
         )
+        .instrument(tracing::info_span!("package_batch", job = %jid, target = %tname))
         .await;
         match end {
             StreamEnd::Done { last_seq } => break last_seq,
@@ -490,6 +510,10 @@ async fn run_target(
                 // starts the count again.
                 failures = if progressed { 1 } else { failures + 1 };
                 let _ = store.add_sent(jid, tname, 0, 0, 0, 1).await;
+                app.metrics
+                    .reconnects
+                    .get_or_create(&Metrics::target(&ch.name, tname))
+                    .inc();
                 if failures > ch.retry_budget {
                     let errs = current_row(app, jid, tname).await.item_errors as u64;
                     return fail(
@@ -524,12 +548,12 @@ async fn run_target(
     let mut failures = 0u32;
     let commit = loop {
         let r = client
-            .commit(pb::CommitRequest {
+            .commit(traced(pb::CommitRequest {
                 session_id: session.session_id.clone(),
                 last_seq,
                 run_hooks: true,
                 abort: false,
-            })
+            }))
             .await;
         match r {
             Err(s) if retryable(&s) && failures < ch.retry_budget => {
@@ -603,6 +627,11 @@ async fn current_row(app: &Arc<App>, jid: &str, tname: &str) -> cms_mirror::jobs
         .unwrap_or_default()
 }
 
+/// A request carrying the current span's trace context.
+fn traced<T>(msg: T) -> tonic::Request<T> {
+    cms_mirror::telemetry::inject(tonic::Request::new(msg))
+}
+
 /// Tells the target to drop a session's staged files (best effort, bounded).
 async fn abort_session(
     client: &mut TargetServiceClient<tonic::transport::Channel>,
@@ -668,10 +697,10 @@ async fn make_plan(
     let (mtx, mut mrx) = mpsc::channel::<Result<Item, String>>(4096);
     let mut stream = within(
         ch.ack_timeout,
-        client.get_manifest(pb::GetManifestRequest {
+        client.get_manifest(traced(pb::GetManifestRequest {
             site: t.site.clone(),
             after_path: String::new(),
-        }),
+        })),
     )
     .await
     .map_err(|s| {
@@ -740,7 +769,7 @@ async fn make_plan(
     feeder.abort();
     if !walk_errors.is_empty() {
         let errs: Vec<NewItemError> = walk_errors.into_iter().map(walk_error).collect();
-        record_item_errors(app, jid, &t.name, &errs).await;
+        record_item_errors(app, jid, &ch.name, &t.name, &errs).await;
         let _ = app
             .store
             .checkpoint(
@@ -758,10 +787,20 @@ async fn make_plan(
     Ok(totals)
 }
 
-async fn record_item_errors(app: &Arc<App>, jid: &str, tname: &str, errs: &[NewItemError]) {
+async fn record_item_errors(
+    app: &Arc<App>,
+    jid: &str,
+    channel: &str,
+    tname: &str,
+    errs: &[NewItemError],
+) {
     if errs.is_empty() {
         return;
     }
+    app.metrics
+        .item_errors
+        .get_or_create(&Metrics::target(channel, tname))
+        .inc_by(errs.len() as u64);
     if let Err(e) = app.store.add_item_errors(jid, tname, errs).await {
         tracing::error!(job = jid, error = %e, "cannot store item errors");
     }
@@ -795,6 +834,7 @@ async fn stream_once(
     attempts: &mut HashMap<u64, u32>,
 ) -> StreamEnd {
     let tname = t.name.as_str();
+    let lbl = Metrics::target(&ch.name, tname);
     let row = current_row(app, jid, tname).await;
     let cursor: Cursor = serde_json::from_str(&row.checkpoint_json).unwrap_or_default();
     let mut last_acked = row.checkpoint_seq as u64;
@@ -844,7 +884,7 @@ async fn stream_once(
         })),
     };
     let _ = otx.send(header).await;
-    let mut acks = match client.import(ReceiverStream::new(orx)).await {
+    let mut acks = match client.import(traced(ReceiverStream::new(orx))).await {
         Ok(r) => r.into_inner(),
         Err(s) if retryable(&s) => return StreamEnd::Disconnected(status_text(&s), false),
         Err(s) => return StreamEnd::Fatal(format!("import refused: {}", status_text(&s))),
@@ -879,7 +919,8 @@ async fn stream_once(
                 held = None;
                 app.bus.emit(jid, "deletes_skipped", tname, json!({"reason": format!("{item_errors} item error(s) in this job; no deletions applied")})).await;
             } else if let Some(b) = held.take() {
-                if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts).await
+                if let Err(e) =
+                    send_built(app, jid, tname, &otx, b, &mut inflight, attempts, &lbl).await
                 {
                     break e;
                 }
@@ -903,7 +944,7 @@ async fn stream_once(
                             held = Some(b);
                         } else if b.phase == PhaseName::Delete && skip_deletes {
                             packer_done = true;
-                        } else if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts).await {
+                        } else if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts, &lbl).await {
                             break e;
                         }
                     }
@@ -936,7 +977,7 @@ async fn stream_once(
                         let mut errs = f.errors;
                         let target_errs = ack.item_errors.len() as u64;
                         errs.extend(ack.item_errors.into_iter().map(pb_item_error));
-                        record_item_errors(app, jid, tname, &errs).await;
+                        record_item_errors(app, jid, &ch.name, tname, &errs).await;
                         item_errors += errs.len() as u64;
                         let p = Progress {
                             items: f.items.saturating_sub(target_errs) as i64,
@@ -958,6 +999,8 @@ async fn stream_once(
                         }
                         last_acked = f.seq;
                         acked_here += 1;
+                        app.metrics.packages_acked.get_or_create(&lbl).inc();
+                        app.metrics.bytes_acked.get_or_create(&lbl).inc_by(f.bytes);
                         bytes_this_stream += f.bytes;
                         if let Some(max) = ch.max_errors
                             && item_errors > max
@@ -974,7 +1017,7 @@ async fn stream_once(
                             break StreamEnd::WaitForSpace(ack.message);
                         }
                         let errs: Vec<NewItemError> = ack.item_errors.into_iter().map(pb_item_error).collect();
-                        record_item_errors(app, jid, tname, &errs).await;
+                        record_item_errors(app, jid, &ch.name, tname, &errs).await;
                         let _ = app.store.checkpoint(jid, tname, last_acked as i64, &current_row(app, jid, tname).await.checkpoint_json, &Progress { item_errors: errs.len() as i64, ..Default::default() }).await;
                         break StreamEnd::Fatal(ack.message);
                     }
@@ -982,6 +1025,7 @@ async fn stream_once(
                         let n = attempts.entry(ack.seq).or_insert(0);
                         *n += 1;
                         let _ = app.store.add_sent(jid, tname, 0, 0, 1, 0).await;
+                        app.metrics.packages_retried.get_or_create(&lbl).inc();
                         if *n >= 2 * MAX_PACKAGE_ATTEMPTS {
                             break StreamEnd::Fatal(format!("package {} refused {} times, even after giving its items up: {}", ack.seq, n, ack.message));
                         }
@@ -1007,6 +1051,7 @@ async fn stream_once(
     end
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send_built(
     app: &Arc<App>,
     jid: &str,
@@ -1015,6 +1060,7 @@ async fn send_built(
     b: Built,
     inflight: &mut VecDeque<InFlight>,
     attempts: &HashMap<u64, u32>,
+    lbl: &cms_mirror::observe::TargetLabels,
 ) -> Result<(), StreamEnd> {
     let seq = b.pkg.seq;
     let mut b = b;
@@ -1035,6 +1081,11 @@ async fn send_built(
         errors: b.errors,
     });
     let _ = app.store.add_sent(jid, tname, 1, wire, 0, 0).await;
+    app.metrics.packages_sent.get_or_create(lbl).inc();
+    app.metrics
+        .bytes_sent
+        .get_or_create(lbl)
+        .inc_by(wire as u64);
     otx.send(pb::ImportRequest {
         msg: Some(pb::import_request::Msg::Package(b.pkg)),
     })

@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod ledger;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use cms_mirror::config::SiteConfig;
 use cms_mirror::package::{self, Limits};
@@ -51,6 +53,7 @@ struct Inner {
     settings: TargetSettings,
     /// Files in progress per session; one package of a session is applied at a time.
     sessions: Mutex<HashMap<String, Arc<Mutex<SessionFiles>>>>,
+    metrics: metrics::Metrics,
 }
 
 /// The gRPC target service.
@@ -117,6 +120,7 @@ impl TargetService {
                 ledger,
                 settings,
                 sessions: Mutex::new(HashMap::new()),
+                metrics: metrics::Metrics::new(),
             }),
         })
     }
@@ -137,6 +141,33 @@ impl TargetService {
         m.entry(session.to_string())
             .or_insert_with(|| Arc::new(Mutex::new(SessionFiles::new(fs.session_dir(session)))))
             .clone()
+    }
+
+    fn count(&self, site: &str, reply: &Result<pb::PackageAck, Status>, took: std::time::Duration) {
+        let m = &self.inner.metrics;
+        let l = metrics::Metrics::site(site);
+        match reply {
+            Ok(a) if a.status == pb::AckStatus::Ok as i32 => {
+                if !a.duplicate {
+                    m.packages_applied.get_or_create(&l).inc();
+                    m.bytes_applied.get_or_create(&l).inc_by(a.bytes_applied);
+                    m.apply_seconds
+                        .get_or_create(&l)
+                        .observe(took.as_secs_f64());
+                }
+                m.item_errors
+                    .get_or_create(&l)
+                    .inc_by(a.item_errors.len() as u64);
+            }
+            _ => {
+                m.packages_refused.get_or_create(&l).inc();
+            }
+        }
+    }
+
+    /// The metrics page.
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render()
     }
 
     /// Verifies, applies and records one package; returns its ack.
@@ -356,46 +387,56 @@ impl TargetApi for TargetService {
         }
         let this = self.clone();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut last = session.last_seq as u64;
-            loop {
-                let msg = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()).await {
-                    Ok(Ok(Some(m))) => m,
-                    Ok(Ok(None)) => break,
-                    Ok(Err(status)) => {
-                        tracing::info!(session = %session.id, %status, "import stream ended");
+        tokio::spawn(
+            async move {
+                let mut last = session.last_seq as u64;
+                loop {
+                    let msg = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message())
+                        .await
+                    {
+                        Ok(Ok(Some(m))) => m,
+                        Ok(Ok(None)) => break,
+                        Ok(Err(status)) => {
+                            tracing::info!(session = %session.id, %status, "import stream ended");
+                            break;
+                        }
+                        Err(_) => {
+                            let _ = tx
+                                .send(Err(Status::deadline_exceeded(
+                                    "import stream idle for too long",
+                                )))
+                                .await;
+                            break;
+                        }
+                    };
+                    let pkg = match msg.msg {
+                        Some(pb::import_request::Msg::Package(p)) => p,
+                        _ => {
+                            let _ = tx
+                                .send(Err(Status::invalid_argument("expected a package")))
+                                .await;
+                            break;
+                        }
+                    };
+                    let started = std::time::Instant::now();
+                    let span =
+                        tracing::info_span!("apply_package", seq = pkg.seq, site = %session.site);
+                    let reply = this
+                        .handle_package(&session.id, &session.site, &mut last, pkg)
+                        .instrument(span)
+                        .await;
+                    this.count(&session.site, &reply, started.elapsed());
+                    let done = reply.is_err();
+                    let item = reply.map(|ack| pb::ImportResponse {
+                        msg: Some(pb::import_response::Msg::Ack(ack)),
+                    });
+                    if tx.send(item).await.is_err() || done {
                         break;
                     }
-                    Err(_) => {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "import stream idle for too long",
-                            )))
-                            .await;
-                        break;
-                    }
-                };
-                let pkg = match msg.msg {
-                    Some(pb::import_request::Msg::Package(p)) => p,
-                    _ => {
-                        let _ = tx
-                            .send(Err(Status::invalid_argument("expected a package")))
-                            .await;
-                        break;
-                    }
-                };
-                let reply = this
-                    .handle_package(&session.id, &session.site, &mut last, pkg)
-                    .await;
-                let done = reply.is_err();
-                let item = reply.map(|ack| pb::ImportResponse {
-                    msg: Some(pb::import_response::Msg::Ack(ack)),
-                });
-                if tx.send(item).await.is_err() || done {
-                    break;
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -474,9 +515,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<TargetServiceServer<TargetService>>()
-        .await;
+    cms_mirror::observe::follow_database(
+        health_reporter,
+        <TargetServiceServer<TargetService> as tonic::server::NamedService>::NAME,
+        service.inner.ledger.db().clone(),
+    )
+    .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
         .build_v1()

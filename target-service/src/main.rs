@@ -43,6 +43,9 @@ struct Args {
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
+    #[arg(long, env = "MIRROR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
     log_format: cms_mirror::telemetry::LogFormat,
@@ -51,7 +54,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cms_mirror::telemetry::init(args.log_format);
+    let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-target");
     let mut sites = Vec::new();
     if let Some(path) = &args.config {
         sites.extend(SiteConfig::load_file(path)?);
@@ -76,6 +79,16 @@ async fn main() -> anyhow::Result<()> {
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;
+    if let Some(m) = &args.metrics_listen {
+        let l = cms_mirror::observe::bind_metrics(m)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let svc = service.clone();
+        tokio::spawn(cms_mirror::observe::serve_metrics(l, move || {
+            let svc = svc.clone();
+            async move { svc.render_metrics() }
+        }));
+    }
     // The bound address on stdout, for scripts and tests that listen on port 0.
     println!("mirror-target listening on {addr}");
     tracing::info!(%addr, db = %cms_mirror::db::redact(&db_url), "mirror-target started");

@@ -62,11 +62,6 @@ impl Drop for Proc {
 }
 
 /// Starts a binary that prints "... listening on ADDR" on stdout and waits for it.
-pub fn spawn(bin: &str, args: &[&str], log: &Path) -> Proc {
-    spawn_env(bin, args, log, &[])
-}
-
-/// Like [`spawn`], with extra environment variables.
 pub fn spawn_env(bin: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(bin_dir().join(bin))
         .args(args)
@@ -101,29 +96,39 @@ pub fn spawn_target(dir: &Path, site_root: &Path) -> Proc {
 
 /// A target on a given address (a restart on the port it had).
 pub fn spawn_target_at(dir: &Path, site_root: &Path, listen: &str) -> Proc {
+    spawn_target_with(dir, site_root, listen, &[], &[])
+}
+
+/// A target with extra arguments and environment variables.
+pub fn spawn_target_with(
+    dir: &Path,
+    site_root: &Path,
+    listen: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let site = format!("main={}", site_root.display());
     let data = dir.join("target-data");
-    let log = dir.join(format!(
-        "target-{}.log",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    spawn(
-        "mirror-target",
-        &[
-            "--listen",
-            listen,
-            "--site",
-            &site,
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--durability",
-            "fsync",
-        ],
-        &log,
-    )
+    let log = dir.join(format!("target-{}.log", stamp()));
+    let mut args = vec![
+        "--listen",
+        listen,
+        "--site",
+        &site,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--durability",
+        "fsync",
+    ];
+    args.extend_from_slice(extra);
+    spawn_env("mirror-target", &args, &log, env)
+}
+
+fn stamp() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 pub fn spawn_source(dir: &Path, config: &Path) -> Proc {
@@ -131,29 +136,50 @@ pub fn spawn_source(dir: &Path, config: &Path) -> Proc {
 }
 
 pub fn spawn_source_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proc {
+    spawn_source_with(dir, config, &[], env)
+}
+
+/// A source with extra arguments and environment variables.
+pub fn spawn_source_with(dir: &Path, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let data = dir.join("source-data");
-    let log = dir.join(format!(
-        "source-{}.log",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    spawn_env(
-        "mirror-source",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            config.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--lease-secs",
-            "3",
-        ],
-        &log,
-        env,
-    )
+    let log = dir.join(format!("source-{}.log", stamp()));
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--lease-secs",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    spawn_env("mirror-source", &args, &log, env)
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// GET over plain HTTP/1.0; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Writes a mirror.toml with one channel `site` and the given extra channel keys.

@@ -6,4 +6,5 @@ mod helpers;
 mod incremental;
 mod mirror;
 mod monitor;
+mod observability;
 mod protocol;

@@ -1,0 +1,86 @@
+//! The target's metrics, served on `/metrics` with `--metrics-listen`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use cms_mirror::observe::TargetLabels;
+
+type Counters = Family<TargetLabels, Counter>;
+type Histograms = Family<TargetLabels, Histogram, fn() -> Histogram>;
+
+fn apply_buckets() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub packages_applied: Counters,
+    pub packages_refused: Counters,
+    pub bytes_applied: Counters,
+    pub item_errors: Counters,
+    pub apply_seconds: Histograms,
+    pub sessions_committed: Counters,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mirror_target");
+        let m = Metrics {
+            registry: Registry::default(),
+            packages_applied: Counters::default(),
+            packages_refused: Counters::default(),
+            bytes_applied: Counters::default(),
+            item_errors: Counters::default(),
+            apply_seconds: Histograms::new_with_constructor(apply_buckets),
+            sessions_committed: Counters::default(),
+        };
+        registry.register(
+            "packages_applied",
+            "Packages verified, applied and recorded",
+            m.packages_applied.clone(),
+        );
+        registry.register(
+            "packages_refused",
+            "Packages answered with retry or rejected (checksum, order, limits, disk full)",
+            m.packages_refused.clone(),
+        );
+        registry.register(
+            "bytes_applied",
+            "File body bytes written",
+            m.bytes_applied.clone(),
+        );
+        registry.register(
+            "item_errors",
+            "Items refused or failed while applying",
+            m.item_errors.clone(),
+        );
+        registry.register(
+            "apply_seconds",
+            "Time to verify, apply, make durable and record one package",
+            m.apply_seconds.clone(),
+        );
+        registry.register(
+            "sessions_committed",
+            "Committed sessions (jobs imported)",
+            m.sessions_committed.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn site(site: &str) -> TargetLabels {
+        cms_mirror::observe::labels(&[("site", site)])
+    }
+
+    pub fn render(&self) -> String {
+        cms_mirror::observe::render(&self.registry)
+    }
+}

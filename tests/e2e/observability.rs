@@ -1,0 +1,361 @@
+//! Issue 9: one trace across mirrorctl, source and target (in-process OTLP collector),
+//! /metrics after a job, gRPC health following the database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+use crate::helpers::*;
+
+/// A collected span: (service, name, trace id, span id, parent span id).
+#[derive(Clone, Debug)]
+struct Span {
+    service: String,
+    name: String,
+    trace: Vec<u8>,
+    id: Vec<u8>,
+    parent: Vec<u8>,
+}
+
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref()?.value.as_ref())
+                .map(|v| match v {
+                    Value::StringValue(s) => s.clone(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(Span {
+                        service: service.clone(),
+                        name: s.name,
+                        trace: s.trace_id,
+                        id: s.span_id,
+                        parent: s.parent_span_id,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[test]
+fn one_trace_spans_mirrorctl_source_and_target() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let collector = Collector::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &[], &env);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = spawn_source_env(tmp.path(), &config, &env);
+    let out = std::process::Command::new(bin_dir().join("mirrorctl"))
+        .args(["--source", &source.url(), "start", "site", "--wait"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&src, &dst);
+
+    // mirrorctl flushed at exit; the services within their batch delay.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spans = loop {
+        let spans = collector.0.lock().unwrap().clone();
+        let has = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
+        if has("mirrorctl", "mirrorctl")
+            && has("mirror-source", "job")
+            && has("mirror-source", "package_batch")
+            && has("mirror-target", "apply_package")
+        {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "spans missing: {spans:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let root = spans
+        .iter()
+        .find(|s| s.service == "mirrorctl" && s.name == "mirrorctl")
+        .unwrap();
+    assert!(root.parent.is_empty(), "mirrorctl's span is the root");
+    let trace: Vec<&Span> = spans.iter().filter(|s| s.trace == root.trace).collect();
+    let by_id: HashMap<&[u8], &Span> = trace.iter().map(|s| (s.id.as_slice(), *s)).collect();
+    // Every span of the trace links to a parent in the trace (the root excepted), and
+    // the chain from an applied package goes target -> source -> mirrorctl.
+    for s in &trace {
+        if s.id != root.id {
+            assert!(
+                by_id.contains_key(s.parent.as_slice()),
+                "{s:?} has a parent outside the trace"
+            );
+        }
+    }
+    let chain = |s: &Span| -> Vec<(String, String)> {
+        let mut v = vec![(s.service.clone(), s.name.clone())];
+        let mut cur = s;
+        while let Some(p) = by_id.get(cur.parent.as_slice()) {
+            v.push((p.service.clone(), p.name.clone()));
+            cur = p;
+        }
+        v
+    };
+    let apply = trace
+        .iter()
+        .find(|s| s.service == "mirror-target" && s.name == "apply_package")
+        .expect("the target's package spans are in mirrorctl's trace");
+    let c = chain(apply);
+    let names: Vec<&str> = c.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "apply_package",
+            "cmsmirror.v1.TargetService/Import",
+            "package_batch",
+            "target",
+            "job",
+            "cmsmirror.v1.SourceService/StartJob",
+            "mirrorctl"
+        ],
+        "{c:?}"
+    );
+    let services: Vec<&str> = c.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(services[0], "mirror-target");
+    assert_eq!(services[1], "mirror-target");
+    assert!(
+        services[2..6].iter().all(|s| *s == "mirror-source"),
+        "{c:?}"
+    );
+    assert_eq!(services[6], "mirrorctl");
+}
+
+fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_count_a_jobs_packages_and_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_many(&src, 400);
+    let (tm, sm) = (free_addr(), free_addr());
+    let target = spawn_target_with(
+        tmp.path(),
+        &dst,
+        "127.0.0.1:0",
+        &["--metrics-listen", &tm],
+        &[],
+    );
+    let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 16384");
+    // A malformed OTLP endpoint is a warning; the service runs on without export.
+    let source = spawn_source_with(
+        tmp.path(),
+        &config,
+        &["--metrics-listen", &sm],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
+    );
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let t = &job["targets"][0];
+    let acked = t["packages_acked"].as_f64().unwrap();
+    assert!(acked > 10.0, "{t}");
+
+    let (status, page) = http_get(&sm, "/metrics");
+    assert_eq!(status, 200);
+    let lbl = "{channel=\"site\",target=\"web1\"}";
+    assert_eq!(
+        metric(&page, &format!("mirror_packages_acked_total{lbl}")),
+        Some(acked),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, &format!("mirror_bytes_acked_total{lbl}")),
+        t["bytes_done"].as_f64(),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, &format!("mirror_packages_sent_total{lbl}")),
+        t["packages_sent"].as_f64(),
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "mirror_jobs_total{channel=\"site\",outcome=\"succeeded\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(
+        metric(&page, &format!("mirror_sync_lag_seconds{lbl}")).is_some_and(|v| v >= 0.0),
+        "{page}"
+    );
+
+    let (status, page) = http_get(&tm, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&page, "mirror_target_packages_applied_total{site=\"main\"}"),
+        Some(acked),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "mirror_target_apply_seconds_count{site=\"main\"}"),
+        Some(acked),
+        "{page}"
+    );
+    assert_eq!(http_get(&tm, "/nope").0, 404);
+
+    let log: String = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("source-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        log.contains("OTEL_EXPORTER_OTLP_ENDPOINT=\"not a url\" is not an http:// or https:// URL"),
+        "{log}"
+    );
+}
+
+async fn health(url: &str, service: &str) -> Result<i32, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+    let r = c
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await?;
+    Ok(r.into_inner().status)
+}
+
+#[test]
+fn health_is_serving_and_not_serving_once_the_database_is_gone() {
+    let Ok(base) = std::env::var("TEST_DATABASE_URL") else {
+        eprintln!("skipping: TEST_DATABASE_URL is not set");
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = rt.block_on(cms_mirror::db::connect_raw(&base)).unwrap();
+    rt.block_on(
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin),
+    )
+    .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let tmp = tempfile::tempdir().unwrap();
+    let target = spawn_target_with(
+        tmp.path(),
+        &tmp.path().join("dst"),
+        "127.0.0.1:0",
+        &["--db", &url],
+        &[],
+    );
+    let svc = "cmsmirror.v1.TargetService";
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    let wait_for = |want: i32| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = rt.block_on(health(&target.url(), svc));
+            if got.as_ref().ok() == Some(&want) {
+                assert_eq!(rt.block_on(health(&target.url(), "")).unwrap(), want);
+                return;
+            }
+            assert!(Instant::now() < deadline, "health {got:?}, want {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(SERVING);
+    rt.block_on(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {name} WITH (FORCE)"
+        )))
+        .execute(&admin),
+    )
+    .unwrap();
+    wait_for(NOT_SERVING);
+    // Reflection is on as well: grpcurl can list the services.
+    let mut c = rt
+        .block_on(tonic_reflection_client(&target.url()))
+        .expect("reflection answers");
+    assert!(c.iter().any(|s| s == svc), "{c:?}");
+    c.clear();
+}
+
+/// The services a server lists through gRPC reflection (v1).
+async fn tonic_reflection_client(url: &str) -> Result<Vec<String>, String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let msg = resp
+        .message()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no answer")?;
+    match msg.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
