@@ -383,6 +383,24 @@ impl Ledger {
         Ok((get("created"), get("updated"), get("deleted")))
     }
 
+    /// What a session changed, in path order: (path, "created" | "updated" | "deleted").
+    pub async fn changes(&self, session: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT path, action FROM session_changes WHERE session_id = $1 ORDER BY path",
+        )
+        .bind(session)
+        .fetch_all(&self.db.pool)
+        .await
+    }
+
+    pub async fn session_channel(&self, session: &str) -> Result<String, sqlx::Error> {
+        let (c,): (String,) = sqlx::query_as("SELECT channel FROM sessions WHERE id = $1")
+            .bind(session)
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok(c)
+    }
+
     /// Number of items indexed for a site.
     pub async fn count_entries(&self, site: &str) -> Result<i64, sqlx::Error> {
         let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM entries WHERE site = $1")

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod hooks;
 pub mod ledger;
 pub mod metrics;
 
@@ -494,16 +495,45 @@ impl TargetApi for TargetService {
                 .expect("sessions lock")
                 .remove(&s.id);
         }
+        let first_commit = s.state != "committed";
         let (created, updated, deleted) = ledger
             .commit_session(&s.id, &s.site)
             .await
             .map_err(db_status)?;
         tracing::info!(session = %s.id, created, updated, deleted, "session committed");
+        let mut hooks = Vec::new();
+        if first_commit {
+            self.inner
+                .metrics
+                .sessions_committed
+                .get_or_create(&metrics::Metrics::site(&s.site))
+                .inc();
+            let cfg = self.inner.settings.sites.iter().find(|c| c.name == s.site);
+            if let Some(cfg) = cfg.filter(|c| r.run_hooks && !c.hooks.is_empty()) {
+                let mut ch = hooks::Changes {
+                    job_id: s.job_id.clone(),
+                    channel: ledger.session_channel(&s.id).await.map_err(db_status)?,
+                    site: s.site.clone(),
+                    base_url: cfg.base_url.clone(),
+                    created: Vec::new(),
+                    updated: Vec::new(),
+                    deleted: Vec::new(),
+                };
+                for (path, action) in ledger.changes(&s.id).await.map_err(db_status)? {
+                    match action.as_str() {
+                        "created" => ch.created.push(path),
+                        "updated" => ch.updated.push(path),
+                        _ => ch.deleted.push(path),
+                    }
+                }
+                hooks = hooks::run_all(&cfg.hooks, &ch).await;
+            }
+        }
         Ok(Response::new(pb::CommitResponse {
             items_created: created,
             items_updated: updated,
             items_deleted: deleted,
-            hooks: Vec::new(),
+            hooks,
         }))
     }
 }

@@ -54,6 +54,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // One TLS provider for the whole process (hooks over https).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-target");
     let mut sites = Vec::new();
     if let Some(path) = &args.config {

@@ -1,0 +1,161 @@
+//! Cache invalidation hooks, run after a session is committed: an HTTP POST of a JSON
+//! body, or a command with that JSON on its standard input. Each hook has a timeout and
+//! retries with backoff; its result goes back to the source in the commit answer. A
+//! failing hook never undoes the mirror.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use cms_mirror::config::Hook;
+use cms_mirror::pb;
+
+/// What a job changed on one site, as hooks receive it.
+pub struct Changes {
+    pub job_id: String,
+    pub channel: String,
+    pub site: String,
+    pub base_url: Option<String>,
+    pub created: Vec<String>,
+    pub updated: Vec<String>,
+    pub deleted: Vec<String>,
+}
+
+impl Changes {
+    pub fn body(&self) -> Value {
+        let mut v = json!({
+            "job_id": self.job_id,
+            "channel": self.channel,
+            "site": self.site,
+            "created": self.created,
+            "updated": self.updated,
+            "deleted": self.deleted,
+        });
+        if let Some(base) = &self.base_url {
+            let url = |p: &String| format!("{}/{}", base.trim_end_matches('/'), encode_path(p));
+            v["urls"] = json!({
+                "created": self.created.iter().map(url).collect::<Vec<_>>(),
+                "updated": self.updated.iter().map(url).collect::<Vec<_>>(),
+                "deleted": self.deleted.iter().map(url).collect::<Vec<_>>(),
+            });
+        }
+        v
+    }
+}
+
+/// Percent-encodes a relative path for a URL (keeps `/` and unreserved characters).
+fn encode_path(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn describe(h: &Hook) -> String {
+    match h {
+        Hook::Http { url, .. } => format!("POST {url}"),
+        Hook::Command { argv, .. } => argv.join(" "),
+    }
+}
+
+/// Runs every hook of a site (one after the other) and reports each.
+pub async fn run_all(hooks: &[Hook], changes: &Changes) -> Vec<pb::HookResult> {
+    let body = serde_json::to_vec(&changes.body()).unwrap_or_default();
+    let mut out = Vec::new();
+    for h in hooks {
+        let (timeout, retries) = match h {
+            Hook::Http {
+                timeout_secs,
+                retries,
+                ..
+            }
+            | Hook::Command {
+                timeout_secs,
+                retries,
+                ..
+            } => (Duration::from_secs(*timeout_secs), *retries),
+        };
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let (ok, status, error) = loop {
+            attempts += 1;
+            let r = tokio::time::timeout(timeout, run_once(h, &body)).await;
+            let (ok, status, error) = match r {
+                Err(_) => (false, 0, format!("timed out after {}s", timeout.as_secs())),
+                Ok(Ok((true, status))) => (true, status, String::new()),
+                Ok(Ok((false, status))) => (false, status, format!("failed with status {status}")),
+                Ok(Err(e)) => (false, -1, e),
+            };
+            // A command that cannot start will not start on a retry either.
+            let hopeless = status == -1 && matches!(h, Hook::Command { .. });
+            if ok || attempts > retries || hopeless {
+                break (ok, status, error);
+            }
+            tokio::time::sleep(Duration::from_millis(200u64 << attempts.min(6))).await;
+        };
+        if ok {
+            tracing::info!(hook = %describe(h), status, attempts, "hook succeeded");
+        } else {
+            tracing::warn!(hook = %describe(h), status, attempts, %error, "hook failed");
+        }
+        out.push(pb::HookResult {
+            hook: describe(h),
+            ok,
+            status,
+            error,
+            attempts,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    out
+}
+
+/// One attempt: success and the HTTP status (2xx succeeds) or the command's exit code
+/// (0 succeeds; -2 when killed by a signal).
+async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), String> {
+    match h {
+        Hook::Http { url, .. } => {
+            let r = http_client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send()
+                .await
+                .map_err(|e| format!("POST {url}: {e}"))?;
+            Ok((r.status().is_success(), r.status().as_u16() as i32))
+        }
+        Hook::Command { argv, .. } => {
+            let mut child = tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot run {:?}: {e}", argv[0]))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(body).await;
+            }
+            let st = child
+                .wait()
+                .await
+                .map_err(|e| format!("{:?}: {e}", argv[0]))?;
+            Ok((st.success(), st.code().unwrap_or(-2)))
+        }
+    }
+}
+
+fn http_client() -> &'static reqwest::Client {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        reqwest::Client::builder()
+            .user_agent(concat!("cms-mirror/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client")
+    })
+}
