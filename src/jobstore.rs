@@ -214,14 +214,20 @@ impl JobStore {
     pub async fn create_job(&self, new: NewJob) -> Result<(JobRow, bool), StoreError> {
         let options_json = serde_json::to_string(&new.options).unwrap_or_else(|_| "{}".into());
         let mut tx = self.db.pool.begin().await?;
-        let existing: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLS} FROM jobs WHERE channel = $1 AND state = 'queued' \
-             AND options_json = $2 ORDER BY created_at LIMIT 1"
+        // Same options (the caller's trace context aside): one follow-up job.
+        let queued: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE channel = $1 AND state = 'queued' ORDER BY created_at"
         )))
         .bind(&new.channel)
-        .bind(&options_json)
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let same = |o: &JobOptions| JobOptions {
+            trace: Default::default(),
+            ..o.clone()
+        };
+        let existing = queued
+            .into_iter()
+            .find(|j| same(&j.options()) == same(&new.options));
         if let Some(job) = existing {
             tx.commit().await?;
             return Ok((job, true));

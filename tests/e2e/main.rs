@@ -8,3 +8,4 @@ mod mirror;
 mod monitor;
 mod observability;
 mod protocol;
+mod triggers;

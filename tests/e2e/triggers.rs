@@ -1,0 +1,249 @@
+//! Issue 6: hooks after commit, path-list jobs, coalesced triggers, schedules, the watch
+//! trigger.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+/// A tiny HTTP server that records JSON bodies and answers every request with `status`.
+struct HookServer {
+    url: String,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+fn hook_server(status: u16) -> HookServer {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/purge", l.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let b = bodies.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            if let Ok(v) = serde_json::from_slice(&body) {
+                b.lock().unwrap().push(v);
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    HookServer { url, bodies }
+}
+
+fn events(source_url: &str, job: &str) -> Vec<serde_json::Value> {
+    let out = mirrorctl(source_url, &["watch", job, "--json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn sorted(v: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let good = hook_server(200);
+    let bad = hook_server(503);
+    let toml = tmp.path().join("target.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"https://www.example.com/\"\n\n\
+             [[site.hook]]\nurl = \"{}\"\n\n\
+             [[site.hook]]\nurl = \"{}\"\nretries = 2\ntimeout_secs = 2\n\n\
+             [[site.hook]]\ncommand = [\"/nonexistent/purge-cache\"]\n",
+            dst.display(),
+            good.url,
+            bad.url
+        ),
+    )
+    .unwrap();
+    let data = tmp.path().join("target-data");
+    let target = spawn_env(
+        "mirror-target",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            toml.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &tmp.path().join("target.log"),
+        &[],
+    );
+    let config = write_config(tmp.path(), &src, &target.url(), "delete = true");
+    let source = spawn_source(tmp.path(), &config);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "a failing hook does not fail the job: {job:#}");
+    assert_same_tree(&src, &dst);
+    {
+        let bodies = good.bodies.lock().unwrap();
+        assert_eq!(bodies.len(), 1);
+        let b = &bodies[0];
+        assert_eq!(b["job_id"], job["id"]);
+        assert_eq!(b["channel"], "site");
+        assert_eq!(b["site"], "main");
+        let all: Vec<String> = snapshot(&src).keys().cloned().collect();
+        assert_eq!(sorted(&b["created"]), all);
+        assert!(
+            b["urls"]["created"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u == "https://www.example.com/a/%C3%BCbersicht.json"),
+            "{b}"
+        );
+    }
+    // The failing hook was tried 1 + 2 times; its failure and the missing command are
+    // job events.
+    assert_eq!(bad.bodies.lock().unwrap().len(), 3);
+    let ev = events(&source.url(), job["id"].as_str().unwrap());
+    let hooks: Vec<&serde_json::Value> = ev.iter().filter(|e| e["kind"] == "hook_result").collect();
+    assert_eq!(hooks.len(), 3, "{ev:#?}");
+    assert_eq!(hooks[0]["data"]["ok"], true);
+    assert_eq!(hooks[1]["data"]["ok"], false);
+    assert_eq!(hooks[1]["data"]["status"], 503);
+    assert_eq!(hooks[1]["data"]["attempts"], 3);
+    assert_eq!(hooks[2]["data"]["ok"], false);
+    assert!(
+        hooks[2]["data"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot run \"/nonexistent/purge-cache\""),
+        "{:#}",
+        hooks[2]
+    );
+
+    // A second job: one update, one create, one delete.
+    write(&src, "index.html", b"<h1>home, again</h1>");
+    write(&src, "docs/new.txt", b"new");
+    std::fs::remove_file(src.join("a/b/c/deep.txt")).unwrap();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+    let bodies = good.bodies.lock().unwrap();
+    let b = &bodies[1];
+    assert_eq!(sorted(&b["created"]), ["docs/new.txt"]);
+    assert_eq!(sorted(&b["deleted"]), ["a/b/c/deep.txt"]);
+    let updated = sorted(&b["updated"]);
+    assert!(updated.contains(&"index.html".to_string()), "{updated:?}");
+    for u in &updated {
+        assert!(
+            u == "index.html" || src.join(u).is_dir(),
+            "{u} did not change: {updated:?}"
+        );
+    }
+}
+
+#[test]
+fn a_path_list_job_mirrors_only_those_paths() {
+    let Mirror {
+        tmp: _tmp,
+        src,
+        dst,
+        config: _config,
+        target: _target,
+        source,
+    } = Mirror::start(make_tree, "delete = true");
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    write(&src, "index.html", b"<h1>published</h1>");
+    write(&src, "docs/readme.md", b"also changed, not published");
+    write(&src, "news/new.html", b"fresh");
+    std::fs::remove_file(src.join("a/b/c/deep.txt")).unwrap();
+    let (code, job) = run_job(
+        &source.url(),
+        &["--path", "index.html", "--path", "news", "--path", "a/b/c"],
+    );
+    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(std::fs::read(dst.join("index.html")).unwrap(), b"<h1>published</h1>");
+    assert_eq!(std::fs::read(dst.join("news/new.html")).unwrap(), b"fresh");
+    assert!(!dst.join("a/b/c/deep.txt").exists(), "the deletion under a listed path");
+    assert_ne!(
+        std::fs::read(dst.join("docs/readme.md")).unwrap(),
+        b"also changed, not published",
+        "a path outside the list was mirrored"
+    );
+}
+
+#[test]
+fn a_trigger_during_a_running_job_yields_exactly_one_follow_up_job() {
+    let Mirror {
+        tmp: _tmp,
+        src,
+        dst,
+        config: _config,
+        target: _target,
+        source,
+    } = Mirror::start(
+        |src| make_many(src, 800),
+        "package_bytes = 16384\nwindow = 1",
+    );
+    let start = || {
+        let out = mirrorctl(&source.url(), &["start", "site", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = start();
+    let first_id = first["job_id"].as_str().unwrap().to_string();
+    // Wait until it runs, then trigger three times.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j: serde_json::Value = serde_json::from_slice(
+            &mirrorctl(&source.url(), &["show", &first_id, "--json"]).stdout,
+        )
+        .unwrap();
+        if j["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{j:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = start();
+    let b = start();
+    let c = start();
+    assert_eq!(a["coalesced"], false, "{a}");
+    assert_eq!(b["coalesced"], true, "{b}");
+    assert_eq!(c["coalesced"], true, "{c}");
+    assert_eq!(a["job_id"], b["job_id"]);
+    assert_eq!(a["job_id"], c["job_id"]);
+    let follow = a["job_id"].as_str().unwrap();
+    assert_eq!(mirrorctl(&source.url(), &["watch", follow]).status.code(), Some(0));
+    let jobs: serde_json::Value = serde_json::from_slice(
+        &mirrorctl(&source.url(), &["jobs", "--json"]).stdout,
+    )
+    .unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs:#}");
+    assert_same_tree(&src, &dst);
+}
