@@ -104,6 +104,10 @@ struct RawChannel {
     retry_budget: Option<u32>,
     ack_timeout_secs: Option<u64>,
     on_disk_full: Option<String>,
+    schedule_spread_secs: Option<u64>,
+    #[serde(default)]
+    watch: bool,
+    watch_quiet_ms: Option<u64>,
     #[serde(default)]
     target: Vec<RawTarget>,
 }
@@ -153,6 +157,13 @@ pub struct ChannelConfig {
     /// Packages in flight and no ack for this long: the target is hung, reconnect.
     pub ack_timeout: std::time::Duration,
     pub on_disk_full: OnDiskFull,
+    /// Schedules fire at their cron times plus an offset in [0, spread) chosen once per
+    /// installation (seed 002: many installations spread their load).
+    pub schedule_spread: std::time::Duration,
+    /// Start an incremental job when the source directory changes (after `watch_quiet`
+    /// without further changes).
+    pub watch: bool,
+    pub watch_quiet: std::time::Duration,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -212,7 +223,7 @@ impl MirrorConfig {
                 }
             };
             if let Some(s) = &c.schedule {
-                validate_cron(s).map_err(|m| err("schedule", m))?;
+                parse_cron(s).map_err(|m| err("schedule", m))?;
             }
             let package_bytes = c
                 .package_bytes
@@ -300,6 +311,13 @@ impl MirrorConfig {
                 retry_budget: c.retry_budget.unwrap_or(8),
                 ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
                 on_disk_full,
+                schedule_spread: std::time::Duration::from_secs(
+                    c.schedule_spread_secs.unwrap_or(300),
+                ),
+                watch: c.watch,
+                watch_quiet: std::time::Duration::from_millis(
+                    c.watch_quiet_ms.unwrap_or(2000).max(50),
+                ),
                 targets,
             });
         }
@@ -311,22 +329,19 @@ impl MirrorConfig {
     }
 }
 
-/// Checks a six-field cron expression (seconds first) for shape; the scheduler parses
-/// it fully.
-fn validate_cron(s: &str) -> Result<(), String> {
+/// Parses a cron expression with seconds (six fields: sec min hour day month weekday).
+pub fn parse_cron(s: &str) -> Result<croner::Cron, String> {
     let fields = s.split_whitespace().count();
     if fields != 6 {
         return Err(format!(
             "{s:?} is not a cron expression with seconds (6 fields expected, {fields} found)"
         ));
     }
-    if !s
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || " */,-?".contains(c))
-    {
-        return Err(format!("{s:?} is not a valid cron expression"));
-    }
-    Ok(())
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(s)
+        .map_err(|e| format!("{s:?} is not a valid cron expression: {e}"))
 }
 
 #[derive(Debug, Deserialize)]

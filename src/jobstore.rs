@@ -647,6 +647,17 @@ impl JobStore {
         Ok(row.map(|r| r.0))
     }
 
+    /// Replaces a setting's value if it still is `old` (compare-and-set); true when it did.
+    pub async fn swap_setting(&self, key: &str, old: &str, new: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE settings SET value = $1 WHERE key = $2 AND value = $3")
+            .bind(new)
+            .bind(key)
+            .bind(old)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// Stores a setting unless it exists; returns the value that is stored.
     pub async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
         sqlx::query(

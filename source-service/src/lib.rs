@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod packer;
 pub mod plan;
 pub mod runner;
+pub mod triggers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -586,7 +587,8 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(runner::worker(app.clone(), stop_rx));
+    let worker = tokio::spawn(runner::worker(app.clone(), stop_rx.clone()));
+    triggers::start(app.clone(), stop_rx).await;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     cms_mirror::observe::follow_database(
         health_reporter,

@@ -187,9 +187,15 @@ fn a_path_list_job_mirrors_only_those_paths() {
         &["--path", "index.html", "--path", "news", "--path", "a/b/c"],
     );
     assert_eq!(code, 0, "{job:#}");
-    assert_eq!(std::fs::read(dst.join("index.html")).unwrap(), b"<h1>published</h1>");
+    assert_eq!(
+        std::fs::read(dst.join("index.html")).unwrap(),
+        b"<h1>published</h1>"
+    );
     assert_eq!(std::fs::read(dst.join("news/new.html")).unwrap(), b"fresh");
-    assert!(!dst.join("a/b/c/deep.txt").exists(), "the deletion under a listed path");
+    assert!(
+        !dst.join("a/b/c/deep.txt").exists(),
+        "the deletion under a listed path"
+    );
     assert_ne!(
         std::fs::read(dst.join("docs/readme.md")).unwrap(),
         b"also changed, not published",
@@ -212,7 +218,11 @@ fn a_trigger_during_a_running_job_yields_exactly_one_follow_up_job() {
     );
     let start = || {
         let out = mirrorctl(&source.url(), &["start", "site", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let first = start();
@@ -239,11 +249,177 @@ fn a_trigger_during_a_running_job_yields_exactly_one_follow_up_job() {
     assert_eq!(a["job_id"], b["job_id"]);
     assert_eq!(a["job_id"], c["job_id"]);
     let follow = a["job_id"].as_str().unwrap();
-    assert_eq!(mirrorctl(&source.url(), &["watch", follow]).status.code(), Some(0));
-    let jobs: serde_json::Value = serde_json::from_slice(
-        &mirrorctl(&source.url(), &["jobs", "--json"]).stdout,
-    )
-    .unwrap();
+    assert_eq!(
+        mirrorctl(&source.url(), &["watch", follow]).status.code(),
+        Some(0)
+    );
+    let jobs: serde_json::Value =
+        serde_json::from_slice(&mirrorctl(&source.url(), &["jobs", "--json"]).stdout).unwrap();
     assert_eq!(jobs.as_array().unwrap().len(), 2, "{jobs:#}");
     assert_same_tree(&src, &dst);
+}
+
+fn jobs(source_url: &str) -> Vec<serde_json::Value> {
+    let out = mirrorctl(source_url, &["jobs", "--json", "--limit", "100"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn ms(v: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{v}: {e}"))
+        .timestamp_millis()
+}
+
+fn stored_seed(tmp: &std::path::Path) -> u64 {
+    let url = format!("sqlite://{}", tmp.join("source-data/source.db").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let db = cms_mirror::db::connect(&url, cms_mirror::db::Schema::Source)
+            .await
+            .unwrap();
+        cms_mirror::jobstore::JobStore::new(db)
+            .get_setting("schedule_seed")
+            .await
+            .unwrap()
+            .expect("the offset is stored")
+            .parse()
+            .unwrap()
+    })
+}
+
+#[test]
+fn a_schedule_runs_at_its_offset_times_never_overlaps_and_keeps_its_offset() {
+    const EVERY: i64 = 3000;
+    const SPREAD: i64 = 2000;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_many(&src, 300);
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "schedule = \"*/3 * * * * *\"\nschedule_spread_secs = 2\npackage_bytes = 16384\nwindow = 1",
+    );
+    let mut source = spawn_source(tmp.path(), &config);
+    std::thread::sleep(Duration::from_millis(10_500));
+    let seed = stored_seed(tmp.path());
+    let offset = SPREAD * seed as i64 / 1_000_000;
+    let check = |list: &[serde_json::Value]| {
+        for j in list {
+            assert_eq!(j["trigger"], "schedule", "{j:#}");
+            let phase = (ms(&j["created_at"]) - offset).rem_euclid(EVERY);
+            assert!(
+                phase < 700,
+                "job {} created {phase} ms after its slot (offset {offset} ms)",
+                j["id"]
+            );
+        }
+    };
+    let first = jobs(&source.url());
+    assert!(first.len() >= 2, "{first:#?}");
+    check(&first);
+    // Never two at once: each job starts after the one before it finished.
+    let mut runs: Vec<(i64, i64)> = first
+        .iter()
+        .filter(|j| j["finished_at"].as_str().is_some_and(|s| !s.is_empty()))
+        .map(|j| (ms(&j["started_at"]), ms(&j["finished_at"])))
+        .collect();
+    runs.sort();
+    for w in runs.windows(2) {
+        assert!(w[1].0 >= w[0].1, "overlapping jobs: {runs:?}");
+    }
+
+    // Down for more than two slots: after the restart the missed slots run once, and the
+    // schedule keeps its stored offset.
+    source.kill9();
+    std::thread::sleep(Duration::from_millis(7_000));
+    let before = first.len();
+    let restarted = chrono::Utc::now().timestamp_millis();
+    let source = spawn_source(tmp.path(), &config);
+    assert_eq!(stored_seed(tmp.path()), seed, "the offset was drawn again");
+    std::thread::sleep(Duration::from_millis(7_500));
+    let all = jobs(&source.url());
+    let after: Vec<serde_json::Value> = all
+        .iter()
+        .filter(|j| ms(&j["created_at"]) >= restarted)
+        .cloned()
+        .collect();
+    let summary: Vec<(i64, i64, String)> = after
+        .iter()
+        .map(|j| {
+            let c = ms(&j["created_at"]);
+            (
+                c - restarted,
+                (c - offset).rem_euclid(EVERY),
+                j["trigger"].to_string(),
+            )
+        })
+        .collect();
+    let (missed, regular): (Vec<_>, Vec<_>) = after.into_iter().partition(|j| {
+        j["requested_by"]
+            .as_str()
+            .unwrap()
+            .ends_with("(missed slot)")
+    });
+    assert_eq!(
+        missed.len(),
+        1,
+        "missed slots run once: {summary:?} (offset {offset})"
+    );
+    assert!(
+        ms(&missed[0]["created_at"]) < restarted + 2000,
+        "{missed:#?}"
+    );
+    assert!(regular.len() >= 2, "{regular:#?}");
+    check(&regular);
+    assert!(all.len() >= before + 3);
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn writing_into_the_source_starts_one_job_after_the_quiet_period() {
+    let Mirror {
+        tmp: _tmp,
+        src,
+        dst,
+        config: _config,
+        target: _target,
+        source,
+    } = Mirror::start(make_tree, "watch = true\nwatch_quiet_ms = 700");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(jobs(&source.url()).is_empty());
+    let t0 = Instant::now();
+    for i in 0..10 {
+        write(&src, &format!("incoming/f{i}.html"), &bytes(i, 3000));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let wrote = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let list = jobs(&source.url());
+        if let Some(j) = list.first() {
+            assert_eq!(list.len(), 1, "{list:#?}");
+            break j.clone();
+        }
+        assert!(Instant::now() < deadline, "no job was started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Not before the writes were over and quiet for the period.
+    assert!(
+        t0.elapsed() >= wrote + Duration::from_millis(600),
+        "started during the writes"
+    );
+    assert_eq!(job["trigger"], "watch");
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(
+        mirrorctl(&source.url(), &["watch", id]).status.code(),
+        Some(0)
+    );
+    assert_same_tree(&src, &dst);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(jobs(&source.url()).len(), 1, "one burst of writes, one job");
 }
