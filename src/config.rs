@@ -359,6 +359,23 @@ struct RawSite {
     base_url: Option<String>,
     #[serde(default)]
     hook: Vec<RawHook>,
+    #[serde(default)]
+    push: Vec<RawPush>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPush {
+    source: String,
+    channel: String,
+}
+
+/// After a committed import, start `channel` on another source service (a tier-1
+/// mirror pushing to tier 2, seed 002 point 5).
+#[derive(Clone, Debug)]
+pub struct Push {
+    pub source: String,
+    pub channel: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -392,6 +409,7 @@ pub struct SiteConfig {
     pub root: PathBuf,
     pub base_url: Option<String>,
     pub hooks: Vec<Hook>,
+    pub push: Vec<Push>,
 }
 
 impl SiteConfig {
@@ -406,6 +424,7 @@ impl SiteConfig {
             root: dir.into(),
             base_url: None,
             hooks: Vec::new(),
+            push: Vec::new(),
         })
     }
 
@@ -462,11 +481,30 @@ impl SiteConfig {
                         }
                     });
                 }
+                let mut push = Vec::new();
+                for p in &s.push {
+                    if !(p.source.starts_with("http://") || p.source.starts_with("https://"))
+                        || p.source.parse::<tonic::transport::Uri>().is_err()
+                    {
+                        return Err(err(
+                            "push.source",
+                            format!("{:?} is not an http:// or https:// URL", p.source),
+                        ));
+                    }
+                    if p.channel.is_empty() {
+                        return Err(err("push.channel", "must not be empty".into()));
+                    }
+                    push.push(Push {
+                        source: p.source.clone(),
+                        channel: p.channel.clone(),
+                    });
+                }
                 Ok(SiteConfig {
                     root: base.join(&s.root),
                     name: s.name.clone(),
                     base_url: s.base_url.clone(),
                     hooks,
+                    push,
                 })
             })
             .collect()

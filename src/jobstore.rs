@@ -214,6 +214,22 @@ impl JobStore {
     pub async fn create_job(&self, new: NewJob) -> Result<(JobRow, bool), StoreError> {
         let options_json = serde_json::to_string(&new.options).unwrap_or_else(|_| "{}".into());
         let mut tx = self.db.pool.begin().await?;
+        // Take the write lock before reading: two triggers of one channel at once must
+        // not both queue a job, and on SQLite a read transaction that later writes fails
+        // at once (SQLITE_BUSY) when another writer got in between.
+        match self.db.backend {
+            Backend::Sqlite => {
+                sqlx::query("UPDATE jobs SET id = id WHERE 1 = 0")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Backend::Postgres => {
+                sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext($1))) l")
+                    .bind(&new.channel)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         // Same options (the caller's trace context aside): one follow-up job.
         let queued: Vec<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLS} FROM jobs WHERE channel = $1 AND state = 'queued' ORDER BY created_at"

@@ -296,7 +296,7 @@ pub fn apply(
                     continue;
                 }
                 let path = d.path.clone();
-                match data(sess, d, &mut publish, &mut out) {
+                match data(site, sess, d, &mut publish, &mut out) {
                     Ok(Some(tmp)) => to_sync.push(tmp),
                     Ok(None) => {}
                     Err(e) if e.code == NO_SPACE => {
@@ -570,12 +570,25 @@ fn put(
 
 /// Writes a chunk. Returns the staged path to sync when the chunk was written.
 fn data(
+    site: &SiteFs,
     sess: &mut SessionFiles,
     d: pb::FileData,
     publish: &mut Vec<Publish>,
     out: &mut Applied,
 ) -> Result<Option<PathBuf>, pb::ItemError> {
     let path = d.path.clone();
+    if !sess.open.contains_key(&path)
+        && d.last
+        && let Some(item) = already_published(site, &d)
+    {
+        // The target stopped after publishing this file but before recording its
+        // package; the resent last chunk finds it complete in place.
+        touch_parent(&mut out.changes, &path);
+        out.changes.changes.push((path, "updated"));
+        out.changes.upserts.push(item);
+        out.items += 1;
+        return Ok(None);
+    }
     if !sess.open.contains_key(&path) {
         // After a restart: reopen the staged file and its metadata.
         let meta_path = sess.dir.join(staged_name("m", &path));
@@ -698,6 +711,25 @@ fn data(
         had_meta: of.meta_written,
     });
     Ok(Some(of.tmp))
+}
+
+/// The item at `d.path` when it already is the complete body the last chunk `d` ends
+/// (same length, same BLAKE3) and there is nothing staged for it.
+fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
+    let dest = site.root.join(&d.path);
+    let md = fs::symlink_metadata(&dest).ok()?;
+    let end = d.offset.checked_add(d.data.len() as u64)?;
+    if !md.is_file() || md.len() != end || d.blake3.len() != 32 {
+        return None;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update_reader(File::open(&dest).ok()?).ok()?;
+    if h.finalize().as_bytes().as_slice() != d.blake3.as_slice() {
+        return None;
+    }
+    let mut item = cms_mirror::fswalk::item_from_metadata(&site.root, &d.path, &md).ok()?;
+    item.hash = Some(hex(&d.blake3));
+    Some(item)
 }
 
 fn sync_batch(root: &Path, files: &[PathBuf], durability: Durability) -> io::Result<()> {

@@ -159,3 +159,48 @@ fn http_client() -> &'static reqwest::Client {
             .expect("HTTP client")
     })
 }
+
+/// Starts the next tier's channel on another source service (after a commit). The
+/// lineage carries every target the content passed, so a loop is refused.
+pub async fn push(
+    p: &cms_mirror::config::Push,
+    job_id: &str,
+    lineage: Vec<String>,
+) -> pb::HookResult {
+    let started = Instant::now();
+    let hook = format!("push {} to {}", p.channel, p.source);
+    let res = async {
+        let ep = cms_mirror::transport::endpoint(&p.source).map_err(|e| e.to_string())?;
+        let ch = tokio::time::timeout(Duration::from_secs(10), ep.connect())
+            .await
+            .map_err(|_| "timed out connecting".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut c = pb::source_service_client::SourceServiceClient::new(ch);
+        let r = c
+            .start_job(cms_mirror::telemetry::inject(tonic::Request::new(
+                pb::StartJobRequest {
+                    channel: p.channel.clone(),
+                    trigger: pb::Trigger::Api as i32,
+                    requested_by: format!("tier push after job {job_id}"),
+                    lineage,
+                    ..Default::default()
+                },
+            )))
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        Ok::<String, String>(r.into_inner().job_id)
+    }
+    .await;
+    match &res {
+        Ok(j) => tracing::info!(%hook, job = %j, "pushed to the next tier"),
+        Err(e) => tracing::warn!(%hook, error = %e, "push to the next tier failed"),
+    }
+    pb::HookResult {
+        hook,
+        ok: res.is_ok(),
+        status: 0,
+        error: res.err().unwrap_or_default(),
+        attempts: 1,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}

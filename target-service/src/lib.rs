@@ -55,6 +55,8 @@ struct Inner {
     /// Files in progress per session; one package of a session is applied at a time.
     sessions: Mutex<HashMap<String, Arc<Mutex<SessionFiles>>>>,
     metrics: metrics::Metrics,
+    /// Lineage of each open session (passed on by tier pushes).
+    lineages: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// The gRPC target service.
@@ -122,6 +124,7 @@ impl TargetService {
                 settings,
                 sessions: Mutex::new(HashMap::new()),
                 metrics: metrics::Metrics::new(),
+                lineages: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -298,6 +301,11 @@ impl TargetApi for TargetService {
             .open_session(&r.job_id, &r.site, &r.channel)
             .await
             .map_err(db_status)?;
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .insert(s.id.clone(), r.lineage.clone());
         tracing::info!(session = %s.id, last_seq = s.last_seq, "session opened");
         Ok(Response::new(pb::OpenSessionResponse {
             session_id: s.id,
@@ -527,6 +535,19 @@ impl TargetApi for TargetService {
                     }
                 }
                 hooks = hooks::run_all(&cfg.hooks, &ch).await;
+            }
+            if let Some(cfg) = cfg.filter(|c| r.run_hooks && !c.push.is_empty()) {
+                let mut lineage = self
+                    .inner
+                    .lineages
+                    .lock()
+                    .expect("lineages lock")
+                    .remove(&s.id)
+                    .unwrap_or_default();
+                lineage.push(self.inner.settings.target_id.clone());
+                for p in &cfg.push {
+                    hooks.push(hooks::push(p, &s.job_id, lineage.clone()).await);
+                }
             }
         }
         Ok(Response::new(pb::CommitResponse {

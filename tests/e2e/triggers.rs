@@ -423,3 +423,78 @@ fn writing_into_the_source_starts_one_job_after_the_quiet_period() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(jobs(&source.url()).len(), 1, "one burst of writes, one job");
 }
+
+#[test]
+fn a_tier_one_target_pushes_to_tier_two_after_its_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (src, mid, dst) = (
+        tmp.path().join("src"),
+        tmp.path().join("mid"),
+        tmp.path().join("dst"),
+    );
+    make_tree(&src);
+    std::fs::create_dir_all(&mid).unwrap();
+    // Tier 2: a source mirroring the tier-1 site to its own target.
+    let t2 = spawn_target(&b, &dst);
+    let b_config = write_config(&b, &mid, &t2.url(), "");
+    let source_b = spawn_source(&b, &b_config);
+    // Tier 1: its target pushes channel "site" of tier 2's source after each import.
+    let toml = a.join("target.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\n\n  [[site.push]]\n  source = \"{}\"\n  channel = \"site\"\n",
+            mid.display(),
+            source_b.url()
+        ),
+    )
+    .unwrap();
+    let t1 = spawn_env(
+        "mirror-target",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            toml.to_str().unwrap(),
+            "--data-dir",
+            a.join("target-data").to_str().unwrap(),
+        ],
+        &a.join("target.log"),
+        &[],
+    );
+    let a_config = write_config(&a, &src, &t1.url(), "");
+    let source_a = spawn_source(&a, &a_config);
+    let (code, job) = run_job(&source_a.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let ev = events(&source_a.url(), job["id"].as_str().unwrap());
+    let push = ev
+        .iter()
+        .find(|e| e["kind"] == "hook_result")
+        .unwrap_or_else(|| panic!("no push result: {ev:#?}"));
+    assert_eq!(push["data"]["ok"], true, "{push:#}");
+    // Tier 2 ran because of the push and ends identical to the origin.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let j2 = loop {
+        if let Some(j) = jobs(&source_b.url()).first().cloned()
+            && j["state"] != "queued"
+            && j["state"] != "running"
+        {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "tier 2 did not run");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(j2["state"], "succeeded", "{j2:#}");
+    assert_eq!(j2["trigger"], "api");
+    assert!(
+        j2["requested_by"]
+            .as_str()
+            .unwrap()
+            .contains(job["id"].as_str().unwrap()),
+        "{j2:#}"
+    );
+    assert_same_tree(&src, &dst);
+}
