@@ -183,7 +183,13 @@ pub fn inject<T>(mut req: tonic::Request<T>) -> tonic::Request<T> {
 
 /// Makes `span` a child of the trace context a request carries, if any.
 pub fn follow(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    let cx = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+    set_parent(
+        span,
+        TraceContextPropagator::new().extract(&MetadataExtractor(metadata)),
+    );
+}
+
+fn set_parent(span: &tracing::Span, cx: opentelemetry::Context) {
     if opentelemetry::trace::TraceContextExt::span(&cx)
         .span_context()
         .is_valid()
@@ -201,11 +207,5 @@ pub fn current_context() -> std::collections::HashMap<String, String> {
 
 /// Makes `span` a child of a stored trace context.
 pub fn follow_stored(span: &tracing::Span, stored: &std::collections::HashMap<String, String>) {
-    let cx = TraceContextPropagator::new().extract(stored);
-    if opentelemetry::trace::TraceContextExt::span(&cx)
-        .span_context()
-        .is_valid()
-    {
-        let _ = span.set_parent(cx);
-    }
+    set_parent(span, TraceContextPropagator::new().extract(stored));
 }

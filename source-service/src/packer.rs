@@ -218,7 +218,9 @@ impl Packer {
                             bytes = by;
                         }
                         None => {
-                            entries.push(abort(&path, "changed while being read; reading it again"))
+                            entries
+                                .push(abort(&path, "changed while being read; reading it again"));
+                            size += ENTRY_OVERHEAD + path.len();
                         }
                     }
                     tracing::debug!(
@@ -239,7 +241,6 @@ impl Packer {
                     ) {
                         items += 1;
                     }
-                    size += ENTRY_OVERHEAD + path.len();
                     continue;
                 }
                 size += want + ENTRY_OVERHEAD;

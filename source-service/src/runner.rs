@@ -627,6 +627,16 @@ async fn current_row(app: &Arc<App>, jid: &str, tname: &str) -> cms_mirror::jobs
         .unwrap_or_default()
 }
 
+/// The end of a target's job once its item errors exceed the channel's `max_errors`.
+fn too_many_errors(ch: &ChannelConfig, item_errors: u64) -> Option<StreamEnd> {
+    let max = ch.max_errors?;
+    (item_errors > max).then(|| {
+        StreamEnd::Fatal(format!(
+            "{item_errors} item errors exceed max_errors = {max}"
+        ))
+    })
+}
+
 /// A request carrying the current span's trace context.
 fn traced<T>(msg: T) -> tonic::Request<T> {
     cms_mirror::telemetry::inject(tonic::Request::new(msg))
@@ -839,12 +849,8 @@ async fn stream_once(
     let cursor: Cursor = serde_json::from_str(&row.checkpoint_json).unwrap_or_default();
     let mut last_acked = row.checkpoint_seq as u64;
     let mut item_errors = row.item_errors as u64;
-    if let Some(max) = ch.max_errors
-        && item_errors > max
-    {
-        return StreamEnd::Fatal(format!(
-            "{item_errors} item errors exceed max_errors = {max}"
-        ));
+    if let Some(e) = too_many_errors(ch, item_errors) {
+        return e;
     }
     let mut phases = vec![PhaseName::Content, PhaseName::Last];
     if ch.delete {
@@ -1002,10 +1008,8 @@ async fn stream_once(
                         app.metrics.packages_acked.get_or_create(&lbl).inc();
                         app.metrics.bytes_acked.get_or_create(&lbl).inc_by(f.bytes);
                         bytes_this_stream += f.bytes;
-                        if let Some(max) = ch.max_errors
-                            && item_errors > max
-                        {
-                            break StreamEnd::Fatal(format!("{item_errors} item errors exceed max_errors = {max}"));
+                        if let Some(e) = too_many_errors(ch, item_errors) {
+                            break e;
                         }
                         if last_progress.elapsed() >= PROGRESS_EVERY && !(packer_done && inflight.is_empty()) {
                             last_progress = Instant::now();
@@ -1110,6 +1114,7 @@ fn give_up_package(b: &mut Built) {
     // below it); every other item is abandoned.
     let mut keep: Vec<pb::Entry> = Vec::new();
     let mut paths: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut dirs: u64 = 0;
     for e in payload.entries {
         let path = match e.op {
@@ -1125,7 +1130,7 @@ fn give_up_package(b: &mut Built) {
             Some(pb::entry::Op::Delete(d)) => d.path,
             _ => continue,
         };
-        if paths.last() != Some(&path) && !paths.contains(&path) {
+        if seen.insert(path.clone()) {
             paths.push(path);
         }
     }

@@ -350,7 +350,7 @@ pub fn apply(
         }
     }
     if out.no_space {
-        return discard_for_retry(sess, publish, out);
+        return discard_for_retry(publish, out);
     }
 
     // Files continuing in a later package: keep their metadata beside the staged body so
@@ -373,7 +373,7 @@ pub fn apply(
         }
     }
     if out.no_space {
-        return discard_for_retry(sess, publish, out);
+        return discard_for_retry(publish, out);
     }
 
     // Make the batch durable, then publish it.
@@ -385,7 +385,7 @@ pub fn apply(
                 .unwrap_or_default();
             out.errors.push(io_item_error(&first, "cannot sync", &e));
             out.no_space = true;
-            return discard_for_retry(sess, publish, out);
+            return discard_for_retry(publish, out);
         }
         for p in publish.drain(..) {
             let _ = fs::remove_file(&p.tmp);
@@ -444,13 +444,9 @@ pub fn apply(
 /// Undoes the visible effects of a package that ran out of space: none of its files is
 /// published. Bodies that began in an earlier package keep their staged data and
 /// metadata, so the resent package completes them.
-fn discard_for_retry(sess: &mut SessionFiles, publish: Vec<Publish>, mut out: Applied) -> Applied {
-    for p in publish {
-        if p.had_meta {
-            sess.failed.remove(&p.item.path);
-        } else {
-            let _ = fs::remove_file(&p.tmp);
-        }
+fn discard_for_retry(publish: Vec<Publish>, mut out: Applied) -> Applied {
+    for p in publish.iter().filter(|p| !p.had_meta) {
+        let _ = fs::remove_file(&p.tmp);
     }
     out.changes = PackageChanges::default();
     out.items = 0;

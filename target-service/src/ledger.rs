@@ -12,6 +12,7 @@ pub struct SessionRow {
     pub id: String,
     pub job_id: String,
     pub site: String,
+    pub channel: String,
     pub last_seq: i64,
     pub state: String,
 }
@@ -117,15 +118,17 @@ impl Ledger {
     }
 
     pub async fn session(&self, id: &str) -> Result<Option<SessionRow>, sqlx::Error> {
-        sqlx::query_as("SELECT id, job_id, site, last_seq, state FROM sessions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.db.pool)
-            .await
+        sqlx::query_as(
+            "SELECT id, job_id, site, channel, last_seq, state FROM sessions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await
     }
 
     pub async fn open_sessions(&self) -> Result<Vec<SessionRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, job_id, site, last_seq, state FROM sessions WHERE state = 'open'",
+            "SELECT id, job_id, site, channel, last_seq, state FROM sessions WHERE state = 'open'",
         )
         .fetch_all(&self.db.pool)
         .await
@@ -391,14 +394,6 @@ impl Ledger {
         .bind(session)
         .fetch_all(&self.db.pool)
         .await
-    }
-
-    pub async fn session_channel(&self, session: &str) -> Result<String, sqlx::Error> {
-        let (c,): (String,) = sqlx::query_as("SELECT channel FROM sessions WHERE id = $1")
-            .bind(session)
-            .fetch_one(&self.db.pool)
-            .await?;
-        Ok(c)
     }
 
     /// Number of items indexed for a site.

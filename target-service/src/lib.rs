@@ -473,6 +473,11 @@ impl TargetApi for TargetService {
             .await
             .map_err(|e| Status::internal(format!("abort task failed: {e}")))?;
             ledger.abort_session(&s.id).await.map_err(db_status)?;
+            self.inner
+                .lineages
+                .lock()
+                .expect("lineages lock")
+                .remove(&s.id);
             tracing::info!(session = %s.id, "session aborted");
             return Ok(Response::new(pb::CommitResponse::default()));
         }
@@ -504,6 +509,13 @@ impl TargetApi for TargetService {
                 .remove(&s.id);
         }
         let first_commit = s.state != "committed";
+        let mut lineage = self
+            .inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .remove(&s.id)
+            .unwrap_or_default();
         let (created, updated, deleted) = ledger
             .commit_session(&s.id, &s.site)
             .await
@@ -520,7 +532,7 @@ impl TargetApi for TargetService {
             if let Some(cfg) = cfg.filter(|c| r.run_hooks && !c.hooks.is_empty()) {
                 let mut ch = hooks::Changes {
                     job_id: s.job_id.clone(),
-                    channel: ledger.session_channel(&s.id).await.map_err(db_status)?,
+                    channel: s.channel.clone(),
                     site: s.site.clone(),
                     base_url: cfg.base_url.clone(),
                     created: Vec::new(),
@@ -537,13 +549,6 @@ impl TargetApi for TargetService {
                 hooks = hooks::run_all(&cfg.hooks, &ch).await;
             }
             if let Some(cfg) = cfg.filter(|c| r.run_hooks && !c.push.is_empty()) {
-                let mut lineage = self
-                    .inner
-                    .lineages
-                    .lock()
-                    .expect("lineages lock")
-                    .remove(&s.id)
-                    .unwrap_or_default();
                 lineage.push(self.inner.settings.target_id.clone());
                 for p in &cfg.push {
                     hooks.push(hooks::push(p, &s.job_id, lineage.clone()).await);

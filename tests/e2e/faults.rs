@@ -229,10 +229,8 @@ fn kill_9_of_the_source_resumes_from_its_checkpoint() {
     assert_eq!(wait_for_job(&source.url(), &job), 0);
     assert_same_tree(&src, &dst);
     // The new instance resumed right after the checkpoint: no acknowledged package again.
-    let out = mirrorctl(&source.url(), &["watch", &job, "--json"]);
-    let resumed: Vec<u64> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let resumed: Vec<u64> = events(&source.url(), &job)
+        .into_iter()
         .filter(|e| e["kind"] == "resumed" && e["target"] == "web1")
         .map(|e| e["data"]["from_seq"].as_u64().unwrap())
         .collect();
@@ -649,16 +647,13 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
         show(&source.url(), &job)
     );
     assert_same_tree(&src, &dst);
-    let out = mirrorctl(&source.url(), &["watch", &job, "--json"]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let ev = events(&source.url(), &job);
     assert!(
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .any(|e| e["kind"] == "target_disconnected"
-                && e["data"]["error"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("no acknowledgement")),
-        "{text}"
+        ev.iter().any(|e| e["kind"] == "target_disconnected"
+            && e["data"]["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no acknowledgement")),
+        "{ev:#?}"
     );
 }

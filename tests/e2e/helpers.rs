@@ -157,6 +157,32 @@ pub fn spawn_source_with(dir: &Path, config: &Path, extra: &[&str], env: &[(&str
     spawn_env("mirror-source", &args, &log, env)
 }
 
+/// A target whose sites come from a `target.toml` (hooks, pushes, base URLs).
+pub fn spawn_target_config(dir: &Path, toml: &Path) -> Proc {
+    spawn_env(
+        "mirror-target",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            toml.to_str().unwrap(),
+            "--data-dir",
+            dir.join("target-data").to_str().unwrap(),
+        ],
+        &dir.join(format!("target-{}.log", stamp())),
+        &[],
+    )
+}
+
+/// A job's stored events, as `mirrorctl watch JOB --json` replays them.
+pub fn events(source_url: &str, job: &str) -> Vec<serde_json::Value> {
+    let out = mirrorctl(source_url, &["watch", job, "--json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

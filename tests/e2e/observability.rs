@@ -319,15 +319,14 @@ fn health_is_serving_and_not_serving_once_the_database_is_gone() {
     .unwrap();
     wait_for(NOT_SERVING);
     // Reflection is on as well: grpcurl can list the services.
-    let mut c = rt
-        .block_on(tonic_reflection_client(&target.url()))
+    let services = rt
+        .block_on(reflection_services(&target.url()))
         .expect("reflection answers");
-    assert!(c.iter().any(|s| s == svc), "{c:?}");
-    c.clear();
+    assert!(services.iter().any(|s| s == svc), "{services:?}");
 }
 
 /// The services a server lists through gRPC reflection (v1).
-async fn tonic_reflection_client(url: &str) -> Result<Vec<String>, String> {
+async fn reflection_services(url: &str) -> Result<Vec<String>, String> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;

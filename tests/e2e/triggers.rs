@@ -49,14 +49,6 @@ fn hook_server(status: u16) -> HookServer {
     HookServer { url, bodies }
 }
 
-fn events(source_url: &str, job: &str) -> Vec<serde_json::Value> {
-    let out = mirrorctl(source_url, &["watch", job, "--json"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn sorted(v: &serde_json::Value) -> Vec<String> {
     let mut out: Vec<String> = v
         .as_array()
@@ -89,20 +81,7 @@ fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
         ),
     )
     .unwrap();
-    let data = tmp.path().join("target-data");
-    let target = spawn_env(
-        "mirror-target",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            toml.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &tmp.path().join("target.log"),
-        &[],
-    );
+    let target = spawn_target_config(tmp.path(), &toml);
     let config = write_config(tmp.path(), &src, &target.url(), "delete = true");
     let source = spawn_source(tmp.path(), &config);
     let (code, job) = run_job(&source.url(), &[]);
@@ -452,19 +431,7 @@ fn a_tier_one_target_pushes_to_tier_two_after_its_import() {
         ),
     )
     .unwrap();
-    let t1 = spawn_env(
-        "mirror-target",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            toml.to_str().unwrap(),
-            "--data-dir",
-            a.join("target-data").to_str().unwrap(),
-        ],
-        &a.join("target.log"),
-        &[],
-    );
+    let t1 = spawn_target_config(&a, &toml);
     let a_config = write_config(&a, &src, &t1.url(), "");
     let source_a = spawn_source(&a, &a_config);
     let (code, job) = run_job(&source_a.url(), &[]);
