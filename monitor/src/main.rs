@@ -4,6 +4,10 @@
 //! and 2 when it failed or was cancelled; 3 for a usage or connection error.
 #![forbid(unsafe_code)]
 
+mod bars;
+mod dashboard;
+
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -12,6 +16,9 @@ use tonic::transport::Channel;
 
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_client::SourceServiceClient;
+
+/// The admin client of the source service.
+pub(crate) type Client = SourceServiceClient<Channel>;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -98,6 +105,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the web dashboard (channels, live jobs, history, job details).
+    Dashboard {
+        /// Address to serve on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -122,7 +135,7 @@ fn trigger_name(t: i32) -> &'static str {
     }
 }
 
-fn job_json(j: &pb::Job) -> Value {
+pub(crate) fn job_json(j: &pb::Job) -> Value {
     json!({
         "id": j.id, "channel": j.channel, "state": state_name(j.state), "trigger": trigger_name(j.trigger),
         "requested_by": j.requested_by, "created_at": j.created_at, "started_at": j.started_at,
@@ -144,7 +157,15 @@ fn job_json(j: &pb::Job) -> Value {
     })
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn channel_json(ch: &pb::Channel) -> Value {
+    json!({
+        "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete,
+        "last_job_id": ch.last_job_id, "last_job_state": state_name(ch.last_job_state),
+        "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds})).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) fn human_bytes(b: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -223,7 +244,7 @@ fn output_job(j: &pb::Job, json: bool) {
 }
 
 /// An event as one JSON object (`--json` output of watch).
-fn event_json(e: &pb::JobEvent) -> Value {
+pub(crate) fn event_json(e: &pb::JobEvent) -> Value {
     json!({
         "id": e.id, "job_id": e.job_id, "seq": e.seq, "kind": e.kind, "at": e.at, "target": e.target,
         "data": serde_json::from_str::<Value>(&e.data_json).unwrap_or(Value::Null), "missed": e.missed,
@@ -231,7 +252,7 @@ fn event_json(e: &pb::JobEvent) -> Value {
 }
 
 /// One line per event, for terminals and logs alike.
-fn event_line(e: &pb::JobEvent) -> String {
+pub(crate) fn event_line(e: &pb::JobEvent) -> String {
     let d: Value = serde_json::from_str(&e.data_json).unwrap_or(Value::Null);
     let who = if e.target.is_empty() {
         String::new()
@@ -310,7 +331,7 @@ fn event_line(e: &pb::JobEvent) -> String {
     )
 }
 
-async fn connect(url: &str) -> Result<SourceServiceClient<Channel>, String> {
+async fn connect(url: &str) -> Result<Client, String> {
     let ep = cms_mirror::transport::endpoint(url)
         .map_err(|e| format!("invalid source URL {url:?}: {e}"))?;
     let ch = ep
@@ -325,11 +346,7 @@ fn status_msg(s: tonic::Status) -> String {
 }
 
 /// Follows a job until it finishes; returns its final state.
-async fn follow(
-    client: &mut SourceServiceClient<Channel>,
-    job: &str,
-    json_out: bool,
-) -> Result<i32, String> {
+async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, String> {
     let req = pb::WatchJobsRequest {
         job_id: job.to_string(),
         ..Default::default()
@@ -349,7 +366,7 @@ async fn follow(
 /// Prints a watch's events as they arrive (JSON lines or text), until the stream ends
 /// or, for one job, its `finished` event.
 async fn print_events(
-    client: &mut SourceServiceClient<Channel>,
+    client: &mut Client,
     req: pb::WatchJobsRequest,
     json_out: bool,
     text_to_stderr: bool,
@@ -360,11 +377,19 @@ async fn print_events(
         .await
         .map_err(status_msg)?
         .into_inner();
+    // Bars when a person is watching; one line per event for logs and pipes.
+    let terminal = if text_to_stderr {
+        std::io::stderr().is_terminal()
+    } else {
+        std::io::stdout().is_terminal()
+    };
+    let mut bars = (!json_out && terminal).then(bars::Bars::new);
     while let Some(e) = stream.message().await.map_err(status_msg)? {
-        match (json_out, text_to_stderr) {
-            (true, _) => println!("{}", event_json(&e)),
-            (false, true) => eprintln!("{}", event_line(&e)),
-            (false, false) => println!("{}", event_line(&e)),
+        match (json_out, &mut bars, text_to_stderr) {
+            (true, _, _) => println!("{}", event_json(&e)),
+            (false, Some(b), _) => b.on_event(&e),
+            (false, None, true) => eprintln!("{}", event_line(&e)),
+            (false, None, false) => println!("{}", event_line(&e)),
         }
         if one_job && e.kind == "finished" {
             break;
@@ -392,8 +417,18 @@ fn exit_for(state: i32) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    if let Cmd::Dashboard { listen } = &cli.cmd {
+        // The dashboard starts even while the source is down; its pages say so.
+        let ch = cms_mirror::transport::endpoint(&cli.source)
+            .map_err(|e| format!("invalid source URL {:?}: {e}", cli.source))?
+            .connect_lazy();
+        let client = Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE);
+        dashboard::serve(listen, client).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut c = connect(&cli.source).await?;
     match cli.cmd {
+        Cmd::Dashboard { .. } => unreachable!("served above"),
         Cmd::Start {
             channel,
             full,
@@ -503,11 +538,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(status_msg)?
                 .into_inner();
             if json {
-                let v: Vec<Value> = r.channels.iter().map(|ch| json!({
-                    "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete,
-                    "last_job_id": ch.last_job_id, "last_job_state": state_name(ch.last_job_state),
-                    "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds})).collect::<Vec<_>>(),
-                })).collect();
+                let v: Vec<Value> = r.channels.iter().map(channel_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 for ch in &r.channels {
@@ -573,11 +604,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 }
 
 /// Prints a job's plan, one line per item like `rsync -i`.
-async fn print_plan(
-    c: &mut SourceServiceClient<Channel>,
-    job: &str,
-    json: bool,
-) -> Result<(), String> {
+async fn print_plan(c: &mut Client, job: &str, json: bool) -> Result<(), String> {
     let mut s = c
         .get_plan(pb::GetPlanRequest {
             job_id: job.to_string(),

@@ -428,6 +428,7 @@ impl TargetApi for TargetService {
                         }
                     };
                     let started = std::time::Instant::now();
+                    slow_apply_failpoint().await;
                     let span =
                         tracing::info_span!("apply_package", seq = pkg.seq, site = %session.site);
                     let reply = this
@@ -592,4 +593,24 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
+}
+
+/// Test failpoint `CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS=N`: every package waits N ms
+/// before it is applied (a slow target disk), so tests can watch a job in flight.
+async fn slow_apply_failpoint() {
+    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        let ms = std::env::var("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS")
+            .ok()?
+            .parse()
+            .ok()?;
+        tracing::warn!(
+            ms,
+            "failpoint: every package is delayed; never in production"
+        );
+        Some(ms)
+    });
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
 }

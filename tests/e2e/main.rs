@@ -1,6 +1,7 @@
 //! End-to-end tests: real service processes (and in-process services for direct
 //! protocol tests) on ephemeral loopback ports.
 
+mod dashboard;
 mod faults;
 mod helpers;
 mod incremental;

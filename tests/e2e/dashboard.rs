@@ -1,0 +1,347 @@
+//! Issue 5: the web dashboard, driven in Debian's headless Chromium through ChromeDriver.
+//! A slowed target (failpoint) keeps the job in flight long enough to see it move.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Chromium and ChromeDriver, installed by the project's own script when missing.
+fn ensure_browser() {
+    if Path::new(CHROMIUM).exists() && Path::new(CHROMEDRIVER).exists() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-chromium.sh");
+    let st = Command::new("bash")
+        .arg(&script)
+        .status()
+        .expect("run bash");
+    assert!(
+        st.success() && Path::new(CHROMIUM).exists(),
+        "the dashboard test needs Debian's chromium and chromium-driver: {} failed",
+        script.display()
+    );
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn browser(profile: &Path) -> (Driver, Client) {
+    ensure_browser();
+    let addr = free_addr();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let driver = Driver(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver"),
+    );
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(connector)
+            .capabilities(caps.clone())
+            .connect(&format!("http://{addr}"))
+            .await
+        {
+            Ok(c) => return (driver, c),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot start a Chromium session through chromedriver: {e}"),
+        }
+    }
+}
+
+/// Where test artifacts (screenshots) go: target/test-artifacts.
+fn artifact(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// What the page shows about its jobs, read in the browser.
+async fn page_state(c: &Client) -> Value {
+    c.execute(
+        r#"
+        const rows = [...document.querySelectorAll('#history tr')].map(r => ({
+            job: r.dataset.job, state: r.querySelector('.state')?.textContent }));
+        const bars = [...document.querySelectorAll('#running progress')].map(p => ({
+            value: Number(p.value), max: Number(p.max),
+            text: p.parentElement.querySelector('.progress-text')?.textContent }));
+        const cancel = document.querySelector('#running button.cancel');
+        return { rows, bars, updates: Number(document.body.dataset.progressUpdates || 0),
+                 marker: window.__noReload || null, cancel: cancel ? cancel.dataset.job : null,
+                 started: document.querySelector('#start-site')?.dataset.lastJob || null };
+        "#,
+        vec![],
+    )
+    .await
+    .expect("run script in the page")
+}
+
+fn job_json(source: &str, job: &str) -> Value {
+    serde_json::from_slice(&mirrorctl(source, &["show", job, "--json"]).stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    for i in 0..24 {
+        write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 200_000));
+    }
+    write(&src, "index.html", b"<h1>dashboard</h1>");
+    let target = spawn_target_with(
+        tmp.path(),
+        &dst,
+        "127.0.0.1:0",
+        &[],
+        &[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")],
+    );
+    let config = write_config(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "package_bytes = 131072\nwindow = 1",
+    );
+    let source = spawn_source(tmp.path(), &config);
+    let dash = spawn_env(
+        "mirrorctl",
+        &[
+            "--source",
+            &source.url(),
+            "dashboard",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &tmp.path().join("dashboard.log"),
+        &[],
+    );
+
+    // Bad input first: unknown jobs are 404 pages and 404 answers, not crashes.
+    let (code, body) = http_get(&dash.addr, "/jobs/4c0ffee0-0000-4000-8000-000000000000");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("No such job"), "{body}");
+    let (code, body) = http_get(&dash.addr, "/api/jobs/nope");
+    assert!(code == 404 || code == 400, "{code} {body}");
+    assert_eq!(http_get(&dash.addr, "/no/such/page").0, 404);
+    // A page of another site cannot start jobs through the admin's browser.
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&dash.addr).unwrap();
+        write!(
+            s,
+            "POST /api/channels/site/start HTTP/1.0\r\nHost: {}\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n",
+            dash.addr
+        )
+        .unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    };
+    assert!(answer.starts_with("HTTP/1.0 403"), "{answer}");
+    assert!(
+        serde_json::from_slice::<Value>(&mirrorctl(&source.url(), &["jobs", "--json"]).stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a refused request started a job"
+    );
+
+    let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+    let base = format!("http://{}", dash.addr);
+    c.goto(&base).await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#start-site"))
+        .await
+        .expect("the channel's start button");
+    // A marker that survives only if the page is never reloaded.
+    c.execute("window.__noReload = 'still here'; return 1;", vec![])
+        .await
+        .unwrap();
+    c.find(Locator::Css("#start-site"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // Follow the page until the job shows as finished, sampling its progress bars.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut partial = Vec::new();
+    let (job, last) = loop {
+        let s = page_state(&c).await;
+        for b in s["bars"].as_array().unwrap() {
+            let (v, m) = (b["value"].as_f64().unwrap(), b["max"].as_f64().unwrap());
+            if v > 0.0 && v < m {
+                if partial.is_empty() {
+                    let png = c.screenshot().await.unwrap();
+                    std::fs::write(artifact("dashboard-running.png"), png).unwrap();
+                }
+                partial.push(b["text"].as_str().unwrap_or("").to_string());
+            }
+        }
+        if let Some(job) = s["started"].as_str() {
+            let row = s["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["job"] == job)
+                .cloned();
+            if row.is_some_and(|r| r["state"] == "succeeded") {
+                break (job.to_string(), s);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never showed as finished: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    };
+    assert_eq!(last["marker"], "still here", "the page was reloaded");
+    assert!(
+        last["updates"].as_u64().unwrap() >= 2,
+        "progress events did not reach the page: {last}"
+    );
+    assert!(
+        !partial.is_empty(),
+        "no progress bar was ever seen part way: {last}"
+    );
+    let j = job_json(&source.url(), &job);
+    assert_eq!(j["state"], "succeeded");
+    assert_eq!(
+        j["targets"][0]["items_done"],
+        j["targets"][0]["items_total"]
+    );
+    assert_same_tree(&src, &dst);
+    c.screenshot()
+        .await
+        .map(|png| std::fs::write(artifact("dashboard-index.png"), png).unwrap())
+        .unwrap();
+
+    // The job's detail page: its targets at their totals and the event log.
+    c.goto(&format!("{base}/jobs/{job}")).await.unwrap();
+    let text = c
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#d-targets .progress-text"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let total = j["targets"][0]["items_total"].as_u64().unwrap();
+    assert!(text.contains(&format!("items {total}/{total}")), "{text}");
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath("//div[@id='log']/div/b[text()='finished']"))
+        .await
+        .expect("the finished event in the job's log");
+    assert_eq!(
+        c.find(Locator::Css("#d-state"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "succeeded"
+    );
+    c.screenshot()
+        .await
+        .map(|png| std::fs::write(artifact("dashboard-job.png"), png).unwrap())
+        .unwrap();
+
+    // Cancel: every file changes, the next job is slow again; the button stops it.
+    for i in 0..24 {
+        write(
+            &src,
+            &format!("media/f{i:02}.bin"),
+            &bytes(100 + i, 200_000),
+        );
+    }
+    c.goto(&base).await.unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#start-site"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        let s = page_state(&c).await;
+        if let (Some(job), Some(started)) = (s["cancel"].as_str(), s["started"].as_str()) {
+            if job == started && !s["bars"].as_array().unwrap().is_empty() {
+                break job.to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second job never showed as running: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    };
+    // The list may be redrawn between finding the button and clicking it: find again.
+    let cancel = format!("#running button.cancel[data-job='{second}']");
+    for attempt in 0.. {
+        let clicked = match c.find(Locator::Css(&cancel)).await {
+            Ok(b) => b.click().await.is_ok(),
+            Err(_) => false,
+        };
+        if clicked {
+            break;
+        }
+        assert!(attempt < 20, "cannot click the cancel button");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = page_state(&c).await;
+        let row = s["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["job"] == second.as_str())
+            .cloned();
+        if row.is_some_and(|r| r["state"] == "cancelled") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cancel never showed: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(job_json(&source.url(), &second)["state"], "cancelled");
+    c.close().await.unwrap();
+}
