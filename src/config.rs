@@ -120,6 +120,8 @@ struct RawTarget {
     site: String,
     token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 /// A target of a channel.
@@ -129,8 +131,8 @@ pub struct TargetConfig {
     pub name: String,
     pub url: String,
     pub site: String,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
+    /// Token and TLS settings for reaching the target.
+    pub auth: crate::security::ClientAuth,
 }
 
 /// A channel: what to mirror from where to which targets.
@@ -286,12 +288,13 @@ impl MirrorConfig {
                 if targets.iter().any(|x| x.name == name) {
                     return Err(err("target.name", format!("{name:?} appears twice")));
                 }
+                let auth = client_auth(base, t.token_file, t.ca_file, t.cert_file, t.key_file)
+                    .map_err(|m| err("target", format!("{name}: {m}")))?;
                 targets.push(TargetConfig {
                     name,
                     url: t.url,
                     site: t.site,
-                    token_file: t.token_file.map(|p| base.join(p)),
-                    ca_file: t.ca_file.map(|p| base.join(p)),
+                    auth,
                 });
             }
             channels.push(ChannelConfig {
@@ -368,6 +371,30 @@ struct RawSite {
 struct RawPush {
     source: String,
     channel: String,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+/// Token and TLS files of a client entry, relative to the config file's directory.
+fn client_auth(
+    base: &Path,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+) -> Result<crate::security::ClientAuth, String> {
+    if cert_file.is_some() != key_file.is_some() {
+        return Err("cert_file and key_file go together".into());
+    }
+    Ok(crate::security::ClientAuth {
+        token_file: token_file.map(|p| base.join(p)),
+        token: None,
+        ca_file: ca_file.map(|p| base.join(p)),
+        cert_file: cert_file.map(|p| base.join(p)),
+        key_file: key_file.map(|p| base.join(p)),
+    })
 }
 
 /// After a committed import, start `channel` on another source service (a tier-1
@@ -376,6 +403,7 @@ struct RawPush {
 pub struct Push {
     pub source: String,
     pub channel: String,
+    pub auth: crate::security::ClientAuth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -482,7 +510,7 @@ impl SiteConfig {
                     });
                 }
                 let mut push = Vec::new();
-                for p in &s.push {
+                for p in s.push {
                     if !(p.source.starts_with("http://") || p.source.starts_with("https://"))
                         || p.source.parse::<tonic::transport::Uri>().is_err()
                     {
@@ -494,9 +522,12 @@ impl SiteConfig {
                     if p.channel.is_empty() {
                         return Err(err("push.channel", "must not be empty".into()));
                     }
+                    let auth = client_auth(base, p.token_file, p.ca_file, p.cert_file, p.key_file)
+                        .map_err(|m| err("push", m))?;
                     push.push(Push {
-                        source: p.source.clone(),
-                        channel: p.channel.clone(),
+                        source: p.source,
+                        channel: p.channel,
+                        auth,
                     });
                 }
                 Ok(SiteConfig {

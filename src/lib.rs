@@ -25,6 +25,7 @@ pub mod model;
 pub mod observe;
 pub mod package;
 pub mod pathsafe;
+pub mod security;
 pub mod telemetry;
 pub mod transport;
 

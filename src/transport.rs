@@ -27,6 +27,18 @@ pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transpor
         .keep_alive_while_idle(true))
 }
 
+/// A server builder with the project's tuning and, when configured, TLS.
+pub fn secure_server(
+    sec: &crate::security::ServerSecurity,
+) -> Result<tonic::transport::Server, String> {
+    match &sec.tls {
+        None => Ok(server()),
+        Some(tls) => server()
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS settings: {}", crate::security::error_chain(&e))),
+    }
+}
+
 /// A server builder with the project's HTTP/2 tuning.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

@@ -12,13 +12,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_client::SourceServiceClient;
 
 /// The admin client of the source service.
-pub(crate) type Client = SourceServiceClient<Channel>;
+pub(crate) type Client = SourceServiceClient<cms_mirror::security::AuthChannel>;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,6 +34,19 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     source: String,
+    /// Bearer token presented to the source (prefer the environment variable: a flag
+    /// shows in the process list).
+    #[arg(long, global = true, env = "MIRROR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA bundle for an https:// source (default: the system's roots).
+    #[arg(long, global = true, env = "MIRROR_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Client certificate for a source that requires mutual TLS (with --key-file).
+    #[arg(long, global = true, env = "MIRROR_CERT_FILE")]
+    cert_file: Option<std::path::PathBuf>,
+    /// Private key of --cert-file.
+    #[arg(long, global = true, env = "MIRROR_KEY_FILE")]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -331,18 +343,29 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
     )
 }
 
-async fn connect(url: &str) -> Result<Client, String> {
-    let ep = cms_mirror::transport::endpoint(url)
-        .map_err(|e| format!("invalid source URL {url:?}: {e}"))?;
-    let ch = ep
-        .connect()
+impl Cli {
+    fn auth(&self) -> cms_mirror::security::ClientAuth {
+        cms_mirror::security::ClientAuth {
+            token: self.token.clone(),
+            token_file: None,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Client, String> {
+    let ch = cli
+        .auth()
+        .connect(&cli.source)
         .await
-        .map_err(|e| format!("cannot reach mirror-source at {url}: {e}"))?;
-    Ok(SourceServiceClient::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE))
+        .map_err(|e| format!("mirror-source: {e}"))?;
+    Ok(Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE))
 }
 
 fn status_msg(s: tonic::Status) -> String {
-    format!("{}: {}", s.code(), s.message())
+    format!("{:?}: {}", s.code(), s.message())
 }
 
 /// Follows a job until it finishes; returns its final state.
@@ -419,14 +442,12 @@ fn exit_for(state: i32) -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     if let Cmd::Dashboard { listen } = &cli.cmd {
         // The dashboard starts even while the source is down; its pages say so.
-        let ch = cms_mirror::transport::endpoint(&cli.source)
-            .map_err(|e| format!("invalid source URL {:?}: {e}", cli.source))?
-            .connect_lazy();
+        let ch = cli.auth().channel(&cli.source)?;
         let client = Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE);
         dashboard::serve(listen, client).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut c = connect(&cli.source).await?;
+    let mut c = connect(&cli).await?;
     match cli.cmd {
         Cmd::Dashboard { .. } => unreachable!("served above"),
         Cmd::Start {

@@ -584,8 +584,10 @@ impl SourceApi for SourceService {
 pub async fn start(
     listener: TcpListener,
     app: Arc<App>,
+    security: cms_mirror::security::ServerSecurity,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), String> {
+    let server = cms_mirror::transport::secure_server(&security)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(runner::worker(app.clone(), stop_rx.clone()));
     triggers::start(app.clone(), stop_rx).await;
@@ -600,12 +602,17 @@ pub async fn start(
         .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("descriptor set is valid");
-    let res = cms_mirror::transport::server()
+    let mut server = server;
+    let res = server
         .add_service(health)
         .add_service(reflection)
-        .add_service(SourceServiceServer::new(SourceService::new(app)))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            SourceServiceServer::new(SourceService::new(app)),
+            security.auth,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .await
+        .map_err(|e| cms_mirror::security::error_chain(&e));
     let _ = stop_tx.send(true);
     let _ = worker.await;
     res

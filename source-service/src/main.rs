@@ -37,6 +37,8 @@ struct Args {
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
     #[arg(long, env = "MIRROR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    security: cms_mirror::security::ServerArgs,
     /// Log format: text or json.
     #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
     log_format: cms_mirror::telemetry::LogFormat,
@@ -52,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!(channel = %c.name, source = %c.source.display(), "source directory does not exist (yet); its jobs will fail until it does");
         }
     }
+    let security = args.security.load().map_err(anyhow::Error::msg)?;
     let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "source.db");
     let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Source).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -72,7 +75,9 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     println!("mirror-source listening on {addr}");
-    tracing::info!(%addr, instance = %app.instance_id, db = %cms_mirror::db::redact(&db_url), "mirror-source started");
-    mirror_source::start(listener, app, cms_mirror::shutdown_signal()).await?;
+    tracing::info!(%addr, instance = %app.instance_id, db = %cms_mirror::db::redact(&db_url), security = %security.describe(), "mirror-source started");
+    mirror_source::start(listener, app, security, cms_mirror::shutdown_signal())
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use cms_mirror::config::{ChannelConfig, OnDiskFull, TargetConfig};
 use cms_mirror::jobstore::{JobRow, JobState, NewItemError, Progress};
 use cms_mirror::model::Item;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::security::AuthChannel;
 use cms_mirror::{package, pb};
 
 use crate::App;
@@ -283,11 +284,12 @@ async fn run_target(
         TargetOutcome::failed(msg, errs)
     };
     let _ = store.set_target_state(jid, tname, "connecting", None).await;
-    let endpoint = match cms_mirror::transport::endpoint(&t.url) {
-        Ok(e) => e,
-        Err(e) => return fail(format!("{}: invalid URL: {e}", target_label(t)), 0).await,
+    // Token and TLS files are read for every job, so rotating them needs no restart.
+    let channel = match t.auth.channel(&t.url) {
+        Ok(c) => c,
+        Err(e) => return fail(format!("{}: {e}", target_label(t)), 0).await,
     };
-    let mut client = TargetServiceClient::new(endpoint.connect_lazy())
+    let mut client = TargetServiceClient::new(channel)
         .max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE)
         .max_encoding_message_size(cms_mirror::transport::MAX_MESSAGE);
 
@@ -643,10 +645,7 @@ fn traced<T>(msg: T) -> tonic::Request<T> {
 }
 
 /// Tells the target to drop a session's staged files (best effort, bounded).
-async fn abort_session(
-    client: &mut TargetServiceClient<tonic::transport::Channel>,
-    session_id: &str,
-) {
+async fn abort_session(client: &mut TargetServiceClient<AuthChannel>, session_id: &str) {
     let req = pb::CommitRequest {
         session_id: session_id.to_string(),
         abort: true,
@@ -697,7 +696,7 @@ enum PlanError {
 
 async fn make_plan(
     app: &Arc<App>,
-    client: &mut TargetServiceClient<tonic::transport::Channel>,
+    client: &mut TargetServiceClient<AuthChannel>,
     ch: &ChannelConfig,
     t: &TargetConfig,
     opts: &cms_mirror::jobstore::JobOptions,
@@ -834,7 +833,7 @@ struct InFlight {
 #[allow(clippy::too_many_arguments)]
 async fn stream_once(
     app: &Arc<App>,
-    client: &mut TargetServiceClient<tonic::transport::Channel>,
+    client: &mut TargetServiceClient<AuthChannel>,
     jid: &str,
     ch: &ChannelConfig,
     t: &TargetConfig,

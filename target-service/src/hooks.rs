@@ -170,11 +170,9 @@ pub async fn push(
     let started = Instant::now();
     let hook = format!("push {} to {}", p.channel, p.source);
     let res = async {
-        let ep = cms_mirror::transport::endpoint(&p.source).map_err(|e| e.to_string())?;
-        let ch = tokio::time::timeout(Duration::from_secs(10), ep.connect())
+        let ch = tokio::time::timeout(Duration::from_secs(10), p.auth.connect(&p.source))
             .await
-            .map_err(|_| "timed out connecting".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| "timed out connecting".to_string())??;
         let mut c = pb::source_service_client::SourceServiceClient::new(ch);
         let r = c
             .start_job(cms_mirror::telemetry::inject(tonic::Request::new(

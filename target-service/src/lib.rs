@@ -569,8 +569,10 @@ impl TargetApi for TargetService {
 pub async fn run(
     listener: TcpListener,
     service: TargetService,
+    security: cms_mirror::security::ServerSecurity,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), String> {
+    let mut server = cms_mirror::transport::secure_server(&security)?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     cms_mirror::observe::follow_database(
         health_reporter,
@@ -583,16 +585,18 @@ pub async fn run(
         .build_v1()
         .expect("descriptor set is valid");
     let max = service.inner.settings.limits.max_message_bytes;
-    cms_mirror::transport::server()
+    server
         .add_service(health)
         .add_service(reflection)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             TargetServiceServer::new(service)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
+            security.auth,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
+        .map_err(|e| cms_mirror::security::error_chain(&e))
 }
 
 /// Test failpoint `CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS=N`: every package waits N ms

@@ -46,6 +46,8 @@ struct Args {
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
     #[arg(long, env = "MIRROR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    #[command(flatten)]
+    security: cms_mirror::security::ServerArgs,
     /// Log format: text or json.
     #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
     log_format: cms_mirror::telemetry::LogFormat,
@@ -64,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     for s in &args.sites {
         sites.push(SiteConfig::from_flag(s).map_err(anyhow::Error::msg)?);
     }
+    let security = args.security.load().map_err(anyhow::Error::msg)?;
     let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "target.db");
     let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Target).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -93,7 +96,9 @@ async fn main() -> anyhow::Result<()> {
     }
     // The bound address on stdout, for scripts and tests that listen on port 0.
     println!("mirror-target listening on {addr}");
-    tracing::info!(%addr, db = %cms_mirror::db::redact(&db_url), "mirror-target started");
-    mirror_target::run(listener, service, cms_mirror::shutdown_signal()).await?;
+    tracing::info!(%addr, db = %cms_mirror::db::redact(&db_url), security = %security.describe(), "mirror-target started");
+    mirror_target::run(listener, service, security, cms_mirror::shutdown_signal())
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -9,4 +9,5 @@ mod mirror;
 mod monitor;
 mod observability;
 mod protocol;
+mod security;
 mod triggers;

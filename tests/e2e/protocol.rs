@@ -36,9 +36,14 @@ async fn start_target(dir: &Path) -> InProc {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(mirror_target::run(listener, svc, async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(mirror_target::run(
+        listener,
+        svc,
+        Default::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
     InProc {
         url,
         root: root.canonicalize().unwrap(),

@@ -1,0 +1,296 @@
+//! Issue 8: bearer tokens (with rotation) and TLS / mutual TLS, with real processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::security::ClientAuth;
+
+use crate::helpers::*;
+
+/// mirrorctl with environment variables (the token travels in MIRROR_TOKEN).
+fn ctl(source: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(bin_dir().join("mirrorctl"))
+        .env_remove("MIRROR_TOKEN")
+        .arg("--source")
+        .arg(source)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run mirrorctl")
+}
+
+fn job_of(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let start = stdout.find("{\n").unwrap_or_else(|| {
+        panic!(
+            "no job in mirrorctl output: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    serde_json::from_str(&stdout[start..]).unwrap()
+}
+
+/// Opens a session on a target with the given client settings; the error's code when refused.
+async fn open_session(url: &str, auth: &ClientAuth) -> Result<(), tonic::Status> {
+    let ch = auth
+        .connect(url)
+        .await
+        .map_err(tonic::Status::unavailable)?;
+    TargetServiceClient::new(ch)
+        .open_session(pb::OpenSessionRequest {
+            job_id: "direct".into(),
+            site: "main".into(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn token_auth(token: &str) -> ClientAuth {
+    ClientAuth {
+        token: Some(token.into()),
+        ..Default::default()
+    }
+}
+
+const ADMIN: &str = "admin-token-7f3a9c1e5b";
+const OLD: &str = "s2t-old-token-0c4e8a2f";
+const NEW: &str = "s2t-new-token-9d1b7e3a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let (admin_file, target_tokens, source_token) = (
+        tmp.path().join("admin.tokens"),
+        tmp.path().join("target.tokens"),
+        tmp.path().join("to-target.token"),
+    );
+    std::fs::write(&admin_file, format!("# admin clients\n{ADMIN}\n")).unwrap();
+    // The overlap: the target accepts the old and the new source-to-target token.
+    std::fs::write(&target_tokens, format!("{OLD}\n{NEW}\n")).unwrap();
+    std::fs::write(&source_token, format!("{OLD}\n")).unwrap();
+    let tt = target_tokens.to_str().unwrap();
+    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &["--auth-tokens", tt], &[]);
+    let extra = format!("token_file = \"{}\"", source_token.display());
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    // The token file belongs to the target entry.
+    let text = std::fs::read_to_string(&config).unwrap() + &format!("  {extra}\n");
+    std::fs::write(&config, text).unwrap();
+    let source = spawn_source_with(
+        tmp.path(),
+        &config,
+        &["--auth-tokens", admin_file.to_str().unwrap()],
+        &[],
+    );
+    let url = source.url();
+
+    // Admin API: no token, a wrong token, the source-to-target token: all refused.
+    for (env, why) in [
+        (vec![], "missing bearer token"),
+        (
+            vec![("MIRROR_TOKEN", "not-the-admin-token-123")],
+            "invalid bearer token",
+        ),
+        (vec![("MIRROR_TOKEN", OLD)], "invalid bearer token"),
+    ] {
+        let out = ctl(&url, &env, &["start", "site"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("Unauthenticated") || err.contains("unauthenticated"),
+            "{err}"
+        );
+        assert!(err.contains(why), "{err}");
+        assert!(
+            !err.contains("not-the-admin") && !err.contains(OLD),
+            "a secret echoed: {err}"
+        );
+    }
+    let admin = [("MIRROR_TOKEN", ADMIN)];
+    let jobs = ctl(&url, &admin, &["jobs", "--json"]);
+    assert!(jobs.status.success());
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&jobs.stdout).unwrap(),
+        serde_json::json!([]),
+        "a refused request created a job"
+    );
+    assert!(!dst.exists() || std::fs::read_dir(&dst).unwrap().next().is_none());
+
+    // Target API: no token or the admin token: refused before anything is opened.
+    let turl = target.url();
+    for auth in [ClientAuth::default(), token_auth(ADMIN)] {
+        let e = open_session(&turl, &auth).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    }
+
+    // With the old token during the overlap.
+    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&src, &dst);
+
+    // The source switches to the new token while the target still accepts both.
+    std::fs::write(&source_token, format!("{NEW}\n")).unwrap();
+    write(&src, "rotated.txt", b"after the rotation");
+    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(&src, &dst);
+
+    // The overlap ends (no restart): the old token is refused, the new one works.
+    std::fs::write(&target_tokens, format!("{NEW}\n")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let e = open_session(&turl, &token_auth(OLD)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("invalid bearer token"), "{e:?}");
+    open_session(&turl, &token_auth(NEW)).await.unwrap();
+
+    // A source still on the old token: the job fails with the reason, nothing applied.
+    std::fs::write(&source_token, format!("{OLD}\n")).unwrap();
+    let before = snapshot(&dst);
+    write(&src, "late.txt", b"must not arrive");
+    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let j = job_of(&out);
+    let why = j["targets"][0]["error"].as_str().unwrap();
+    assert!(why.contains("invalid bearer token"), "{why}");
+    assert!(!why.contains(OLD), "{why}");
+    assert_eq!(snapshot(&dst), before);
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "cms-mirror test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, eku: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![eku];
+        let k = KeyPair::generate().unwrap();
+        (p.signed_by(&k, &issuer).unwrap().pem(), k.serialize_pem())
+    };
+    let (server, server_key) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = leaf(
+        vec!["mirror-source".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let w = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    Pki {
+        ca: w("ca.pem", &ca_cert.pem()),
+        cert: w("server.pem", &server),
+        key: w("server.key", &server_key),
+        client_cert: w("client.pem", &client),
+        client_key: w("client.key", &client_key),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_between_all_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path());
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    // The target requires a client certificate (mutual TLS); the source serves TLS.
+    let tls = [
+        "--tls-cert".to_string(),
+        s(&pki.cert),
+        "--tls-key".into(),
+        s(&pki.key),
+    ];
+    let mut target_args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let ca = s(&pki.ca);
+    target_args.extend(["--tls-client-ca", &ca]);
+    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &target_args, &[]);
+    let turl = format!("https://{}", target.addr);
+    let config = write_config(tmp.path(), &src, &turl, "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + &format!(
+            "  ca_file = \"{}\"\n  cert_file = \"{}\"\n  key_file = \"{}\"\n",
+            pki.ca.display(),
+            pki.client_cert.display(),
+            pki.client_key.display()
+        );
+    std::fs::write(&config, text).unwrap();
+    let source_args: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let source = spawn_source_with(tmp.path(), &config, &source_args, &[]);
+    let url = format!("https://{}", source.addr);
+
+    // mirrorctl over TLS, trusting the test CA: a whole job, source -> target over mTLS.
+    let out = ctl(
+        &url,
+        &[("MIRROR_CA_FILE", &ca)],
+        &["start", "site", "--wait", "--json"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(job_of(&out)["state"], "succeeded");
+    assert_same_tree(&src, &dst);
+
+    // Without the CA the source's certificate is not trusted; plain HTTP gets nowhere.
+    let out = ctl(&url, &[], &["jobs"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("issuer"),
+        "{err}"
+    );
+    let out = ctl(&source.url(), &[], &["jobs"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    // A client that trusts the target but has no certificate fails the handshake.
+    let no_cert = ClientAuth {
+        ca_file: Some(pki.ca.clone()),
+        ..Default::default()
+    };
+    let e = open_session(&turl, &no_cert).await.unwrap_err();
+    assert_ne!(e.code(), tonic::Code::Ok);
+    // With the client certificate the same call is accepted.
+    let with_cert = ClientAuth {
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+        ..no_cert
+    };
+    open_session(&turl, &with_cert).await.unwrap();
+}
