@@ -104,6 +104,7 @@ struct RawChannel {
     retry_budget: Option<u32>,
     ack_timeout_secs: Option<u64>,
     on_disk_full: Option<String>,
+    compression: Option<String>,
     schedule_spread_secs: Option<u64>,
     #[serde(default)]
     watch: bool,
@@ -159,6 +160,9 @@ pub struct ChannelConfig {
     /// Packages in flight and no ack for this long: the target is hung, reconnect.
     pub ack_timeout: std::time::Duration,
     pub on_disk_full: OnDiskFull,
+    /// Package compression on the wire (`none` by default: on a fast link zstd costs
+    /// more time than it saves; see PERF-NOTES).
+    pub compression: crate::pb::Compression,
     /// Schedules fire at their cron times plus an offset in [0, spread) chosen once per
     /// installation (seed 002: many installations spread their load).
     pub schedule_spread: std::time::Duration,
@@ -257,6 +261,16 @@ impl MirrorConfig {
                     ));
                 }
             };
+            let compression = match c.compression.as_deref() {
+                None | Some("none") => crate::pb::Compression::None,
+                Some("zstd") => crate::pb::Compression::Zstd,
+                Some(other) => {
+                    return Err(err(
+                        "compression",
+                        format!("{other:?} is not \"none\" or \"zstd\""),
+                    ));
+                }
+            };
             if c.target.is_empty() {
                 return Err(err(
                     "target",
@@ -314,6 +328,7 @@ impl MirrorConfig {
                 retry_budget: c.retry_budget.unwrap_or(8),
                 ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
                 on_disk_full,
+                compression,
                 schedule_spread: std::time::Duration::from_secs(
                     c.schedule_spread_secs.unwrap_or(300),
                 ),

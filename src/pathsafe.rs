@@ -87,4 +87,27 @@ mod tests {
             assert!(validate(p, 4096).is_ok(), "{p:?} refused");
         }
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Fuzz target (`scripts/fuzz.sh` runs it long): whatever the input, an accepted
+        /// path joined to a root stays under it, component by component.
+        #[test]
+        fn fuzz_accepted_paths_stay_under_the_root(
+            p in proptest::string::string_regex(r"[a./\\\x00\u{e9}\u{301}~:-]{0,24}").unwrap()
+                .boxed()
+                .prop_union(any::<String>().boxed())
+        ) {
+            if validate(&p, 4096).is_ok() {
+                let joined = std::path::Path::new("/srv/site").join(&p);
+                prop_assert!(joined.starts_with("/srv/site"));
+                for c in std::path::Path::new(&p).components() {
+                    prop_assert!(matches!(c, std::path::Component::Normal(_)), "{:?} in {:?}", c, p);
+                }
+                prop_assert!(!p.contains('\0') && !p.contains('\\'));
+                prop_assert!(p.split('/').all(|c| !c.is_empty() && c != "." && c != ".."));
+            }
+        }
+    }
 }

@@ -68,6 +68,14 @@ pub struct Tokens {
     state: Arc<Mutex<TokenState>>,
 }
 
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Tokens {
     /// Loads the file; an unreadable or empty file is an error at start.
     pub fn load(path: &Path) -> Result<Tokens, String> {

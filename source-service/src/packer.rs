@@ -58,6 +58,7 @@ pub struct Packer {
     source: PathBuf,
     package_bytes: usize,
     max_entries: usize,
+    compression: pb::Compression,
     seq: u64,
     current: Option<Current>,
     pending: Option<(PhaseName, PlanEntry, u64)>,
@@ -77,6 +78,12 @@ fn err(path: &str, code: &str, message: String, retryable: bool) -> NewItemError
 }
 
 impl Packer {
+    /// Compress packages with `c` (each one only when that makes it smaller).
+    pub fn with_compression(mut self, c: pb::Compression) -> Packer {
+        self.compression = c;
+        self
+    }
+
     /// A packer that continues `cursor` with package number `next_seq`.
     pub fn new(
         plan_dir: &std::path::Path,
@@ -116,6 +123,7 @@ impl Packer {
             source,
             package_bytes,
             max_entries: package::DEFAULT_MAX_ENTRIES,
+            compression: pb::Compression::None,
             seq: next_seq,
             current,
             pending: None,
@@ -294,7 +302,12 @@ impl Packer {
             return Ok(None);
         }
         let phase = phase.unwrap_or(PhaseName::Content);
-        let pkg = package::seal(self.seq, phase.to_pb(), &pb::PackagePayload { entries });
+        let pkg = package::seal(
+            self.seq,
+            phase.to_pb(),
+            &pb::PackagePayload { entries },
+            self.compression,
+        );
         self.seq += 1;
         Ok(Some(Built {
             pkg,

@@ -863,7 +863,7 @@ async fn stream_once(
         last_acked + 1,
         ch.package_bytes,
     ) {
-        Ok(p) => p,
+        Ok(p) => p.with_compression(ch.compression),
         Err(e) => {
             return StreamEnd::Fatal(format!(
                 "cannot read the plan in {}: {e}",
@@ -1147,7 +1147,13 @@ fn give_up_package(b: &mut Built) {
         }))
         .collect();
     let phase = pb::Phase::try_from(b.pkg.phase).unwrap_or(pb::Phase::Content);
-    b.pkg = package::seal(b.pkg.seq, phase, &pb::PackagePayload { entries });
+    let compression = pb::Compression::try_from(b.pkg.compression).unwrap_or(pb::Compression::None);
+    b.pkg = package::seal(
+        b.pkg.seq,
+        phase,
+        &pb::PackagePayload { entries },
+        compression,
+    );
     b.items = dirs;
     b.bytes = 0;
     b.deletes = 0;

@@ -178,6 +178,60 @@ fn check_parents_cached(root: &Path, rel: &str, ok: &mut HashSet<String>) -> Res
     Ok(())
 }
 
+/// Refuses a path that differs from another only by Unicode normalisation (NFC vs NFD,
+/// as macOS clients and filesystems produce): another path in this package, or a name
+/// already in one of its directories on the target. Such twins look identical to people
+/// and are merged by normalising filesystems. ASCII paths cost nothing here; each
+/// directory is listed at most once per package.
+#[derive(Default)]
+struct Normalisation {
+    /// NFC form -> the path as sent, for this package.
+    in_package: HashMap<String, String>,
+    /// Directory -> its non-ASCII names on disk by NFC form.
+    dirs: HashMap<PathBuf, HashMap<String, String>>,
+}
+
+impl Normalisation {
+    fn check(&mut self, root: &Path, rel: &str) -> Result<(), String> {
+        use unicode_normalization::UnicodeNormalization;
+        if rel.is_ascii() {
+            return Ok(());
+        }
+        let nfc: String = rel.nfc().collect();
+        if let Some(other) = self.in_package.get(&nfc).filter(|o| *o != rel) {
+            return Err(format!(
+                "differs from {other:?} in the same package only by Unicode normalisation"
+            ));
+        }
+        self.in_package.insert(nfc, rel.to_string());
+        let mut dir = root.to_path_buf();
+        for c in rel.split('/') {
+            if !c.is_ascii() {
+                let names = self.dirs.entry(dir.clone()).or_insert_with(|| {
+                    fs::read_dir(&dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .filter(|n| !n.is_ascii())
+                        .map(|n| (n.nfc().collect(), n))
+                        .collect()
+                });
+                let want: String = c.nfc().collect();
+                if let Some(existing) = names.get(&want).filter(|n| *n != c) {
+                    let at = dir.join(existing);
+                    return Err(format!(
+                        "differs from the existing {:?} only by Unicode normalisation",
+                        at.strip_prefix(root).unwrap_or(&at).display()
+                    ));
+                }
+            }
+            dir.push(c);
+        }
+        Ok(())
+    }
+}
+
 fn remove_any(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(md) if md.is_dir() => fs::remove_dir_all(path),
@@ -226,6 +280,7 @@ pub fn apply(
     let mut dirs_to_sync: HashSet<PathBuf> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut parents_ok: HashSet<String> = HashSet::new();
+    let mut normalised = Normalisation::default();
     if let Err(e) = fs::create_dir_all(&sess.dir) {
         out.errors
             .push(io_item_error("", "cannot create staging directory", &e));
@@ -249,6 +304,8 @@ pub fn apply(
                         "duplicate path in one package",
                         false,
                     ));
+                    // Its chunks must not land on the first occurrence's file.
+                    sess.failed.insert(path);
                     continue;
                 }
                 let Some(item) = Item::from_pb(&meta) else {
@@ -271,7 +328,9 @@ pub fn apply(
                     sess.failed.insert(path);
                     continue;
                 }
-                if let Err(m) = check_parents_cached(&site.root, &path, &mut parents_ok) {
+                if let Err(m) = check_parents_cached(&site.root, &path, &mut parents_ok)
+                    .and_then(|()| normalised.check(&site.root, &path))
+                {
                     out.errors.push(item_error(&path, "invalid_path", m, false));
                     sess.failed.insert(path);
                     continue;

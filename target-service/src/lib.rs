@@ -218,6 +218,10 @@ impl TargetService {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(session, seq, error = %e, "package refused");
+                if e.over_limit() {
+                    // A peer beyond the limits is cut off: the stream ends here.
+                    return Err(Status::out_of_range(e.to_string()));
+                }
                 let status = if e.retryable() {
                     pb::AckStatus::Retry
                 } else {
@@ -406,7 +410,10 @@ impl TargetApi for TargetService {
                         Ok(Ok(Some(m))) => m,
                         Ok(Ok(None)) => break,
                         Ok(Err(status)) => {
+                            // A message over the size limit arrives here as
+                            // RESOURCE_EXHAUSTED: the peer is told, then cut off.
                             tracing::info!(session = %session.id, %status, "import stream ended");
+                            let _ = tx.send(Err(status)).await;
                             break;
                         }
                         Err(_) => {

@@ -73,8 +73,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    // A message is a package plus a little framing: anything larger is refused by the
+    // gRPC layer before it is buffered.
     let limits = Limits {
         max_payload_bytes: args.max_package_bytes,
+        max_message_bytes: args.max_package_bytes.saturating_add(1 << 20),
         ..Limits::default()
     };
     let settings = TargetSettings {

@@ -77,7 +77,12 @@ fn put_file(path: &str, data: &[u8]) -> Vec<pb::Entry> {
 }
 
 fn pkg(seq: u64, entries: Vec<pb::Entry>) -> pb::Package {
-    package::seal(seq, pb::Phase::Content, &pb::PackagePayload { entries })
+    package::seal(
+        seq,
+        pb::Phase::Content,
+        &pb::PackagePayload { entries },
+        pb::Compression::None,
+    )
 }
 
 /// Opens a session and an Import stream; returns the sender and the ack stream.
@@ -308,4 +313,69 @@ async fn a_directory_turned_into_a_symlink_in_the_same_package_is_not_written_th
         0,
         "written through the symlink"
     );
+}
+
+#[tokio::test]
+async fn unicode_twins_and_duplicate_paths_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let (tx, mut acks, _) = session(&t.url, "job-uni").await;
+    let nfc = "caf\u{e9}.html"; // é precomposed
+    let nfd = "cafe\u{301}.html"; // e + combining acute
+    let a = send(&tx, &mut acks, pkg(1, put_file(nfc, b"one"))).await;
+    assert!(a.item_errors.is_empty(), "{:?}", a.item_errors);
+    // Against a name already on the target.
+    let a = send(&tx, &mut acks, pkg(2, put_file(nfd, b"two"))).await;
+    assert_eq!(status(&a), pb::AckStatus::Ok);
+    assert!(
+        a.item_errors.iter().any(|e| e.path == nfd
+            && e.code == "invalid_path"
+            && e.message.contains("Unicode normalisation")),
+        "{:?}",
+        a.item_errors
+    );
+    // Within one package (directories too), and a path sent twice.
+    let dir = |p: &str| pb::Entry {
+        op: Some(pb::entry::Op::Put(pb::ItemMeta {
+            path: p.into(),
+            kind: pb::ItemKind::Directory as i32,
+            mode: 0o755,
+            ..Default::default()
+        })),
+    };
+    let mut entries = vec![dir("\u{fc}ber"), dir("u\u{308}ber")]; // ü, u + diaeresis
+    entries.extend(put_file("\u{fc}ber/a.txt", b"a"));
+    entries.extend(put_file("u\u{308}ber/b.txt", b"b"));
+    entries.extend(put_file("same.txt", b"first"));
+    entries.extend(put_file("same.txt", b"second"));
+    let a = send(&tx, &mut acks, pkg(3, entries)).await;
+    let msgs: Vec<String> = a
+        .item_errors
+        .iter()
+        .map(|e| format!("{} {}: {}", e.code, e.path, e.message))
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("invalid_path u\u{308}ber:") && m.contains("Unicode normalisation")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("same.txt") && m.contains("duplicate")),
+        "{msgs:?}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&t.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(".cms-mirror"))
+        .collect();
+    assert!(
+        names.contains(&nfc.to_string()) && !names.contains(&nfd.to_string()),
+        "{names:?}"
+    );
+    assert!(!t.root.join("u\u{308}ber").exists());
+    assert_eq!(std::fs::read(t.root.join(nfc)).unwrap(), b"one");
+    assert_eq!(std::fs::read(t.root.join("\u{fc}ber/a.txt")).unwrap(), b"a");
+    assert_eq!(std::fs::read(t.root.join("same.txt")).unwrap(), b"first");
+    assert_eq!(msgs.len(), 3, "{msgs:?}"); // the twin dir, its file, the duplicate
 }

@@ -294,3 +294,161 @@ async fn tls_and_mutual_tls_between_all_parts() {
     };
     open_session(&turl, &with_cert).await.unwrap();
 }
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Sends one package on a fresh session; the stream's answer.
+async fn import_one(url: &str, job: &str, p: pb::Package) -> Result<pb::PackageAck, tonic::Status> {
+    use tokio_stream::wrappers::ReceiverStream;
+    let mut c = TargetServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_encoding_message_size(usize::MAX);
+    let s = c
+        .open_session(pb::OpenSessionRequest {
+            job_id: job.into(),
+            site: "main".into(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(pb::ImportRequest {
+        msg: Some(pb::import_request::Msg::Header(pb::ImportHeader {
+            session_id: s.session_id,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::ImportRequest {
+        msg: Some(pb::import_request::Msg::Package(p)),
+    })
+    .await
+    .unwrap();
+    let mut acks = c.import(ReceiverStream::new(rx)).await?.into_inner();
+    match acks.message().await? {
+        Some(pb::ImportResponse {
+            msg: Some(pb::import_response::Msg::Ack(a)),
+        }) => Ok(a),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_and_a_compression_bomb_are_refused_within_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("dst");
+    write(&dst, "keep.html", b"the site as it was");
+    let before = snapshot(&dst);
+    const LIMIT: usize = 4 << 20;
+    let target = spawn_target_with(
+        tmp.path(),
+        &dst,
+        "127.0.0.1:0",
+        &["--max-package-bytes", &LIMIT.to_string()],
+        &[],
+    );
+    let url = target.url();
+    let file = |data: Vec<u8>| pb::PackagePayload {
+        entries: vec![
+            pb::Entry {
+                op: Some(pb::entry::Op::Put(pb::ItemMeta {
+                    path: "big.bin".into(),
+                    kind: pb::ItemKind::File as i32,
+                    size: data.len() as u64,
+                    mode: 0o644,
+                    ..Default::default()
+                })),
+            },
+            pb::Entry {
+                op: Some(pb::entry::Op::Data(pb::FileData {
+                    path: "big.bin".into(),
+                    blake3: blake3::hash(&data).as_bytes().to_vec(),
+                    data: data.into(),
+                    last: true,
+                    ..Default::default()
+                })),
+            },
+        ],
+    };
+    // Warm up (first session, pools, allocator), then measure from here.
+    let ok = import_one(&url, "warm", package_seal(file(vec![1; 1000]), false))
+        .await
+        .unwrap();
+    assert!(
+        ok.status == pb::AckStatus::Ok as i32 && ok.item_errors.is_empty(),
+        "{ok:?}"
+    );
+    std::fs::remove_file(dst.join("big.bin")).unwrap();
+    let base = peak_rss(target.child.id());
+
+    // 1. A message larger than the target takes: refused by the gRPC layer.
+    let e = import_one(
+        &url,
+        "big",
+        package_seal(file(vec![7; LIMIT + (2 << 20)]), false),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ) && e.message().contains("too large"),
+        "{e:?}"
+    );
+
+    // 2. A payload within the message limit but over the package limit: OUT_OF_RANGE.
+    let e = import_one(
+        &url,
+        "over",
+        package_seal(file(vec![7; LIMIT + 1000]), false),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("exceeds the limit"), "{e:?}");
+
+    // 3. A compression bomb: 128 MiB of zeros (32x the limit) in a few KiB, declared small.
+    let mut bomb = package_seal(file(vec![0; 128 << 20]), true);
+    bomb.uncompressed_size = LIMIT as u64;
+    assert!(bomb.payload.len() < 1 << 20, "{}", bomb.payload.len());
+    let e = import_one(&url, "bomb", bomb.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("compression bomb"), "{e:?}");
+    // Declared with its true size: refused before decompressing.
+    bomb.uncompressed_size = 128 << 20;
+    let e = import_one(&url, "bomb2", bomb).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+
+    let grown = peak_rss(target.child.id()).saturating_sub(base);
+    // The declared size (4 MiB), the zstd window (at most 16 MiB), message buffers.
+    assert!(
+        grown < 48 << 20,
+        "the target's peak memory grew by {} MiB",
+        grown >> 20
+    );
+    // (Uncommitted sessions keep their staging area; it is not part of the site.)
+    let mut after = snapshot(&dst);
+    after.retain(|p, _| !p.starts_with(".cms-mirror-staging"));
+    assert_eq!(after, before, "the site changed");
+}
+
+/// Seals a payload, compressed with zstd or not.
+fn package_seal(payload: pb::PackagePayload, zstd: bool) -> pb::Package {
+    let c = if zstd {
+        pb::Compression::Zstd
+    } else {
+        pb::Compression::None
+    };
+    cms_mirror::package::seal(1, pb::Phase::Content, &payload, c)
+}
