@@ -49,6 +49,25 @@ pub struct Db {
     pub backend: Backend,
     /// The URL with any password replaced, for messages.
     pub redacted_url: String,
+    /// The URL as given (with its password): for extra connections such as a
+    /// PostgreSQL LISTEN. Its Debug form is redacted.
+    pub url: SecretUrl,
+}
+
+/// A database URL that may hold a password; printed as `***`.
+#[derive(Clone)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// The given database URL, or a SQLite file named `file` in `data_dir`.
@@ -145,6 +164,7 @@ pub async fn connect(url: &str, schema: Schema) -> Result<Db, DbError> {
         pool,
         backend,
         redacted_url,
+        url: SecretUrl(url),
     })
 }
 

@@ -10,6 +10,7 @@ use sqlx::FromRow;
 
 use crate::db::{Backend, Db};
 use crate::now_ms;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -197,11 +198,25 @@ const JOB_COLS: &str = "id, channel, state, trigger_kind, requested_by, options_
 #[derive(Clone, Debug)]
 pub struct JobStore {
     db: Db,
+    /// Who writes through this store (an instance id), sent with event notifications so
+    /// an instance skips its own.
+    origin: Arc<std::sync::OnceLock<String>>,
 }
+
+/// The PostgreSQL channel on which stored job events are announced ("ORIGIN ID").
+pub const EVENTS_CHANNEL: &str = "cms_mirror_events";
 
 impl JobStore {
     pub fn new(db: Db) -> JobStore {
-        JobStore { db }
+        JobStore {
+            db,
+            origin: Default::default(),
+        }
+    }
+
+    /// Names the instance writing through this store (once).
+    pub fn set_origin(&self, origin: &str) {
+        let _ = self.origin.set(origin.to_string());
     }
 
     pub fn db(&self) -> &Db {
@@ -444,11 +459,46 @@ impl JobStore {
         deletes: i64,
         seq: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        self.store_plan(job, target, items, bytes, deletes, seq, false)
+            .await
+    }
+
+    /// A new plan for a job that was under way elsewhere (its plan files are on another
+    /// instance): what is done stays done, the totals grow by what is left, and the
+    /// checkpoint restarts at the beginning of the new plan after package `seq`.
+    pub async fn replan(
+        &self,
+        job: &str,
+        target: &str,
+        items_left: i64,
+        bytes_left: i64,
+        deletes_left: i64,
+        seq: i64,
+    ) -> Result<(), StoreError> {
+        self.store_plan(job, target, items_left, bytes_left, deletes_left, seq, true)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_plan(
+        &self,
+        job: &str,
+        target: &str,
+        items: i64,
+        bytes: i64,
+        deletes: i64,
+        seq: i64,
+        keep_done: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(if keep_done {
+            "UPDATE job_targets SET planned = 1, items_total = items_done + $1, \
+             bytes_total = bytes_done + $2, deletes_total = deletes_done + $3, \
+             checkpoint_json = '', checkpoint_seq = $6 WHERE job_id = $4 AND target = $5"
+        } else {
             "UPDATE job_targets SET planned = 1, items_total = $1, bytes_total = $2, deletes_total = $3, \
              items_done = 0, bytes_done = 0, deletes_done = 0, checkpoint_json = '', checkpoint_seq = $6 \
-             WHERE job_id = $4 AND target = $5",
-        )
+             WHERE job_id = $4 AND target = $5"
+        })
         .bind(items)
         .bind(bytes)
         .bind(deletes)
@@ -586,8 +636,27 @@ impl JobStore {
         .bind(data.to_string())
         .fetch_one(&mut *tx)
         .await?;
+        if self.db.backend == Backend::Postgres {
+            // Delivered at commit, to every instance listening (cross-instance watch).
+            let origin = self.origin.get().map(String::as_str).unwrap_or("");
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(EVENTS_CHANNEL)
+                .bind(format!("{origin} {}", ev.id))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(ev)
+    }
+
+    /// One stored event by its global id.
+    pub async fn event_by_id(&self, id: i64) -> Result<Option<EventRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, job_id, seq, kind, at, target, data_json FROM job_events WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.db.pool)
+        .await?)
     }
 
     /// Stored events of one job after a per-job sequence number.

@@ -62,20 +62,23 @@ impl App {
     }
 
     pub fn new(config: MirrorConfig, store: JobStore, data_dir: PathBuf) -> App {
+        let instance_id = unique_instance("source");
         App {
             config,
             bus: EventBus::new(store.clone()),
             store,
             data_dir,
-            instance_id: format!(
-                "source-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..12]
-            ),
+            instance_id,
             lease_ms: 15_000,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::new(),
         }
+    }
+
+    /// Names this instance `NAME-xxxxxxxxxxxx` (before it is started).
+    pub fn set_instance_name(&mut self, name: &str) {
+        self.instance_id = unique_instance(name);
     }
 
     /// The metrics page: refreshes the gauges read from elsewhere, then encodes.
@@ -465,8 +468,43 @@ impl SourceApi for SourceService {
             if finished && one_job.is_some() {
                 return;
             }
+            // A job run by another instance arrives through its notifications; a poll of
+            // the store every second covers any that were missed (and SQLite).
+            let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let e = match live.recv().await {
+                let received = match &one_job {
+                    Some(_) => tokio::select! {
+                        r = live.recv() => Some(r),
+                        _ = poll.tick() => None,
+                    },
+                    None => Some(live.recv().await),
+                };
+                // A tick, or a gap in this job's sequence: catch up from the store.
+                let catch_up = match (&received, &one_job) {
+                    (None, _) => true,
+                    (Some(Ok(e)), Some(id)) => e.job_id == *id && e.seq > last_seq + 1,
+                    _ => false,
+                };
+                let Some(received) = received.filter(|_| !catch_up) else {
+                    let evs = match replay(last_id, last_seq).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = tx.send(Err(store_status(e))).await;
+                            return;
+                        }
+                    };
+                    for e in evs {
+                        last_seq = e.seq;
+                        let c = channel_of(&e.job_id).await;
+                        let done = e.kind == "finished";
+                        if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    continue;
+                };
+                let e = match received {
                     Ok(e) => e,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         // Too slow: catch up from the store, and say how many were missed live.
@@ -579,6 +617,13 @@ impl SourceApi for SourceService {
     }
 }
 
+fn unique_instance(name: &str) -> String {
+    format!(
+        "{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
 /// Serves the source service (with health and reflection) and runs the job worker on
 /// `listener`, until `shutdown`.
 pub async fn start(
@@ -589,6 +634,8 @@ pub async fn start(
 ) -> Result<(), String> {
     let server = cms_mirror::transport::secure_server(&security)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    app.store.set_origin(&app.instance_id);
+    app.bus.follow_other_instances(app.instance_id.clone());
     let worker = tokio::spawn(runner::worker(app.clone(), stop_rx.clone()));
     triggers::start(app.clone(), stop_rx).await;
     let (health_reporter, health) = tonic_health::server::health_reporter();

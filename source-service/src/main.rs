@@ -31,6 +31,10 @@ struct Args {
     /// Directory for the default SQLite store and job plans.
     #[arg(long, env = "MIRROR_DATA_DIR", default_value = "./mirror-source-data")]
     data_dir: PathBuf,
+    /// Name of this instance in job events and logs (a random suffix keeps it unique
+    /// among instances sharing a database).
+    #[arg(long, env = "MIRROR_INSTANCE_NAME", default_value = "source")]
+    instance_name: String,
     /// Seconds a claimed job stays with this instance without renewal.
     #[arg(long, env = "MIRROR_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
@@ -62,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut app = App::new(config, JobStore::new(db), args.data_dir.clone());
+    app.set_instance_name(&args.instance_name);
     app.lease_ms = (args.lease_secs * 1000) as i64;
     let app = Arc::new(app);
     if let Some(m) = &args.metrics_listen {

@@ -357,6 +357,7 @@ async fn run_target(
         .and_then(|v| v.into_iter().find(|r| r.target == tname));
     let stored_totals =
         plan::load_totals(&plan_dir).filter(|_| row.as_ref().is_some_and(|r| r.planned == 1));
+    let planned_now = stored_totals.is_none();
     let totals = match stored_totals {
         Some(tot) => tot,
         None => {
@@ -401,25 +402,36 @@ async fn run_target(
         )
         .await;
     }
-    if row.as_ref().is_none_or(|r| r.planned == 0) {
+    if planned_now {
         let seq = session.as_ref().map(|s| s.last_applied_seq).unwrap_or(0) as i64;
-        if let Err(e) = store
-            .set_planned(
-                jid,
-                tname,
-                totals.items() as i64,
-                totals.bytes as i64,
-                totals.deletes as i64,
-                seq,
-            )
-            .await
-        {
+        // Planned before, but the plan is not here: another instance ran this job (or the
+        // data directory was lost). The new plan holds only what is left.
+        let replanned = row.as_ref().filter(|r| r.planned == 1);
+        let (items, bytes, deletes) = (
+            totals.items() as i64,
+            totals.bytes as i64,
+            totals.deletes as i64,
+        );
+        let stored = match replanned {
+            Some(_) => store.replan(jid, tname, items, bytes, deletes, seq).await,
+            None => {
+                store
+                    .set_planned(jid, tname, items, bytes, deletes, seq)
+                    .await
+            }
+        };
+        if let Err(e) = stored {
             return fail(format!("cannot store the plan totals: {e}"), 0).await;
         }
+        let (items_done, bytes_done, deletes_done) = replanned
+            .map(|r| (r.items_done, r.bytes_done, r.deletes_done))
+            .unwrap_or_default();
         app.bus
             .emit(jid, "planned", tname, json!({
-                "items_total": totals.items(), "bytes_total": totals.bytes, "deletes_total": totals.deletes,
+                "items_total": items + items_done, "bytes_total": bytes + bytes_done,
+                "deletes_total": deletes + deletes_done,
                 "creates": totals.creates, "updates": totals.updates, "unchanged": totals.unchanged,
+                "replanned": replanned.is_some(),
             }))
             .await;
     }

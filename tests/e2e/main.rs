@@ -5,6 +5,7 @@ mod dashboard;
 mod faults;
 mod helpers;
 mod incremental;
+mod instances;
 mod mirror;
 mod monitor;
 mod observability;

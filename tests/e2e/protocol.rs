@@ -223,9 +223,14 @@ async fn hostile_paths_are_refused_and_nothing_leaves_the_root() {
         "ok/../x",
         "nul\0.txt",
         ".cms-mirror-staging/x",
+        "back\\..\\..\\x",
+        "",
+        "./dot",
     ] {
         entries.extend(put_file(p, b"evil"));
     }
+    let long = format!("{}.html", "n".repeat(300));
+    entries.extend(put_file(&long, b"evil"));
     // A symlink created by the package, then an entry through it.
     entries.push(pb::Entry {
         op: Some(pb::entry::Op::Put(pb::ItemMeta {
@@ -245,7 +250,7 @@ async fn hostile_paths_are_refused_and_nothing_leaves_the_root() {
         .map(|e| format!("{} {}", e.code, e.path))
         .collect();
     errs.sort();
-    assert_eq!(errs.len(), 8, "{errs:?}");
+    assert_eq!(errs.len(), 12, "{errs:?}");
     assert!(
         a.item_errors
             .iter()
