@@ -282,3 +282,84 @@ async fn a_watch_on_one_instance_follows_a_job_the_other_runs() {
     assert!(progress >= 3, "only {progress} progress events");
     assert_same_tree(&src, &dst);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_mid_job_pauses_it_and_nothing_is_counted_twice() {
+    let Some(db) = fresh_database().await else {
+        return;
+    };
+    let name = db.rsplit('/').next().unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_target, config, src, dst) = slow_setup(tmp.path());
+    let source = spawn_source_with(tmp.path(), &config, &["--db", &db], &[]);
+    let (id, _) = start_in_flight(&source.url(), 3).await;
+
+    // The database goes away: no new connections, the open ones cut.
+    let admin = cms_mirror::db::connect_raw(&std::env::var("TEST_DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let run = |sql: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap()
+        }
+    };
+    run(format!(
+        "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"
+    ))
+    .await;
+    run(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    ))
+    .await;
+    std::thread::sleep(Duration::from_secs(4));
+    // Meanwhile the job could not finish: its end cannot be recorded.
+    let out = mirrorctl(&source.url(), &["show", &id, "--json"]);
+    assert!(
+        !out.status.success(),
+        "the store answered while it was gone"
+    );
+    run(format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")).await;
+
+    let j = wait_finished(&source.url(), &id, 120);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let t = &j["targets"][0];
+    assert_eq!(t["items_done"], t["items_total"], "{t}");
+    assert_eq!(t["bytes_done"], t["bytes_total"], "{t}");
+    assert_eq!(t["bytes_total"].as_u64().unwrap(), 30 * 100_000, "{t}");
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn an_unreachable_database_at_start_is_a_clear_error_with_the_password_redacted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(
+        tmp.path(),
+        &tmp.path().join("src"),
+        "http://127.0.0.1:1",
+        "",
+    );
+    let port = free_addr().rsplit(':').next().unwrap().to_string();
+    let url = format!("postgres://mirror:s3cret-pw@127.0.0.1:{port}/nothing");
+    let out = std::process::Command::new(bin_dir().join("mirror-source"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+            "--db",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("postgres://mirror:***@127.0.0.1:{port}/nothing")),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+}
