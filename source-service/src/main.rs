@@ -69,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
     app.set_instance_name(&args.instance_name);
     app.lease_ms = (args.lease_secs * 1000) as i64;
     let app = Arc::new(app);
+    {
+        let app = app.clone();
+        cms_mirror::observe::export_metrics_otlp("mirror-source", move || {
+            let app = app.clone();
+            async move { app.render_metrics().await }
+        });
+    }
     if let Some(m) = &args.metrics_listen {
         let l = cms_mirror::observe::bind_metrics(m)
             .await

@@ -87,6 +87,13 @@ async fn main() -> anyhow::Result<()> {
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;
+    {
+        let svc = service.clone();
+        cms_mirror::observe::export_metrics_otlp("mirror-target", move || {
+            let svc = svc.clone();
+            async move { svc.render_metrics() }
+        });
+    }
     if let Some(m) = &args.metrics_listen {
         let l = cms_mirror::observe::bind_metrics(m)
             .await

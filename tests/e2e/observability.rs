@@ -358,3 +358,111 @@ async fn reflection_services(url: &str) -> Result<Vec<String>, String> {
         other => Err(format!("unexpected answer {other:?}")),
     }
 }
+
+/// OTLP metrics received: (service, metric name, attributes, value) of every data point.
+#[derive(Clone, Default)]
+struct MetricsCollector(Arc<Mutex<Vec<(String, String, String, f64)>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for MetricsCollector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+        let mut out = self.0.lock().unwrap();
+        for rm in req.into_inner().resource_metrics {
+            let service = format!(
+                "{:?}",
+                rm.resource.map(|r| r.attributes).unwrap_or_default()
+            );
+            for sm in rm.scope_metrics {
+                for m in sm.metrics {
+                    let points = match m.data {
+                        Some(Data::Sum(s)) => s.data_points,
+                        Some(Data::Gauge(g)) => g.data_points,
+                        _ => Vec::new(),
+                    };
+                    for p in points {
+                        let v = match p.value {
+                            Some(number_data_point::Value::AsDouble(d)) => d,
+                            Some(number_data_point::Value::AsInt(i)) => i as f64,
+                            None => continue,
+                        };
+                        out.push((
+                            service.clone(),
+                            m.name.clone(),
+                            format!("{:?}", p.attributes),
+                            v,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[test]
+fn metrics_are_pushed_over_otlp_when_configured() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let collector = MetricsCollector::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(
+                    collector.clone(),
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let env = [
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", otlp.as_str()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &[], &env);
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = spawn_source_env(tmp.path(), &config, &env);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0);
+    let bytes = job["targets"][0]["bytes_done"].as_f64().unwrap();
+    let packages = job["targets"][0]["packages_acked"].as_f64().unwrap();
+    assert!(bytes > 0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = collector.0.lock().unwrap().clone();
+        let latest = |svc: &str, name: &str| {
+            got.iter()
+                .rev()
+                .find(|(s, n, a, _)| s.contains(svc) && n == name && a.contains("web1"))
+                .map(|p| p.3)
+        };
+        if latest("mirror-source", "mirror_bytes_acked") == Some(bytes)
+            && latest("mirror-source", "mirror_packages_acked") == Some(packages)
+            && got.iter().any(|(s, _, _, _)| s.contains("mirror-target"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job's {bytes} bytes / {packages} packages not exported: {got:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
