@@ -109,6 +109,21 @@ async fn page_state(c: &Client) -> Value {
     .expect("run script in the page")
 }
 
+/// Clicks an element, finding it again if a live update replaced it in between.
+async fn click(c: &Client, css: &str) {
+    for attempt in 0.. {
+        let clicked = match c.find(Locator::Css(css)).await {
+            Ok(b) => b.click().await.is_ok(),
+            Err(_) => false,
+        };
+        if clicked {
+            return;
+        }
+        assert!(attempt < 20, "cannot click {css}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn job_json(source: &str, job: &str) -> Value {
     serde_json::from_slice(&mirrorctl(source, &["show", job, "--json"]).stdout).unwrap()
 }
@@ -191,12 +206,7 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
     c.execute("window.__noReload = 'still here'; return 1;", vec![])
         .await
         .unwrap();
-    c.find(Locator::Css("#start-site"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#start-site").await;
 
     // Follow the page until the job shows as finished, sampling its progress bars.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -296,10 +306,8 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         .at_most(Duration::from_secs(20))
         .for_element(Locator::Css("#start-site"))
         .await
-        .unwrap()
-        .click()
-        .await
         .unwrap();
+    click(&c, "#start-site").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let second = loop {
         let s = page_state(&c).await;
@@ -314,19 +322,7 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
     };
-    // The list may be redrawn between finding the button and clicking it: find again.
-    let cancel = format!("#running button.cancel[data-job='{second}']");
-    for attempt in 0.. {
-        let clicked = match c.find(Locator::Css(&cancel)).await {
-            Ok(b) => b.click().await.is_ok(),
-            Err(_) => false,
-        };
-        if clicked {
-            break;
-        }
-        assert!(attempt < 20, "cannot click the cancel button");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    click(&c, &format!("#running button.cancel[data-job='{second}']")).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = page_state(&c).await;
