@@ -229,10 +229,12 @@ async fn a_killed_instance_s_job_is_finished_by_the_other_from_its_checkpoint() 
     let t = &j["targets"][0];
     assert_eq!(t["items_done"], t["items_total"], "{t}");
     assert_eq!(t["bytes_done"], t["bytes_total"], "{t}");
-    // The file in flight at the kill is sent again whole by the new plan: at most one
-    // file's bytes more than the tree.
+    // The file in flight at the kill is sent again whole by the new plan (at most one
+    // file more than the tree); a package the target applied whose ack the dead instance
+    // never stored is in neither the old count nor the new plan (at most the window, one
+    // 64 KiB package, less).
     let total = t["bytes_total"].as_u64().unwrap();
-    assert!((30 * 100_000..31 * 100_000).contains(&total), "{total}");
+    assert!((30 * 100_000 - 65_536..31 * 100_000).contains(&total), "{total}");
     assert_same_tree(&src, &dst);
     let evs = events(&survivor, &id);
     let runs = runs_of(&survivor, &id);
