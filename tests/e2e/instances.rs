@@ -234,7 +234,10 @@ async fn a_killed_instance_s_job_is_finished_by_the_other_from_its_checkpoint() 
     // never stored is in neither the old count nor the new plan (at most the window, one
     // 64 KiB package, less).
     let total = t["bytes_total"].as_u64().unwrap();
-    assert!((30 * 100_000 - 65_536..31 * 100_000).contains(&total), "{total}");
+    assert!(
+        (30 * 100_000 - 65_536..31 * 100_000).contains(&total),
+        "{total}"
+    );
     assert_same_tree(&src, &dst);
     let evs = events(&survivor, &id);
     let runs = runs_of(&survivor, &id);
