@@ -480,13 +480,25 @@ impl SourceApi for SourceService {
                     },
                     None => Some(live.recv().await),
                 };
-                // A tick, or a gap in this job's sequence: catch up from the store.
-                let catch_up = match (&received, &one_job) {
-                    (None, _) => true,
-                    (Some(Ok(e)), Some(id)) => e.job_id == *id && e.seq > last_seq + 1,
-                    _ => false,
+                // Catch up from the store on a tick, on a gap in this job's sequence, or
+                // when this watcher was too slow (then say how many it missed live).
+                use tokio::sync::broadcast::error::RecvError;
+                let (e, missed) = match received {
+                    None => (None, 0),
+                    Some(Ok(e))
+                        if one_job.as_ref().is_some_and(|id| e.job_id == *id)
+                            && e.seq > last_seq + 1 =>
+                    {
+                        (None, 0)
+                    }
+                    Some(Ok(e)) => (Some(e), 0),
+                    Some(Err(RecvError::Lagged(n))) => {
+                        tracing::debug!(missed = n, "watcher lagged; catching up from the store");
+                        (None, n)
+                    }
+                    Some(Err(RecvError::Closed)) => return,
                 };
-                let Some(received) = received.filter(|_| !catch_up) else {
+                let Some(e) = e else {
                     let evs = match replay(last_id, last_seq).await {
                         Ok(v) => v,
                         Err(e) => {
@@ -494,50 +506,21 @@ impl SourceApi for SourceService {
                             return;
                         }
                     };
+                    let mut missed = missed;
                     for e in evs {
+                        if one_job.is_none() && e.id <= last_id {
+                            continue;
+                        }
+                        last_id = last_id.max(e.id);
                         last_seq = e.seq;
                         let c = channel_of(&e.job_id).await;
-                        let done = e.kind == "finished";
-                        if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() || done {
+                        let done = e.kind == "finished" && one_job.is_some();
+                        if tx.send(Ok(event_pb(&e, &c, missed))).await.is_err() || done {
                             return;
                         }
+                        missed = 0;
                     }
                     continue;
-                };
-                let e = match received {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        // Too slow: catch up from the store, and say how many were missed live.
-                        tracing::debug!(missed = n, "watcher lagged; catching up from the store");
-                        let evs = match replay(last_id, last_seq).await {
-                            Ok(v) => v,
-                            Err(e) => {
-                                let _ = tx.send(Err(store_status(e))).await;
-                                return;
-                            }
-                        };
-                        let mut first = true;
-                        for e in evs {
-                            if one_job.is_none() && e.id <= last_id {
-                                continue;
-                            }
-                            last_id = last_id.max(e.id);
-                            last_seq = e.seq;
-                            let c = channel_of(&e.job_id).await;
-                            let done = e.kind == "finished" && one_job.is_some();
-                            if tx
-                                .send(Ok(event_pb(&e, &c, if first { n } else { 0 })))
-                                .await
-                                .is_err()
-                                || done
-                            {
-                                return;
-                            }
-                            first = false;
-                        }
-                        continue;
-                    }
-                    Err(_) => return,
                 };
                 match &one_job {
                     Some(id) if &e.job_id != id => continue,

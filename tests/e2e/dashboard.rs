@@ -124,10 +124,6 @@ async fn click(c: &Client, css: &str) {
     }
 }
 
-fn job_json(source: &str, job: &str) -> Value {
-    serde_json::from_slice(&mirrorctl(source, &["show", job, "--json"]).stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -249,7 +245,7 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         !partial.is_empty(),
         "no progress bar was ever seen part way: {last}"
     );
-    let j = job_json(&source.url(), &job);
+    let j = show_job(&source.url(), &job);
     assert_eq!(j["state"], "succeeded");
     assert_eq!(
         j["targets"][0]["items_done"],
@@ -338,6 +334,6 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         assert!(Instant::now() < deadline, "the cancel never showed: {s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(job_json(&source.url(), &second)["state"], "cancelled");
+    assert_eq!(show_job(&source.url(), &second)["state"], "cancelled");
     c.close().await.unwrap();
 }

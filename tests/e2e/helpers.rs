@@ -226,19 +226,23 @@ pub fn write_config(dir: &Path, source: &Path, target_url: &str, extra: &str) ->
 
 /// Runs mirrorctl against a source.
 pub fn mirrorctl(source_url: &str, args: &[&str]) -> Output {
+    mirrorctl_env(source_url, &[], args)
+}
+
+/// Runs mirrorctl with extra environment variables (and no inherited MIRROR_TOKEN).
+pub fn mirrorctl_env(source_url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
     Command::new(bin_dir().join("mirrorctl"))
+        .env_remove("MIRROR_TOKEN")
         .arg("--source")
         .arg(source_url)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run mirrorctl")
 }
 
-/// Starts a job and waits for it; returns (exit code, the job as JSON).
-pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
-    let mut args = vec!["start", "site", "--wait", "--json"];
-    args.extend_from_slice(extra);
-    let out = mirrorctl(source_url, &args);
+/// The job printed (pretty JSON, after any event lines) by `start --wait --json`.
+pub fn job_of(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let start = stdout.find("{\n").unwrap_or_else(|| {
         panic!(
@@ -246,8 +250,21 @@ pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    let v = serde_json::from_str(&stdout[start..]).expect("job JSON");
-    (out.status.code().unwrap_or(-1), v)
+    serde_json::from_str(&stdout[start..]).expect("job JSON")
+}
+
+/// `mirrorctl show JOB --json`.
+pub fn show_job(source_url: &str, job: &str) -> serde_json::Value {
+    serde_json::from_slice(&mirrorctl(source_url, &["show", job, "--json"]).stdout)
+        .expect("job JSON")
+}
+
+/// Starts a job and waits for it; returns (exit code, the job as JSON).
+pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["start", "site", "--wait", "--json"];
+    args.extend_from_slice(extra);
+    let out = mirrorctl(source_url, &args);
+    (out.status.code().unwrap_or(-1), job_of(&out))
 }
 
 /// One entry of a tree snapshot.

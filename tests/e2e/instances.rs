@@ -39,10 +39,6 @@ fn two_sources(dir: &Path, config: &Path, db: &str) -> (Proc, Proc) {
     (one("a"), one("b"))
 }
 
-fn job(source: &str, id: &str) -> Value {
-    serde_json::from_slice(&mirrorctl(source, &["show", id, "--json"]).stdout).unwrap()
-}
-
 /// The instance that ran a job, each time one started or took it over (its events
 /// `started` and job-level `resumed`).
 fn runs_of(source: &str, id: &str) -> Vec<String> {
@@ -56,7 +52,7 @@ fn runs_of(source: &str, id: &str) -> Vec<String> {
 fn wait_finished(source: &str, id: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let j = job(source, id);
+        let j = show_job(source, id);
         if !matches!(j["state"].as_str(), Some("queued" | "running")) {
             return j;
         }
@@ -177,7 +173,7 @@ async fn start_in_flight(via: &str, min_acked: u64) -> (String, String) {
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let j = job(via, &id);
+        let j = show_job(via, &id);
         if j["targets"][0]["packages_acked"].as_u64().unwrap_or(0) >= min_acked {
             break;
         }

@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -23,6 +26,19 @@ struct Span {
     trace: Vec<u8>,
     id: Vec<u8>,
     parent: Vec<u8>,
+}
+
+/// Serves an in-process collector on a free loopback port; its URL.
+fn serve_collector(
+    rt: &tokio::runtime::Runtime,
+    router: tonic::transport::server::Router,
+) -> String {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    url
 }
 
 #[derive(Clone, Default)]
@@ -67,14 +83,9 @@ impl TraceService for Collector {
 fn one_trace_spans_mirrorctl_source_and_target() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let collector = Collector::default();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    let otlp = serve_collector(
+        &rt,
+        tonic::transport::Server::builder().add_service(TraceServiceServer::new(collector.clone())),
     );
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
@@ -364,9 +375,7 @@ async fn reflection_services(url: &str) -> Result<Vec<String>, String> {
 struct MetricsCollector(Arc<Mutex<Vec<(String, String, String, f64)>>>);
 
 #[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
-    for MetricsCollector
-{
+impl MetricsService for MetricsCollector {
     async fn export(
         &self,
         req: tonic::Request<
@@ -416,18 +425,10 @@ impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server:
 fn metrics_are_pushed_over_otlp_when_configured() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let collector = MetricsCollector::default();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    rt.spawn(
+    let otlp = serve_collector(
+        &rt,
         tonic::transport::Server::builder()
-            .add_service(
-                opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(
-                    collector.clone(),
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .add_service(MetricsServiceServer::new(collector.clone())),
     );
     let env = [
         ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", otlp.as_str()),

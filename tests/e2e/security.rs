@@ -1,36 +1,12 @@
 //! Issue 8: bearer tokens (with rotation) and TLS / mutual TLS, with real processes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::security::ClientAuth;
 
 use crate::helpers::*;
-
-/// mirrorctl with environment variables (the token travels in MIRROR_TOKEN).
-fn ctl(source: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(bin_dir().join("mirrorctl"))
-        .env_remove("MIRROR_TOKEN")
-        .arg("--source")
-        .arg(source)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("run mirrorctl")
-}
-
-fn job_of(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let start = stdout.find("{\n").unwrap_or_else(|| {
-        panic!(
-            "no job in mirrorctl output: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    serde_json::from_str(&stdout[start..]).unwrap()
-}
 
 /// Opens a session on a target with the given client settings; the error's code when refused.
 async fn open_session(url: &str, auth: &ClientAuth) -> Result<(), tonic::Status> {
@@ -54,6 +30,15 @@ fn token_auth(token: &str) -> ClientAuth {
         token: Some(token.into()),
         ..Default::default()
     }
+}
+
+/// A job through mirrorctl that must succeed and leave the target equal to the source.
+fn run_ok(url: &str, env: &[(&str, &str)], src: &Path, dst: &Path) {
+    let out = mirrorctl_env(url, env, &["start", "site", "--wait", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(job_of(&out)["state"], "succeeded", "{err}");
+    assert_same_tree(src, dst);
 }
 
 const ADMIN: &str = "admin-token-7f3a9c1e5b";
@@ -98,7 +83,7 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
         ),
         (vec![("MIRROR_TOKEN", OLD)], "invalid bearer token"),
     ] {
-        let out = ctl(&url, &env, &["start", "site"]);
+        let out = mirrorctl_env(&url, &env, &["start", "site"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(3), "{err}");
         assert!(
@@ -112,7 +97,7 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
         );
     }
     let admin = [("MIRROR_TOKEN", ADMIN)];
-    let jobs = ctl(&url, &admin, &["jobs", "--json"]);
+    let jobs = mirrorctl_env(&url, &admin, &["jobs", "--json"]);
     assert!(jobs.status.success());
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&jobs.stdout).unwrap(),
@@ -129,26 +114,12 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
     }
 
     // With the old token during the overlap.
-    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_same_tree(&src, &dst);
+    run_ok(&url, &admin, &src, &dst);
 
     // The source switches to the new token while the target still accepts both.
     std::fs::write(&source_token, format!("{NEW}\n")).unwrap();
     write(&src, "rotated.txt", b"after the rotation");
-    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_same_tree(&src, &dst);
+    run_ok(&url, &admin, &src, &dst);
 
     // The overlap ends (no restart): the old token is refused, the new one works.
     std::fs::write(&target_tokens, format!("{NEW}\n")).unwrap();
@@ -162,7 +133,7 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
     std::fs::write(&source_token, format!("{OLD}\n")).unwrap();
     let before = snapshot(&dst);
     write(&src, "late.txt", b"must not arrive");
-    let out = ctl(&url, &admin, &["start", "site", "--wait", "--json"]);
+    let out = mirrorctl_env(&url, &admin, &["start", "site", "--wait", "--json"]);
     assert_eq!(out.status.code(), Some(2));
     let j = job_of(&out);
     let why = j["targets"][0]["error"].as_str().unwrap();
@@ -254,29 +225,17 @@ async fn tls_and_mutual_tls_between_all_parts() {
     let url = format!("https://{}", source.addr);
 
     // mirrorctl over TLS, trusting the test CA: a whole job, source -> target over mTLS.
-    let out = ctl(
-        &url,
-        &[("MIRROR_CA_FILE", &ca)],
-        &["start", "site", "--wait", "--json"],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(job_of(&out)["state"], "succeeded");
-    assert_same_tree(&src, &dst);
+    run_ok(&url, &[("MIRROR_CA_FILE", &ca)], &src, &dst);
 
     // Without the CA the source's certificate is not trusted; plain HTTP gets nowhere.
-    let out = ctl(&url, &[], &["jobs"]);
+    let out = mirrorctl_env(&url, &[], &["jobs"]);
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
         err.contains("certificate") || err.contains("issuer"),
         "{err}"
     );
-    let out = ctl(&source.url(), &[], &["jobs"]);
+    let out = mirrorctl_env(&source.url(), &[], &["jobs"]);
     assert_eq!(out.status.code(), Some(3));
 
     // A client that trusts the target but has no certificate fails the handshake.
