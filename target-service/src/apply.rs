@@ -597,14 +597,9 @@ fn put(
                     had_meta: false,
                 });
             } else {
-                // The metadata is kept beside the staged body so a restarted target can
-                // finish the file when the next chunk arrives.
-                let meta_path = sess.dir.join(staged_name("m", &item.path));
-                fs::write(
-                    &meta_path,
-                    serde_json::to_vec(&(&item, action)).unwrap_or_default(),
-                )?;
-                to_sync.push(meta_path);
+                // A body still open when the package ends gets its metadata sidecar
+                // then (see `apply`), so a restarted target can finish it; a body that
+                // completes in this package never needs one.
                 sess.open.insert(
                     item.path.clone(),
                     OpenFile {
