@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark driver (see bench/run.sh). Standard library only.
 
-Each timed run writes to a fresh destination directory (never deleted inside a batch:
+Each round runs cms-mirror, then rsync client -> rsync daemon on loopback, then plain
+local rsync, each through the full mirror, the no-change re-run and the re-run after the
+edit. files/s and MB/s are the tree's files and bytes over the wall time (for re-runs:
+files checked per second). Each timed run writes to a fresh destination directory (never deleted inside a batch:
 on these machines creating files right after deleting a similar tree is 5-10x slower),
 source trees are read just before each timed run (warm cache), and the tools alternate
 (A B A B) so both see the same machine state. Every destination is checked afterwards
@@ -95,6 +98,29 @@ def cms_round(work, src_base, src_mut, durability):
     return res
 
 
+def rsync_local_round(work, src_base, src_mut):
+    """rsync without a daemon: one local process pair, the floor for a local copy."""
+    dst = work / f"rsync-local-{time.time_ns()}"
+    res = {}
+    for phase, tree in (("full", src_base), ("nochange", src_base), ("edit", src_mut)):
+        warm(tree)
+        t0 = time.perf_counter()
+        subprocess.run(["rsync", "-a", "--delete", f"{tree}/", f"{dst}/"], check=True)
+        res[phase] = {"wall": time.perf_counter() - t0}
+        verify(tree, dst)
+    return res
+
+
+def tree_size(path):
+    files = total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            st = os.lstat(os.path.join(dirpath, n))
+            files += 1
+            total += st.st_size
+    return files, total
+
+
 def rsync_round(work, src_base, src_mut):
     root = work / f"rsyncd-{time.time_ns()}"
     root.mkdir()
@@ -149,17 +175,22 @@ def main():
         return
     names = a.datasets.split(",")
     datasets(base, names)
-    print(f"| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | rsync local wall | cms files/s | cms MB/s "
+          "| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in names:
-        cms, rs = [], []
+        cms, rs, local = [], [], []
         for _ in range(a.rounds):
             cms.append(cms_round(work, base / "base" / k, base / "mut" / k, a.durability))
             rs.append(rsync_round(work, base / "base" / k, base / "mut" / k))
+            local.append(rsync_local_round(work, base / "base" / k, base / "mut" / k))
         for phase in ("full", "nochange", "edit"):
+            files, size = tree_size(base / ("mut" if phase == "edit" else "base") / k)
             cw = statistics.median(r[phase]["wall"] for r in cms)
             rw = statistics.median(r[phase]["wall"] for r in rs)
-            print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
+            lw = statistics.median(r[phase]["wall"] for r in local)
+            print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
+                  f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
                   f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
                   f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
 

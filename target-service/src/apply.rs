@@ -1,9 +1,12 @@
 //! Applying a package's entries to a site directory, durably and safely.
 //!
-//! Files are written under the site's staging directory (same filesystem), made durable
-//! as one batch, then renamed into place, then their directories are synced; only then
-//! does the caller record the package in the ledger and ack it. A crash at any moment
-//! leaves either the old or the new version of each file visible, never a partial one.
+//! A file's body is written as an unnamed file (`O_TMPFILE`) in its destination
+//! directory, or, for a body that spans packages and where the file system has no
+//! unnamed files, under the session's staging directory (same file system). A package's
+//! bodies are made durable as one batch, then linked or renamed into place, then their
+//! directories are synced; only then does the caller record the package in the ledger
+//! and ack it. A crash at any moment leaves either the old or the new version of each
+//! file visible, never a partial one, and no unnamed file survives it.
 //!
 //! Every path is validated ([`cms_mirror::pathsafe`]) and resolved one component at a
 //! time without following symlinks: an ancestor that is a symlink (planted on the
@@ -66,14 +69,23 @@ impl SiteFs {
 struct OpenFile {
     meta: Item,
     file: File,
-    tmp: PathBuf,
+    /// The body's name in the session's staging directory; `None` while it is an unnamed
+    /// file in its destination directory (`O_TMPFILE`), which a crash simply frees.
+    tmp: Option<PathBuf>,
     /// Incremental hash while chunks arrive contiguously from offset 0 in this process.
     hasher: Option<blake3::Hasher>,
     next_offset: u64,
-    action: &'static str,
     /// Whether the metadata sidecar exists (written only for a file still in progress
     /// when its package ends, so a restarted target can finish it).
     meta_written: bool,
+}
+
+impl OpenFile {
+    fn remove(self) {
+        if let Some(t) = &self.tmp {
+            let _ = fs::remove_file(t);
+        }
+    }
 }
 
 /// Per-session state of files in progress (kept in memory, rebuilt from the staging
@@ -109,11 +121,27 @@ pub struct Applied {
     pub no_space: bool,
 }
 
+/// A staged item waiting to be put in place.
 struct Publish {
-    tmp: PathBuf,
+    body: Body,
     item: Item,
-    action: &'static str,
     had_meta: bool,
+}
+
+/// Where a staged item is.
+enum Body {
+    /// An unnamed file in its destination directory, linked into place.
+    Unnamed(File),
+    /// A file or symlink in the session's staging directory, renamed into place.
+    Named(PathBuf),
+}
+
+impl Body {
+    fn remove(self) {
+        if let Body::Named(t) = self {
+            let _ = fs::remove_file(t);
+        }
+    }
 }
 
 fn item_error(
@@ -265,15 +293,47 @@ fn set_symlink_mtime(path: &Path, mtime_ns: i64) -> io::Result<()> {
     filetime::set_symlink_file_times(path, t, t)
 }
 
-/// Applies the entries of one package. I/O problems with one item become item errors;
-/// the rest of the package is applied.
-pub fn apply(
+/// A package whose bodies are written and verified in the staging directory but not yet
+/// durable nor visible: [`publish`] finishes it, [`discard`] drops it.
+///
+/// The two halves let a target write package N+1 while package N is flushed and renamed
+/// into place (the flush is I/O wait, the writing is CPU): see `handle_import`.
+pub struct Staged {
+    publish: Vec<Publish>,
+    to_sync: Vec<PathBuf>,
+    dirs_to_sync: HashSet<PathBuf>,
+    session_dir: PathBuf,
+    pub out: Applied,
+}
+
+impl Staged {
+    fn empty(session_dir: PathBuf, out: Applied) -> Staged {
+        Staged {
+            publish: Vec::new(),
+            to_sync: Vec::new(),
+            dirs_to_sync: HashSet::new(),
+            session_dir,
+            out,
+        }
+    }
+
+    /// Whether publishing places a symlink: a later package's parent checks, made before
+    /// that, could then be out of date, so it must wait for this publish.
+    pub fn places_symlinks(&self) -> bool {
+        self.publish.iter().any(|p| p.item.kind == Kind::Symlink)
+    }
+}
+
+/// First half of applying a package: validates every entry, creates directories, writes
+/// and verifies file bodies in the staging directory, and deletes what the package
+/// deletes. I/O problems with one item become item errors; the rest of the package is
+/// applied. On a full disk nothing of the package is left to publish (`out.no_space`).
+pub fn stage(
     site: &SiteFs,
     sess: &mut SessionFiles,
     payload: pb::PackagePayload,
     max_path: usize,
-    durability: Durability,
-) -> Applied {
+) -> Staged {
     let mut out = Applied::default();
     let mut publish: Vec<Publish> = Vec::new();
     let mut to_sync: Vec<PathBuf> = Vec::new();
@@ -284,7 +344,7 @@ pub fn apply(
     if let Err(e) = fs::create_dir_all(&sess.dir) {
         out.errors
             .push(io_item_error("", "cannot create staging directory", &e));
-        return out;
+        return Staged::empty(sess.dir.clone(), out);
     }
     for entry in payload.entries {
         let Some(op) = entry.op else { continue };
@@ -368,9 +428,11 @@ pub fn apply(
                     Err(e) => {
                         out.errors.push(e);
                         if let Some(of) = sess.open.remove(&path) {
-                            let _ = fs::remove_file(&of.tmp);
+                            if of.meta_written {
+                                let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
+                            }
+                            of.remove();
                         }
-                        let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
                         sess.failed.insert(path);
                     }
                 }
@@ -400,26 +462,36 @@ pub fn apply(
             }
             pb::entry::Op::Abort(a) => {
                 if let Some(of) = sess.open.remove(&a.path) {
-                    let _ = fs::remove_file(&of.tmp);
+                    of.remove();
                 }
+                // Also after a restart, when the body is known only by its sidecar.
+                let _ = fs::remove_file(sess.dir.join(staged_name("f", &a.path)));
                 let _ = fs::remove_file(sess.dir.join(staged_name("m", &a.path)));
                 // Later chunks of the abandoned body (already packed) are dropped.
                 sess.failed.insert(a.path);
             }
         }
     }
+    let nothing = |publish, out| Staged::empty(sess.dir.clone(), discard_for_retry(publish, out));
     if out.no_space {
-        return discard_for_retry(publish, out);
+        return nothing(publish, out);
     }
 
     // Files continuing in a later package: keep their metadata beside the staged body so
     // a restarted target can finish them when the next chunk arrives.
     for (path, of) in sess.open.iter_mut().filter(|(_, of)| !of.meta_written) {
         let meta_path = sess.dir.join(staged_name("m", path));
-        match fs::write(
-            &meta_path,
-            serde_json::to_vec(&(&of.meta, of.action)).unwrap_or_default(),
-        ) {
+        let written = (|| {
+            if of.tmp.is_none() {
+                let tmp = sess.dir.join(staged_name("f", path));
+                let _ = fs::remove_file(&tmp);
+                link_unnamed(&of.file, &tmp)?;
+                to_sync.push(tmp.clone());
+                of.tmp = Some(tmp);
+            }
+            fs::write(&meta_path, serde_json::to_vec(&of.meta).unwrap_or_default())
+        })();
+        match written {
             Ok(()) => {
                 of.meta_written = true;
                 to_sync.push(meta_path);
@@ -432,11 +504,36 @@ pub fn apply(
         }
     }
     if out.no_space {
-        return discard_for_retry(publish, out);
+        return nothing(publish, out);
     }
+    Staged {
+        publish,
+        to_sync,
+        dirs_to_sync,
+        session_dir: sess.dir.clone(),
+        out,
+    }
+}
 
-    // Make the batch durable, then publish it.
-    if let Err(e) = sync_batch(&site.root, &to_sync, durability) {
+/// Drops a staged package that will not be published (an earlier package of its stream
+/// failed): bodies that began in an earlier package keep their staged data, as on a full
+/// disk, so a resend completes them.
+pub fn discard(staged: Staged) {
+    discard_for_retry(staged.publish, staged.out);
+}
+
+/// Second half of applying a package: makes the staged bodies durable as one batch,
+/// renames them into place and syncs their directories. Only then may the package be
+/// recorded and acknowledged.
+pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied {
+    let Staged {
+        mut publish,
+        to_sync,
+        mut dirs_to_sync,
+        session_dir,
+        mut out,
+    } = staged;
+    if let Err(e) = sync_batch(&site.root, &to_sync, &publish, durability) {
         if matches!(e.raw_os_error(), Some(28) | Some(122)) {
             let first = publish
                 .first()
@@ -447,9 +544,9 @@ pub fn apply(
             return discard_for_retry(publish, out);
         }
         for p in publish.drain(..) {
-            let _ = fs::remove_file(&p.tmp);
             out.errors
                 .push(io_item_error(&p.item.path, "cannot sync", &e));
+            p.body.remove();
         }
     }
     // Once a symlink is published, a later item's parent may have become that link:
@@ -458,54 +555,155 @@ pub fn apply(
     for p in publish {
         let dest = site.root.join(&p.item.path);
         if recheck && let Err(m) = check_parents(&site.root, &p.item.path) {
-            let _ = fs::remove_file(&p.tmp);
             out.errors
                 .push(item_error(&p.item.path, "invalid_path", m, false));
+            p.body.remove();
             continue;
         }
         recheck |= p.item.kind == Kind::Symlink;
-        let res = (|| -> io::Result<()> {
-            if let Ok(md) = fs::symlink_metadata(&dest)
-                && md.is_dir()
-            {
-                fs::remove_dir_all(&dest)?;
-            }
-            fs::rename(&p.tmp, &dest)
-        })();
+        let res = match &p.body {
+            Body::Unnamed(f) => link_into_place(f, &dest, &session_dir, &p.item.path),
+            Body::Named(tmp) => rename_into_place(tmp, &dest),
+        };
         match res {
-            Ok(()) => {
+            Ok(action) => {
                 if p.had_meta {
-                    let _ = fs::remove_file(sess.dir.join(staged_name("m", &p.item.path)));
+                    let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
                 }
                 dirs_to_sync.insert(site.root.join(parent(&p.item.path)));
                 touch_parent(&mut out.changes, &p.item.path);
-                out.changes.changes.push((p.item.path.clone(), p.action));
+                out.changes.changes.push((p.item.path.clone(), action));
                 out.changes.upserts.push(p.item);
                 out.items += 1;
             }
             Err(e) => {
-                let _ = fs::remove_file(&p.tmp);
                 out.errors
-                    .push(io_item_error(&p.item.path, "cannot rename into place", &e));
+                    .push(io_item_error(&p.item.path, "cannot put into place", &e));
+                p.body.remove();
             }
         }
     }
-    if durability != Durability::None {
-        for d in dirs_to_sync {
-            if let Ok(f) = File::open(&d) {
-                let _ = f.sync_all();
-            }
-        }
+    // The renames become durable with their directories: one more syncfs (it writes
+    // every directory of the package at once; a fsync per directory waits for each in
+    // turn), or a fsync of each directory.
+    let synced = match durability {
+        Durability::None => Ok(()),
+        Durability::Syncfs if dirs_to_sync.is_empty() => Ok(()),
+        Durability::Syncfs => syncfs(&site.root),
+        Durability::Fsync => dirs_to_sync
+            .iter()
+            .try_for_each(|d| File::open(d)?.sync_all()),
+    };
+    if let Err(e) = synced {
+        out.errors
+            .push(io_item_error("", "cannot sync the package's directories", &e));
     }
     out
+}
+
+/// Puts an unnamed body in place: one link for a new item; an existing one is replaced
+/// by renaming over it (from a link in the session's staging directory), an existing
+/// directory removed first. Returns whether the item was created or updated.
+fn link_into_place(
+    f: &File,
+    dest: &Path,
+    session_dir: &Path,
+    path: &str,
+) -> io::Result<&'static str> {
+    match link_unnamed(f, dest) {
+        Ok(()) => return Ok("created"),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    if fs::symlink_metadata(dest)?.is_dir() {
+        fs::remove_dir_all(dest)?;
+        link_unnamed(f, dest)?;
+        return Ok("updated");
+    }
+    let tmp = session_dir.join(staged_name("f", path));
+    let _ = fs::remove_file(&tmp);
+    link_unnamed(f, &tmp)?;
+    fs::rename(&tmp, dest).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    Ok("updated")
+}
+
+/// Puts a named staged item in place (a directory in the way is removed first).
+fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<&'static str> {
+    let action = match fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => {
+            fs::remove_dir_all(dest)?;
+            "updated"
+        }
+        Ok(_) => "updated",
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "created",
+        Err(e) => return Err(e),
+    };
+    fs::rename(tmp, dest)?;
+    Ok(action)
+}
+
+/// Gives an unnamed (`O_TMPFILE`) file a name. Without CAP_DAC_READ_SEARCH the kernel
+/// refuses `AT_EMPTY_PATH`; the file's /proc link works for any owner.
+fn link_unnamed(f: &File, dest: &Path) -> io::Result<()> {
+    use rustix::fs::{AtFlags, CWD, linkat};
+    match linkat(f, "", CWD, dest, AtFlags::EMPTY_PATH) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM)
+            if dest.parent().is_some_and(Path::exists) =>
+        {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+            linkat(CWD, proc.as_str(), CWD, dest, AtFlags::SYMLINK_FOLLOW).map_err(io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates an unnamed file in `dir` with `mode` (less the umask), or `None` where the
+/// file system has no `O_TMPFILE` or no descriptor is left: the caller stages a named
+/// file instead.
+fn create_unnamed(dir: &Path, mode: u32) -> io::Result<Option<File>> {
+    use rustix::fs::{Mode, OFlags, openat};
+    use rustix::io::Errno;
+    match openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o7777),
+    ) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::MFILE | Errno::NFILE) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The process's umask, read once without changing it (`None` if unknown).
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+        u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+    })
+}
+
+/// Whether a file created with `mode` already has it (no `fchmod` needed).
+fn created_with(mode: u32) -> bool {
+    mode & !0o777 == 0 && umask().is_some_and(|u| u & mode == 0)
+}
+
+fn syncfs(root: &Path) -> io::Result<()> {
+    rustix::fs::syncfs(File::open(root)?).map_err(io::Error::from)
 }
 
 /// Undoes the visible effects of a package that ran out of space: none of its files is
 /// published. Bodies that began in an earlier package keep their staged data and
 /// metadata, so the resent package completes them.
 fn discard_for_retry(publish: Vec<Publish>, mut out: Applied) -> Applied {
-    for p in publish.iter().filter(|p| !p.had_meta) {
-        let _ = fs::remove_file(&p.tmp);
+    for p in publish.into_iter().filter(|p| !p.had_meta) {
+        p.body.remove();
     }
     out.changes = PackageChanges::default();
     out.items = 0;
@@ -528,27 +726,22 @@ fn put(
     to_sync: &mut Vec<PathBuf>,
     out: &mut Applied,
 ) -> io::Result<()> {
-    let dest = site.root.join(&item.path);
-    let existing = match fs::symlink_metadata(&dest) {
-        Ok(md) => Some(md),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    let action = if existing.is_some() {
-        "updated"
-    } else {
-        "created"
-    };
     match item.kind {
         Kind::Dir => {
-            match &existing {
-                Some(md) if md.is_dir() => {}
-                Some(_) => {
+            let dest = site.root.join(&item.path);
+            let action = match fs::symlink_metadata(&dest) {
+                Ok(md) if md.is_dir() => "updated",
+                Ok(_) => {
                     fs::remove_file(&dest)?;
                     fs::create_dir(&dest)?;
+                    "updated"
                 }
-                None => fs::create_dir(&dest)?,
-            }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&dest)?;
+                    "created"
+                }
+                Err(e) => return Err(e),
+            };
             fs::set_permissions(&dest, fs::Permissions::from_mode(item.mode))?;
             touch_parent(&mut out.changes, &item.path);
             out.changes.changes.push((item.path.clone(), action));
@@ -562,44 +755,30 @@ fn put(
             std::os::unix::fs::symlink(&item.link, &tmp)?;
             set_symlink_mtime(&tmp, item.mtime_ns)?;
             publish.push(Publish {
-                tmp,
+                body: Body::Named(tmp),
                 item,
-                action,
                 had_meta: false,
             });
         }
         Kind::File => {
             if let Some(of) = sess.open.remove(&item.path) {
-                drop(of.file);
+                of.remove();
             }
-            let tmp = sess.dir.join(staged_name("f", &item.path));
-            let file = File::create(&tmp)?;
-            if item.size == 0 {
-                let expected = blake3::hash(b"");
-                if let Some(h) = &item.hash
-                    && h != &expected.to_hex().to_string()
-                {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "hash of an empty file does not match",
-                    ));
+            // Unnamed in its destination directory where the file system allows: no
+            // name to create now nor to remove from a staging directory later, nothing
+            // left behind by a crash, and the inode lands beside its directory.
+            let dir = site.root.join(parent(&item.path));
+            let (file, tmp) = match create_unnamed(&dir, item.mode)? {
+                Some(f) => (f, None),
+                None => {
+                    let tmp = sess.dir.join(staged_name("f", &item.path));
+                    (File::create(&tmp)?, Some(tmp))
                 }
+            };
+            if tmp.is_some() || !created_with(item.mode) {
                 file.set_permissions(fs::Permissions::from_mode(item.mode))?;
-                drop(file);
-                set_mtime(&tmp, item.mtime_ns)?;
-                to_sync.push(tmp.clone());
-                let mut item = item;
-                item.hash = Some(expected.to_hex().to_string());
-                publish.push(Publish {
-                    tmp,
-                    item,
-                    action,
-                    had_meta: false,
-                });
-            } else {
-                // A body still open when the package ends gets its metadata sidecar
-                // then (see `apply`), so a restarted target can finish it; a body that
-                // completes in this package never needs one.
+            }
+            if item.size > 0 {
                 sess.open.insert(
                     item.path.clone(),
                     OpenFile {
@@ -608,17 +787,43 @@ fn put(
                         tmp,
                         hasher: Some(blake3::Hasher::new()),
                         next_offset: 0,
-                        action,
                         meta_written: false,
                     },
                 );
+                return Ok(());
             }
+            let expected = blake3::hash(b"");
+            if let Some(h) = &item.hash
+                && h != &expected.to_hex().to_string()
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "hash of an empty file does not match",
+                ));
+            }
+            let t = file_time(item.mtime_ns);
+            filetime::set_file_handle_times(&file, Some(t), Some(t))?;
+            let mut item = item;
+            item.hash = Some(expected.to_hex().to_string());
+            let body = match tmp {
+                Some(tmp) => {
+                    to_sync.push(tmp.clone());
+                    Body::Named(tmp)
+                }
+                None => Body::Unnamed(file),
+            };
+            publish.push(Publish {
+                body,
+                item,
+                had_meta: false,
+            });
         }
     }
     Ok(())
 }
 
-/// Writes a chunk. Returns the staged path to sync when the chunk was written.
+/// Writes a chunk. Returns the staged path to sync when the chunk was written to a
+/// named file.
 fn data(
     site: &SiteFs,
     sess: &mut SessionFiles,
@@ -643,7 +848,7 @@ fn data(
         // After a restart: reopen the staged file and its metadata.
         let meta_path = sess.dir.join(staged_name("m", &path));
         let tmp = sess.dir.join(staged_name("f", &path));
-        let (meta, action): (Item, String) = fs::read(&meta_path)
+        let meta: Item = fs::read(&meta_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| {
@@ -659,20 +864,14 @@ fn data(
             .read(true)
             .open(&tmp)
             .map_err(|e| io_item_error(&path, "cannot reopen staged file", &e))?;
-        let action = if action == "created" {
-            "created"
-        } else {
-            "updated"
-        };
         sess.open.insert(
             path.clone(),
             OpenFile {
                 meta,
                 file,
-                tmp,
+                tmp: Some(tmp),
                 hasher: None,
                 next_offset: u64::MAX,
-                action,
                 meta_written: true,
             },
         );
@@ -705,62 +904,79 @@ fn data(
     of.next_offset = end;
     out.bytes += d.data.len() as u64;
     if !d.last {
-        return Ok(Some(of.tmp.clone()));
+        return Ok(of.tmp.clone());
     }
     let of = sess.open.remove(&path).expect("present");
-    let len = of
-        .file
-        .metadata()
-        .map_err(|e| io_item_error(&path, "cannot stat", &e))?
-        .len();
-    let mismatch = |m: String| {
-        let _ = fs::remove_file(&of.tmp);
-        item_error(&path, "checksum_mismatch", m, true)
+    // Written contiguously from 0 into a new file: its length is where writing ended.
+    let len = match &of.hasher {
+        Some(_) => of.next_offset,
+        None => of
+            .file
+            .metadata()
+            .map_err(|e| io_item_error(&path, "cannot stat", &e))?
+            .len(),
     };
     if len != of.meta.size {
-        return Err(mismatch(format!(
-            "received {len} bytes, expected {}",
-            of.meta.size
-        )));
+        let m = format!("received {len} bytes, expected {}", of.meta.size);
+        of.remove();
+        return Err(item_error(&path, "checksum_mismatch", m, true));
     }
-    let actual = match of.hasher {
+    let actual = match &of.hasher {
         Some(h) => h.finalize(),
         None => {
             let mut h = blake3::Hasher::new();
-            h.update_reader(
-                File::open(&of.tmp).map_err(|e| io_item_error(&path, "cannot read back", &e))?,
-            )
-            .map_err(|e| io_item_error(&path, "cannot read back", &e))?;
+            let read = h.update_reader(ReadAt::new(&of.file));
+            if let Err(e) = read {
+                of.remove();
+                return Err(io_item_error(&path, "cannot read back", &e));
+            }
             h.finalize()
         }
     };
     if d.blake3.len() != 32 || actual.as_bytes().as_slice() != d.blake3.as_slice() {
-        return Err(mismatch(format!(
+        let m = format!(
             "content hash {} does not match the source's {}",
             actual.to_hex(),
             hex(&d.blake3)
-        )));
+        );
+        of.remove();
+        return Err(item_error(&path, "checksum_mismatch", m, true));
     }
-    of.file
-        .set_permissions(fs::Permissions::from_mode(of.meta.mode))
-        .map_err(|e| io_item_error(&path, "cannot set mode", &e))?;
-    filetime::set_file_handle_times(
-        &of.file,
-        Some(file_time(of.meta.mtime_ns)),
-        Some(file_time(of.meta.mtime_ns)),
-    )
-    .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
-    drop(of.file);
-    let action = of.action;
+    let t = file_time(of.meta.mtime_ns);
+    filetime::set_file_handle_times(&of.file, Some(t), Some(t))
+        .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
     let mut item = of.meta;
     item.hash = Some(actual.to_hex().to_string());
+    let (body, synced) = match of.tmp {
+        Some(tmp) => (Body::Named(tmp.clone()), Some(tmp)),
+        None => (Body::Unnamed(of.file), None),
+    };
     publish.push(Publish {
-        tmp: of.tmp.clone(),
+        body,
         item,
-        action,
         had_meta: of.meta_written,
     });
-    Ok(Some(of.tmp))
+    Ok(synced)
+}
+
+/// Reads a file from offset 0 by position (the handle's offset is left alone).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl<'a> ReadAt<'a> {
+    fn new(file: &'a File) -> Self {
+        ReadAt { file, pos: 0 }
+    }
+}
+
+impl io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// The item at `d.path` when it already is the complete body the last chunk `d` ends
@@ -782,26 +998,46 @@ fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
     Some(item)
 }
 
-fn sync_batch(root: &Path, files: &[PathBuf], durability: Durability) -> io::Result<()> {
+/// Makes a package's staged files durable: the named files in `files` (bodies still in
+/// progress, sidecars, named bodies) and the unnamed bodies about to be published.
+fn sync_batch(
+    root: &Path,
+    files: &[PathBuf],
+    publish: &[Publish],
+    durability: Durability,
+) -> io::Result<()> {
+    let unnamed = || {
+        publish.iter().filter_map(|p| match &p.body {
+            Body::Unnamed(f) => Some(f),
+            Body::Named(_) => None,
+        })
+    };
     match durability {
         Durability::None => Ok(()),
-        Durability::Syncfs => {
-            if files.is_empty() {
-                return Ok(());
-            }
-            let f = File::open(root)?;
-            rustix::fs::syncfs(&f).map_err(io::Error::from)
-        }
+        Durability::Syncfs if files.is_empty() && unnamed().next().is_none() => Ok(()),
+        Durability::Syncfs => syncfs(root),
         Durability::Fsync => {
-            let threads = files.len().clamp(1, 4);
-            let chunk = files.len().div_ceil(threads).max(1);
+            enum One<'a> {
+                Path(&'a Path),
+                Open(&'a File),
+            }
+            let all: Vec<One> = files
+                .iter()
+                .map(|p| One::Path(p))
+                .chain(unnamed().map(One::Open))
+                .collect();
+            let threads = all.len().clamp(1, 4);
+            let chunk = all.len().div_ceil(threads).max(1);
             std::thread::scope(|s| {
-                let handles: Vec<_> = files
+                let handles: Vec<_> = all
                     .chunks(chunk)
                     .map(|c| {
                         s.spawn(move || -> io::Result<()> {
-                            for p in c {
-                                File::open(p)?.sync_all()?;
+                            for one in c {
+                                match one {
+                                    One::Path(p) => File::open(p)?.sync_all()?,
+                                    One::Open(f) => f.sync_all()?,
+                                }
                             }
                             Ok(())
                         })

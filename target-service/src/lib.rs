@@ -48,12 +48,62 @@ struct Site {
     fs: SiteFs,
 }
 
+/// A session's files in progress. Staging holds `files`; publishing holds `publishing`,
+/// whose flag says the session was aborted (so an abort waits for both halves of a
+/// package in progress, and nothing is published after it).
+struct SessionState {
+    files: Mutex<SessionFiles>,
+    publishing: Mutex<bool>,
+}
+
+/// What the first look at a package decided.
+enum Prepared {
+    /// Answered at once (already applied, or refused).
+    Answer(pb::PackageAck),
+    /// To be staged, published and recorded.
+    Apply(pb::PackagePayload),
+}
+
+/// A package being published and recorded while the next one is staged.
+struct Pending {
+    task: tokio::task::JoinHandle<Result<pb::PackageAck, Status>>,
+    started: std::time::Instant,
+    places_symlinks: bool,
+}
+
+/// The answer to a package the disk had no room for: not recorded, sent again.
+fn no_space_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::PackageAck {
+    let first = errors
+        .iter()
+        .find(|e| e.code == apply::NO_SPACE)
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .unwrap_or_default();
+    tracing::warn!(session, seq, error = %first, "disk full; package not applied");
+    let mut a = ack_for(
+        seq,
+        pb::AckStatus::Retry,
+        format!("target disk full, package {seq} not applied ({first})"),
+    );
+    a.item_errors = errors;
+    a
+}
+
+fn ack_for(seq: u64, status: pb::AckStatus, message: String) -> pb::PackageAck {
+    pb::PackageAck {
+        seq,
+        status: status as i32,
+        message,
+        ..Default::default()
+    }
+}
+
 struct Inner {
     sites: HashMap<String, Site>,
     ledger: Ledger,
     settings: TargetSettings,
-    /// Files in progress per session; one package of a session is applied at a time.
-    sessions: Mutex<HashMap<String, Arc<Mutex<SessionFiles>>>>,
+    /// Files in progress per session; one package of a session is staged at a time and
+    /// one published at a time.
+    sessions: Mutex<HashMap<String, Arc<SessionState>>>,
     metrics: metrics::Metrics,
     /// Lineage of each open session (passed on by tier pushes).
     lineages: Mutex<HashMap<String, Vec<String>>>,
@@ -140,10 +190,15 @@ impl TargetService {
             .ok_or_else(|| Status::not_found(format!("unknown site {name:?}")))
     }
 
-    fn session_files(&self, session: &str, fs: &SiteFs) -> Arc<Mutex<SessionFiles>> {
+    fn session_state(&self, session: &str, fs: &SiteFs) -> Arc<SessionState> {
         let mut m = self.inner.sessions.lock().expect("sessions lock");
         m.entry(session.to_string())
-            .or_insert_with(|| Arc::new(Mutex::new(SessionFiles::new(fs.session_dir(session)))))
+            .or_insert_with(|| {
+                Arc::new(SessionState {
+                    files: Mutex::new(SessionFiles::new(fs.session_dir(session))),
+                    publishing: Mutex::new(false),
+                })
+            })
             .clone()
     }
 
@@ -174,34 +229,29 @@ impl TargetService {
         self.inner.metrics.render()
     }
 
-    /// Verifies, applies and records one package; returns its ack.
-    async fn handle_package(
+    /// Checks a package's number and checksum and opens it: an answer at once, or a
+    /// payload to apply. `last` is the last package this stream accepted.
+    async fn prepare(
         &self,
         session: &str,
-        site_name: &str,
-        last: &mut u64,
-        pkg: pb::Package,
-    ) -> Result<pb::PackageAck, Status> {
+        last: u64,
+        pkg: &pb::Package,
+    ) -> Result<Prepared, Status> {
         let seq = pkg.seq;
-        let ack = |status: pb::AckStatus, message: String| pb::PackageAck {
-            seq,
-            status: status as i32,
-            message,
-            ..Default::default()
-        };
+        let answer = |status, message| Ok(Prepared::Answer(ack_for(seq, status, message)));
         if seq == 0 {
-            return Ok(ack(
+            return answer(
                 pb::AckStatus::Rejected,
                 "package sequence numbers start at 1".into(),
-            ));
+            );
         }
-        if seq > *last + 1 {
-            return Ok(ack(
+        if seq > last + 1 {
+            return answer(
                 pb::AckStatus::Rejected,
-                format!("out of order: expected package {}, got {seq}", *last + 1),
-            ));
+                format!("out of order: expected package {}, got {seq}", last + 1),
+            );
         }
-        if seq <= *last
+        if seq <= last
             && let Some(sum) = self
                 .inner
                 .ledger
@@ -210,12 +260,12 @@ impl TargetService {
                 .map_err(db_status)?
             && sum == pkg.checksum
         {
-            let mut a = ack(pb::AckStatus::Ok, "already applied".into());
+            let mut a = ack_for(seq, pb::AckStatus::Ok, "already applied".into());
             a.duplicate = true;
-            return Ok(a);
+            return Ok(Prepared::Answer(a));
         }
-        let payload = match package::open(&pkg, &self.inner.settings.limits) {
-            Ok(p) => p,
+        match package::open(pkg, &self.inner.settings.limits) {
+            Ok(p) => Ok(Prepared::Apply(p)),
             Err(e) => {
                 tracing::warn!(session, seq, error = %e, "package refused");
                 if e.over_limit() {
@@ -227,17 +277,54 @@ impl TargetService {
                 } else {
                     pb::AckStatus::Rejected
                 };
-                return Ok(ack(status, e.to_string()));
+                answer(status, e.to_string())
             }
-        };
-        let site = self.site(site_name)?;
-        let fs = site.fs.clone();
-        let files = self.session_files(session, &fs);
+        }
+    }
+
+    /// Writes and verifies a package's bodies in the staging directory.
+    async fn stage(
+        &self,
+        session: &str,
+        site_name: &str,
+        payload: pb::PackagePayload,
+    ) -> Result<apply::Staged, Status> {
+        let fs = self.site(site_name)?.fs.clone();
+        let state = self.session_state(session, &fs);
         let max_path = self.inner.settings.limits.max_path_bytes;
+        let staged = tokio::task::spawn_blocking(move || {
+            let mut f = state.files.lock().expect("session files lock");
+            (!f.aborted).then(|| apply::stage(&fs, &mut f, payload, max_path))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
+        staged.ok_or_else(|| Status::failed_precondition(format!("session {session} was aborted")))
+    }
+
+    /// Publishes and records a staged package; returns its ack. A package the disk had
+    /// no room for is not recorded: the source sends it again once there is space (or
+    /// fails the job, as its channel says).
+    async fn finish(
+        self,
+        session: String,
+        site_name: String,
+        seq: u64,
+        checksum: Vec<u8>,
+        staged: apply::Staged,
+    ) -> Result<pb::PackageAck, Status> {
+        if staged.out.no_space {
+            return Ok(no_space_ack(&session, seq, staged.out.errors));
+        }
+        let fs = self.site(&site_name)?.fs.clone();
+        let state = self.session_state(&session, &fs);
         let durability = self.inner.settings.durability;
         let applied: Option<Applied> = tokio::task::spawn_blocking(move || {
-            let mut f = files.lock().expect("session files lock");
-            (!f.aborted).then(|| apply::apply(&fs, &mut f, payload, max_path, durability))
+            let aborted = state.publishing.lock().expect("session publish lock");
+            if *aborted {
+                apply::discard(staged);
+                return None;
+            }
+            Some(apply::publish(&fs, staged, durability))
         })
         .await
         .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
@@ -247,33 +334,196 @@ impl TargetService {
             )));
         };
         if applied.no_space {
-            // Not recorded: the source sends the package again once there is space (or
-            // fails the job, as its channel says).
-            let first = applied
-                .errors
-                .iter()
-                .find(|e| e.code == apply::NO_SPACE)
-                .map(|e| format!("{}: {}", e.path, e.message))
-                .unwrap_or_default();
-            tracing::warn!(session, seq, error = %first, "disk full; package not applied");
-            let mut a = ack(
-                pb::AckStatus::Retry,
-                format!("target disk full, package {seq} not applied ({first})"),
-            );
-            a.item_errors = applied.errors;
-            return Ok(a);
+            return Ok(no_space_ack(&session, seq, applied.errors));
         }
         self.inner
             .ledger
-            .record_package(session, site_name, seq, &pkg.checksum, &applied.changes)
+            .record_package(&session, &site_name, seq, &checksum, &applied.changes)
             .await
             .map_err(db_status)?;
-        *last = (*last).max(seq);
-        let mut a = ack(pb::AckStatus::Ok, String::new());
+        let mut a = ack_for(seq, pb::AckStatus::Ok, String::new());
         a.items_applied = applied.items;
         a.bytes_applied = applied.bytes;
         a.item_errors = applied.errors;
         Ok(a)
+    }
+
+    /// Waits for a package being published, counts and sends its answer; false when the
+    /// stream must stop (the answer was not a plain acknowledgement, or no one listens).
+    async fn settle(
+        &self,
+        site: &str,
+        p: Pending,
+        tx: &mpsc::Sender<Result<pb::ImportResponse, Status>>,
+    ) -> bool {
+        let reply = p
+            .task
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("apply task failed: {e}"))));
+        self.answer(site, reply, p.started, tx).await
+    }
+
+    /// Counts and sends one answer; false when the stream must stop.
+    async fn answer(
+        &self,
+        site: &str,
+        reply: Result<pb::PackageAck, Status>,
+        started: std::time::Instant,
+        tx: &mpsc::Sender<Result<pb::ImportResponse, Status>>,
+    ) -> bool {
+        self.count(site, &reply, started.elapsed());
+        let go_on = matches!(&reply, Ok(a) if a.status == pb::AckStatus::Ok as i32);
+        let item = reply.map(|ack| pb::ImportResponse {
+            msg: Some(pb::import_response::Msg::Ack(ack)),
+        });
+        tx.send(item).await.is_ok() && go_on
+    }
+
+    /// Applies the packages of one Import stream, in order, with one package published
+    /// (flushed, renamed into place, recorded) while the next is staged. Answers stay in
+    /// package order; after a failed package nothing later is published.
+    async fn handle_import(
+        self,
+        session: ledger::SessionRow,
+        mut inbound: Streaming<pb::ImportRequest>,
+        tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
+    ) {
+        let mut last = session.last_seq as u64;
+        let mut pending: Option<Pending> = None;
+        loop {
+            let next = tokio::select! {
+                // An idle stream must not hold back the last package's answer.
+                r = async { (&mut pending.as_mut().expect("checked").task).await }, if pending.is_some() => {
+                    let p = pending.take().expect("checked");
+                    let reply = r.unwrap_or_else(|e| Err(Status::internal(format!("apply task failed: {e}"))));
+                    if !self.answer(&session.site, reply, p.started, &tx).await {
+                        return;
+                    }
+                    continue;
+                }
+                m = tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()) => m,
+            };
+            let msg = match next {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => {
+                    // A message over the size limit arrives here: the peer is told, then
+                    // cut off (after the answer of a package still in progress).
+                    tracing::info!(session = %session.id, %status, "import stream ended");
+                    if let Some(p) = pending.take() {
+                        self.settle(&session.site, p, &tx).await;
+                    }
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                Err(_) => {
+                    if let Some(p) = pending.take() {
+                        self.settle(&session.site, p, &tx).await;
+                    }
+                    let _ = tx
+                        .send(Err(Status::deadline_exceeded(
+                            "import stream idle for too long",
+                        )))
+                        .await;
+                    return;
+                }
+            };
+            let Some(pb::import_request::Msg::Package(pkg)) = msg.msg else {
+                if let Some(p) = pending.take() {
+                    self.settle(&session.site, p, &tx).await;
+                }
+                let _ = tx
+                    .send(Err(Status::invalid_argument("expected a package")))
+                    .await;
+                return;
+            };
+            let started = std::time::Instant::now();
+            slow_apply_failpoint().await;
+            let span = tracing::info_span!("apply_package", seq = pkg.seq, site = %session.site);
+            let prepared = self
+                .prepare(&session.id, last, &pkg)
+                .instrument(span.clone())
+                .await;
+            let payload = match prepared {
+                Ok(Prepared::Apply(payload)) => payload,
+                other => {
+                    if let Some(p) = pending.take()
+                        && !self.settle(&session.site, p, &tx).await
+                    {
+                        return;
+                    }
+                    let reply = other.map(|p| match p {
+                        Prepared::Answer(a) => a,
+                        Prepared::Apply(_) => unreachable!("matched above"),
+                    });
+                    let fatal = reply.is_err();
+                    // A refused package leaves `last` as it was, so what follows it is out
+                    // of order until the source rewinds.
+                    if !self.answer(&session.site, reply, started, &tx).await && fatal {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // A symlink placed by the package in progress could change what this one's
+            // parent checks see: wait for it.
+            if let Some(p) = pending.take_if(|p| p.places_symlinks)
+                && !self.settle(&session.site, p, &tx).await
+            {
+                return;
+            }
+            let staged = self
+                .stage(&session.id, &session.site, payload)
+                .instrument(span.clone())
+                .await;
+            if let Some(p) = pending.take()
+                && !self.settle(&session.site, p, &tx).await
+            {
+                if let Ok(s) = staged {
+                    apply::discard(s);
+                }
+                return;
+            }
+            let staged = match staged {
+                Ok(s) => s,
+                Err(status) => {
+                    self.answer(&session.site, Err(status), started, &tx).await;
+                    return;
+                }
+            };
+            let no_space = staged.out.no_space;
+            let places_symlinks = staged.places_symlinks();
+            let task = tokio::spawn(
+                self.clone()
+                    .finish(
+                        session.id.clone(),
+                        session.site.clone(),
+                        pkg.seq,
+                        pkg.checksum,
+                        staged,
+                    )
+                    .instrument(span),
+            );
+            if no_space {
+                // Answered at once; `last` stays, as for any package not recorded.
+                let p = Pending {
+                    task,
+                    started,
+                    places_symlinks,
+                };
+                self.settle(&session.site, p, &tx).await;
+                continue;
+            }
+            last = last.max(pkg.seq);
+            pending = Some(Pending {
+                task,
+                started,
+                places_symlinks,
+            });
+        }
+        if let Some(p) = pending.take() {
+            self.settle(&session.site, p, &tx).await;
+        }
     }
 }
 
@@ -398,61 +648,11 @@ impl TargetApi for TargetService {
                 session.id
             )));
         }
-        let this = self.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(
-            async move {
-                let mut last = session.last_seq as u64;
-                loop {
-                    let msg = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message())
-                        .await
-                    {
-                        Ok(Ok(Some(m))) => m,
-                        Ok(Ok(None)) => break,
-                        Ok(Err(status)) => {
-                            // A message over the size limit arrives here as
-                            // RESOURCE_EXHAUSTED: the peer is told, then cut off.
-                            tracing::info!(session = %session.id, %status, "import stream ended");
-                            let _ = tx.send(Err(status)).await;
-                            break;
-                        }
-                        Err(_) => {
-                            let _ = tx
-                                .send(Err(Status::deadline_exceeded(
-                                    "import stream idle for too long",
-                                )))
-                                .await;
-                            break;
-                        }
-                    };
-                    let pkg = match msg.msg {
-                        Some(pb::import_request::Msg::Package(p)) => p,
-                        _ => {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument("expected a package")))
-                                .await;
-                            break;
-                        }
-                    };
-                    let started = std::time::Instant::now();
-                    slow_apply_failpoint().await;
-                    let span =
-                        tracing::info_span!("apply_package", seq = pkg.seq, site = %session.site);
-                    let reply = this
-                        .handle_package(&session.id, &session.site, &mut last, pkg)
-                        .instrument(span)
-                        .await;
-                    this.count(&session.site, &reply, started.elapsed());
-                    let done = reply.is_err();
-                    let item = reply.map(|ack| pb::ImportResponse {
-                        msg: Some(pb::import_response::Msg::Ack(ack)),
-                    });
-                    if tx.send(item).await.is_err() || done {
-                        break;
-                    }
-                }
-            }
-            .in_current_span(),
+            self.clone()
+                .handle_import(session, inbound, tx)
+                .in_current_span(),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -472,10 +672,12 @@ impl TargetApi for TargetService {
         if r.abort {
             // Under the session's lock: an apply still running for a dropped stream
             // finishes first, and no later package of this session is applied.
-            let files = self.session_files(&s.id, &site.fs);
+            let state = self.session_state(&s.id, &site.fs);
             let fs = site.fs.clone();
             tokio::task::spawn_blocking(move || {
-                let mut f = files.lock().expect("session files lock");
+                let mut aborted = state.publishing.lock().expect("session publish lock");
+                *aborted = true;
+                let mut f = state.files.lock().expect("session files lock");
                 apply::abort_session(&fs, &mut f);
             })
             .await

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
     // One TLS provider for the whole process (hooks over https).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-target");
+    raise_open_files_limit();
     let mut sites = Vec::new();
     if let Some(path) = &args.config {
         sites.extend(SiteConfig::load_file(path)?);
@@ -111,4 +112,19 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(())
+}
+
+/// Bodies stay open from their first chunk until their package is published (two
+/// packages at a time, up to thousands of small files): raise the soft limit on open
+/// files to the hard one, as Go's runtime does. Past the limit the target stages named
+/// files instead, which is slower but works.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::debug!(error = %e, "cannot raise the open files limit");
+        }
+    }
 }
