@@ -595,8 +595,11 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
             .try_for_each(|d| File::open(d)?.sync_all()),
     };
     if let Err(e) = synced {
-        out.errors
-            .push(io_item_error("", "cannot sync the package's directories", &e));
+        out.errors.push(io_item_error(
+            "",
+            "cannot sync the package's directories",
+            &e,
+        ));
     }
     out
 }
@@ -674,7 +677,9 @@ fn create_unnamed(dir: &Path, mode: u32) -> io::Result<Option<File>> {
         Mode::from_raw_mode(mode & 0o7777),
     ) {
         Ok(fd) => Ok(Some(File::from(fd))),
-        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::MFILE | Errno::NFILE) => Ok(None),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::MFILE | Errno::NFILE) => {
+            Ok(None)
+        }
         Err(e) => Err(e.into()),
     }
 }
