@@ -39,6 +39,13 @@ pub fn secure_server(
     }
 }
 
+/// The accepted connections of a listener, with TCP_NODELAY. The server builder's own
+/// `tcp_nodelay` applies only to listeners it binds itself; without it every small
+/// answer (OpenSession, Commit, an ack) waits for the peer's delayed ACK, about 40 ms.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// A server builder with the project's HTTP/2 tuning.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use cms_mirror::config::MirrorConfig;
@@ -640,7 +640,7 @@ pub async fn start(
             SourceServiceServer::new(SourceService::new(app)),
             security.auth,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
         .map_err(|e| cms_mirror::security::error_chain(&e));
     let _ = stop_tx.send(true);

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -803,7 +803,7 @@ pub async fn run(
                 .max_encoding_message_size(max),
             security.auth,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
         .map_err(|e| cms_mirror::security::error_chain(&e))
 }
