@@ -9,6 +9,9 @@ on these machines creating files right after deleting a similar tree is 5-10x sl
 source trees are read just before each timed run (warm cache), and the tools alternate
 (A B A B) so both see the same machine state. Every destination is checked afterwards
 with `rsync -anc --delete src/ dst/`, which must list nothing.
+
+BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
+settings (e.g. BENCH_CHANNEL_TOML=$'window = 8\n').
 """
 import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -74,7 +77,7 @@ def cms_round(work, src_base, src_mut, durability):
                            "--data-dir", tdir, "--durability", durability], tdir / "log")
     cfg = sdir / "mirror.toml"
     cfg.write_text("".join(
-        f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\n[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
+        f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\n{os.environ.get("BENCH_CHANNEL_TOML", "")}[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
         for n, p in (("base", src_base), ("mut", src_mut))))
     source, saddr = start([BIN / "mirror-source", "--listen", "127.0.0.1:0", "--config", cfg, "--data-dir", sdir], sdir / "log")
     res = {}
