@@ -124,6 +124,24 @@ async fn click(c: &Client, css: &str) {
     }
 }
 
+/// The text of an element once `ok` accepts it (or the last text read after 20 s),
+/// finding the element again whenever a live update replaced it.
+async fn text_when(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let mut last = String::new();
+    for _ in 0..200 {
+        if let Ok(e) = c.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+        {
+            if ok(&t) {
+                return t;
+            }
+            last = t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -259,29 +277,17 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
 
     // The job's detail page: its targets at their totals and the event log.
     c.goto(&format!("{base}/jobs/{job}")).await.unwrap();
-    let text = c
-        .wait()
-        .at_most(Duration::from_secs(20))
-        .for_element(Locator::Css("#d-targets .progress-text"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     let total = j["targets"][0]["items_total"].as_u64().unwrap();
-    assert!(text.contains(&format!("items {total}/{total}")), "{text}");
+    let want = format!("items {total}/{total}");
+    let text = text_when(&c, "#d-targets .progress-text", |t| t.contains(&want)).await;
+    assert!(text.contains(&want), "{text}");
     c.wait()
         .at_most(Duration::from_secs(20))
         .for_element(Locator::XPath("//div[@id='log']/div/b[text()='finished']"))
         .await
         .expect("the finished event in the job's log");
     assert_eq!(
-        c.find(Locator::Css("#d-state"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
+        text_when(&c, "#d-state", |t| t == "succeeded").await,
         "succeeded"
     );
     c.screenshot()
