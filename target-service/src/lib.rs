@@ -88,6 +88,13 @@ fn no_space_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::Pack
     a
 }
 
+/// The answer of a finished apply task.
+fn joined(
+    r: Result<Result<pb::PackageAck, Status>, tokio::task::JoinError>,
+) -> Result<pb::PackageAck, Status> {
+    r.unwrap_or_else(|e| Err(Status::internal(format!("apply task failed: {e}"))))
+}
+
 fn ack_for(seq: u64, status: pb::AckStatus, message: String) -> pb::PackageAck {
     pb::PackageAck {
         seq,
@@ -350,16 +357,17 @@ impl TargetService {
 
     /// Waits for a package being published, counts and sends its answer; false when the
     /// stream must stop (the answer was not a plain acknowledgement, or no one listens).
+    /// True when nothing was pending.
     async fn settle(
         &self,
         site: &str,
-        p: Pending,
+        pending: &mut Option<Pending>,
         tx: &mpsc::Sender<Result<pb::ImportResponse, Status>>,
     ) -> bool {
-        let reply = p
-            .task
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("apply task failed: {e}"))));
+        let Some(p) = pending.take() else {
+            return true;
+        };
+        let reply = joined(p.task.await);
         self.answer(site, reply, p.started, tx).await
     }
 
@@ -395,8 +403,7 @@ impl TargetService {
                 // An idle stream must not hold back the last package's answer.
                 r = async { (&mut pending.as_mut().expect("checked").task).await }, if pending.is_some() => {
                     let p = pending.take().expect("checked");
-                    let reply = r.unwrap_or_else(|e| Err(Status::internal(format!("apply task failed: {e}"))));
-                    if !self.answer(&session.site, reply, p.started, &tx).await {
+                    if !self.answer(&session.site, joined(r), p.started, &tx).await {
                         return;
                     }
                     continue;
@@ -410,16 +417,12 @@ impl TargetService {
                     // A message over the size limit arrives here: the peer is told, then
                     // cut off (after the answer of a package still in progress).
                     tracing::info!(session = %session.id, %status, "import stream ended");
-                    if let Some(p) = pending.take() {
-                        self.settle(&session.site, p, &tx).await;
-                    }
+                    self.settle(&session.site, &mut pending, &tx).await;
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
                 Err(_) => {
-                    if let Some(p) = pending.take() {
-                        self.settle(&session.site, p, &tx).await;
-                    }
+                    self.settle(&session.site, &mut pending, &tx).await;
                     let _ = tx
                         .send(Err(Status::deadline_exceeded(
                             "import stream idle for too long",
@@ -429,9 +432,7 @@ impl TargetService {
                 }
             };
             let Some(pb::import_request::Msg::Package(pkg)) = msg.msg else {
-                if let Some(p) = pending.take() {
-                    self.settle(&session.site, p, &tx).await;
-                }
+                self.settle(&session.site, &mut pending, &tx).await;
                 let _ = tx
                     .send(Err(Status::invalid_argument("expected a package")))
                     .await;
@@ -447,9 +448,7 @@ impl TargetService {
             let payload = match prepared {
                 Ok(Prepared::Apply(payload)) => payload,
                 other => {
-                    if let Some(p) = pending.take()
-                        && !self.settle(&session.site, p, &tx).await
-                    {
+                    if !self.settle(&session.site, &mut pending, &tx).await {
                         return;
                     }
                     let reply = other.map(|p| match p {
@@ -467,8 +466,8 @@ impl TargetService {
             };
             // A symlink placed by the package in progress could change what this one's
             // parent checks see: wait for it.
-            if let Some(p) = pending.take_if(|p| p.places_symlinks)
-                && !self.settle(&session.site, p, &tx).await
+            if pending.as_ref().is_some_and(|p| p.places_symlinks)
+                && !self.settle(&session.site, &mut pending, &tx).await
             {
                 return;
             }
@@ -476,9 +475,7 @@ impl TargetService {
                 .stage(&session.id, &session.site, payload)
                 .instrument(span.clone())
                 .await;
-            if let Some(p) = pending.take()
-                && !self.settle(&session.site, p, &tx).await
-            {
+            if !self.settle(&session.site, &mut pending, &tx).await {
                 if let Ok(s) = staged {
                     apply::discard(s);
                 }
@@ -504,26 +501,19 @@ impl TargetService {
                     )
                     .instrument(span),
             );
-            if no_space {
-                // Answered at once; `last` stays, as for any package not recorded.
-                let p = Pending {
-                    task,
-                    started,
-                    places_symlinks,
-                };
-                self.settle(&session.site, p, &tx).await;
-                continue;
-            }
-            last = last.max(pkg.seq);
             pending = Some(Pending {
                 task,
                 started,
                 places_symlinks,
             });
+            if no_space {
+                // Answered at once; `last` stays, as for any package not recorded.
+                self.settle(&session.site, &mut pending, &tx).await;
+                continue;
+            }
+            last = last.max(pkg.seq);
         }
-        if let Some(p) = pending.take() {
-            self.settle(&session.site, p, &tx).await;
-        }
+        self.settle(&session.site, &mut pending, &tx).await;
     }
 }
 
