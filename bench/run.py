@@ -26,7 +26,11 @@ def sh(*args, **kw):
 
 
 def warm(path):
+    """Reads the tree into the page cache and writes back what earlier runs left dirty:
+    no timed run pays for another's writeback (cms-mirror's syncfs would otherwise
+    flush the previous rsync's output)."""
     subprocess.run(["tar", "cf", "/dev/null", "-C", str(path.parent), path.name], check=True)
+    subprocess.run(["sync"], check=True)
 
 
 def free_port():

@@ -179,6 +179,10 @@ pub struct Progress {
     pub deletes: i64,
     pub packages_acked: i64,
     pub item_errors: i64,
+    /// Packages sent and their bytes on the wire since the last checkpoint (stored with
+    /// it, so sending a package costs no write of its own).
+    pub packages_sent: i64,
+    pub wire_bytes: i64,
 }
 
 /// Item error to record.
@@ -523,8 +527,9 @@ impl JobStore {
         sqlx::query(
             "UPDATE job_targets SET checkpoint_seq = $1, checkpoint_json = $2, \
              items_done = items_done + $3, bytes_done = bytes_done + $4, deletes_done = deletes_done + $5, \
-             packages_acked = packages_acked + $6, item_errors = item_errors + $7 \
-             WHERE job_id = $8 AND target = $9",
+             packages_acked = packages_acked + $6, item_errors = item_errors + $7, \
+             packages_sent = packages_sent + $8, bytes_on_wire = bytes_on_wire + $9 \
+             WHERE job_id = $10 AND target = $11",
         )
         .bind(seq)
         .bind(cursor_json)
@@ -533,6 +538,8 @@ impl JobStore {
         .bind(p.deletes)
         .bind(p.packages_acked)
         .bind(p.item_errors)
+        .bind(p.packages_sent)
+        .bind(p.wire_bytes)
         .bind(job)
         .bind(target)
         .execute(&self.db.pool)

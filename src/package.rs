@@ -64,6 +64,8 @@ pub enum PackageError {
     },
     #[error("package {seq}: unsupported compression {0}", .compression)]
     Compression { seq: u64, compression: i32 },
+    #[error("package {seq}: unsupported checksum kind {kind}")]
+    ChecksumKind { seq: u64, kind: i32 },
     #[error("package {seq}: payload does not decode: {message}")]
     Decode { seq: u64, message: String },
 }
@@ -102,14 +104,24 @@ pub fn seal(
         },
         pb::Compression::None => (bytes, pb::Compression::None),
     };
-    let checksum = blake3::hash(&wire).as_bytes().to_vec();
     pb::Package {
         seq,
-        checksum,
+        checksum: checksum(pb::ChecksumKind::Xxh3128, &wire),
         uncompressed_size,
         payload: wire.into(),
         compression: used as i32,
         phase: phase as i32,
+        checksum_kind: pb::ChecksumKind::Xxh3128 as i32,
+    }
+}
+
+/// The checksum of a package's wire bytes. It guards the transfer only (a peer that
+/// means harm can compute any checksum; tokens and TLS keep it out); every body is also
+/// verified end to end by its BLAKE3, so the package checksum can be the cheaper XXH3.
+pub fn checksum(kind: pb::ChecksumKind, wire: &[u8]) -> Vec<u8> {
+    match kind {
+        pb::ChecksumKind::Blake3 => blake3::hash(wire).as_bytes().to_vec(),
+        pb::ChecksumKind::Xxh3128 => xxhash_rust::xxh3::xxh3_128(wire).to_be_bytes().to_vec(),
     }
 }
 
@@ -168,12 +180,18 @@ pub fn open(pkg: &pb::Package, limits: &Limits) -> Result<pb::PackagePayload, Pa
             limit: limits.max_payload_bytes,
         });
     }
-    let actual = blake3::hash(&pkg.payload);
-    if actual.as_bytes().as_slice() != pkg.checksum.as_slice() {
+    let Ok(kind) = pb::ChecksumKind::try_from(pkg.checksum_kind) else {
+        return Err(PackageError::ChecksumKind {
+            seq,
+            kind: pkg.checksum_kind,
+        });
+    };
+    let actual = checksum(kind, &pkg.payload);
+    if actual != pkg.checksum {
         return Err(PackageError::Checksum {
             seq,
             expected: crate::model::hex(&pkg.checksum),
-            actual: actual.to_hex().to_string(),
+            actual: crate::model::hex(&actual),
         });
     }
     let bytes = match pb::Compression::try_from(pkg.compression) {
@@ -233,6 +251,25 @@ mod tests {
     }
 
     #[test]
+    fn both_checksum_kinds_are_verified_and_an_unknown_one_is_refused() {
+        let mut pkg = seal(5, pb::Phase::Content, &payload(), pb::Compression::None);
+        assert_eq!(pkg.checksum_kind, pb::ChecksumKind::Xxh3128 as i32);
+        assert_eq!(pkg.checksum.len(), 16);
+        // A sender that predates the field (BLAKE3, kind 0) is still understood.
+        pkg.checksum_kind = pb::ChecksumKind::Blake3 as i32;
+        assert!(matches!(
+            open(&pkg, &Limits::default()),
+            Err(PackageError::Checksum { seq: 5, .. })
+        ));
+        pkg.checksum = blake3::hash(&pkg.payload).as_bytes().to_vec();
+        assert_eq!(open(&pkg, &Limits::default()).unwrap(), payload());
+        pkg.checksum_kind = 9;
+        let err = open(&pkg, &Limits::default()).unwrap_err();
+        assert_eq!(err, PackageError::ChecksumKind { seq: 5, kind: 9 });
+        assert!(!err.retryable());
+    }
+
+    #[test]
     fn limits_refuse_before_decoding() {
         let pkg = seal(1, pb::Phase::Content, &payload(), pb::Compression::None);
         let small = Limits {
@@ -263,6 +300,7 @@ mod tests {
             payload: bomb.into(),
             compression: pb::Compression::Zstd as i32,
             phase: pb::Phase::Content as i32,
+            checksum_kind: pb::ChecksumKind::Blake3 as i32,
         };
         let err = open(&p, &Limits::default()).unwrap_err();
         assert!(
@@ -288,12 +326,16 @@ mod tests {
             declared in prop_oneof![Just(0u64), 0u64..4096, any::<u64>()],
             compression in 0i32..4,
             fix_checksum in any::<bool>(),
+            checksum_kind in 0i32..3,
         ) {
             let limits = Limits { max_payload_bytes: 1 << 20, max_entries: 64, ..Limits::default() };
-            let checksum = if fix_checksum { blake3::hash(&payload).as_bytes().to_vec() } else { vec![0; 32] };
+            let checksum = match pb::ChecksumKind::try_from(checksum_kind) {
+                Ok(k) if fix_checksum => super::checksum(k, &payload),
+                _ => vec![0; 32],
+            };
             let pkg = pb::Package {
                 seq: 1, checksum, uncompressed_size: declared, payload: payload.into(),
-                compression, phase: 0,
+                compression, phase: 0, checksum_kind,
             };
             if let Ok(p) = open(&pkg, &limits) {
                 prop_assert!(p.entries.len() <= limits.max_entries);
@@ -314,7 +356,7 @@ mod tests {
                 let i = i.index(v.len());
                 v[i] ^= x | 1;
             }
-            pkg.checksum = blake3::hash(&v).as_bytes().to_vec();
+            pkg.checksum = checksum(pb::ChecksumKind::Xxh3128, &v);
             pkg.payload = v.into();
             let _ = open(&pkg, &Limits::default());
         }

@@ -175,21 +175,18 @@ impl Packer {
                 let remaining = cur.item.size - cur.offset;
                 let budget = (self.package_bytes - size).max(4096) as u64;
                 let want = remaining.min(budget) as usize;
-                let mut buf = vec![0u8; want];
-                let got =
-                    read_full(&mut cur.file, &mut buf).map_err(|e| io_error(&cur.item.path, &e));
-                let changed = match &got {
-                    Ok(n) => *n < want,
-                    Err(_) => true,
-                };
                 let path = cur.item.path.clone();
-                if let Err(e) = got {
-                    entries.push(abort(&path, &e.message));
-                    errors.push(err(&path, e.code, e.message, e.retryable));
-                    self.current = None;
-                    continue;
-                }
-                buf.truncate(want);
+                let buf = match read_up_to(&cur.file, want) {
+                    Ok(buf) => buf,
+                    Err(e) => {
+                        let e = io_error(&path, &e);
+                        entries.push(abort(&path, &e.message));
+                        errors.push(err(&path, e.code, e.message, e.retryable));
+                        self.current = None;
+                        continue;
+                    }
+                };
+                let changed = buf.len() < want;
                 crate::failpoints::maybe_change(&self.source, &cur.item.path);
                 cur.hasher.update(&buf);
                 let offset = cur.offset;
@@ -415,13 +412,23 @@ fn abort(path: &str, reason: &str) -> pb::Entry {
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
+/// Reads up to `want` bytes of `f` into a new buffer, straight into its spare capacity
+/// (not zeroed first); fewer only at the end of the file.
+fn read_up_to(f: &File, want: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(want);
+    while buf.len() < want {
+        let room = want - buf.len();
+        let n = if buf.capacity() - buf.len() == room {
+            rustix::io::read(f, rustix::buffer::spare_capacity(&mut buf)).map_err(io::Error::from)
+        } else {
+            f.take(room as u64).read_to_end(&mut buf)
+        };
+        match n {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
-    Ok(n)
+    Ok(buf)
 }

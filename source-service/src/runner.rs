@@ -832,6 +832,14 @@ async fn record_item_errors(
     }
 }
 
+/// Packages sent (and their wire bytes) not yet in the store: they go with the next
+/// checkpoint, or at the end of the stream.
+#[derive(Default)]
+struct Sent {
+    packages: i64,
+    wire: i64,
+}
+
 struct InFlight {
     seq: u64,
     cursor_after: Cursor,
@@ -912,6 +920,7 @@ async fn stream_once(
             .await;
     }
     let mut inflight: VecDeque<InFlight> = VecDeque::new();
+    let mut unrecorded = Sent::default();
     let mut held: Option<Built> = None;
     let mut packer_done = false;
     let mut skip_deletes = false;
@@ -937,7 +946,7 @@ async fn stream_once(
                 app.bus.emit(jid, "deletes_skipped", tname, json!({"reason": format!("{item_errors} item error(s) in this job; no deletions applied")})).await;
             } else if let Some(b) = held.take() {
                 if let Err(e) =
-                    send_built(app, jid, tname, &otx, b, &mut inflight, attempts, &lbl).await
+                    send_built(app, &otx, b, &mut inflight, attempts, &lbl, &mut unrecorded).await
                 {
                     break e;
                 }
@@ -961,7 +970,7 @@ async fn stream_once(
                             held = Some(b);
                         } else if b.phase == PhaseName::Delete && skip_deletes {
                             packer_done = true;
-                        } else if let Err(e) = send_built(app, jid, tname, &otx, b, &mut inflight, attempts, &lbl).await {
+                        } else if let Err(e) = send_built(app, &otx, b, &mut inflight, attempts, &lbl, &mut unrecorded).await {
                             break e;
                         }
                     }
@@ -1002,12 +1011,17 @@ async fn stream_once(
                             deletes: f.deletes as i64,
                             packages_acked: 1,
                             item_errors: errs.len() as i64,
+                            packages_sent: unrecorded.packages,
+                            wire_bytes: unrecorded.wire,
                         };
                         let cursor_json = serde_json::to_string(&f.cursor_after).unwrap_or_default();
                         // The ack counts only once its checkpoint is stored.
                         loop {
                             match app.store.checkpoint(jid, tname, f.seq as i64, &cursor_json, &p).await {
-                                Ok(()) => break,
+                                Ok(()) => {
+                                    unrecorded = Sent::default();
+                                    break;
+                                }
                                 Err(e) => {
                                     tracing::warn!(job = jid, error = %e, "cannot store checkpoint; retrying");
                                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1060,6 +1074,12 @@ async fn stream_once(
     };
     drop(brx);
     producer.abort();
+    if unrecorded.packages > 0 {
+        let _ = app
+            .store
+            .add_sent(jid, tname, unrecorded.packages, unrecorded.wire, 0, 0)
+            .await;
+    }
     if matches!(end, StreamEnd::Done { .. }) {
         emit_progress(app, jid, tname, bytes_this_stream, started).await;
     }
@@ -1069,13 +1089,12 @@ async fn stream_once(
 #[allow(clippy::too_many_arguments)]
 async fn send_built(
     app: &Arc<App>,
-    jid: &str,
-    tname: &str,
     otx: &mpsc::Sender<pb::ImportRequest>,
     b: Built,
     inflight: &mut VecDeque<InFlight>,
     attempts: &HashMap<u64, u32>,
     lbl: &cms_mirror::observe::TargetLabels,
+    unrecorded: &mut Sent,
 ) -> Result<(), StreamEnd> {
     let seq = b.pkg.seq;
     let mut b = b;
@@ -1095,7 +1114,8 @@ async fn send_built(
         deletes: b.deletes,
         errors: b.errors,
     });
-    let _ = app.store.add_sent(jid, tname, 1, wire, 0, 0).await;
+    unrecorded.packages += 1;
+    unrecorded.wire += wire;
     app.metrics.packages_sent.get_or_create(lbl).inc();
     app.metrics
         .bytes_sent

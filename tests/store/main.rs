@@ -146,6 +146,8 @@ async fn checkpoints_counters_events_and_item_errors() {
             deletes: 0,
             packages_acked: 1,
             item_errors: 1,
+            packages_sent: 1,
+            wire_bytes: 450,
         };
         s.checkpoint(&a.id, "web1", 1, r#"{"pos":10}"#, &p)
             .await
@@ -179,7 +181,7 @@ async fn checkpoints_counters_events_and_item_errors() {
                 t.packages_sent,
                 t.bytes_on_wire
             ),
-            (2, r#"{"pos":20}"#, 2, 900)
+            (2, r#"{"pos":20}"#, 4, 1800)
         );
         s.add_item_errors(
             &a.id,
