@@ -13,12 +13,12 @@ pub mod hooks;
 pub mod ledger;
 pub mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -64,11 +64,37 @@ enum Prepared {
     Apply(pb::PackagePayload),
 }
 
-/// A package being published and recorded while the next one is staged.
+/// A package being published or recorded while the next one is staged.
 struct Pending {
     task: tokio::task::JoinHandle<Result<pb::PackageAck, Status>>,
     started: std::time::Instant,
     places_symlinks: bool,
+    /// How far its finish has come, for the package after it.
+    step: watch::Receiver<Step>,
+}
+
+/// How far a package's finish has come. A package is published only once the one
+/// before it is published, and recorded only once that one is recorded; after a
+/// failure, nothing later is published or recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Publishing,
+    Published,
+    Recorded,
+    Failed,
+}
+
+/// Waits until the package before (if any) has reached `at`: false when it failed or
+/// its task ended without saying.
+async fn reached(prev: &mut Option<watch::Receiver<Step>>, at: Step) -> bool {
+    let Some(rx) = prev else {
+        return true;
+    };
+    let done = |s: &Step| match at {
+        Step::Published => matches!(s, Step::Published | Step::Recorded | Step::Failed),
+        _ => matches!(s, Step::Recorded | Step::Failed),
+    };
+    matches!(rx.wait_for(done).await.as_deref(), Ok(&s) if s != Step::Failed)
 }
 
 /// The answer to a package the disk had no room for: not recorded, sent again.
@@ -310,7 +336,10 @@ impl TargetService {
 
     /// Publishes and records a staged package; returns its ack. A package the disk had
     /// no room for is not recorded: the source sends it again once there is space (or
-    /// fails the job, as its channel says).
+    /// fails the job, as its channel says). `prev` is the step of the package before,
+    /// whose record may still be running while this one is published; `step` tells the
+    /// package after.
+    #[allow(clippy::too_many_arguments)]
     async fn finish(
         self,
         session: String,
@@ -318,12 +347,41 @@ impl TargetService {
         seq: u64,
         checksum: Vec<u8>,
         staged: apply::Staged,
+        mut prev: Option<watch::Receiver<Step>>,
+        step: watch::Sender<Step>,
+    ) -> Result<pb::PackageAck, Status> {
+        let r = self
+            .publish_and_record(
+                &session, &site_name, seq, &checksum, staged, &mut prev, &step,
+            )
+            .await;
+        let ok = matches!(&r, Ok(a) if a.status == pb::AckStatus::Ok as i32);
+        step.send_replace(if ok { Step::Recorded } else { Step::Failed });
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_and_record(
+        &self,
+        session: &str,
+        site_name: &str,
+        seq: u64,
+        checksum: &[u8],
+        staged: apply::Staged,
+        prev: &mut Option<watch::Receiver<Step>>,
+        step: &watch::Sender<Step>,
     ) -> Result<pb::PackageAck, Status> {
         if staged.out.no_space {
-            return Ok(no_space_ack(&session, seq, staged.out.errors));
+            return Ok(no_space_ack(session, seq, staged.out.errors));
         }
-        let fs = self.site(&site_name)?.fs.clone();
-        let state = self.session_state(&session, &fs);
+        if !reached(prev, Step::Published).await {
+            apply::discard(staged);
+            return Err(Status::aborted(format!(
+                "package {seq} not published: an earlier package of the stream failed"
+            )));
+        }
+        let fs = self.site(site_name)?.fs.clone();
+        let state = self.session_state(session, &fs);
         let durability = self.inner.settings.durability;
         let applied: Option<Applied> = tokio::task::spawn_blocking(move || {
             let aborted = state.publishing.lock().expect("session publish lock");
@@ -341,11 +399,19 @@ impl TargetService {
             )));
         };
         if applied.no_space {
-            return Ok(no_space_ack(&session, seq, applied.errors));
+            return Ok(no_space_ack(session, seq, applied.errors));
+        }
+        step.send_replace(Step::Published);
+        // Published but not recorded, as after a crash: the source sends it again and
+        // the target finds its files in place.
+        if !reached(prev, Step::Recorded).await {
+            return Err(Status::aborted(format!(
+                "package {seq} not recorded: an earlier package of the stream was not"
+            )));
         }
         self.inner
             .ledger
-            .record_package(&session, &site_name, seq, &checksum, &applied.changes)
+            .record_package(session, site_name, seq, checksum, &applied.changes)
             .await
             .map_err(db_status)?;
         let mut a = ack_for(seq, pb::AckStatus::Ok, String::new());
@@ -358,17 +424,33 @@ impl TargetService {
     /// Waits for a package being published, counts and sends its answer; false when the
     /// stream must stop (the answer was not a plain acknowledgement, or no one listens).
     /// True when nothing was pending.
-    async fn settle(
+    async fn settle_front(
         &self,
         site: &str,
-        pending: &mut Option<Pending>,
+        pending: &mut VecDeque<Pending>,
         tx: &mpsc::Sender<Result<pb::ImportResponse, Status>>,
     ) -> bool {
-        let Some(p) = pending.take() else {
+        let Some(p) = pending.pop_front() else {
             return true;
         };
         let reply = joined(p.task.await);
         self.answer(site, reply, p.started, tx).await
+    }
+
+    /// Settles every pending package, in order; false at the first that stops the
+    /// stream (the ones after it publish nothing).
+    async fn settle(
+        &self,
+        site: &str,
+        pending: &mut VecDeque<Pending>,
+        tx: &mpsc::Sender<Result<pb::ImportResponse, Status>>,
+    ) -> bool {
+        while !pending.is_empty() {
+            if !self.settle_front(site, pending, tx).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Counts and sends one answer; false when the stream must stop.
@@ -387,9 +469,10 @@ impl TargetService {
         tx.send(item).await.is_ok() && go_on
     }
 
-    /// Applies the packages of one Import stream, in order, with one package published
-    /// (flushed, renamed into place, recorded) while the next is staged. Answers stay in
-    /// package order; after a failed package nothing later is published.
+    /// Applies the packages of one Import stream, in order, as a pipeline: package N+1
+    /// is staged (written, hashed) while N is published (flushed, put in place) and N-1
+    /// recorded in the ledger. Answers stay in package order; after a failed package
+    /// nothing later is published.
     async fn handle_import(
         self,
         session: ledger::SessionRow,
@@ -397,12 +480,12 @@ impl TargetService {
         tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
     ) {
         let mut last = session.last_seq as u64;
-        let mut pending: Option<Pending> = None;
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         loop {
             let next = tokio::select! {
-                // An idle stream must not hold back the last package's answer.
-                r = async { (&mut pending.as_mut().expect("checked").task).await }, if pending.is_some() => {
-                    let p = pending.take().expect("checked");
+                // An idle stream must not hold back the answers of packages in progress.
+                r = async { (&mut pending.front_mut().expect("checked").task).await }, if !pending.is_empty() => {
+                    let p = pending.pop_front().expect("checked");
                     if !self.answer(&session.site, joined(r), p.started, &tx).await {
                         return;
                     }
@@ -464,9 +547,9 @@ impl TargetService {
                     continue;
                 }
             };
-            // A symlink placed by the package in progress could change what this one's
+            // A symlink placed by a package in progress could change what this one's
             // parent checks see: wait for it.
-            if pending.as_ref().is_some_and(|p| p.places_symlinks)
+            if pending.iter().any(|p| p.places_symlinks)
                 && !self.settle(&session.site, &mut pending, &tx).await
             {
                 return;
@@ -475,21 +558,28 @@ impl TargetService {
                 .stage(&session.id, &session.site, payload)
                 .instrument(span.clone())
                 .await;
-            if !self.settle(&session.site, &mut pending, &tx).await {
-                if let Ok(s) = staged {
-                    apply::discard(s);
+            // At most one package publishing and one recording while this one joins.
+            while pending.len() >= 2 {
+                if !self.settle_front(&session.site, &mut pending, &tx).await {
+                    if let Ok(s) = staged {
+                        apply::discard(s);
+                    }
+                    return;
                 }
-                return;
             }
             let staged = match staged {
                 Ok(s) => s,
                 Err(status) => {
-                    self.answer(&session.site, Err(status), started, &tx).await;
+                    if self.settle(&session.site, &mut pending, &tx).await {
+                        self.answer(&session.site, Err(status), started, &tx).await;
+                    }
                     return;
                 }
             };
             let no_space = staged.out.no_space;
             let places_symlinks = staged.places_symlinks();
+            let prev = pending.back().map(|p| p.step.clone());
+            let (step_tx, step) = watch::channel(Step::Publishing);
             let task = tokio::spawn(
                 self.clone()
                     .finish(
@@ -498,13 +588,16 @@ impl TargetService {
                         pkg.seq,
                         pkg.checksum,
                         staged,
+                        prev,
+                        step_tx,
                     )
                     .instrument(span),
             );
-            pending = Some(Pending {
+            pending.push_back(Pending {
                 task,
                 started,
                 places_symlinks,
+                step,
             });
             if no_space {
                 // Answered at once; `last` stays, as for any package not recorded.
@@ -815,5 +908,51 @@ async fn slow_apply_failpoint() {
     });
     if let Some(ms) = delay {
         tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chaining rule of the Import pipeline: publish after the package before is
+    /// published, record after it is recorded, nothing after a failure or a task that
+    /// ended without saying.
+    #[tokio::test]
+    async fn a_package_waits_for_the_step_of_the_one_before() {
+        assert!(reached(&mut None, Step::Recorded).await);
+
+        let (tx, rx) = watch::channel(Step::Publishing);
+        let mut prev = Some(rx);
+        let early = tokio::time::timeout(
+            Duration::from_millis(50),
+            reached(&mut prev, Step::Published),
+        )
+        .await;
+        assert!(early.is_err(), "must wait while the one before publishes");
+        tx.send_replace(Step::Published);
+        assert!(reached(&mut prev, Step::Published).await);
+        let early = tokio::time::timeout(
+            Duration::from_millis(50),
+            reached(&mut prev, Step::Recorded),
+        )
+        .await;
+        assert!(early.is_err(), "must wait while the one before records");
+        tx.send_replace(Step::Recorded);
+        assert!(reached(&mut prev, Step::Recorded).await);
+        drop(tx);
+        // Recorded stays readable after its task ended.
+        assert!(reached(&mut prev, Step::Recorded).await);
+
+        let (tx, rx) = watch::channel(Step::Publishing);
+        let mut prev = Some(rx);
+        tx.send_replace(Step::Failed);
+        assert!(!reached(&mut prev, Step::Published).await);
+
+        let (tx, rx) = watch::channel(Step::Published);
+        let mut prev = Some(rx);
+        drop(tx);
+        assert!(reached(&mut prev, Step::Published).await);
+        assert!(!reached(&mut prev, Step::Recorded).await);
     }
 }
