@@ -95,7 +95,16 @@ pub fn seal(
     payload: &pb::PackagePayload,
     compression: pb::Compression,
 ) -> pb::Package {
-    let bytes = payload.encode_to_vec();
+    seal_encoded(seq, phase, payload.encode_to_vec(), compression)
+}
+
+/// Seals an encoded [`pb::PackagePayload`] (from a [`PayloadWriter`]).
+pub fn seal_encoded(
+    seq: u64,
+    phase: pb::Phase,
+    bytes: Vec<u8>,
+    compression: pb::Compression,
+) -> pb::Package {
     let uncompressed_size = bytes.len() as u64;
     let (wire, used) = match compression {
         pb::Compression::Zstd => match zstd::bulk::compress(&bytes, ZSTD_LEVEL) {
@@ -122,6 +131,138 @@ pub fn checksum(kind: pb::ChecksumKind, wire: &[u8]) -> Vec<u8> {
     match kind {
         pb::ChecksumKind::Blake3 => blake3::hash(wire).as_bytes().to_vec(),
         pb::ChecksumKind::Xxh3128 => xxhash_rust::xxh3::xxh3_128(wire).to_be_bytes().to_vec(),
+    }
+}
+
+/// Builds an encoded [`pb::PackagePayload`] entry by entry, with file data read straight
+/// into the payload: a body is copied once from the file, not into a buffer and then
+/// into the payload. The bytes are what `prost` would encode for the same entries.
+#[derive(Debug, Default)]
+pub struct PayloadWriter {
+    buf: Vec<u8>,
+    entries: usize,
+}
+
+/// A point a [`PayloadWriter`] can be truncated back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    len: usize,
+    entries: usize,
+}
+
+/// Field numbers of `Entry.data` and of `FileData`'s fields (content.proto).
+const ENTRY_DATA: u32 = 2;
+const FD_PATH: u32 = 1;
+const FD_OFFSET: u32 = 2;
+const FD_DATA: u32 = 3;
+const FD_LAST: u32 = 4;
+const FD_BLAKE3: u32 = 5;
+
+impl PayloadWriter {
+    pub fn with_capacity(bytes: usize) -> PayloadWriter {
+        PayloadWriter {
+            buf: Vec::with_capacity(bytes),
+            entries: 0,
+        }
+    }
+
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark {
+            len: self.buf.len(),
+            entries: self.entries,
+        }
+    }
+
+    /// Drops every entry pushed after `m`.
+    pub fn truncate(&mut self, m: Mark) {
+        self.buf.truncate(m.len);
+        self.entries = m.entries;
+    }
+
+    pub fn push(&mut self, e: &pb::Entry) {
+        prost::encoding::message::encode(1, e, &mut self.buf);
+        self.entries += 1;
+    }
+
+    /// Pushes a `FileData` entry whose `data` is `len` bytes that `fill` appends to the
+    /// buffer it is given; `blake3` (of the whole body, on the last chunk) is computed
+    /// by `fill` from the bytes it read. When `fill` fails or appends fewer bytes, the
+    /// entry is dropped again and the error (or the short count) returned.
+    pub fn push_data(
+        &mut self,
+        path: &str,
+        offset: u64,
+        len: usize,
+        last: bool,
+        fill: impl FnOnce(&mut Vec<u8>, usize) -> std::io::Result<Option<[u8; 32]>>,
+    ) -> std::io::Result<Result<(), usize>> {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let mark = self.mark();
+        let hash_len = if last { key_len(FD_BLAKE3) + 1 + 32 } else { 0 };
+        let body = (if path.is_empty() {
+            0
+        } else {
+            key_len(FD_PATH) + encoded_len_varint(path.len() as u64) + path.len()
+        }) + (if offset == 0 {
+            0
+        } else {
+            key_len(FD_OFFSET) + encoded_len_varint(offset)
+        }) + (if len == 0 {
+            0
+        } else {
+            key_len(FD_DATA) + encoded_len_varint(len as u64) + len
+        }) + if last { key_len(FD_LAST) + 1 } else { 0 }
+            + hash_len;
+        let entry = key_len(ENTRY_DATA) + encoded_len_varint(body as u64) + body;
+        self.buf
+            .reserve(key_len(1) + encoded_len_varint(entry as u64) + entry);
+        encode_key(1, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(entry as u64, &mut self.buf);
+        encode_key(ENTRY_DATA, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(body as u64, &mut self.buf);
+        if !path.is_empty() {
+            prost::encoding::string::encode(FD_PATH, &path.to_string(), &mut self.buf);
+        }
+        if offset != 0 {
+            prost::encoding::uint64::encode(FD_OFFSET, &offset, &mut self.buf);
+        }
+        if len > 0 {
+            encode_key(FD_DATA, WireType::LengthDelimited, &mut self.buf);
+            encode_varint(len as u64, &mut self.buf);
+        }
+        let start = self.buf.len();
+        let hash = match fill(&mut self.buf, len) {
+            Ok(h) => h,
+            Err(e) => {
+                self.truncate(mark);
+                return Err(e);
+            }
+        };
+        let got = self.buf.len() - start;
+        if got != len || (last && hash.is_none()) {
+            self.truncate(mark);
+            return Ok(Err(got));
+        }
+        if last {
+            prost::encoding::bool::encode(FD_LAST, &true, &mut self.buf);
+            encode_key(FD_BLAKE3, WireType::LengthDelimited, &mut self.buf);
+            encode_varint(32, &mut self.buf);
+            self.buf.extend_from_slice(&hash.expect("checked above"));
+        }
+        self.entries += 1;
+        Ok(Ok(()))
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -267,6 +408,66 @@ mod tests {
         let err = open(&pkg, &Limits::default()).unwrap_err();
         assert_eq!(err, PackageError::ChecksumKind { seq: 5, kind: 9 });
         assert!(!err.retryable());
+    }
+
+    #[test]
+    fn payload_writer_encodes_what_prost_encodes() {
+        let put = pb::Entry {
+            op: Some(pb::entry::Op::Abort(pb::AbortItem {
+                path: "gone".into(),
+                reason: "changed".into(),
+            })),
+        };
+        let body: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let hash = *blake3::hash(&body).as_bytes();
+        let chunk = |offset: u64, data: &[u8], last: bool| pb::Entry {
+            op: Some(pb::entry::Op::Data(pb::FileData {
+                path: "dir/a.bin".into(),
+                offset,
+                data: data.to_vec().into(),
+                last,
+                blake3: if last { hash.to_vec() } else { Vec::new() },
+                ..Default::default()
+            })),
+        };
+        let expected = pb::PackagePayload {
+            entries: vec![
+                put.clone(),
+                chunk(0, &body[..200], false),
+                chunk(200, &body[200..], true),
+            ],
+        };
+        let mut w = PayloadWriter::default();
+        w.push(&put);
+        let fill = |from: usize, to: usize, last: bool| {
+            let body = &body;
+            move |buf: &mut Vec<u8>, len: usize| {
+                assert!(to - from <= len);
+                buf.extend_from_slice(&body[from..to]);
+                Ok(last.then_some(hash))
+            }
+        };
+        assert!(
+            w.push_data("dir/a.bin", 0, 200, false, fill(0, 200, false))
+                .unwrap()
+                .is_ok()
+        );
+        let before = w.mark();
+        // A short read drops the entry again and says how much came.
+        let short = w
+            .push_data("dir/a.bin", 200, 100, true, fill(200, 250, true))
+            .unwrap();
+        assert_eq!(short, Err(50));
+        assert_eq!(w.mark(), before);
+        assert!(
+            w.push_data("dir/a.bin", 200, 100, true, fill(200, 300, true))
+                .unwrap()
+                .is_ok()
+        );
+        assert_eq!(w.entries(), 3);
+        let bytes = w.into_bytes();
+        assert_eq!(bytes, expected.encode_to_vec());
+        assert_eq!(pb::PackagePayload::decode(&bytes[..]).unwrap(), expected);
     }
 
     #[test]

@@ -47,7 +47,7 @@ struct Current {
     /// Times this file was read again because it changed while read.
     retries: u32,
     /// Where its put sits in the package being built (None once that package is done).
-    put_at: Option<(usize, usize, u64)>,
+    put_at: Option<(package::Mark, usize, u64)>,
 }
 
 /// Reads of a file that changed while read, before it is reported.
@@ -162,7 +162,7 @@ impl Packer {
 
     /// Builds the next package, or None when the plan is done.
     pub fn next_package(&mut self) -> io::Result<Option<Built>> {
-        let mut entries: Vec<pb::Entry> = Vec::new();
+        let mut out = package::PayloadWriter::with_capacity(self.package_bytes + 64 * 1024);
         let mut size = 0usize;
         let mut phase: Option<PhaseName> = self.current.as_ref().map(|c| c.phase);
         let (mut items, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
@@ -170,28 +170,37 @@ impl Packer {
         if let Some(c) = &mut self.current {
             c.put_at = None;
         }
-        while entries.len() < self.max_entries && size < self.package_bytes {
+        while out.entries() < self.max_entries && size < self.package_bytes {
             if let Some(cur) = &mut self.current {
                 let remaining = cur.item.size - cur.offset;
                 let budget = (self.package_bytes - size).max(4096) as u64;
                 let want = remaining.min(budget) as usize;
                 let path = cur.item.path.clone();
-                let buf = match read_up_to(&cur.file, want) {
-                    Ok(buf) => buf,
+                let offset = cur.offset;
+                let last = offset + want as u64 == cur.item.size;
+                let before = out.mark();
+                let source = &self.source;
+                // Read straight into the payload, hashing as it lands.
+                let pushed = out.push_data(&path, offset, want, last, |buf, len| {
+                    let start = buf.len();
+                    read_up_to(&cur.file, buf, len)?;
+                    crate::failpoints::maybe_change(source, &path);
+                    cur.hasher.update(&buf[start..]);
+                    Ok((last && buf.len() - start == len)
+                        .then(|| *cur.hasher.finalize().as_bytes()))
+                });
+                let changed = match pushed {
+                    Ok(Ok(())) => false,
+                    Ok(Err(_short)) => true,
                     Err(e) => {
                         let e = io_error(&path, &e);
-                        entries.push(abort(&path, &e.message));
+                        out.push(&abort(&path, &e.message));
                         errors.push(err(&path, e.code, e.message, e.retryable));
                         self.current = None;
                         continue;
                     }
                 };
-                let changed = buf.len() < want;
-                crate::failpoints::maybe_change(&self.source, &cur.item.path);
-                cur.hasher.update(&buf);
-                let offset = cur.offset;
                 cur.offset += want as u64;
-                let last = cur.offset == cur.item.size;
                 // At the end, the file must still be what we started reading.
                 let still_same = !last
                     || cur
@@ -200,9 +209,10 @@ impl Packer {
                         .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
                         .unwrap_or(false);
                 if changed || !still_same {
+                    out.truncate(before);
                     let cur = self.current.take().expect("current file");
                     if cur.retries >= MAX_CHANGE_RETRIES {
-                        entries.push(abort(&path, "changed while being read"));
+                        out.push(&abort(&path, "changed while being read"));
                         errors.push(err(
                             &path,
                             "changed_while_read",
@@ -217,14 +227,13 @@ impl Packer {
                     // Read it again from the start: drop what this package holds of it,
                     // or tell the target to drop what earlier packages brought.
                     match cur.put_at {
-                        Some((n, sz, by)) => {
-                            entries.truncate(n);
+                        Some((m, sz, by)) => {
+                            out.truncate(m);
                             size = sz;
                             bytes = by;
                         }
                         None => {
-                            entries
-                                .push(abort(&path, "changed while being read; reading it again"));
+                            out.push(&abort(&path, "changed while being read; reading it again"));
                             size += ENTRY_OVERHEAD + path.len();
                         }
                     }
@@ -234,14 +243,14 @@ impl Packer {
                         "file changed while read; reading it again"
                     );
                     std::thread::sleep(Duration::from_millis(20 << cur.retries));
-                    let marks = (entries.len(), size, bytes);
+                    let marks = (out.mark(), size, bytes);
                     if self.begin(
                         cur.item,
                         cur.entry_pos,
                         cur.phase,
                         cur.retries + 1,
                         marks,
-                        &mut entries,
+                        &mut out,
                         &mut errors,
                     ) {
                         items += 1;
@@ -250,21 +259,6 @@ impl Packer {
                 }
                 size += want + ENTRY_OVERHEAD;
                 bytes += want as u64;
-                let blake3 = if last {
-                    cur.hasher.finalize().as_bytes().to_vec()
-                } else {
-                    Vec::new()
-                };
-                entries.push(pb::Entry {
-                    op: Some(pb::entry::Op::Data(pb::FileData {
-                        path,
-                        offset,
-                        data: buf.into(),
-                        last,
-                        blake3,
-                        ..Default::default()
-                    })),
-                });
                 if last {
                     items += 1;
                     self.current = None;
@@ -281,7 +275,7 @@ impl Packer {
             phase = Some(ph);
             size += ENTRY_OVERHEAD + e.i.path.len();
             if e.a == Action::Delete {
-                entries.push(pb::Entry {
+                out.push(&pb::Entry {
                     op: Some(pb::entry::Op::Delete(pb::DeleteItem {
                         path: e.i.path,
                         kind: e.i.kind.to_pb() as i32,
@@ -290,21 +284,17 @@ impl Packer {
                 deletes += 1;
                 continue;
             }
-            let marks = (entries.len(), size, bytes);
-            if self.begin(e.i, pos, ph, 0, marks, &mut entries, &mut errors) {
+            let marks = (out.mark(), size, bytes);
+            if self.begin(e.i, pos, ph, 0, marks, &mut out, &mut errors) {
                 items += 1;
             }
         }
-        if entries.is_empty() && errors.is_empty() {
+        if out.is_empty() && errors.is_empty() {
             return Ok(None);
         }
         let phase = phase.unwrap_or(PhaseName::Content);
-        let pkg = package::seal(
-            self.seq,
-            phase.to_pb(),
-            &pb::PackagePayload { entries },
-            self.compression,
-        );
+        let pkg =
+            package::seal_encoded(self.seq, phase.to_pb(), out.into_bytes(), self.compression);
         self.seq += 1;
         Ok(Some(Built {
             pkg,
@@ -330,8 +320,8 @@ impl Packer {
         pos: u64,
         ph: PhaseName,
         retries: u32,
-        marks: (usize, usize, u64),
-        entries: &mut Vec<pb::Entry>,
+        marks: (package::Mark, usize, u64),
+        out: &mut package::PayloadWriter,
         errors: &mut Vec<NewItemError>,
     ) -> bool {
         let p = self.source.join(&item.path);
@@ -377,7 +367,7 @@ impl Packer {
                     return false;
                 }
             };
-            entries.push(pb::Entry {
+            out.push(&pb::Entry {
                 op: Some(pb::entry::Op::Put(item.to_pb())),
             });
             self.current = Some(Current {
@@ -396,7 +386,7 @@ impl Packer {
         if item.kind == Kind::File {
             item.hash = Some(blake3::hash(b"").to_hex().to_string());
         }
-        entries.push(pb::Entry {
+        out.push(&pb::Entry {
             op: Some(pb::entry::Op::Put(item.to_pb())),
         });
         true
@@ -412,23 +402,10 @@ fn abort(path: &str, reason: &str) -> pb::Entry {
     }
 }
 
-/// Reads up to `want` bytes of `f` into a new buffer, straight into its spare capacity
-/// (not zeroed first); fewer only at the end of the file.
-fn read_up_to(f: &File, want: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(want);
-    while buf.len() < want {
-        let room = want - buf.len();
-        let n = if buf.capacity() - buf.len() == room {
-            rustix::io::read(f, rustix::buffer::spare_capacity(&mut buf)).map_err(io::Error::from)
-        } else {
-            f.take(room as u64).read_to_end(&mut buf)
-        };
-        match n {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(buf)
+/// Appends up to `want` bytes of `f` to `buf` (into its spare capacity, which std's
+/// `File` reads into without zeroing it first); fewer only at the end of the file.
+fn read_up_to(f: &File, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
+    buf.reserve(want);
+    f.take(want as u64).read_to_end(buf)?;
+    Ok(())
 }
