@@ -185,21 +185,35 @@ def main():
     print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | rsync local wall | cms files/s | cms MB/s "
           "| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for k in names:
-        cms, rs, local = [], [], []
-        for _ in range(a.rounds):
-            cms.append(cms_round(work, base / "base" / k, base / "mut" / k, a.durability))
-            rs.append(rsync_round(work, base / "base" / k, base / "mut" / k))
-            local.append(rsync_local_round(work, base / "base" / k, base / "mut" / k))
-        for phase in ("full", "nochange", "edit"):
-            files, size = tree_size(base / ("mut" if phase == "edit" else "base") / k)
-            cw = statistics.median(r[phase]["wall"] for r in cms)
-            rw = statistics.median(r[phase]["wall"] for r in rs)
-            lw = statistics.median(r[phase]["wall"] for r in local)
-            print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
-                  f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
-                  f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
-                  f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
+    try:
+        for k in names:
+            table(work, base, k, a)
+    finally:
+        # Every round keeps three copies of its dataset (about 20 GB for all three
+        # datasets and 3 rounds); they go at the end, not between runs: ext4 without a
+        # journal (as here) skips inodes freed in the last 1-6 minutes when it creates
+        # files, which would slow whatever is measured next.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table(work, base, k, a):
+    """Measures one dataset (all rounds) and prints its rows."""
+    runs = work / k
+    runs.mkdir(parents=True, exist_ok=True)
+    cms, rs, local = [], [], []
+    for _ in range(a.rounds):
+        cms.append(cms_round(runs, base / "base" / k, base / "mut" / k, a.durability))
+        rs.append(rsync_round(runs, base / "base" / k, base / "mut" / k))
+        local.append(rsync_local_round(runs, base / "base" / k, base / "mut" / k))
+    for phase in ("full", "nochange", "edit"):
+        files, size = tree_size(base / ("mut" if phase == "edit" else "base") / k)
+        cw = statistics.median(r[phase]["wall"] for r in cms)
+        rw = statistics.median(r[phase]["wall"] for r in rs)
+        lw = statistics.median(r[phase]["wall"] for r in local)
+        print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
+              f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
+              f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
+              f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
 
 
 if __name__ == "__main__":
