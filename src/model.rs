@@ -110,12 +110,14 @@ impl Item {
 
 /// Lowercase hex of bytes.
 pub fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+    // Called for every item's hash of a manifest: no formatting machinery per byte.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(DIGITS[usize::from(x >> 4)] as char);
+        s.push(DIGITS[usize::from(x & 15)] as char);
+    }
+    s
 }
 
 /// The tree-order key of a path: its components joined by a NUL byte.
@@ -137,6 +139,13 @@ pub fn parent(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_lowercase_and_matches_blake3s() {
+        assert_eq!(hex(&[0x00, 0xab, 0xff, 0x10]), "00abff10");
+        let h = blake3::hash(b"cms-mirror");
+        assert_eq!(hex(h.as_bytes()), h.to_hex().as_str());
+    }
 
     #[test]
     fn tree_order_is_depth_first() {
