@@ -109,15 +109,35 @@ fn one_trace_spans_mirrorctl_source_and_target() {
     );
     assert_same_tree(&src, &dst);
 
-    // mirrorctl flushed at exit; the services within their batch delay.
+    // mirrorctl flushed at exit; the services within their batch delay. A span is
+    // exported when it ends, so a parent (a stream's RPC span) can arrive in a later
+    // batch than its children: wait until the trace is complete.
     let deadline = Instant::now() + Duration::from_secs(20);
     let spans = loop {
         let spans = collector.0.lock().unwrap().clone();
         let has = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
+        let complete = || {
+            let Some(root) = spans
+                .iter()
+                .find(|s| s.service == "mirrorctl" && s.name == "mirrorctl")
+            else {
+                return false;
+            };
+            let ids: std::collections::HashSet<&[u8]> = spans
+                .iter()
+                .filter(|s| s.trace == root.trace)
+                .map(|s| s.id.as_slice())
+                .collect();
+            spans
+                .iter()
+                .filter(|s| s.trace == root.trace && s.id != root.id)
+                .all(|s| ids.contains(s.parent.as_slice()))
+        };
         if has("mirrorctl", "mirrorctl")
             && has("mirror-source", "job")
             && has("mirror-source", "package_batch")
             && has("mirror-target", "apply_package")
+            && complete()
         {
             break spans;
         }
