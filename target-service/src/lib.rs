@@ -476,11 +476,28 @@ impl TargetService {
     async fn handle_import(
         self,
         session: ledger::SessionRow,
-        mut inbound: Streaming<pb::ImportRequest>,
+        inbound: Streaming<pb::ImportRequest>,
         tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
     ) {
-        let mut last = session.last_seq as u64;
         let mut pending: VecDeque<Pending> = VecDeque::new();
+        self.import_packages(session, inbound, tx, &mut pending)
+            .await;
+        // Packages behind one that stopped the stream drop what they staged once they
+        // see its failure: wait for them, so that the session's next stream starts on
+        // settled staging files.
+        for p in pending {
+            let _ = p.task.await;
+        }
+    }
+
+    async fn import_packages(
+        &self,
+        session: ledger::SessionRow,
+        mut inbound: Streaming<pb::ImportRequest>,
+        tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
+        pending: &mut VecDeque<Pending>,
+    ) {
+        let mut last = session.last_seq as u64;
         loop {
             let next = tokio::select! {
                 // An idle stream must not hold back the answers of packages in progress.
@@ -500,12 +517,12 @@ impl TargetService {
                     // A message over the size limit arrives here: the peer is told, then
                     // cut off (after the answer of a package still in progress).
                     tracing::info!(session = %session.id, %status, "import stream ended");
-                    self.settle(&session.site, &mut pending, &tx).await;
+                    self.settle(&session.site, pending, &tx).await;
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
                 Err(_) => {
-                    self.settle(&session.site, &mut pending, &tx).await;
+                    self.settle(&session.site, pending, &tx).await;
                     let _ = tx
                         .send(Err(Status::deadline_exceeded(
                             "import stream idle for too long",
@@ -515,7 +532,7 @@ impl TargetService {
                 }
             };
             let Some(pb::import_request::Msg::Package(pkg)) = msg.msg else {
-                self.settle(&session.site, &mut pending, &tx).await;
+                self.settle(&session.site, pending, &tx).await;
                 let _ = tx
                     .send(Err(Status::invalid_argument("expected a package")))
                     .await;
@@ -531,7 +548,7 @@ impl TargetService {
             let payload = match prepared {
                 Ok(Prepared::Apply(payload)) => payload,
                 other => {
-                    if !self.settle(&session.site, &mut pending, &tx).await {
+                    if !self.settle(&session.site, pending, &tx).await {
                         return;
                     }
                     let reply = other.map(|p| match p {
@@ -550,7 +567,7 @@ impl TargetService {
             // A symlink placed by a package in progress could change what this one's
             // parent checks see: wait for it.
             if pending.iter().any(|p| p.places_symlinks)
-                && !self.settle(&session.site, &mut pending, &tx).await
+                && !self.settle(&session.site, pending, &tx).await
             {
                 return;
             }
@@ -560,7 +577,7 @@ impl TargetService {
                 .await;
             // At most one package publishing and one recording while this one joins.
             while pending.len() >= 2 {
-                if !self.settle_front(&session.site, &mut pending, &tx).await {
+                if !self.settle_front(&session.site, pending, &tx).await {
                     if let Ok(s) = staged {
                         apply::discard(s);
                     }
@@ -570,7 +587,7 @@ impl TargetService {
             let staged = match staged {
                 Ok(s) => s,
                 Err(status) => {
-                    if self.settle(&session.site, &mut pending, &tx).await {
+                    if self.settle(&session.site, pending, &tx).await {
                         self.answer(&session.site, Err(status), started, &tx).await;
                     }
                     return;
@@ -601,12 +618,12 @@ impl TargetService {
             });
             if no_space {
                 // Answered at once; `last` stays, as for any package not recorded.
-                self.settle(&session.site, &mut pending, &tx).await;
+                self.settle(&session.site, pending, &tx).await;
                 continue;
             }
             last = last.max(pkg.seq);
         }
-        self.settle(&session.site, &mut pending, &tx).await;
+        self.settle(&session.site, pending, &tx).await;
     }
 }
 
