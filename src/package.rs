@@ -229,7 +229,9 @@ impl PayloadWriter {
         encode_key(ENTRY_DATA, WireType::LengthDelimited, &mut self.buf);
         encode_varint(body as u64, &mut self.buf);
         if !path.is_empty() {
-            prost::encoding::string::encode(FD_PATH, &path.to_string(), &mut self.buf);
+            encode_key(FD_PATH, WireType::LengthDelimited, &mut self.buf);
+            encode_varint(path.len() as u64, &mut self.buf);
+            self.buf.extend_from_slice(path.as_bytes());
         }
         if offset != 0 {
             prost::encoding::uint64::encode(FD_OFFSET, &offset, &mut self.buf);

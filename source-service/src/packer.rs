@@ -186,8 +186,7 @@ impl Packer {
                     read_up_to(&cur.file, buf, len)?;
                     crate::failpoints::maybe_change(source, &path);
                     cur.hasher.update(&buf[start..]);
-                    Ok((last && buf.len() - start == len)
-                        .then(|| *cur.hasher.finalize().as_bytes()))
+                    Ok(last.then(|| *cur.hasher.finalize().as_bytes()))
                 });
                 let changed = match pushed {
                     Ok(Ok(())) => false,
@@ -405,7 +404,6 @@ fn abort(path: &str, reason: &str) -> pb::Entry {
 /// Appends up to `want` bytes of `f` to `buf` (into its spare capacity, which std's
 /// `File` reads into without zeroing it first); fewer only at the end of the file.
 fn read_up_to(f: &File, buf: &mut Vec<u8>, want: usize) -> io::Result<()> {
-    buf.reserve(want);
     f.take(want as u64).read_to_end(buf)?;
     Ok(())
 }

@@ -935,26 +935,29 @@ mod tests {
     /// The chaining rule of the Import pipeline: publish after the package before is
     /// published, record after it is recorded, nothing after a failure or a task that
     /// ended without saying.
+    /// Whether `reached` is still waiting after 50 ms.
+    async fn waits(prev: &mut Option<watch::Receiver<Step>>, at: Step) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), reached(prev, at))
+            .await
+            .is_err()
+    }
+
     #[tokio::test]
     async fn a_package_waits_for_the_step_of_the_one_before() {
         assert!(reached(&mut None, Step::Recorded).await);
 
         let (tx, rx) = watch::channel(Step::Publishing);
         let mut prev = Some(rx);
-        let early = tokio::time::timeout(
-            Duration::from_millis(50),
-            reached(&mut prev, Step::Published),
-        )
-        .await;
-        assert!(early.is_err(), "must wait while the one before publishes");
+        assert!(
+            waits(&mut prev, Step::Published).await,
+            "must wait while the one before publishes"
+        );
         tx.send_replace(Step::Published);
         assert!(reached(&mut prev, Step::Published).await);
-        let early = tokio::time::timeout(
-            Duration::from_millis(50),
-            reached(&mut prev, Step::Recorded),
-        )
-        .await;
-        assert!(early.is_err(), "must wait while the one before records");
+        assert!(
+            waits(&mut prev, Step::Recorded).await,
+            "must wait while the one before records"
+        );
         tx.send_replace(Step::Recorded);
         assert!(reached(&mut prev, Step::Recorded).await);
         drop(tx);
