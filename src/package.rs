@@ -13,6 +13,10 @@ use crate::pb;
 pub const DEFAULT_PACKAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Default most entries in one package (bounds per-package work on tiny files).
 pub const DEFAULT_MAX_ENTRIES: usize = 2000;
+/// A chunk of a body that continues in a later package ends at a multiple of this file
+/// offset, so every chunk starts block-aligned and a target can write it with direct I/O
+/// (a target does not rely on it: unaligned chunks go through the page cache).
+pub const BODY_ALIGN: u64 = 4096;
 
 /// Limits a target enforces on what it receives.
 #[derive(Clone, Debug)]

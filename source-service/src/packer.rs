@@ -174,7 +174,15 @@ impl Packer {
             if let Some(cur) = &mut self.current {
                 let remaining = cur.item.size - cur.offset;
                 let budget = (self.package_bytes - size).max(4096) as u64;
-                let want = remaining.min(budget) as usize;
+                let mut want = remaining.min(budget);
+                if want < remaining {
+                    // Continued in the next package: end on a block boundary.
+                    let end = (cur.offset + want) / package::BODY_ALIGN * package::BODY_ALIGN;
+                    if end > cur.offset {
+                        want = end - cur.offset;
+                    }
+                }
+                let want = want as usize;
                 let path = cur.item.path.clone();
                 let offset = cur.offset;
                 let last = offset + want as u64 == cur.item.size;

@@ -40,6 +40,8 @@ pub struct TargetSettings {
     pub sites: Vec<SiteConfig>,
     pub limits: Limits,
     pub durability: Durability,
+    /// Write large bodies with direct I/O when acknowledgements wait for the disk.
+    pub direct_io: bool,
     /// Identifies this target in lineages (loop prevention in tier chains).
     pub target_id: String,
 }
@@ -228,7 +230,11 @@ impl TargetService {
         m.entry(session.to_string())
             .or_insert_with(|| {
                 Arc::new(SessionState {
-                    files: Mutex::new(SessionFiles::new(fs.session_dir(session))),
+                    files: Mutex::new(SessionFiles::new(
+                        fs.session_dir(session),
+                        self.inner.settings.direct_io
+                            && self.inner.settings.durability != Durability::None,
+                    )),
                     publishing: Mutex::new(false),
                 })
             })
@@ -414,6 +420,11 @@ impl TargetService {
             .record_package(session, site_name, seq, checksum, &applied.changes)
             .await
             .map_err(db_status)?;
+        self.inner
+            .metrics
+            .bytes_direct
+            .get_or_create(&metrics::Metrics::site(site_name))
+            .inc_by(applied.bytes_direct);
         let mut a = ack_for(seq, pb::AckStatus::Ok, String::new());
         a.items_applied = applied.items;
         a.bytes_applied = applied.bytes;
@@ -932,9 +943,6 @@ async fn slow_apply_failpoint() {
 mod tests {
     use super::*;
 
-    /// The chaining rule of the Import pipeline: publish after the package before is
-    /// published, record after it is recorded, nothing after a failure or a task that
-    /// ended without saying.
     /// Whether `reached` is still waiting after 50 ms.
     async fn waits(prev: &mut Option<watch::Receiver<Step>>, at: Step) -> bool {
         tokio::time::timeout(Duration::from_millis(50), reached(prev, at))
@@ -942,6 +950,9 @@ mod tests {
             .is_err()
     }
 
+    /// The chaining rule of the Import pipeline: publish after the package before is
+    /// published, record after it is recorded, nothing after a failure or a task that
+    /// ended without saying.
     #[tokio::test]
     async fn a_package_waits_for_the_step_of_the_one_before() {
         assert!(reached(&mut None, Step::Recorded).await);

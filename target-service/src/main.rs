@@ -37,6 +37,10 @@ struct Args {
     /// How applied packages are made durable before the ack: syncfs, fsync or none.
     #[arg(long, env = "MIRROR_DURABILITY", default_value = "syncfs")]
     durability: Durability,
+    /// Write the block-aligned part of large file chunks straight to the disk (O_DIRECT)
+    /// when durability is syncfs or fsync; false: everything through the page cache.
+    #[arg(long, env = "MIRROR_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set)]
+    direct_io: bool,
     /// Largest package payload accepted, in bytes.
     #[arg(long, env = "MIRROR_MAX_PACKAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_package_bytes: usize,
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         sites,
         limits,
         durability: args.durability,
+        direct_io: args.direct_io,
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub packages_applied: Counters,
     pub packages_refused: Counters,
     pub bytes_applied: Counters,
+    pub bytes_direct: Counters,
     pub item_errors: Counters,
     pub apply_seconds: Histograms,
     pub sessions_committed: Counters,
@@ -39,6 +40,7 @@ impl Metrics {
             packages_applied: Counters::default(),
             packages_refused: Counters::default(),
             bytes_applied: Counters::default(),
+            bytes_direct: Counters::default(),
             item_errors: Counters::default(),
             apply_seconds: Histograms::new_with_constructor(apply_buckets),
             sessions_committed: Counters::default(),
@@ -57,6 +59,11 @@ impl Metrics {
             "bytes_applied",
             "File body bytes written",
             m.bytes_applied.clone(),
+        );
+        registry.register(
+            "bytes_direct",
+            "File body bytes written with direct I/O (past the page cache)",
+            m.bytes_direct.clone(),
         );
         registry.register(
             "item_errors",

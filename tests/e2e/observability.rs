@@ -203,6 +203,43 @@ fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
 
+/// A body spanning several packages is cut at block boundaries by the source, so the
+/// target writes nearly all of it with direct I/O (counted on its /metrics); the copy is
+/// exact. Without the source's alignment only the first chunk could go direct.
+#[test]
+fn large_bodies_are_written_past_the_page_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    let size = 2 * 1024 * 1024 + 777;
+    write(&src, "media/big.bin", &bytes(3, size));
+    write(&src, "index.html", b"<a href=media/big.bin>big</a>");
+    let tm = free_addr();
+    let target = spawn_target_with(
+        tmp.path(),
+        &dst,
+        "127.0.0.1:0",
+        &["--metrics-listen", &tm],
+        &[],
+    );
+    let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 262144");
+    let source = spawn_source(tmp.path(), &config);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+    assert!(
+        job["targets"][0]["packages_acked"].as_u64().unwrap() >= 8,
+        "{job:#}"
+    );
+    let (status, page) = http_get(&tm, "/metrics");
+    assert_eq!(status, 200);
+    let direct = metric(&page, "mirror_target_bytes_direct_total{site=\"main\"}").unwrap_or(0.0);
+    assert!(
+        direct > 0.9 * size as f64,
+        "{direct} of {size} bytes direct\n{page}"
+    );
+    assert_eq!(direct as u64 % 4096, 0, "{page}");
+}
+
 #[test]
 fn metrics_count_a_jobs_packages_and_bytes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -30,6 +30,7 @@ async fn start_target(dir: &Path) -> InProc {
         ],
         limits: Default::default(),
         durability: Durability::Fsync,
+        direct_io: true,
         target_id: "t1".into(),
     };
     let svc = TargetService::new(settings, Ledger::new(db)).await.unwrap();
