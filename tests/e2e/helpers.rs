@@ -463,3 +463,9 @@ impl Mirror {
         }
     }
 }
+
+/// The value of one sample (`name{labels}`) on a /metrics page.
+pub fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}

@@ -198,11 +198,6 @@ fn one_trace_spans_mirrorctl_source_and_target() {
     assert_eq!(services[6], "mirrorctl");
 }
 
-fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-}
-
 /// A body spanning several packages is cut at block boundaries by the source, so the
 /// target writes nearly all of it with direct I/O (counted on its /metrics); the copy is
 /// exact. Without the source's alignment only the first chunk could go direct.
