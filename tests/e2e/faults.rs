@@ -120,6 +120,16 @@ fn wait_for_job(source_url: &str, job: &str) -> i32 {
     out.status.code().unwrap_or(-1)
 }
 
+/// Waits for the job to end and asserts it succeeded (showing the job when not).
+fn assert_succeeds(source_url: &str, job: &str) {
+    assert_eq!(
+        wait_for_job(source_url, job),
+        0,
+        "{:#}",
+        show(source_url, job)
+    );
+}
+
 fn start_job(source_url: &str) -> String {
     let out = mirrorctl(source_url, &["start", "site"]);
     assert!(
@@ -180,12 +190,7 @@ fn kill_9_of_the_target_at_random_points() {
             .unwrap()
             + 5;
     }
-    assert_eq!(
-        wait_for_job(&source.url(), &job),
-        0,
-        "{:#}",
-        show(&source.url(), &job)
-    );
+    assert_succeeds(&source.url(), &job);
     assert_same_tree(&src, &dst);
     assert!(
         !dst.join(".cms-mirror-staging").exists(),
@@ -226,20 +231,13 @@ fn kill_9_of_the_target_inside_bodies_written_with_direct_io() {
             .unwrap()
             + 8;
     }
-    assert_eq!(
-        wait_for_job(&source.url(), &job),
-        0,
-        "{:#}",
-        show(&source.url(), &job)
-    );
+    assert_succeeds(&source.url(), &job);
     assert_same_tree(&src, &dst);
     assert!(
         !dst.join(".cms-mirror-staging").exists(),
         "temp files remain"
     );
-    let (status, page) = http_get(&tm, "/metrics");
-    assert_eq!(status, 200);
-    let direct = metric(&page, "mirror_target_bytes_direct_total{site=\"main\"}").unwrap_or(0.0);
+    let (direct, page) = direct_bytes(&tm);
     assert!(
         direct >= 1024.0 * 1024.0,
         "{direct} bytes direct after the restart\n{page}"
@@ -500,12 +498,7 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     }
     assert_nothing_partial(&src, &dst);
     disk.grow();
-    assert_eq!(
-        wait_for_job(&source.url(), &job),
-        0,
-        "{:#}",
-        show(&source.url(), &job)
-    );
+    assert_succeeds(&source.url(), &job);
     let j = show(&source.url(), &job);
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert_eq!(j["item_errors"].as_array().map(Vec::len), Some(0), "{j:#}");
@@ -693,12 +686,7 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
     }
     std::thread::sleep(Duration::from_secs(1));
     signal("-CONT");
-    assert_eq!(
-        wait_for_job(&source.url(), &job),
-        0,
-        "{:#}",
-        show(&source.url(), &job)
-    );
+    assert_succeeds(&source.url(), &job);
     assert_same_tree(&src, &dst);
     let ev = events(&source.url(), &job);
     assert!(

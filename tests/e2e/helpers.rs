@@ -469,3 +469,12 @@ pub fn metric(page: &str, name_and_labels: &str) -> Option<f64> {
     page.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
+
+/// Bytes a target wrote with direct I/O for site "main" (0 before the first), read from
+/// its /metrics page at `metrics_addr`; and the page.
+pub fn direct_bytes(metrics_addr: &str) -> (f64, String) {
+    let (status, page) = http_get(metrics_addr, "/metrics");
+    assert_eq!(status, 200, "{page}");
+    let n = metric(&page, "mirror_target_bytes_direct_total{site=\"main\"}").unwrap_or(0.0);
+    (n, page)
+}

@@ -225,9 +225,7 @@ fn large_bodies_are_written_past_the_page_cache() {
         job["targets"][0]["packages_acked"].as_u64().unwrap() >= 8,
         "{job:#}"
     );
-    let (status, page) = http_get(&tm, "/metrics");
-    assert_eq!(status, 200);
-    let direct = metric(&page, "mirror_target_bytes_direct_total{site=\"main\"}").unwrap_or(0.0);
+    let (direct, page) = direct_bytes(&tm);
     assert!(
         direct > 0.9 * size as f64,
         "{direct} of {size} bytes direct\n{page}"
