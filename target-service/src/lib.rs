@@ -268,13 +268,15 @@ impl TargetService {
         self.inner.metrics.render()
     }
 
-    /// Checks a package's number and checksum and opens it: an answer at once, or a
-    /// payload to apply. `last` is the last package this stream accepted.
+    /// Checks a package's number and what opening it gave (see [`read_ahead`]): an
+    /// answer at once, or a payload to apply. `last` is the last package this stream
+    /// accepted.
     async fn prepare(
         &self,
         session: &str,
         last: u64,
         pkg: &pb::Package,
+        opened: Result<pb::PackagePayload, package::PackageError>,
     ) -> Result<Prepared, Status> {
         let seq = pkg.seq;
         let answer = |status, message| Ok(Prepared::Answer(ack_for(seq, status, message)));
@@ -303,7 +305,7 @@ impl TargetService {
             a.duplicate = true;
             return Ok(Prepared::Answer(a));
         }
-        match package::open(pkg, &self.inner.settings.limits) {
+        match opened {
             Ok(p) => Ok(Prepared::Apply(p)),
             Err(e) => {
                 tracing::warn!(session, seq, error = %e, "package refused");
@@ -504,11 +506,12 @@ impl TargetService {
     async fn import_packages(
         &self,
         session: ledger::SessionRow,
-        mut inbound: Streaming<pb::ImportRequest>,
+        inbound: Streaming<pb::ImportRequest>,
         tx: mpsc::Sender<Result<pb::ImportResponse, Status>>,
         pending: &mut VecDeque<Pending>,
     ) {
         let mut last = session.last_seq as u64;
+        let (mut incoming, _reader) = read_ahead(inbound, self.inner.settings.limits.clone());
         loop {
             let next = tokio::select! {
                 // An idle stream must not hold back the answers of packages in progress.
@@ -519,12 +522,16 @@ impl TargetService {
                     }
                     continue;
                 }
-                m = tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()) => m,
+                m = incoming.recv() => m.unwrap_or(Inbound::End),
             };
-            let msg = match next {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => break,
-                Ok(Err(status)) => {
+            let (pkg, opened, started) = match next {
+                Inbound::Package {
+                    pkg,
+                    opened,
+                    received,
+                } => (pkg, opened, received),
+                Inbound::End => break,
+                Inbound::Failed(status) => {
                     // A message over the size limit arrives here: the peer is told, then
                     // cut off (after the answer of a package still in progress).
                     tracing::info!(session = %session.id, %status, "import stream ended");
@@ -532,7 +539,7 @@ impl TargetService {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-                Err(_) => {
+                Inbound::Idle => {
                     self.settle(&session.site, pending, &tx).await;
                     let _ = tx
                         .send(Err(Status::deadline_exceeded(
@@ -541,19 +548,18 @@ impl TargetService {
                         .await;
                     return;
                 }
+                Inbound::NotAPackage => {
+                    self.settle(&session.site, pending, &tx).await;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument("expected a package")))
+                        .await;
+                    return;
+                }
             };
-            let Some(pb::import_request::Msg::Package(pkg)) = msg.msg else {
-                self.settle(&session.site, pending, &tx).await;
-                let _ = tx
-                    .send(Err(Status::invalid_argument("expected a package")))
-                    .await;
-                return;
-            };
-            let started = std::time::Instant::now();
             slow_apply_failpoint().await;
             let span = tracing::info_span!("apply_package", seq = pkg.seq, site = %session.site);
             let prepared = self
-                .prepare(&session.id, last, &pkg)
+                .prepare(&session.id, last, &pkg, opened)
                 .instrument(span.clone())
                 .await;
             let payload = match prepared {
@@ -636,6 +642,68 @@ impl TargetService {
         }
         self.settle(&session.site, pending, &tx).await;
     }
+}
+
+/// A message of an Import stream as [`read_ahead`] passes it on.
+enum Inbound {
+    /// A package, opened (checksum checked, payload decoded) when it arrived.
+    Package {
+        pkg: pb::Package,
+        opened: Result<pb::PackagePayload, package::PackageError>,
+        received: std::time::Instant,
+    },
+    NotAPackage,
+    End,
+    Failed(Status),
+    /// Nothing arrived for [`IMPORT_IDLE_TIMEOUT`].
+    Idle,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads an Import stream one package ahead of the apply loop: the next package is
+/// received (copied out of the HTTP/2 frames) and opened while the one before it is
+/// staged, so neither waits on the other's CPU. At most one opened package waits in the
+/// channel, so memory stays bounded by the window. The task ends after the first
+/// message that is not a package, or when the returned guard is dropped.
+fn read_ahead(
+    mut inbound: Streaming<pb::ImportRequest>,
+    limits: Limits,
+) -> (mpsc::Receiver<Inbound>, AbortOnDrop) {
+    let (tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        loop {
+            let m = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()).await {
+                Ok(Ok(Some(pb::ImportRequest {
+                    msg: Some(pb::import_request::Msg::Package(pkg)),
+                }))) => {
+                    let received = std::time::Instant::now();
+                    let opened = package::open(&pkg, &limits);
+                    Inbound::Package {
+                        pkg,
+                        opened,
+                        received,
+                    }
+                }
+                Ok(Ok(Some(_))) => Inbound::NotAPackage,
+                Ok(Ok(None)) => Inbound::End,
+                Ok(Err(status)) => Inbound::Failed(status),
+                Err(_) => Inbound::Idle,
+            };
+            let more = matches!(m, Inbound::Package { .. });
+            if tx.send(m).await.is_err() || !more {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
 }
 
 type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
