@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cms_mirror::fswalk::io_error;
+use cms_mirror::fswalk::{DirCache, io_error};
 use cms_mirror::jobstore::NewItemError;
 use cms_mirror::model::{Item, Kind};
 use cms_mirror::package;
@@ -56,6 +56,8 @@ pub const MAX_CHANGE_RETRIES: u32 = 3;
 pub struct Packer {
     reader: PlanReader,
     source: PathBuf,
+    /// Looks up the source's items one name at a time.
+    dirs: DirCache,
     package_bytes: usize,
     max_entries: usize,
     compression: pb::Compression,
@@ -94,12 +96,12 @@ impl Packer {
         package_bytes: usize,
     ) -> io::Result<Packer> {
         let mut reader = PlanReader::open(plan_dir, cursor, phases)?;
+        let mut dirs = DirCache::new(source.clone());
         let mut current = None;
         if cursor.body_offset > 0 {
             // Resume inside a file: its put was acknowledged, continue its body.
             if let Some((phase, e, pos)) = reader.next_entry()? {
-                let p = source.join(&e.i.path);
-                let mut file = File::open(&p)?;
+                let mut file = dirs.open(&e.i.path)?;
                 let md = file.metadata()?;
                 let mut hasher = blake3::Hasher::new();
                 let mut prefix = (&mut file).take(cursor.body_offset);
@@ -121,6 +123,7 @@ impl Packer {
         Ok(Packer {
             reader,
             source,
+            dirs,
             package_bytes,
             max_entries: package::DEFAULT_MAX_ENTRIES,
             compression: pb::Compression::None,
@@ -331,20 +334,11 @@ impl Packer {
         out: &mut package::PayloadWriter,
         errors: &mut Vec<NewItemError>,
     ) -> bool {
-        let p = self.source.join(&item.path);
         if retries > 0 {
             item.hash = None;
         }
         // Read without following links.
-        let md = match std::fs::symlink_metadata(&p) {
-            Ok(md) => md,
-            Err(e) => {
-                let we = io_error(&item.path, &e);
-                errors.push(err(&item.path, we.code, we.message, we.retryable));
-                return false;
-            }
-        };
-        match cms_mirror::fswalk::item_from_metadata(&self.source, &item.path, &md) {
+        match self.dirs.item(&item.path) {
             Ok(now) if now.kind == item.kind => {
                 item.size = now.size;
                 item.mtime_ns = now.mtime_ns;
@@ -366,7 +360,7 @@ impl Packer {
             }
         }
         if item.kind == Kind::File && item.size > 0 {
-            let file = match File::open(&p) {
+            let file = match self.dirs.open(&item.path) {
                 Ok(f) => f,
                 Err(e) => {
                     let we = io_error(&item.path, &e);

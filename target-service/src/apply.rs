@@ -15,8 +15,10 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cms_mirror::model::{Item, Kind, hex, parent};
 use cms_mirror::pathsafe::{self, STAGING_DIR};
@@ -72,6 +74,8 @@ struct OpenFile {
     /// The body's name in the session's staging directory; `None` while it is an unnamed
     /// file in its destination directory (`O_TMPFILE`), which a crash simply frees.
     tmp: Option<PathBuf>,
+    /// Its destination directory, open, while `tmp` is `None`.
+    dir: Option<Arc<OwnedFd>>,
     /// Incremental hash while chunks arrive contiguously from offset 0 in this process.
     hasher: Option<blake3::Hasher>,
     next_offset: u64,
@@ -214,8 +218,8 @@ struct Publish {
 
 /// Where a staged item is.
 enum Body {
-    /// An unnamed file in its destination directory, linked into place.
-    Unnamed(File),
+    /// An unnamed file in its destination directory (open beside it), linked into place.
+    Unnamed(File, Arc<OwnedFd>),
     /// A file or symlink in the session's staging directory, renamed into place.
     Named(PathBuf),
 }
@@ -425,12 +429,15 @@ pub fn stage(
     let mut seen: HashSet<String> = HashSet::new();
     let mut parents_ok: HashSet<String> = HashSet::new();
     let mut normalised = Normalisation::default();
+    let mut dirs = DestDirs::default();
     if let Err(e) = fs::create_dir_all(&sess.dir) {
         out.errors
             .push(io_item_error("", "cannot create staging directory", &e));
         return Staged::empty(sess.dir.clone(), out);
     }
-    for entry in payload.entries {
+    let mut wholes: Vec<WholeFile> = Vec::new();
+    let mut entries = payload.entries.into_iter().peekable();
+    while let Some(entry) = entries.next() {
         let Some(op) = entry.op else { continue };
         match op {
             pb::entry::Op::Put(meta) => {
@@ -480,7 +487,22 @@ pub fn stage(
                     continue;
                 }
                 sess.failed.remove(&path);
-                match put(site, sess, item, &mut publish, &mut to_sync, &mut out) {
+                if let Some(data) = take_whole_body(&item, &mut entries) {
+                    if let Some(of) = sess.open.remove(&item.path) {
+                        of.remove();
+                    }
+                    wholes.push(WholeFile { item, data });
+                    continue;
+                }
+                match put(
+                    site,
+                    sess,
+                    &mut dirs,
+                    item,
+                    &mut publish,
+                    &mut to_sync,
+                    &mut out,
+                ) {
                     Ok(()) => {}
                     Err(e) => {
                         let err = io_item_error(&path, "cannot write", &e);
@@ -522,6 +544,7 @@ pub fn stage(
                 }
             }
             pb::entry::Op::Delete(d) => {
+                dirs.clear();
                 let path = d.path;
                 if let Err(e) = pathsafe::validate(&path, max_path) {
                     out.errors
@@ -553,6 +576,22 @@ pub fn stage(
                 let _ = fs::remove_file(sess.dir.join(staged_name("m", &a.path)));
                 // Later chunks of the abandoned body (already packed) are dropped.
                 sess.failed.insert(a.path);
+            }
+        }
+    }
+    if !out.no_space {
+        for r in write_wholes(site, &sess.dir, wholes) {
+            match r {
+                Ok((p, tmp)) => {
+                    out.bytes += p.item.size;
+                    to_sync.extend(tmp);
+                    publish.push(p);
+                }
+                Err((path, e)) => {
+                    out.no_space |= e.code == NO_SPACE;
+                    out.errors.push(e);
+                    sess.failed.insert(path);
+                }
             }
         }
     }
@@ -597,6 +636,152 @@ pub fn stage(
         session_dir: sess.dir.clone(),
         out,
     }
+}
+
+/// Files smaller than this whose whole body is one chunk are written by
+/// [`write_wholes`], on several threads.
+const WHOLE_MAX: u64 = DIRECT_MIN as u64;
+
+/// Packages with fewer whole small files write them on the staging thread alone.
+const WHOLE_PARALLEL_MIN: usize = 32;
+
+/// A small file whose whole body follows its put in the same package.
+struct WholeFile {
+    item: Item,
+    data: pb::FileData,
+}
+
+/// The chunk after a file's put when it is the file's whole (small) body: taken from
+/// `entries`, for [`write_wholes`].
+fn take_whole_body(
+    item: &Item,
+    entries: &mut std::iter::Peekable<impl Iterator<Item = pb::Entry>>,
+) -> Option<pb::FileData> {
+    if item.kind != Kind::File || item.size == 0 || item.size >= WHOLE_MAX {
+        return None;
+    }
+    let whole = |e: &pb::Entry| {
+        matches!(&e.op, Some(pb::entry::Op::Data(d))
+            if d.path == item.path && d.offset == 0 && d.last && d.data.len() as u64 == item.size)
+    };
+    if !entries.peek().is_some_and(whole) {
+        return None;
+    }
+    match entries.next()?.op? {
+        pb::entry::Op::Data(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// Writes small whole files (their checks already made in package order) into unnamed
+/// files beside their destinations, verifies their hashes and sets their times. Each
+/// file costs a few system calls that mostly wait on the kernel's locks and page
+/// allocation, so a package's files are split between threads. Returns, per file, what
+/// to publish (and a named staging file to sync where the file system has no
+/// `O_TMPFILE`), or the file's error.
+#[allow(clippy::type_complexity)]
+fn write_wholes(
+    site: &SiteFs,
+    session_dir: &Path,
+    wholes: Vec<WholeFile>,
+) -> Vec<Result<(Publish, Option<PathBuf>), (String, pb::ItemError)>> {
+    let write_all = |part: Vec<WholeFile>| {
+        let mut dirs = DestDirs::default();
+        part.into_iter()
+            .map(|w| {
+                let path = w.item.path.clone();
+                write_whole(site, session_dir, &mut dirs, w).map_err(|e| (path, e))
+            })
+            .collect::<Vec<_>>()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if threads < 2 || wholes.len() < WHOLE_PARALLEL_MIN {
+        return write_all(wholes);
+    }
+    // Contiguous parts: the files of one directory mostly stay on one thread.
+    let per = wholes.len().div_ceil(threads);
+    let mut parts: Vec<Vec<WholeFile>> = Vec::with_capacity(threads);
+    let mut rest = wholes.into_iter();
+    loop {
+        let part: Vec<WholeFile> = rest.by_ref().take(per).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let mut first = parts.remove(0);
+    std::thread::scope(|s| {
+        let others: Vec<_> = parts
+            .into_iter()
+            .map(|p| s.spawn(move || write_all(p)))
+            .collect();
+        let mut all = write_all(std::mem::take(&mut first));
+        for h in others {
+            all.extend(h.join().expect("a staging thread panicked"));
+        }
+        all
+    })
+}
+
+/// Writes one small whole file; see [`write_wholes`].
+fn write_whole(
+    site: &SiteFs,
+    session_dir: &Path,
+    dirs: &mut DestDirs,
+    w: WholeFile,
+) -> Result<(Publish, Option<PathBuf>), pb::ItemError> {
+    let WholeFile { mut item, data } = w;
+    let path = item.path.clone();
+    let io_err = |what: &str, e: &io::Error| io_item_error(&path, what, e);
+    let dir = dirs
+        .open(&site.root, parent(&path))
+        .map_err(|e| io_err("cannot write", &e))?;
+    let (file, tmp) =
+        match create_unnamed(dir.as_fd(), item.mode).map_err(|e| io_err("cannot write", &e))? {
+            Some(f) => (f, None),
+            None => {
+                let tmp = session_dir.join(staged_name("f", &path));
+                let f = File::create(&tmp).map_err(|e| io_err("cannot write", &e))?;
+                (f, Some(tmp))
+            }
+        };
+    let fail = |tmp: &Option<PathBuf>, e: pb::ItemError| {
+        if let Some(t) = tmp {
+            let _ = fs::remove_file(t);
+        }
+        e
+    };
+    if tmp.is_some() || !created_with(item.mode) {
+        file.set_permissions(fs::Permissions::from_mode(item.mode))
+            .map_err(|e| fail(&tmp, io_err("cannot write", &e)))?;
+    }
+    file.write_all_at(&data.data, 0)
+        .map_err(|e| fail(&tmp, io_err("cannot write", &e)))?;
+    let actual = blake3::hash(&data.data);
+    if data.blake3.len() != 32 || actual.as_bytes().as_slice() != data.blake3.as_slice() {
+        let m = format!(
+            "content hash {} does not match the source's {}",
+            actual.to_hex(),
+            hex(&data.blake3)
+        );
+        return Err(fail(&tmp, item_error(&path, "checksum_mismatch", m, true)));
+    }
+    let t = file_time(item.mtime_ns);
+    filetime::set_file_handle_times(&file, Some(t), Some(t))
+        .map_err(|e| fail(&tmp, io_err("cannot set mtime", &e)))?;
+    item.hash = Some(actual.to_hex().to_string());
+    let body = match &tmp {
+        Some(t) => Body::Named(t.clone()),
+        None => Body::Unnamed(file, dir),
+    };
+    Ok((
+        Publish {
+            body,
+            item,
+            had_meta: false,
+        },
+        tmp,
+    ))
 }
 
 /// Drops a staged package that will not be published (an earlier package of its stream
@@ -646,7 +831,7 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
         }
         recheck |= p.item.kind == Kind::Symlink;
         let res = match &p.body {
-            Body::Unnamed(f) => link_into_place(f, &dest, &session_dir, &p.item.path),
+            Body::Unnamed(f, dir) => link_into_place(f, dir, &dest, &session_dir, &p.item.path),
             Body::Named(tmp) => rename_into_place(tmp, &dest),
         };
         match res {
@@ -693,11 +878,13 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
 /// directory removed first. Returns whether the item was created or updated.
 fn link_into_place(
     f: &File,
+    dir: &OwnedFd,
     dest: &Path,
     session_dir: &Path,
     path: &str,
 ) -> io::Result<&'static str> {
-    match link_unnamed(f, dest) {
+    let name = path.rsplit_once('/').map_or(path, |(_, n)| n);
+    match link_unnamed_at(f, dir.as_fd(), name) {
         Ok(()) => return Ok("created"),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
@@ -731,6 +918,20 @@ fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<&'static str> {
     Ok(action)
 }
 
+/// Gives an unnamed (`O_TMPFILE`) file the name `name` in the open directory `dir`.
+fn link_unnamed_at(f: &File, dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    use rustix::fs::{AtFlags, CWD, linkat};
+    match linkat(f, "", dir, name, AtFlags::EMPTY_PATH) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+            linkat(CWD, proc.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW).map_err(io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Gives an unnamed (`O_TMPFILE`) file a name. Without CAP_DAC_READ_SEARCH the kernel
 /// refuses `AT_EMPTY_PATH`; the file's /proc link works for any owner.
 fn link_unnamed(f: &File, dest: &Path) -> io::Result<()> {
@@ -748,15 +949,15 @@ fn link_unnamed(f: &File, dest: &Path) -> io::Result<()> {
     }
 }
 
-/// Creates an unnamed file in `dir` with `mode` (less the umask), or `None` where the
-/// file system has no `O_TMPFILE` or no descriptor is left: the caller stages a named
-/// file instead.
-fn create_unnamed(dir: &Path, mode: u32) -> io::Result<Option<File>> {
+/// Creates an unnamed file in the open directory `dir` with `mode` (less the umask), or
+/// `None` where the file system has no `O_TMPFILE` or no descriptor is left: the caller
+/// stages a named file instead.
+fn create_unnamed(dir: BorrowedFd<'_>, mode: u32) -> io::Result<Option<File>> {
     use rustix::fs::{Mode, OFlags, openat};
     use rustix::io::Errno;
     match openat(
-        rustix::fs::CWD,
         dir,
+        ".",
         OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
         Mode::from_raw_mode(mode & 0o7777),
     ) {
@@ -807,9 +1008,44 @@ fn touch_parent(ch: &mut PackageChanges, path: &str) {
     }
 }
 
+/// Destination directories opened while staging a package. The last one stays open: a
+/// package holds the files of a directory together, and each of them is then created
+/// and linked by its name in that directory (one name for the kernel to resolve, not
+/// every component of its path twice).
+#[derive(Default)]
+struct DestDirs {
+    last: Option<(String, Arc<OwnedFd>)>,
+}
+
+impl DestDirs {
+    fn open(&mut self, root: &Path, rel: &str) -> io::Result<Arc<OwnedFd>> {
+        use rustix::fs::{Mode, OFlags, openat};
+        if let Some((r, fd)) = &self.last
+            && r == rel
+        {
+            return Ok(fd.clone());
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = Arc::new(openat(
+            rustix::fs::CWD,
+            &root.join(rel),
+            flags,
+            Mode::empty(),
+        )?);
+        self.last = Some((rel.to_string(), fd.clone()));
+        Ok(fd)
+    }
+
+    /// Forgets the open directory (a directory of the tree was created or removed).
+    fn clear(&mut self) {
+        self.last = None;
+    }
+}
+
 fn put(
     site: &SiteFs,
     sess: &mut SessionFiles,
+    dirs: &mut DestDirs,
     item: Item,
     publish: &mut Vec<Publish>,
     to_sync: &mut Vec<PathBuf>,
@@ -817,6 +1053,7 @@ fn put(
 ) -> io::Result<()> {
     match item.kind {
         Kind::Dir => {
+            dirs.clear();
             let dest = site.root.join(&item.path);
             let action = match fs::symlink_metadata(&dest) {
                 Ok(md) if md.is_dir() => "updated",
@@ -856,12 +1093,12 @@ fn put(
             // Unnamed in its destination directory where the file system allows: no
             // name to create now nor to remove from a staging directory later, nothing
             // left behind by a crash, and the inode lands beside its directory.
-            let dir = site.root.join(parent(&item.path));
-            let (file, tmp) = match create_unnamed(&dir, item.mode)? {
-                Some(f) => (f, None),
+            let dir = dirs.open(&site.root, parent(&item.path))?;
+            let (file, tmp, dir) = match create_unnamed(dir.as_fd(), item.mode)? {
+                Some(f) => (f, None, Some(dir)),
                 None => {
                     let tmp = sess.dir.join(staged_name("f", &item.path));
-                    (File::create(&tmp)?, Some(tmp))
+                    (File::create(&tmp)?, Some(tmp), None)
                 }
             };
             if tmp.is_some() || !created_with(item.mode) {
@@ -874,6 +1111,7 @@ fn put(
                         meta: item,
                         file,
                         tmp,
+                        dir,
                         hasher: Some(blake3::Hasher::new()),
                         next_offset: 0,
                         meta_written: false,
@@ -894,12 +1132,13 @@ fn put(
             filetime::set_file_handle_times(&file, Some(t), Some(t))?;
             let mut item = item;
             item.hash = Some(expected.to_hex().to_string());
-            let body = match tmp {
-                Some(tmp) => {
+            let body = match (tmp, dir) {
+                (None, Some(dir)) => Body::Unnamed(file, dir),
+                (tmp, _) => {
+                    let tmp = tmp.expect("a named body where there is no open directory");
                     to_sync.push(tmp.clone());
                     Body::Named(tmp)
                 }
-                None => Body::Unnamed(file),
             };
             publish.push(Publish {
                 body,
@@ -959,6 +1198,7 @@ fn data(
                 meta,
                 file,
                 tmp: Some(tmp),
+                dir: None,
                 hasher: None,
                 next_offset: u64::MAX,
                 meta_written: true,
@@ -1037,9 +1277,12 @@ fn data(
         .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
     let mut item = of.meta;
     item.hash = Some(actual.to_hex().to_string());
-    let (body, synced) = match of.tmp {
-        Some(tmp) => (Body::Named(tmp.clone()), Some(tmp)),
-        None => (Body::Unnamed(of.file), None),
+    let (body, synced) = match (of.tmp, of.dir) {
+        (None, Some(dir)) => (Body::Unnamed(of.file, dir), None),
+        (tmp, _) => {
+            let tmp = tmp.expect("a named body where there is no open directory");
+            (Body::Named(tmp.clone()), Some(tmp))
+        }
     };
     publish.push(Publish {
         body,
@@ -1083,7 +1326,10 @@ fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
     if h.finalize().as_bytes().as_slice() != d.blake3.as_slice() {
         return None;
     }
-    let mut item = cms_mirror::fswalk::item_from_metadata(&site.root, &d.path, &md).ok()?;
+    let mut item = cms_mirror::fswalk::DirCache::new(&site.root)
+        .item(&d.path)
+        .ok()
+        .filter(|i| i.kind == Kind::File && i.size == md.len())?;
     item.hash = Some(hex(&d.blake3));
     Some(item)
 }
@@ -1098,7 +1344,7 @@ fn sync_batch(
 ) -> io::Result<()> {
     let unnamed = || {
         publish.iter().filter_map(|p| match &p.body {
-            Body::Unnamed(f) => Some(f),
+            Body::Unnamed(f, _) => Some(f),
             Body::Named(_) => None,
         })
     };
@@ -1241,5 +1487,103 @@ mod tests {
         let mut off = BodyWriter::new(false);
         assert_eq!(off.write_at(&file, &data, 0).unwrap(), 0);
         assert_eq!(fs::read(&path).unwrap(), data);
+    }
+
+    fn put_entry(item: &Item) -> pb::Entry {
+        pb::Entry {
+            op: Some(pb::entry::Op::Put(item.to_pb())),
+        }
+    }
+
+    fn data_entry(path: &str, offset: u64, data: &[u8], last: bool, hash: &[u8]) -> pb::Entry {
+        pb::Entry {
+            op: Some(pb::entry::Op::Data(pb::FileData {
+                path: path.into(),
+                offset,
+                data: data.to_vec().into(),
+                last,
+                blake3: hash.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn file_item(path: &str, size: usize, mtime_ns: i64) -> Item {
+        Item {
+            path: path.into(),
+            kind: Kind::File,
+            size: size as u64,
+            mtime_ns,
+            mode: 0o640,
+            link: String::new(),
+            hash: None,
+        }
+    }
+
+    /// A package of many small whole files is written on several threads: every file
+    /// lands whole with its time and mode, a body whose hash is wrong is refused alone,
+    /// and a file in several chunks beside them takes the ordinary path.
+    #[test]
+    fn small_whole_files_written_in_parallel_are_checked_one_by_one() {
+        let root = tempfile::tempdir().unwrap();
+        let site = SiteFs {
+            root: root.path().to_path_buf(),
+        };
+        let mut entries = vec![put_entry(&Item {
+            kind: Kind::Dir,
+            mode: 0o755,
+            ..file_item("d", 0, 0)
+        })];
+        let mut expected = Vec::new();
+        for i in 0..3 * WHOLE_PARALLEL_MIN {
+            let path = format!("d/f{i:03}");
+            let data = body(1 + i * 97);
+            let mtime = 1_600_000_000_000_000_000 + i as i64 * 1_000_000_007;
+            let mut hash = blake3::hash(&data).as_bytes().to_vec();
+            if i == 7 {
+                hash[0] ^= 1;
+            }
+            entries.push(put_entry(&file_item(&path, data.len(), mtime)));
+            entries.push(data_entry(&path, 0, &data, true, &hash));
+            expected.push((path, data, mtime));
+        }
+        let big = body(2 * WHOLE_MAX as usize + 3);
+        let (a, b) = big.split_at(WHOLE_MAX as usize);
+        entries.push(put_entry(&file_item("d/big", big.len(), 0)));
+        entries.push(data_entry("d/big", 0, a, false, &[]));
+        entries.push(data_entry(
+            "d/big",
+            a.len() as u64,
+            b,
+            true,
+            blake3::hash(&big).as_bytes(),
+        ));
+
+        let mut sess = SessionFiles::new(site.session_dir("s"), false);
+        let staged = stage(&site, &mut sess, pb::PackagePayload { entries }, 4096);
+        let out = publish(&site, staged, Durability::None);
+
+        let errors: Vec<_> = out
+            .errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.code.as_str()))
+            .collect();
+        assert_eq!(errors, [("d/f007", "checksum_mismatch")]);
+        assert_eq!(out.items as usize, 1 + expected.len() - 1 + 1);
+        assert_eq!(fs::read(root.path().join("d/big")).unwrap(), big);
+        for (path, data, mtime) in expected {
+            let dest = root.path().join(&path);
+            if path == "d/f007" {
+                assert!(!dest.exists(), "{path} was published with a wrong hash");
+                continue;
+            }
+            assert_eq!(fs::read(&dest).unwrap(), data, "{path}");
+            let md = fs::metadata(&dest).unwrap();
+            assert_eq!(
+                filetime::FileTime::from_last_modification_time(&md),
+                file_time(mtime)
+            );
+            assert_eq!(md.permissions().mode() & 0o777, 0o640, "{path}");
+        }
     }
 }
