@@ -588,9 +588,13 @@ pub fn stage(
                     publish.push(p);
                 }
                 Err((path, e)) => {
-                    out.no_space |= e.code == NO_SPACE;
+                    // Out of space, the package is sent again as a whole.
+                    if e.code == NO_SPACE {
+                        out.no_space = true;
+                    } else {
+                        sess.failed.insert(path);
+                    }
                     out.errors.push(e);
-                    sess.failed.insert(path);
                 }
             }
         }
@@ -1028,7 +1032,7 @@ impl DestDirs {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let fd = Arc::new(openat(
             rustix::fs::CWD,
-            &root.join(rel),
+            root.join(rel),
             flags,
             Mode::empty(),
         )?);

@@ -522,14 +522,15 @@ impl TargetService {
                     }
                     continue;
                 }
-                m = incoming.recv() => m.unwrap_or(Inbound::End),
+                // The idle clock runs only while this loop waits for a package, as the
+                // source may be waiting for acks of packages still being applied.
+                m = tokio::time::timeout(IMPORT_IDLE_TIMEOUT, incoming.recv()) => {
+                    m.map_or(Inbound::Idle, |m| m.unwrap_or(Inbound::End))
+                }
             };
-            let (pkg, opened, started) = match next {
-                Inbound::Package {
-                    pkg,
-                    opened,
-                    received,
-                } => (pkg, opened, received),
+            let started = std::time::Instant::now();
+            let (pkg, opened) = match next {
+                Inbound::Package { pkg, opened } => (pkg, opened),
                 Inbound::End => break,
                 Inbound::Failed(status) => {
                     // A message over the size limit arrives here: the peer is told, then
@@ -650,12 +651,11 @@ enum Inbound {
     Package {
         pkg: pb::Package,
         opened: Result<pb::PackagePayload, package::PackageError>,
-        received: std::time::Instant,
     },
     NotAPackage,
     End,
     Failed(Status),
-    /// Nothing arrived for [`IMPORT_IDLE_TIMEOUT`].
+    /// Nothing arrived for [`IMPORT_IDLE_TIMEOUT`] while the apply loop waited.
     Idle,
 }
 
@@ -672,7 +672,8 @@ impl Drop for AbortOnDrop {
 /// received (copied out of the HTTP/2 frames) and opened while the one before it is
 /// staged, so neither waits on the other's CPU. At most one opened package waits in the
 /// channel, so memory stays bounded by the window. The task ends after the first
-/// message that is not a package, or when the returned guard is dropped.
+/// message that is not a package, or when the returned guard is dropped (the apply
+/// loop keeps the idle timeout).
 fn read_ahead(
     mut inbound: Streaming<pb::ImportRequest>,
     limits: Limits,
@@ -680,22 +681,16 @@ fn read_ahead(
     let (tx, rx) = mpsc::channel(1);
     let task = tokio::spawn(async move {
         loop {
-            let m = match tokio::time::timeout(IMPORT_IDLE_TIMEOUT, inbound.message()).await {
-                Ok(Ok(Some(pb::ImportRequest {
+            let m = match inbound.message().await {
+                Ok(Some(pb::ImportRequest {
                     msg: Some(pb::import_request::Msg::Package(pkg)),
-                }))) => {
-                    let received = std::time::Instant::now();
+                })) => {
                     let opened = package::open(&pkg, &limits);
-                    Inbound::Package {
-                        pkg,
-                        opened,
-                        received,
-                    }
+                    Inbound::Package { pkg, opened }
                 }
-                Ok(Ok(Some(_))) => Inbound::NotAPackage,
-                Ok(Ok(None)) => Inbound::End,
-                Ok(Err(status)) => Inbound::Failed(status),
-                Err(_) => Inbound::Idle,
+                Ok(Some(_)) => Inbound::NotAPackage,
+                Ok(None) => Inbound::End,
+                Err(status) => Inbound::Failed(status),
             };
             let more = matches!(m, Inbound::Package { .. });
             if tx.send(m).await.is_err() || !more {
