@@ -280,7 +280,6 @@ impl DirCache {
             return Ok((root_fd.as_fd(), rel));
         };
         if self.dir.as_ref().is_none_or(|(p, _)| p != parent) {
-            self.dir = None;
             let fd = open_dir(root_fd, parent, false)?;
             self.dir = Some((parent.to_string(), fd));
         }

@@ -736,56 +736,84 @@ fn write_whole(
 ) -> Result<(Publish, Option<PathBuf>), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
-    let io_err = |what: &str, e: &io::Error| io_item_error(&path, what, e);
-    let dir = dirs
-        .open(&site.root, parent(&path))
-        .map_err(|e| io_err("cannot write", &e))?;
-    let (file, tmp) =
-        match create_unnamed(dir.as_fd(), item.mode).map_err(|e| io_err("cannot write", &e))? {
-            Some(f) => (f, None),
-            None => {
-                let tmp = session_dir.join(staged_name("f", &path));
-                let f = File::create(&tmp).map_err(|e| io_err("cannot write", &e))?;
-                (f, Some(tmp))
-            }
-        };
-    let fail = |tmp: &Option<PathBuf>, e: pb::ItemError| {
-        if let Some(t) = tmp {
+    let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
+        .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+    let actual = blake3::hash(&data.data);
+    let written = file
+        .write_all_at(&data.data, 0)
+        .map_err(|e| io_item_error(&path, "cannot write", &e))
+        .and_then(|()| check_hash(&path, &actual, &data.blake3))
+        .and_then(|()| {
+            let t = file_time(item.mtime_ns);
+            filetime::set_file_handle_times(&file, Some(t), Some(t))
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))
+        });
+    if let Err(e) = written {
+        if let Some(t) = &tmp {
             let _ = fs::remove_file(t);
         }
-        e
+        return Err(e);
+    }
+    item.hash = Some(actual.to_hex().to_string());
+    let publish = Publish {
+        body: staged_body(file, tmp.clone(), dir),
+        item,
+        had_meta: false,
+    };
+    Ok((publish, tmp))
+}
+
+/// Creates the file a new body of `item` is written into, with the item's mode: unnamed
+/// in its open destination directory where the file system allows (no name to create
+/// now nor to remove from a staging directory later, nothing left behind by a crash,
+/// and the inode lands beside its directory), else named in the session's staging
+/// directory. Returns the file and either its staging name or its open directory.
+fn create_body(
+    site: &SiteFs,
+    session_dir: &Path,
+    dirs: &mut DestDirs,
+    item: &Item,
+) -> io::Result<(File, Option<PathBuf>, Option<Arc<OwnedFd>>)> {
+    let dir = dirs.open(&site.root, parent(&item.path))?;
+    let (file, tmp, dir) = match create_unnamed(dir.as_fd(), item.mode)? {
+        Some(f) => (f, None, Some(dir)),
+        None => {
+            let tmp = session_dir.join(staged_name("f", &item.path));
+            (File::create(&tmp)?, Some(tmp), None)
+        }
     };
     if tmp.is_some() || !created_with(item.mode) {
         file.set_permissions(fs::Permissions::from_mode(item.mode))
-            .map_err(|e| fail(&tmp, io_err("cannot write", &e)))?;
+            .inspect_err(|_| {
+                if let Some(t) = &tmp {
+                    let _ = fs::remove_file(t);
+                }
+            })?;
     }
-    file.write_all_at(&data.data, 0)
-        .map_err(|e| fail(&tmp, io_err("cannot write", &e)))?;
-    let actual = blake3::hash(&data.data);
-    if data.blake3.len() != 32 || actual.as_bytes().as_slice() != data.blake3.as_slice() {
-        let m = format!(
-            "content hash {} does not match the source's {}",
-            actual.to_hex(),
-            hex(&data.blake3)
-        );
-        return Err(fail(&tmp, item_error(&path, "checksum_mismatch", m, true)));
+    Ok((file, tmp, dir))
+}
+
+/// A finished body to publish: its staging name if it has one, else the unnamed file
+/// and its destination directory.
+fn staged_body(file: File, tmp: Option<PathBuf>, dir: Option<Arc<OwnedFd>>) -> Body {
+    match (tmp, dir) {
+        (Some(tmp), _) => Body::Named(tmp),
+        (None, Some(dir)) => Body::Unnamed(file, dir),
+        (None, None) => unreachable!("a body is either named or in an open directory"),
     }
-    let t = file_time(item.mtime_ns);
-    filetime::set_file_handle_times(&file, Some(t), Some(t))
-        .map_err(|e| fail(&tmp, io_err("cannot set mtime", &e)))?;
-    item.hash = Some(actual.to_hex().to_string());
-    let body = match &tmp {
-        Some(t) => Body::Named(t.clone()),
-        None => Body::Unnamed(file, dir),
-    };
-    Ok((
-        Publish {
-            body,
-            item,
-            had_meta: false,
-        },
-        tmp,
-    ))
+}
+
+/// Refuses a body whose BLAKE3 is not the one the source sent.
+fn check_hash(path: &str, actual: &blake3::Hash, expected: &[u8]) -> Result<(), pb::ItemError> {
+    if expected.len() == 32 && actual.as_bytes().as_slice() == expected {
+        return Ok(());
+    }
+    let m = format!(
+        "content hash {} does not match the source's {}",
+        actual.to_hex(),
+        hex(expected)
+    );
+    Err(item_error(path, "checksum_mismatch", m, true))
 }
 
 /// Drops a staged package that will not be published (an earlier package of its stream
@@ -1094,20 +1122,7 @@ fn put(
             if let Some(of) = sess.open.remove(&item.path) {
                 of.remove();
             }
-            // Unnamed in its destination directory where the file system allows: no
-            // name to create now nor to remove from a staging directory later, nothing
-            // left behind by a crash, and the inode lands beside its directory.
-            let dir = dirs.open(&site.root, parent(&item.path))?;
-            let (file, tmp, dir) = match create_unnamed(dir.as_fd(), item.mode)? {
-                Some(f) => (f, None, Some(dir)),
-                None => {
-                    let tmp = sess.dir.join(staged_name("f", &item.path));
-                    (File::create(&tmp)?, Some(tmp), None)
-                }
-            };
-            if tmp.is_some() || !created_with(item.mode) {
-                file.set_permissions(fs::Permissions::from_mode(item.mode))?;
-            }
+            let (file, tmp, dir) = create_body(site, &sess.dir, dirs, &item)?;
             if item.size > 0 {
                 sess.open.insert(
                     item.path.clone(),
@@ -1136,14 +1151,8 @@ fn put(
             filetime::set_file_handle_times(&file, Some(t), Some(t))?;
             let mut item = item;
             item.hash = Some(expected.to_hex().to_string());
-            let body = match (tmp, dir) {
-                (None, Some(dir)) => Body::Unnamed(file, dir),
-                (tmp, _) => {
-                    let tmp = tmp.expect("a named body where there is no open directory");
-                    to_sync.push(tmp.clone());
-                    Body::Named(tmp)
-                }
-            };
+            to_sync.extend(tmp.clone());
+            let body = staged_body(file, tmp, dir);
             publish.push(Publish {
                 body,
                 item,
@@ -1267,27 +1276,17 @@ fn data(
             h.finalize()
         }
     };
-    if d.blake3.len() != 32 || actual.as_bytes().as_slice() != d.blake3.as_slice() {
-        let m = format!(
-            "content hash {} does not match the source's {}",
-            actual.to_hex(),
-            hex(&d.blake3)
-        );
+    if let Err(e) = check_hash(&path, &actual, &d.blake3) {
         of.remove();
-        return Err(item_error(&path, "checksum_mismatch", m, true));
+        return Err(e);
     }
     let t = file_time(of.meta.mtime_ns);
     filetime::set_file_handle_times(&of.file, Some(t), Some(t))
         .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
     let mut item = of.meta;
     item.hash = Some(actual.to_hex().to_string());
-    let (body, synced) = match (of.tmp, of.dir) {
-        (None, Some(dir)) => (Body::Unnamed(of.file, dir), None),
-        (tmp, _) => {
-            let tmp = tmp.expect("a named body where there is no open directory");
-            (Body::Named(tmp.clone()), Some(tmp))
-        }
-    };
+    let synced = of.tmp.clone();
+    let body = staged_body(of.file, of.tmp, of.dir);
     publish.push(Publish {
         body,
         item,
@@ -1562,6 +1561,20 @@ mod tests {
             true,
             blake3::hash(&big).as_bytes(),
         ));
+
+        // The one-chunk bodies take the whole-file path, the chunked one does not.
+        let mut it = entries.clone().into_iter().peekable();
+        let mut whole = 0;
+        while let Some(e) = it.next() {
+            if let Some(pb::entry::Op::Put(m)) = &e.op {
+                let item = Item::from_pb(m).unwrap();
+                let taken = take_whole_body(&item, &mut it).is_some();
+                assert_eq!(taken, item.path.starts_with("d/f"), "{}", item.path);
+                whole += taken as usize;
+            }
+        }
+        assert_eq!(whole, expected.len());
+        assert!(whole >= WHOLE_PARALLEL_MIN);
 
         let mut sess = SessionFiles::new(site.session_dir("s"), false);
         let staged = stage(&site, &mut sess, pb::PackagePayload { entries }, 4096);
