@@ -17,7 +17,8 @@ import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, temp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+# BENCH_BIN: a directory of other builds of the three binaries (to compare builds).
+BIN = Path(os.environ.get("BENCH_BIN", ROOT / "target" / "release"))
 GEN = (ROOT / ".." / "shared" / "bench" / "gen_dataset.py").resolve()
 
 

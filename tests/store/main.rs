@@ -9,13 +9,18 @@ use mirror_target::ledger::{Ledger, PackageChanges};
 /// Fresh databases for one test, on each backend available.
 async fn databases(schema: Schema) -> Vec<(String, Db, Option<tempfile::TempDir>)> {
     let mut out = Vec::new();
+    for (backend, url, dir) in empty_databases().await {
+        out.push((backend, db::connect(&url, schema).await.unwrap(), dir));
+    }
+    out
+}
+
+/// URLs of fresh, empty databases (nothing migrated), on each backend available.
+async fn empty_databases() -> Vec<(String, String, Option<tempfile::TempDir>)> {
+    let mut out = Vec::new();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    out.push((
-        "sqlite".to_string(),
-        db::connect(&url, schema).await.unwrap(),
-        Some(dir),
-    ));
+    out.push(("sqlite".to_string(), url, Some(dir)));
     if let Ok(base) = std::env::var("TEST_DATABASE_URL") {
         let admin = db::connect_raw(&base)
             .await
@@ -28,12 +33,7 @@ async fn databases(schema: Schema) -> Vec<(String, Db, Option<tempfile::TempDir>
         let (prefix, _) = base
             .rsplit_once('/')
             .expect("database URL ends with /DBNAME");
-        let url = format!("{prefix}/{name}");
-        out.push((
-            "postgres".to_string(),
-            db::connect(&url, schema).await.unwrap(),
-            None,
-        ));
+        out.push(("postgres".to_string(), format!("{prefix}/{name}"), None));
     }
     out
 }
@@ -320,6 +320,87 @@ async fn the_target_ledger_and_manifest_index() {
         );
         assert!(l.touched_dirs(&s.id, "main").await.unwrap().is_empty());
         assert_eq!(l.session(&s.id).await.unwrap().unwrap().state, "committed");
+    }
+}
+
+/// A ledger written by the first schema keeps its sessions, index and changes through
+/// the later migrations (SQLite rebuilds two tables), and the touched-directories
+/// index only holds rows of open sessions.
+#[tokio::test]
+async fn a_ledger_of_the_first_schema_is_carried_over() {
+    for (backend, url, _keep) in empty_databases().await {
+        let raw_url = if backend == "sqlite" {
+            format!("{url}?mode=rwc")
+        } else {
+            url.clone()
+        };
+        let raw = db::connect_raw(&raw_url).await.unwrap();
+        let first = if backend == "sqlite" {
+            sqlx::migrate!("migrations/target/sqlite")
+        } else {
+            sqlx::migrate!("migrations/target/postgres")
+        };
+        first.run_to(1, &raw).await.unwrap();
+        for sql in [
+            "INSERT INTO sessions (id, job_id, site, state, last_seq, created_at) VALUES ('j/main', 'j', 'main', 'open', 7, 1)",
+            "INSERT INTO session_changes (session_id, path, action) VALUES ('j/main', 'a/b', 'created')",
+        ] {
+            sqlx::query(sql).execute(&raw).await.unwrap();
+        }
+        for (path, kind, touched) in [("a", Kind::Dir, Some("j/main")), ("a/b", Kind::File, None)] {
+            sqlx::query(
+                "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode, touched_session) \
+                 VALUES ('main', $1, $2, $3, 3, 42, 420, $4)",
+            )
+            .bind(cms_mirror::model::tree_key(path))
+            .bind(path)
+            .bind(kind.code())
+            .bind(touched)
+            .execute(&raw)
+            .await
+            .unwrap();
+        }
+        raw.close().await;
+
+        let l = Ledger::new(db::connect(&url, Schema::Target).await.unwrap());
+        assert_eq!(
+            l.open_session("j", "main", "").await.unwrap().last_seq,
+            7,
+            "{backend}"
+        );
+        let page = l.manifest_page("main", &[], 10).await.unwrap();
+        assert_eq!(
+            page.iter().map(|i| (i.path.as_str(), i.size)).collect::<Vec<_>>(),
+            [("a", 3), ("a/b", 3)],
+            "{backend}"
+        );
+        assert_eq!(l.changes("j/main").await.unwrap(), [("a/b".to_string(), "created".to_string())]);
+        let touched = l.touched_dirs("j/main", "main").await.unwrap();
+        assert_eq!(touched.len(), 1, "{backend}");
+        assert_eq!(touched[0].path, "a");
+        let pool = &l.db().pool;
+        if backend == "sqlite" {
+            for table in ["entries", "session_changes"] {
+                let e = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT rowid FROM {table}")))
+                    .execute(pool)
+                    .await
+                    .expect_err("a WITHOUT ROWID table has no rowid");
+                assert!(e.to_string().contains("rowid"), "{table}: {e}");
+            }
+        }
+        let def: (String,) = sqlx::query_as(if backend == "sqlite" {
+            "SELECT sql FROM sqlite_master WHERE name = 'entries_touched_idx'"
+        } else {
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'entries_touched_idx'"
+        })
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(
+            def.0.to_lowercase().contains("where") && def.0.contains("IS NOT NULL"),
+            "{backend}: {}",
+            def.0
+        );
     }
 }
 
