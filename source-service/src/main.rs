@@ -52,6 +52,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-source");
+    cms_mirror::no_transparent_huge_pages();
     let config = MirrorConfig::load(&args.config)?;
     for c in &config.channels {
         if !c.source.is_dir() {

@@ -63,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     // One TLS provider for the whole process (hooks over https).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _telemetry = cms_mirror::telemetry::init(args.log_format, "mirror-target");
+    cms_mirror::no_transparent_huge_pages();
     raise_open_files_limit();
     let mut sites = Vec::new();
     if let Some(path) = &args.config {

@@ -12,7 +12,7 @@ fn full_mirror_is_identical_and_the_job_record_is_true() {
         src,
         dst,
         config: _config,
-        target: _target,
+        target,
         source,
     } = Mirror::start(
         |src| {
@@ -24,6 +24,13 @@ fn full_mirror_is_identical_and_the_job_record_is_true() {
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "exit code of start --wait: {job:#}");
     assert_same_tree(&src, &dst);
+    // Both services turn transparent huge pages off for themselves (memory and CPU).
+    for p in [&source, &target] {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
+    }
     assert!(
         !dst.join(".cms-mirror-staging").exists(),
         "staging area left in the site"

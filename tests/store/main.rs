@@ -370,11 +370,16 @@ async fn a_ledger_of_the_first_schema_is_carried_over() {
         );
         let page = l.manifest_page("main", &[], 10).await.unwrap();
         assert_eq!(
-            page.iter().map(|i| (i.path.as_str(), i.size)).collect::<Vec<_>>(),
+            page.iter()
+                .map(|i| (i.path.as_str(), i.size))
+                .collect::<Vec<_>>(),
             [("a", 3), ("a/b", 3)],
             "{backend}"
         );
-        assert_eq!(l.changes("j/main").await.unwrap(), [("a/b".to_string(), "created".to_string())]);
+        assert_eq!(
+            l.changes("j/main").await.unwrap(),
+            [("a/b".to_string(), "created".to_string())]
+        );
         let touched = l.touched_dirs("j/main", "main").await.unwrap();
         assert_eq!(touched.len(), 1, "{backend}");
         assert_eq!(touched[0].path, "a");
