@@ -119,6 +119,8 @@ impl SessionFiles {
 /// Smallest block-aligned part of a chunk written with direct I/O; less goes through the
 /// page cache (a direct write waits for the device, which only pays off for large ones).
 const DIRECT_MIN: usize = 64 * 1024;
+/// Chunks of at least this size are hashed on a second thread while they are written.
+const HASH_BESIDE_MIN: usize = 1024 * 1024;
 /// Bytes copied into the aligned buffer per direct write.
 const DIRECT_PIECE: usize = 1024 * 1024;
 
@@ -1237,12 +1239,32 @@ fn data(
     if d.offset != of.next_offset {
         of.hasher = None;
     }
-    out.bytes_direct += sess
-        .writer
-        .write_at(&of.file, &d.data, d.offset)
-        .map_err(|e| io_item_error(&path, "cannot write", &e))?;
-    if let Some(h) = &mut of.hasher {
-        h.update(&d.data);
+    let data = &d.data;
+    let written = match &mut of.hasher {
+        // A large chunk is hashed on a second thread while it is written.
+        Some(h) if data.len() >= HASH_BESIDE_MIN => std::thread::scope(|s| {
+            let hashing = s.spawn(move || {
+                h.update(data);
+            });
+            let w = sess.writer.write_at(&of.file, data, d.offset);
+            hashing.join().expect("hashing thread");
+            w
+        }),
+        h => {
+            let w = sess.writer.write_at(&of.file, data, d.offset);
+            if let (Ok(_), Some(h)) = (&w, h) {
+                h.update(data);
+            }
+            w
+        }
+    };
+    match written {
+        Ok(n) => out.bytes_direct += n,
+        Err(e) => {
+            // The chunk may come again: hash the file by reading it back at the end.
+            of.hasher = None;
+            return Err(io_item_error(&path, "cannot write", &e));
+        }
     }
     of.next_offset = end;
     out.bytes += d.data.len() as u64;
@@ -1602,5 +1624,53 @@ mod tests {
             );
             assert_eq!(md.permissions().mode() & 0o777, 0o640, "{path}");
         }
+    }
+
+    /// Chunks of 1 MiB and more are hashed on a second thread while they are written:
+    /// the hash still runs over every chunk in order, across packages, so a whole body
+    /// is accepted and a body with one changed byte is refused.
+    #[test]
+    fn large_chunks_hashed_beside_their_write_are_checked() {
+        let root = tempfile::tempdir().unwrap();
+        let site = SiteFs {
+            root: root.path().to_path_buf(),
+        };
+        let a = body(2 * HASH_BESIDE_MIN + HASH_BESIDE_MIN / 2);
+        let mut b = body(2 * HASH_BESIDE_MIN + 1);
+        let b_hash = blake3::hash(&b);
+        b[HASH_BESIDE_MIN + 5] ^= 1;
+        let (a1, a2) = a.split_at(2 * HASH_BESIDE_MIN);
+        let (b1, b2) = b.split_at(HASH_BESIDE_MIN);
+        assert!(a1.len() >= HASH_BESIDE_MIN && a2.len() < HASH_BESIDE_MIN);
+        let first = vec![
+            put_entry(&file_item("a", a.len(), 1)),
+            data_entry("a", 0, a1, false, &[]),
+            put_entry(&file_item("b", b.len(), 1)),
+            data_entry("b", 0, b1, false, &[]),
+        ];
+        let second = vec![
+            data_entry("a", a1.len() as u64, a2, true, blake3::hash(&a).as_bytes()),
+            data_entry("b", b1.len() as u64, b2, true, b_hash.as_bytes()),
+        ];
+        let mut sess = SessionFiles::new(site.session_dir("s"), true);
+        let mut outs = Vec::new();
+        for entries in [first, second] {
+            let staged = stage(&site, &mut sess, pb::PackagePayload { entries }, 4096);
+            outs.push(publish(&site, staged, Durability::None));
+        }
+        let errors: Vec<_> = outs[1]
+            .errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.code.as_str()))
+            .collect();
+        assert_eq!(errors, [("b", "checksum_mismatch")]);
+        assert_eq!(fs::read(root.path().join("a")).unwrap(), a);
+        assert!(!root.path().join("b").exists());
+        let published: Vec<_> = outs[1].changes.upserts.iter().collect();
+        assert_eq!(published.len(), 1);
+        assert_eq!(
+            published[0].hash.as_deref(),
+            Some(blake3::hash(&a).to_hex().as_str())
+        );
     }
 }
