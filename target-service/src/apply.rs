@@ -101,6 +101,8 @@ pub struct SessionFiles {
     /// Set by an abort: no package of this session is applied any more.
     pub aborted: bool,
     writer: BodyWriter,
+    /// Writers of the other threads that write whole files (see [`write_wholes`]).
+    helpers: Vec<BodyWriter>,
 }
 
 impl SessionFiles {
@@ -112,6 +114,7 @@ impl SessionFiles {
             failed: HashSet::new(),
             aborted: false,
             writer: BodyWriter::new(direct_io),
+            helpers: Vec::new(),
         }
     }
 }
@@ -582,10 +585,12 @@ pub fn stage(
         }
     }
     if !out.no_space {
-        for r in write_wholes(site, &sess.dir, wholes) {
+        let results = write_wholes(site, &sess.dir, wholes, &mut sess.writer, &mut sess.helpers);
+        for r in results {
             match r {
-                Ok((p, tmp)) => {
+                Ok((p, tmp, direct)) => {
                     out.bytes += p.item.size;
+                    out.bytes_direct += direct;
                     to_sync.extend(tmp);
                     publish.push(p);
                 }
@@ -644,26 +649,27 @@ pub fn stage(
     }
 }
 
-/// Files smaller than this whose whole body is one chunk are written by
-/// [`write_wholes`], on several threads.
-const WHOLE_MAX: u64 = DIRECT_MIN as u64;
+/// What a whole file weighs when a package's whole files are split between threads: its
+/// bytes plus this much for creating, timing and linking it.
+const WHOLE_FILE_WEIGHT: u64 = 16 * 1024;
 
-/// Packages with fewer whole small files write them on the staging thread alone.
-const WHOLE_PARALLEL_MIN: usize = 32;
+/// Packages whose whole files weigh less are written on the staging thread alone (32
+/// small files, or a few larger ones).
+const WHOLE_PARALLEL_MIN: u64 = 32 * WHOLE_FILE_WEIGHT;
 
-/// A small file whose whole body follows its put in the same package.
+/// A file whose whole body follows its put in the same package.
 struct WholeFile {
     item: Item,
     data: pb::FileData,
 }
 
-/// The chunk after a file's put when it is the file's whole (small) body: taken from
-/// `entries`, for [`write_wholes`].
+/// The chunk after a file's put when it is the file's whole body: taken from `entries`,
+/// for [`write_wholes`].
 fn take_whole_body(
     item: &Item,
     entries: &mut std::iter::Peekable<impl Iterator<Item = pb::Entry>>,
 ) -> Option<pb::FileData> {
-    if item.kind != Kind::File || item.size == 0 || item.size >= WHOLE_MAX {
+    if item.kind != Kind::File || item.size == 0 {
         return None;
     }
     let whole = |e: &pb::Entry| {
@@ -679,72 +685,98 @@ fn take_whole_body(
     }
 }
 
-/// Writes small whole files (their checks already made in package order) into unnamed
-/// files beside their destinations, verifies their hashes and sets their times. Each
-/// file costs a few system calls that mostly wait on the kernel's locks and page
-/// allocation, so a package's files are split between threads. Returns, per file, what
-/// to publish (and a named staging file to sync where the file system has no
-/// `O_TMPFILE`), or the file's error.
+/// Writes whole files (their checks already made in package order) into unnamed files
+/// beside their destinations, verifies their hashes and sets their times. Small files
+/// cost a few system calls that mostly wait on the kernel's locks and page allocation,
+/// larger ones a hash and a copy: a package's files are split between threads by
+/// weight, in contiguous parts (`writer` serves the first, `helpers` the others).
+/// Returns, per file in package order, what to publish (with a named staging file to
+/// sync where the file system has no `O_TMPFILE`, and the bytes written with direct
+/// I/O), or the file's error.
 #[allow(clippy::type_complexity)]
 fn write_wholes(
     site: &SiteFs,
     session_dir: &Path,
     wholes: Vec<WholeFile>,
-) -> Vec<Result<(Publish, Option<PathBuf>), (String, pb::ItemError)>> {
-    let write_all = |part: Vec<WholeFile>| {
+    writer: &mut BodyWriter,
+    helpers: &mut Vec<BodyWriter>,
+) -> Vec<Result<(Publish, Option<PathBuf>, u64), (String, pb::ItemError)>> {
+    let write_all = |part: Vec<WholeFile>, writer: &mut BodyWriter| {
         let mut dirs = DestDirs::default();
         part.into_iter()
             .map(|w| {
                 let path = w.item.path.clone();
-                write_whole(site, session_dir, &mut dirs, w).map_err(|e| (path, e))
+                write_whole(site, session_dir, &mut dirs, writer, w).map_err(|e| (path, e))
             })
             .collect::<Vec<_>>()
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if threads < 2 || wholes.len() < WHOLE_PARALLEL_MIN {
-        return write_all(wholes);
+    let weight = |w: &WholeFile| w.item.size + WHOLE_FILE_WEIGHT;
+    let total: u64 = wholes.iter().map(weight).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(4))
+        .min(wholes.len());
+    if threads < 2 || total < WHOLE_PARALLEL_MIN {
+        return write_all(wholes, writer);
     }
-    // Contiguous parts: the files of one directory mostly stay on one thread.
-    let per = wholes.len().div_ceil(threads);
-    let mut parts: Vec<Vec<WholeFile>> = Vec::with_capacity(threads);
-    let mut rest = wholes.into_iter();
-    loop {
-        let part: Vec<WholeFile> = rest.by_ref().take(per).collect();
-        if part.is_empty() {
-            break;
+    // Contiguous parts of about equal weight: the files of one directory mostly stay on
+    // one thread.
+    let mut parts: Vec<Vec<WholeFile>> = vec![Vec::new()];
+    let mut acc = 0;
+    for w in wholes {
+        let cut = total * parts.len() as u64 / threads as u64;
+        if acc >= cut && parts.len() < threads && !parts.last().expect("one part").is_empty() {
+            parts.push(Vec::new());
         }
-        parts.push(part);
+        acc += weight(&w);
+        parts.last_mut().expect("one part").push(w);
     }
-    let mut first = parts.remove(0);
-    std::thread::scope(|s| {
+    while helpers.len() < parts.len() - 1 {
+        helpers.push(BodyWriter::new(writer.direct));
+    }
+    let first = parts.remove(0);
+    let all = std::thread::scope(|s| {
         let others: Vec<_> = parts
             .into_iter()
-            .map(|p| s.spawn(move || write_all(p)))
+            .zip(helpers.iter_mut())
+            .map(|(p, w)| s.spawn(move || write_all(p, w)))
             .collect();
-        let mut all = write_all(std::mem::take(&mut first));
+        let mut all = write_all(first, writer);
         for h in others {
             all.extend(h.join().expect("a staging thread panicked"));
         }
         all
-    })
+    });
+    // A file system that refused direct I/O on one thread refuses it on all.
+    if helpers.iter().any(|h| !h.direct) {
+        writer.direct = false;
+    }
+    for h in helpers.iter_mut() {
+        h.direct = writer.direct;
+    }
+    all
 }
 
-/// Writes one small whole file; see [`write_wholes`].
+/// Writes one whole file; see [`write_wholes`].
 fn write_whole(
     site: &SiteFs,
     session_dir: &Path,
     dirs: &mut DestDirs,
+    writer: &mut BodyWriter,
     w: WholeFile,
-) -> Result<(Publish, Option<PathBuf>), pb::ItemError> {
+) -> Result<(Publish, Option<PathBuf>, u64), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
         .map_err(|e| io_item_error(&path, "cannot write", &e))?;
     let actual = blake3::hash(&data.data);
-    let written = file
-        .write_all_at(&data.data, 0)
+    let mut direct = 0;
+    let written = writer
+        .write_at(&file, &data.data, 0)
         .map_err(|e| io_item_error(&path, "cannot write", &e))
-        .and_then(|()| check_hash(&path, &actual, &data.blake3))
+        .and_then(|n| {
+            direct = n;
+            check_hash(&path, &actual, &data.blake3)
+        })
         .and_then(|()| {
             let t = file_time(item.mtime_ns);
             filetime::set_file_handle_times(&file, Some(t), Some(t))
@@ -762,7 +794,7 @@ fn write_whole(
         item,
         had_meta: false,
     };
-    Ok((publish, tmp))
+    Ok((publish, tmp, direct))
 }
 
 /// Creates the file a new body of `item` is written into, with the item's mode: unnamed
@@ -1545,11 +1577,12 @@ mod tests {
         }
     }
 
-    /// A package of many small whole files is written on several threads: every file
-    /// lands whole with its time and mode, a body whose hash is wrong is refused alone,
-    /// and a file in several chunks beside them takes the ordinary path.
+    /// A package of many whole files, small and larger, is written on several threads:
+    /// every file lands whole with its time and mode (the larger ones mostly with direct
+    /// I/O), a body whose hash is wrong is refused alone, and a file in several chunks
+    /// beside them takes the ordinary path.
     #[test]
-    fn small_whole_files_written_in_parallel_are_checked_one_by_one() {
+    fn whole_files_written_in_parallel_are_checked_one_by_one() {
         let root = tempfile::tempdir().unwrap();
         let site = SiteFs {
             root: root.path().to_path_buf(),
@@ -1560,9 +1593,14 @@ mod tests {
             ..file_item("d", 0, 0)
         })];
         let mut expected = Vec::new();
-        for i in 0..3 * WHOLE_PARALLEL_MIN {
+        for i in 0..96 {
             let path = format!("d/f{i:03}");
-            let data = body(1 + i * 97);
+            // Every tenth file is over DIRECT_MIN.
+            let data = body(if i % 10 == 3 {
+                3 * DIRECT_MIN + i
+            } else {
+                1 + i * 97
+            });
             let mtime = 1_600_000_000_000_000_000 + i as i64 * 1_000_000_007;
             let mut hash = blake3::hash(&data).as_bytes().to_vec();
             if i == 7 {
@@ -1572,8 +1610,8 @@ mod tests {
             entries.push(data_entry(&path, 0, &data, true, &hash));
             expected.push((path, data, mtime));
         }
-        let big = body(2 * WHOLE_MAX as usize + 3);
-        let (a, b) = big.split_at(WHOLE_MAX as usize);
+        let big = body(2 * DIRECT_MIN + 3);
+        let (a, b) = big.split_at(DIRECT_MIN);
         entries.push(put_entry(&file_item("d/big", big.len(), 0)));
         entries.push(data_entry("d/big", 0, a, false, &[]));
         entries.push(data_entry(
@@ -1596,9 +1634,13 @@ mod tests {
             }
         }
         assert_eq!(whole, expected.len());
-        assert!(whole >= WHOLE_PARALLEL_MIN);
+        let weight: u64 = expected
+            .iter()
+            .map(|(_, d, _)| d.len() as u64 + WHOLE_FILE_WEIGHT)
+            .sum();
+        assert!(weight >= WHOLE_PARALLEL_MIN);
 
-        let mut sess = SessionFiles::new(site.session_dir("s"), false);
+        let mut sess = SessionFiles::new(site.session_dir("s"), true);
         let staged = stage(&site, &mut sess, pb::PackagePayload { entries }, 4096);
         let out = publish(&site, staged, Durability::None);
 
@@ -1609,6 +1651,15 @@ mod tests {
             .collect();
         assert_eq!(errors, [("d/f007", "checksum_mismatch")]);
         assert_eq!(out.items as usize, 1 + expected.len() - 1 + 1);
+        // The larger whole files and the chunked file's two chunks went direct (all but
+        // their unaligned tails); the small ones through the page cache.
+        let larger: u64 = expected
+            .iter()
+            .filter(|(p, d, _)| d.len() >= DIRECT_MIN && p != "d/f007")
+            .map(|(_, d, _)| d.len() as u64 / 4096 * 4096)
+            .sum();
+        assert_eq!(out.bytes_direct, larger + 2 * DIRECT_MIN as u64);
+        assert!(!sess.helpers.is_empty() && sess.helpers.iter().all(|h| h.direct));
         assert_eq!(fs::read(root.path().join("d/big")).unwrap(), big);
         for (path, data, mtime) in expected {
             let dest = root.path().join(&path);
