@@ -768,10 +768,11 @@ fn write_whole(
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
         .map_err(|e| io_item_error(&path, "cannot write", &e))?;
-    let actual = blake3::hash(&data.data);
+    let mut hasher = blake3::Hasher::new();
+    let written = write_hashed(writer, &file, &data.data, 0, Some(&mut hasher));
+    let actual = hasher.finalize();
     let mut direct = 0;
-    let written = writer
-        .write_at(&file, &data.data, 0)
+    let written = written
         .map_err(|e| io_item_error(&path, "cannot write", &e))
         .and_then(|n| {
             direct = n;
@@ -795,6 +796,35 @@ fn write_whole(
         had_meta: false,
     };
     Ok((publish, tmp, direct))
+}
+
+/// Writes `data` at `offset` of `file` and feeds it to `hasher`: a chunk of
+/// [`HASH_BESIDE_MIN`] or more is hashed on a second thread while it is written. The
+/// hasher has seen `data` whatever the write gave. Returns the bytes written with direct
+/// I/O.
+fn write_hashed(
+    writer: &mut BodyWriter,
+    file: &File,
+    data: &[u8],
+    offset: u64,
+    hasher: Option<&mut blake3::Hasher>,
+) -> io::Result<u64> {
+    match hasher {
+        Some(h) if data.len() >= HASH_BESIDE_MIN => std::thread::scope(|s| {
+            let hashing = s.spawn(move || {
+                h.update(data);
+            });
+            let written = writer.write_at(file, data, offset);
+            hashing.join().expect("hashing thread");
+            written
+        }),
+        h => {
+            if let Some(h) = h {
+                h.update(data);
+            }
+            writer.write_at(file, data, offset)
+        }
+    }
 }
 
 /// Creates the file a new body of `item` is written into, with the item's mode: unnamed
@@ -985,7 +1015,13 @@ fn rename_into_place(tmp: &Path, dest: &Path) -> io::Result<&'static str> {
 }
 
 /// Gives an unnamed (`O_TMPFILE`) file the name `name` in the open directory `dir`.
-fn link_unnamed_at(f: &File, dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+/// Without CAP_DAC_READ_SEARCH the kernel refuses `AT_EMPTY_PATH`; the file's /proc
+/// link works for any owner.
+fn link_unnamed_at<P: rustix::path::Arg + Copy>(
+    f: &File,
+    dir: BorrowedFd<'_>,
+    name: P,
+) -> io::Result<()> {
     use rustix::fs::{AtFlags, CWD, linkat};
     match linkat(f, "", dir, name, AtFlags::EMPTY_PATH) {
         Ok(()) => Ok(()),
@@ -998,21 +1034,9 @@ fn link_unnamed_at(f: &File, dir: BorrowedFd<'_>, name: &str) -> io::Result<()> 
     }
 }
 
-/// Gives an unnamed (`O_TMPFILE`) file a name. Without CAP_DAC_READ_SEARCH the kernel
-/// refuses `AT_EMPTY_PATH`; the file's /proc link works for any owner.
+/// Gives an unnamed (`O_TMPFILE`) file the path `dest`.
 fn link_unnamed(f: &File, dest: &Path) -> io::Result<()> {
-    use rustix::fs::{AtFlags, CWD, linkat};
-    match linkat(f, "", CWD, dest, AtFlags::EMPTY_PATH) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM)
-            if dest.parent().is_some_and(Path::exists) =>
-        {
-            use std::os::fd::AsRawFd;
-            let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
-            linkat(CWD, proc.as_str(), CWD, dest, AtFlags::SYMLINK_FOLLOW).map_err(io::Error::from)
-        }
-        Err(e) => Err(e.into()),
-    }
+    link_unnamed_at(f, rustix::fs::CWD, dest)
 }
 
 /// Creates an unnamed file in the open directory `dir` with `mode` (less the umask), or
@@ -1271,26 +1295,13 @@ fn data(
     if d.offset != of.next_offset {
         of.hasher = None;
     }
-    let data = &d.data;
-    let written = match &mut of.hasher {
-        // A large chunk is hashed on a second thread while it is written.
-        Some(h) if data.len() >= HASH_BESIDE_MIN => std::thread::scope(|s| {
-            let hashing = s.spawn(move || {
-                h.update(data);
-            });
-            let w = sess.writer.write_at(&of.file, data, d.offset);
-            hashing.join().expect("hashing thread");
-            w
-        }),
-        h => {
-            let w = sess.writer.write_at(&of.file, data, d.offset);
-            if let (Ok(_), Some(h)) = (&w, h) {
-                h.update(data);
-            }
-            w
-        }
-    };
-    match written {
+    match write_hashed(
+        &mut sess.writer,
+        &of.file,
+        &d.data,
+        d.offset,
+        of.hasher.as_mut(),
+    ) {
         Ok(n) => out.bytes_direct += n,
         Err(e) => {
             // The chunk may come again: hash the file by reading it back at the end.
@@ -1679,7 +1690,8 @@ mod tests {
 
     /// Chunks of 1 MiB and more are hashed on a second thread while they are written:
     /// the hash still runs over every chunk in order, across packages, so a whole body
-    /// is accepted and a body with one changed byte is refused.
+    /// is accepted and a body with one changed byte is refused; the same for a body of
+    /// 1 MiB and more that comes whole in one package.
     #[test]
     fn large_chunks_hashed_beside_their_write_are_checked() {
         let root = tempfile::tempdir().unwrap();
@@ -1693,11 +1705,18 @@ mod tests {
         let (a1, a2) = a.split_at(2 * HASH_BESIDE_MIN);
         let (b1, b2) = b.split_at(HASH_BESIDE_MIN);
         assert!(a1.len() >= HASH_BESIDE_MIN && a2.len() < HASH_BESIDE_MIN);
+        let c = body(HASH_BESIDE_MIN + 10);
+        let mut w = c.clone();
+        w[7] ^= 1;
         let first = vec![
             put_entry(&file_item("a", a.len(), 1)),
             data_entry("a", 0, a1, false, &[]),
             put_entry(&file_item("b", b.len(), 1)),
             data_entry("b", 0, b1, false, &[]),
+            put_entry(&file_item("c", c.len(), 1)),
+            data_entry("c", 0, &c, true, blake3::hash(&c).as_bytes()),
+            put_entry(&file_item("w", w.len(), 1)),
+            data_entry("w", 0, &w, true, blake3::hash(&c).as_bytes()),
         ];
         let second = vec![
             data_entry("a", a1.len() as u64, a2, true, blake3::hash(&a).as_bytes()),
@@ -1709,12 +1728,17 @@ mod tests {
             let staged = stage(&site, &mut sess, pb::PackagePayload { entries }, 4096);
             outs.push(publish(&site, staged, Durability::None));
         }
-        let errors: Vec<_> = outs[1]
-            .errors
-            .iter()
-            .map(|e| (e.path.as_str(), e.code.as_str()))
-            .collect();
-        assert_eq!(errors, [("b", "checksum_mismatch")]);
+        let errors = |out: &Applied| -> Vec<(String, String)> {
+            out.errors
+                .iter()
+                .map(|e| (e.path.clone(), e.code.clone()))
+                .collect()
+        };
+        let mismatch = |p: &str| vec![(p.to_string(), "checksum_mismatch".to_string())];
+        assert_eq!(errors(&outs[0]), mismatch("w"));
+        assert_eq!(fs::read(root.path().join("c")).unwrap(), c);
+        assert!(!root.path().join("w").exists());
+        assert_eq!(errors(&outs[1]), mismatch("b"));
         assert_eq!(fs::read(root.path().join("a")).unwrap(), a);
         assert!(!root.path().join("b").exists());
         let published: Vec<_> = outs[1].changes.upserts.iter().collect();

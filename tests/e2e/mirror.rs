@@ -27,9 +27,11 @@ fn full_mirror_is_identical_and_the_job_record_is_true() {
     // Both services turn transparent huge pages off for themselves (memory and CPU).
     for p in [&source, &target] {
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();
-        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
-            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
-        }
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("THP_enabled:"))
+            .expect("THP_enabled in /proc/PID/status (Linux 5.0 and later)");
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
     }
     assert!(
         !dst.join(".cms-mirror-staging").exists(),
