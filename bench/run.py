@@ -13,7 +13,7 @@ with `rsync -anc --delete src/ dst/`, which must list nothing.
 BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
 settings (e.g. BENCH_CHANNEL_TOML=$'window = 8\n').
 """
-import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, shlex, shutil, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,9 @@ def warm(path):
     """Reads the tree into the page cache and writes back what earlier runs left dirty:
     no timed run pays for another's writeback (cms-mirror's syncfs would otherwise
     flush the previous rsync's output)."""
-    subprocess.run(["tar", "cf", "/dev/null", "-C", str(path.parent), path.name], check=True)
+    # Through a pipe: GNU tar skips reading file contents when its archive is /dev/null.
+    tar = f"tar cf - -C {shlex.quote(str(path.parent))} {shlex.quote(path.name)} | cat > /dev/null"
+    subprocess.run(["bash", "-o", "pipefail", "-c", tar], check=True)
     subprocess.run(["sync"], check=True)
 
 

@@ -102,24 +102,51 @@ pub fn seal(
     seal_encoded(seq, phase, payload.encode_to_vec(), compression)
 }
 
-/// Seals an encoded [`pb::PackagePayload`] (from a [`PayloadWriter`]).
+/// Seals an encoded [`pb::PackagePayload`].
 pub fn seal_encoded(
     seq: u64,
     phase: pb::Phase,
     bytes: Vec<u8>,
     compression: pb::Compression,
 ) -> pb::Package {
+    seal_with(seq, phase, bytes, None, compression)
+}
+
+/// Seals what a [`PayloadWriter`] built, with the checksum it computed while the bytes
+/// were still in the CPU cache (unless the payload is sent compressed).
+pub fn seal_written(
+    seq: u64,
+    phase: pb::Phase,
+    written: PayloadWriter,
+    compression: pb::Compression,
+) -> pb::Package {
+    let (bytes, sum) = written.finish();
+    seal_with(seq, phase, bytes, Some(sum), compression)
+}
+
+/// `sum`: the XXH3 of `bytes`, when already known.
+fn seal_with(
+    seq: u64,
+    phase: pb::Phase,
+    bytes: Vec<u8>,
+    sum: Option<u128>,
+    compression: pb::Compression,
+) -> pb::Package {
     let uncompressed_size = bytes.len() as u64;
-    let (wire, used) = match compression {
+    let (wire, used, sum) = match compression {
         pb::Compression::Zstd => match zstd::bulk::compress(&bytes, ZSTD_LEVEL) {
-            Ok(z) if z.len() < bytes.len() => (z, pb::Compression::Zstd),
-            _ => (bytes, pb::Compression::None),
+            Ok(z) if z.len() < bytes.len() => (z, pb::Compression::Zstd, None),
+            _ => (bytes, pb::Compression::None, sum),
         },
-        pb::Compression::None => (bytes, pb::Compression::None),
+        pb::Compression::None => (bytes, pb::Compression::None, sum),
+    };
+    let checksum = match sum {
+        Some(s) => s.to_be_bytes().to_vec(),
+        None => checksum(pb::ChecksumKind::Xxh3128, &wire),
     };
     pb::Package {
         seq,
-        checksum: checksum(pb::ChecksumKind::Xxh3128, &wire),
+        checksum,
         uncompressed_size,
         payload: wire.into(),
         compression: used as i32,
@@ -140,11 +167,39 @@ pub fn checksum(kind: pb::ChecksumKind, wire: &[u8]) -> Vec<u8> {
 
 /// Builds an encoded [`pb::PackagePayload`] entry by entry, with file data read straight
 /// into the payload: a body is copied once from the file, not into a buffer and then
-/// into the payload. The bytes are what `prost` would encode for the same entries.
-#[derive(Debug, Default)]
+/// into the payload. The bytes are what `prost` would encode for the same entries. The
+/// package checksum (XXH3) is fed as the bytes land, a piece of a body at a time, so it
+/// reads them from the CPU cache rather than the whole payload again from memory.
+#[derive(Default)]
 pub struct PayloadWriter {
     buf: Vec<u8>,
     entries: usize,
+    /// XXH3 of `buf[..summed]`; stale once the buffer is truncated below `summed`.
+    sum: xxhash_rust::xxh3::Xxh3Default,
+    summed: usize,
+    stale: bool,
+}
+
+/// Where [`PayloadWriter::push_data`] lets a body's bytes land: at the end of the
+/// payload, fed to its checksum as they come.
+pub struct BodySink<'a> {
+    buf: &'a mut Vec<u8>,
+    sum: &'a mut xxhash_rust::xxh3::Xxh3Default,
+}
+
+impl BodySink<'_> {
+    /// Appends what `read` adds to the end of the buffer (read into its spare capacity)
+    /// and returns those bytes.
+    pub fn append(
+        &mut self,
+        read: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+    ) -> std::io::Result<&[u8]> {
+        let start = self.buf.len();
+        let r = read(self.buf);
+        // Fed even after an error: the entry is then dropped, which makes the sum stale.
+        self.sum.update(&self.buf[start..]);
+        r.map(|()| &self.buf[start..])
+    }
 }
 
 /// A point a [`PayloadWriter`] can be truncated back to.
@@ -166,7 +221,7 @@ impl PayloadWriter {
     pub fn with_capacity(bytes: usize) -> PayloadWriter {
         PayloadWriter {
             buf: Vec::with_capacity(bytes),
-            entries: 0,
+            ..PayloadWriter::default()
         }
     }
 
@@ -189,6 +244,12 @@ impl PayloadWriter {
     pub fn truncate(&mut self, m: Mark) {
         self.buf.truncate(m.len);
         self.entries = m.entries;
+        // Rare (a file that changed or failed while read): the sum is computed over the
+        // whole payload at the end instead.
+        if m.len < self.summed {
+            self.stale = true;
+            self.summed = m.len;
+        }
     }
 
     pub fn push(&mut self, e: &pb::Entry) {
@@ -196,8 +257,8 @@ impl PayloadWriter {
         self.entries += 1;
     }
 
-    /// Pushes a `FileData` entry whose `data` is `len` bytes that `fill` appends to the
-    /// buffer it is given; `blake3` (of the whole body, on the last chunk) is computed
+    /// Pushes a `FileData` entry whose `data` is `len` bytes that `fill` appends through
+    /// the sink it is given; `blake3` (of the whole body, on the last chunk) is computed
     /// by `fill` from the bytes it read. When `fill` fails or appends fewer bytes, the
     /// entry is dropped again and the error (or the short count) returned.
     pub fn push_data(
@@ -206,7 +267,7 @@ impl PayloadWriter {
         offset: u64,
         len: usize,
         last: bool,
-        fill: impl FnOnce(&mut Vec<u8>, usize) -> std::io::Result<Option<[u8; 32]>>,
+        fill: impl FnOnce(&mut BodySink<'_>, usize) -> std::io::Result<Option<[u8; 32]>>,
     ) -> std::io::Result<Result<(), usize>> {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
         let mark = self.mark();
@@ -245,7 +306,15 @@ impl PayloadWriter {
             encode_varint(len as u64, &mut self.buf);
         }
         let start = self.buf.len();
-        let hash = match fill(&mut self.buf, len) {
+        self.sum.update(&self.buf[self.summed..]);
+        self.summed = start;
+        let mut sink = BodySink {
+            buf: &mut self.buf,
+            sum: &mut self.sum,
+        };
+        let filled = fill(&mut sink, len);
+        self.summed = self.buf.len();
+        let hash = match filled {
             Ok(h) => h,
             Err(e) => {
                 self.truncate(mark);
@@ -267,8 +336,14 @@ impl PayloadWriter {
         Ok(Ok(()))
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.buf
+    /// The encoded payload and its XXH3.
+    pub fn finish(mut self) -> (Vec<u8>, u128) {
+        if self.stale {
+            let sum = xxhash_rust::xxh3::xxh3_128(&self.buf);
+            return (self.buf, sum);
+        }
+        self.sum.update(&self.buf[self.summed..]);
+        (self.buf, self.sum.digest128())
     }
 }
 
@@ -443,37 +518,54 @@ mod tests {
                 chunk(200, &body[200..], true),
             ],
         };
-        let mut w = PayloadWriter::default();
-        w.push(&put);
+        // Each body lands in pieces, as the packer reads it.
         let fill = |from: usize, to: usize, last: bool| {
             let body = &body;
-            move |buf: &mut Vec<u8>, len: usize| {
+            move |sink: &mut BodySink<'_>, len: usize| {
                 assert!(to - from <= len);
-                buf.extend_from_slice(&body[from..to]);
+                for piece in body[from..to].chunks(64) {
+                    let got = sink.append(|buf| {
+                        buf.extend_from_slice(piece);
+                        Ok(())
+                    })?;
+                    assert_eq!(got, piece);
+                }
                 Ok(last.then_some(hash))
             }
         };
-        assert!(
-            w.push_data("dir/a.bin", 0, 200, false, fill(0, 200, false))
-                .unwrap()
-                .is_ok()
-        );
-        let before = w.mark();
-        // A short read drops the entry again and says how much came.
-        let short = w
-            .push_data("dir/a.bin", 200, 100, true, fill(200, 250, true))
-            .unwrap();
-        assert_eq!(short, Err(50));
-        assert_eq!(w.mark(), before);
-        assert!(
-            w.push_data("dir/a.bin", 200, 100, true, fill(200, 300, true))
-                .unwrap()
-                .is_ok()
-        );
-        assert_eq!(w.entries(), 3);
-        let bytes = w.into_bytes();
-        assert_eq!(bytes, expected.encode_to_vec());
-        assert_eq!(pb::PackagePayload::decode(&bytes[..]).unwrap(), expected);
+        // Summed as the bytes land, and after a dropped entry (summed again at the end).
+        for short_read in [false, true] {
+            let mut w = PayloadWriter::default();
+            w.push(&put);
+            assert!(
+                w.push_data("dir/a.bin", 0, 200, false, fill(0, 200, false))
+                    .unwrap()
+                    .is_ok()
+            );
+            if short_read {
+                let before = w.mark();
+                // A short read drops the entry again and says how much came.
+                let short = w
+                    .push_data("dir/a.bin", 200, 100, true, fill(200, 250, true))
+                    .unwrap();
+                assert_eq!(short, Err(50));
+                assert_eq!(w.mark(), before);
+            }
+            assert!(
+                w.push_data("dir/a.bin", 200, 100, true, fill(200, 300, true))
+                    .unwrap()
+                    .is_ok()
+            );
+            assert_eq!(w.entries(), 3);
+            let pkg = seal_written(1, pb::Phase::Content, w, pb::Compression::None);
+            assert_eq!(pkg.payload, expected.encode_to_vec());
+            assert_eq!(
+                pkg.checksum,
+                checksum(pb::ChecksumKind::Xxh3128, &pkg.payload),
+                "short read: {short_read}"
+            );
+            assert_eq!(open(&pkg, &Limits::default()).unwrap(), expected);
+        }
     }
 
     #[test]

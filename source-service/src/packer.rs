@@ -21,6 +21,8 @@ use crate::plan::{Action, Cursor, PhaseName, PlanEntry, PlanReader};
 
 /// Rough per-entry framing overhead counted against the package size.
 const ENTRY_OVERHEAD: usize = 128;
+/// Bytes of a body read (and hashed) at a time: well within the CPU's L2 cache.
+const READ_PIECE: usize = 256 * 1024;
 
 /// A sealed package and what it completes.
 #[derive(Debug)]
@@ -191,12 +193,20 @@ impl Packer {
                 let last = offset + want as u64 == cur.item.size;
                 let before = out.mark();
                 let source = &self.source;
-                // Read straight into the payload, hashing as it lands.
-                let pushed = out.push_data(&path, offset, want, last, |buf, len| {
-                    let start = buf.len();
-                    read_up_to(&cur.file, buf, len)?;
+                // Read straight into the payload a piece at a time, hashing each piece
+                // while it is in the CPU cache.
+                let pushed = out.push_data(&path, offset, want, last, |sink, len| {
+                    let mut left = len;
+                    while left > 0 {
+                        let piece = left.min(READ_PIECE);
+                        let got = sink.append(|buf| read_up_to(&cur.file, buf, piece))?;
+                        cur.hasher.update(got);
+                        left -= got.len();
+                        if got.len() < piece {
+                            break;
+                        }
+                    }
                     crate::failpoints::maybe_change(source, &path);
-                    cur.hasher.update(&buf[start..]);
                     Ok(last.then(|| *cur.hasher.finalize().as_bytes()))
                 });
                 let changed = match pushed {
@@ -303,8 +313,7 @@ impl Packer {
             return Ok(None);
         }
         let phase = phase.unwrap_or(PhaseName::Content);
-        let pkg =
-            package::seal_encoded(self.seq, phase.to_pb(), out.into_bytes(), self.compression);
+        let pkg = package::seal_written(self.seq, phase.to_pb(), out, self.compression);
         self.seq += 1;
         Ok(Some(Built {
             pkg,
