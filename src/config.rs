@@ -136,6 +136,11 @@ pub struct TargetConfig {
     pub auth: crate::security::ClientAuth,
 }
 
+/// Packages in flight per target unless a channel says otherwise: with 4 MiB packages,
+/// enough that the target still has one to stage while earlier ones are made durable and
+/// acknowledged (at 4 it waited for packages in about a third of a large-file mirror).
+pub const DEFAULT_WINDOW: u32 = 8;
+
 /// A channel: what to mirror from where to which targets.
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
@@ -240,7 +245,7 @@ impl MirrorConfig {
                     format!("{package_bytes} is not between 1024 and 33554432"),
                 ));
             }
-            let window = c.window.unwrap_or(4);
+            let window = c.window.unwrap_or(DEFAULT_WINDOW);
             if !(1..=64).contains(&window) {
                 return Err(err("window", format!("{window} is not between 1 and 64")));
             }
