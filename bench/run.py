@@ -11,7 +11,7 @@ source trees are read just before each timed run (warm cache), and the tools alt
 with `rsync -anc --delete src/ dst/`, which must list nothing.
 
 BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
-settings (e.g. BENCH_CHANNEL_TOML=$'window = 8\n').
+settings (e.g. BENCH_CHANNEL_TOML=$'window = 16\n').
 """
 import argparse, json, os, re, shlex, shutil, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
