@@ -99,17 +99,7 @@ pub fn seal(
     payload: &pb::PackagePayload,
     compression: pb::Compression,
 ) -> pb::Package {
-    seal_encoded(seq, phase, payload.encode_to_vec(), compression)
-}
-
-/// Seals an encoded [`pb::PackagePayload`].
-pub fn seal_encoded(
-    seq: u64,
-    phase: pb::Phase,
-    bytes: Vec<u8>,
-    compression: pb::Compression,
-) -> pb::Package {
-    seal_with(seq, phase, bytes, None, compression)
+    seal_with(seq, phase, payload.encode_to_vec(), None, compression)
 }
 
 /// Seals what a [`PayloadWriter`] built, with the checksum it computed while the bytes

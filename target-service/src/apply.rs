@@ -592,10 +592,12 @@ pub fn stage(
         let results = write_wholes(site, &sess.dir, wholes, &mut sess.writer, &mut sess.helpers);
         for r in results {
             match r {
-                Ok((p, tmp, direct)) => {
+                Ok((p, direct)) => {
                     out.bytes += p.item.size;
                     out.bytes_direct += direct;
-                    to_sync.extend(tmp);
+                    if let Body::Named(tmp) = &p.body {
+                        to_sync.push(tmp.clone());
+                    }
                     publish.push(p);
                 }
                 Err((path, e)) => {
@@ -694,17 +696,15 @@ fn take_whole_body(
 /// cost a few system calls that mostly wait on the kernel's locks and page allocation,
 /// larger ones a hash and a copy: a package's files are split between threads by
 /// weight, in contiguous parts (`writer` serves the first, `helpers` the others).
-/// Returns, per file in package order, what to publish (with a named staging file to
-/// sync where the file system has no `O_TMPFILE`, and the bytes written with direct
-/// I/O), or the file's error.
-#[allow(clippy::type_complexity)]
+/// Returns, per file in package order, what to publish (with the bytes written with
+/// direct I/O), or the file's error.
 fn write_wholes(
     site: &SiteFs,
     session_dir: &Path,
     wholes: Vec<WholeFile>,
     writer: &mut BodyWriter,
     helpers: &mut Vec<BodyWriter>,
-) -> Vec<Result<(Publish, Option<PathBuf>, u64), (String, pb::ItemError)>> {
+) -> Vec<Result<(Publish, u64), (String, pb::ItemError)>> {
     let write_all = |part: Vec<WholeFile>, writer: &mut BodyWriter| {
         let mut dirs = DestDirs::default();
         part.into_iter()
@@ -767,7 +767,7 @@ fn write_whole(
     dirs: &mut DestDirs,
     writer: &mut BodyWriter,
     w: WholeFile,
-) -> Result<(Publish, Option<PathBuf>, u64), pb::ItemError> {
+) -> Result<(Publish, u64), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
@@ -795,11 +795,11 @@ fn write_whole(
     }
     item.hash = Some(actual.to_hex().to_string());
     let publish = Publish {
-        body: staged_body(file, tmp.clone(), dir),
+        body: staged_body(file, tmp, dir),
         item,
         had_meta: false,
     };
-    Ok((publish, tmp, direct))
+    Ok((publish, direct))
 }
 
 /// Writes `data` at `offset` of `file` and feeds it to `hasher`: a chunk of
@@ -1387,21 +1387,17 @@ impl io::Read for ReadAt<'_> {
 /// The item at `d.path` when it already is the complete body the last chunk `d` ends
 /// (same length, same BLAKE3) and there is nothing staged for it.
 fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
-    let dest = site.root.join(&d.path);
-    let md = fs::symlink_metadata(&dest).ok()?;
     let end = d.offset.checked_add(d.data.len() as u64)?;
-    if !md.is_file() || md.len() != end || d.blake3.len() != 32 {
-        return None;
-    }
+    let mut dirs = cms_mirror::fswalk::DirCache::new(&site.root);
+    let mut item = dirs
+        .item(&d.path)
+        .ok()
+        .filter(|i| i.kind == Kind::File && i.size == end && d.blake3.len() == 32)?;
     let mut h = blake3::Hasher::new();
-    h.update_reader(File::open(&dest).ok()?).ok()?;
+    h.update_reader(dirs.open(&d.path).ok()?).ok()?;
     if h.finalize().as_bytes().as_slice() != d.blake3.as_slice() {
         return None;
     }
-    let mut item = cms_mirror::fswalk::DirCache::new(&site.root)
-        .item(&d.path)
-        .ok()
-        .filter(|i| i.kind == Kind::File && i.size == md.len())?;
     item.hash = Some(hex(&d.blake3));
     Some(item)
 }
@@ -1751,5 +1747,40 @@ mod tests {
             published[0].hash.as_deref(),
             Some(blake3::hash(&a).to_hex().as_str())
         );
+    }
+
+    /// A resent last chunk of a file that a stopped target had already put in place
+    /// finds it there only when it is that file: a regular file of the chunk's end size
+    /// with the source's hash.
+    #[test]
+    fn a_resent_last_chunk_finds_only_its_own_published_file() {
+        let root = tempfile::tempdir().unwrap();
+        let site = SiteFs {
+            root: root.path().to_path_buf(),
+        };
+        let data = body(10_000);
+        fs::create_dir(root.path().join("d")).unwrap();
+        fs::write(root.path().join("d/f"), &data).unwrap();
+        std::os::unix::fs::symlink("f", root.path().join("d/l")).unwrap();
+        let hash = blake3::hash(&data);
+        let chunk = |path: &str, from: usize, blake3: &[u8]| pb::FileData {
+            path: path.into(),
+            offset: from as u64,
+            data: data[from..].to_vec().into(),
+            last: true,
+            blake3: blake3.to_vec(),
+            ..Default::default()
+        };
+        let item = already_published(&site, &chunk("d/f", 4096, hash.as_bytes())).unwrap();
+        assert_eq!((item.kind, item.size), (Kind::File, 10_000));
+        assert_eq!(item.hash, Some(hash.to_hex().to_string()));
+        let mut wrong = hash.as_bytes().to_vec();
+        wrong[0] ^= 1;
+        assert!(already_published(&site, &chunk("d/f", 4096, &wrong)).is_none());
+        let mut short = chunk("d/f", 4096, hash.as_bytes());
+        short.data.truncate(100);
+        assert!(already_published(&site, &short).is_none());
+        assert!(already_published(&site, &chunk("d/l", 4096, hash.as_bytes())).is_none());
+        assert!(already_published(&site, &chunk("d/gone", 4096, hash.as_bytes())).is_none());
     }
 }
