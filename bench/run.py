@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark driver (see bench/run.sh). Standard library only.
 
-Each round runs cms-mirror, then rsync client -> rsync daemon on loopback, then plain
-local rsync, each through the full mirror, the no-change re-run and the re-run after the
-edit. files/s and MB/s are the tree's files and bytes over the wall time (for re-runs:
-files checked per second). Each timed run writes to a fresh destination directory (never deleted inside a batch:
-on these machines creating files right after deleting a similar tree is 5-10x slower),
-source trees are read just before each timed run (warm cache), and the tools alternate
-(A B A B) so both see the same machine state. Every destination is checked afterwards
+Each round runs cms-mirror, rsync client -> rsync daemon on loopback and plain local
+rsync (in this order in even rounds, in the reverse order in odd ones), each through
+the full mirror, the no-change re-run and the re-run after the edit. files/s and MB/s
+are the tree's files and bytes over the wall time (for re-runs: files checked per
+second). Each timed run writes to a fresh destination directory (never deleted inside
+a batch: on these machines creating files right after deleting a similar tree is 5-10x
+slower), source trees are read just before each timed run (warm cache), and the tools
+alternate (A B C, C B A) so all see the same machine state. "ratio" is the median
+cms-mirror wall over the median rsync->daemon wall; "ratio per round" is the range of
+the same ratio within each round. Every destination is checked afterwards
 with `rsync -anc --delete src/ dst/`, which must list nothing.
 
 BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
@@ -185,9 +188,9 @@ def main():
         return
     names = a.datasets.split(",")
     datasets(base, names)
-    print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | rsync local wall | cms files/s | cms MB/s "
+    print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | ratio per round | rsync local wall | cms files/s | cms MB/s "
           "| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for k in names:
             table(work, base, k, a)
@@ -204,16 +207,24 @@ def table(work, base, k, a):
     runs = work / k
     runs.mkdir(parents=True, exist_ok=True)
     cms, rs, local = [], [], []
-    for _ in range(a.rounds):
-        cms.append(cms_round(runs, base / "base" / k, base / "mut" / k, a.durability))
-        rs.append(rsync_round(runs, base / "base" / k, base / "mut" / k))
-        local.append(rsync_local_round(runs, base / "base" / k, base / "mut" / k))
+    src_base, src_mut = base / "base" / k, base / "mut" / k
+    tools = [
+        lambda: cms.append(cms_round(runs, src_base, src_mut, a.durability)),
+        lambda: rs.append(rsync_round(runs, src_base, src_mut)),
+        lambda: local.append(rsync_local_round(runs, src_base, src_mut)),
+    ]
+    for r in range(a.rounds):
+        # A B C, then C B A: a tool that runs later in a round (on a fuller file system,
+        # after more writeback) is not always the same one.
+        for run_tool in tools if r % 2 == 0 else tools[::-1]:
+            run_tool()
     for phase in ("full", "nochange", "edit"):
         files, size = tree_size(base / ("mut" if phase == "edit" else "base") / k)
         cw = statistics.median(r[phase]["wall"] for r in cms)
         rw = statistics.median(r[phase]["wall"] for r in rs)
         lw = statistics.median(r[phase]["wall"] for r in local)
-        print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
+        paired = sorted(c[phase]["wall"] / r[phase]["wall"] for c, r in zip(cms, rs))
+        print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {paired[0]:.2f}-{paired[-1]:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
               f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
               f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
               f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
