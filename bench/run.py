@@ -188,12 +188,19 @@ def main():
         return
     names = a.datasets.split(",")
     datasets(base, names)
+    rounds = []
     print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | ratio per round | rsync local wall | cms files/s | cms MB/s "
           "| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for k in names:
-            table(work, base, k, a)
+            rounds.extend(table(work, base, k, a))
+        # Each round's walls under the medians: how far single runs spread on this
+        # machine (page-cache and writeback state swing rsync's figures most).
+        print("\n| dataset | phase | cms-mirror wall per round | rsync->daemon wall per round |")
+        print("|---|---|---|---|")
+        for row in rounds:
+            print(row)
     finally:
         # Every round keeps three copies of its dataset (about 20 GB for all three
         # datasets and 3 rounds); they go at the end, not between runs: ext4 without a
@@ -203,7 +210,8 @@ def main():
 
 
 def table(work, base, k, a):
-    """Measures one dataset (all rounds) and prints its rows."""
+    """Measures one dataset (all rounds) and prints its rows; returns the rows of each
+    round's walls, for a second table."""
     runs = work / k
     runs.mkdir(parents=True, exist_ok=True)
     cms, rs, local = [], [], []
@@ -228,6 +236,8 @@ def table(work, base, k, a):
               f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
               f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
               f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
+    walls = lambda runs, phase: " / ".join(f"{r[phase]['wall']:.3f}" for r in runs)
+    return [f"| {k} | {phase} | {walls(cms, phase)} s | {walls(rs, phase)} s |" for phase in ("full", "nochange", "edit")]
 
 
 if __name__ == "__main__":
