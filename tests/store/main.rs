@@ -296,13 +296,55 @@ async fn the_target_ledger_and_manifest_index() {
             "{backend}"
         );
         assert_eq!(page[1].hash, item("", Kind::File).hash);
-        // Deleting a directory removes everything below it, and nothing else.
+        // Every field comes back as it went in, names that need escaping included, and
+        // pages continue after the last key of the one before.
+        let odd = vec![
+            Item {
+                path: "a/b/q\"uote\\back\nline\ttab é☃".into(),
+                size: u64::MAX >> 1,
+                mtime_ns: -1_500_000_000,
+                mode: 0o100755,
+                hash: None,
+                ..item("", Kind::File)
+            },
+            Item {
+                path: "a/b/link".into(),
+                kind: Kind::Symlink,
+                size: 0,
+                link: "../../x \"y\"".into(),
+                hash: None,
+                ..item("", Kind::File)
+            },
+        ];
+        let more = PackageChanges {
+            upserts: odd.clone(),
+            ..Default::default()
+        };
+        l.record_package(&s.id, "main", 2, b"sum2", &more)
+            .await
+            .unwrap();
+        let all = l.manifest_page("main", &[], 100).await.unwrap();
+        for o in &odd {
+            assert!(all.contains(o), "{backend}: {o:?} not in {all:?}");
+        }
+        let mut paged = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let p = l.manifest_page("main", &after, 2).await.unwrap();
+            let Some(last) = p.last() else { break };
+            assert!(p.len() <= 2);
+            after = cms_mirror::model::tree_key(&last.path);
+            paged.extend(p);
+        }
+        assert_eq!(paged, all, "{backend}: pages of two");
+        // Deleting a directory removes everything below it (the two above too), and
+        // nothing else.
         let del = PackageChanges {
             deletes: vec!["a/b".into()],
             changes: vec![("a/b".into(), "deleted")],
             ..Default::default()
         };
-        l.record_package(&s.id, "main", 2, b"sum2", &del)
+        l.record_package(&s.id, "main", 3, b"sum3", &del)
             .await
             .unwrap();
         let page = l.manifest_page("main", &[], 100).await.unwrap();
