@@ -236,7 +236,7 @@ def table(work, base, k, a):
               f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
               f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
               f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
-    walls = lambda runs, phase: " / ".join(f"{r[phase]['wall']:.3f}" for r in runs)
+    walls = lambda results, phase: " / ".join(f"{r[phase]['wall']:.3f}" for r in results)
     return [f"| {k} | {phase} | {walls(cms, phase)} s | {walls(rs, phase)} s |" for phase in ("full", "nochange", "edit")]
 
 
