@@ -31,20 +31,36 @@ struct EntryRow {
 impl EntryRow {
     fn item(self) -> Item {
         let hash = self.hash.as_deref().filter(|h| h.len() == 32).map(hex);
-        self.item_with_hex(hash)
+        entry_item(
+            self.path,
+            self.kind,
+            self.size,
+            self.mtime_ns,
+            self.mode,
+            self.link_target,
+            hash,
+        )
     }
+}
 
-    /// The item, with its hash given in hex (empty or malformed: none).
-    fn item_with_hex(self, hash: Option<String>) -> Item {
-        Item {
-            kind: Kind::from_pb(self.kind as i32).unwrap_or(Kind::File),
-            path: self.path,
-            size: self.size as u64,
-            mtime_ns: self.mtime_ns,
-            mode: self.mode as u32,
-            link: self.link_target,
-            hash: hash.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())),
-        }
+/// An index row as an item, its hash given in hex (empty or malformed: none).
+fn entry_item(
+    path: String,
+    kind: i64,
+    size: i64,
+    mtime_ns: i64,
+    mode: i64,
+    link: String,
+    hash: Option<String>,
+) -> Item {
+    Item {
+        kind: Kind::from_pb(kind as i32).unwrap_or(Kind::File),
+        path,
+        size: size as u64,
+        mtime_ns,
+        mode: mode as u32,
+        link,
+        hash: hash.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())),
     }
 }
 
@@ -350,16 +366,7 @@ impl Ledger {
         Ok(rows
             .into_iter()
             .map(|(path, kind, size, mtime_ns, mode, link, hash)| {
-                EntryRow {
-                    path,
-                    kind,
-                    size,
-                    mtime_ns,
-                    mode,
-                    link_target: link,
-                    hash: None,
-                }
-                .item_with_hex(hash)
+                entry_item(path, kind, size, mtime_ns, mode, link, hash)
             })
             .collect())
     }
