@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use cms_mirror::model::{Item, Kind, hex, parent};
 use cms_mirror::pathsafe::{self, STAGING_DIR};
@@ -82,6 +82,9 @@ struct OpenFile {
     /// Whether the metadata sidecar exists (written only for a file still in progress
     /// when its package ends, so a restarted target can finish it).
     meta_written: bool,
+    /// Set once a chunk's write was left for its package's finishing task: from then on
+    /// every chunk of this body is written there (see [`Deferred`]).
+    writes: Option<Arc<FileWrites>>,
 }
 
 impl OpenFile {
@@ -103,6 +106,8 @@ pub struct SessionFiles {
     writer: BodyWriter,
     /// Writers of the other threads that write whole files (see [`write_wholes`]).
     helpers: Vec<BodyWriter>,
+    /// Writes the chunks left for the packages' finishing tasks, one package at a time.
+    deferred_writer: Arc<Mutex<BodyWriter>>,
 }
 
 impl SessionFiles {
@@ -115,6 +120,7 @@ impl SessionFiles {
             aborted: false,
             writer: BodyWriter::new(direct_io),
             helpers: Vec::new(),
+            deferred_writer: Arc::new(Mutex::new(BodyWriter::new(direct_io))),
         }
     }
 }
@@ -204,6 +210,64 @@ impl BodyWriter {
     }
 }
 
+/// The writes of one body's chunks that are left for finishing tasks and not done yet.
+#[derive(Default)]
+struct FileWrites {
+    pending: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl FileWrites {
+    /// Waits until at most `left` writes of this body are pending (the others written,
+    /// or dropped with their package).
+    fn wait_until(&self, left: usize) {
+        let mut n = self.pending.lock().expect("file writes lock");
+        while *n > left {
+            n = self.idle.wait(n).expect("file writes lock");
+        }
+    }
+}
+
+/// A chunk whose write is left for its package's finishing task ([`write_deferred`]):
+/// the staging thread only hashes it and goes on with the next package while the chunk
+/// goes to the disk. A large body's chunks are all written this way once one is, by one
+/// writer at a time, so no two threads switch direct I/O on the same open file. Dropped
+/// unwritten (its package not published), it no longer counts as pending.
+struct Deferred {
+    path: String,
+    file: File,
+    data: bytes::Bytes,
+    offset: u64,
+    writes: Arc<FileWrites>,
+}
+
+impl Deferred {
+    fn new(
+        path: String,
+        file: File,
+        data: bytes::Bytes,
+        offset: u64,
+        writes: Arc<FileWrites>,
+    ) -> Self {
+        *writes.pending.lock().expect("file writes lock") += 1;
+        Deferred {
+            path,
+            file,
+            data,
+            offset,
+            writes,
+        }
+    }
+}
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        let mut n = self.writes.pending.lock().expect("file writes lock");
+        *n -= 1;
+        self.writes.idle.notify_all();
+    }
+}
+
 /// Outcome of applying one package.
 #[derive(Default)]
 pub struct Applied {
@@ -216,6 +280,10 @@ pub struct Applied {
     /// The target ran out of space: nothing of this package was published, it is not
     /// recorded, and the source must send it again (or fail the job) once space is freed.
     pub no_space: bool,
+    /// A chunk left for the finishing task could not be written (the error is in
+    /// `errors`): nothing of this package was published, it is not recorded, and the
+    /// source sends it again.
+    pub not_written: bool,
 }
 
 /// A staged item waiting to be put in place.
@@ -223,6 +291,15 @@ struct Publish {
     body: Body,
     item: Item,
     had_meta: bool,
+    /// A body whose chunks were written by finishing tasks gets its time at publish,
+    /// once they are all done (a write after it would change it).
+    late: Option<LateTime>,
+}
+
+struct LateTime {
+    file: File,
+    writes: Arc<FileWrites>,
+    mtime_ns: i64,
 }
 
 /// Where a staged item is.
@@ -400,6 +477,9 @@ pub struct Staged {
     to_sync: Vec<PathBuf>,
     dirs_to_sync: HashSet<PathBuf>,
     session_dir: PathBuf,
+    /// Chunks still to write, in the order they came, and the session's writer for them.
+    deferred: Vec<Deferred>,
+    deferred_writer: Option<Arc<Mutex<BodyWriter>>>,
     pub out: Applied,
 }
 
@@ -410,8 +490,15 @@ impl Staged {
             to_sync: Vec::new(),
             dirs_to_sync: HashSet::new(),
             session_dir,
+            deferred: Vec::new(),
+            deferred_writer: None,
             out,
         }
+    }
+
+    /// Whether chunks are left to write (see [`write_deferred`]).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
     }
 
     /// Whether publishing places a symlink: a later package's parent checks, made before
@@ -445,6 +532,7 @@ pub fn stage(
         return Staged::empty(sess.dir.clone(), out);
     }
     let mut wholes: Vec<WholeFile> = Vec::new();
+    let mut deferred: Vec<Deferred> = Vec::new();
     let mut entries = payload.entries.into_iter().peekable();
     while let Some(entry) = entries.next() {
         let Some(op) = entry.op else { continue };
@@ -530,7 +618,7 @@ pub fn stage(
                     continue;
                 }
                 let path = d.path.clone();
-                match data(site, sess, d, &mut publish, &mut out) {
+                match data(site, sess, d, &mut publish, &mut deferred, &mut out) {
                     Ok(Some(tmp)) => to_sync.push(tmp),
                     Ok(None) => {}
                     Err(e) if e.code == NO_SPACE => {
@@ -651,8 +739,43 @@ pub fn stage(
         to_sync,
         dirs_to_sync,
         session_dir: sess.dir.clone(),
+        deferred_writer: (!deferred.is_empty()).then(|| sess.deferred_writer.clone()),
+        deferred,
         out,
     }
+}
+
+/// Writes the chunks a package's staging left (see [`Deferred`]), in order, on the
+/// session's deferred writer; the caller runs it before the package before it is
+/// published, so the disk writes one package while the next is staged. A chunk that
+/// cannot be written fails the whole package (`not_written`, or `no_space` on a full
+/// disk): none of it is published and the source sends it again, which writes the
+/// chunk again and reads the body back to hash it (its offsets no longer follow on).
+pub fn write_deferred(mut staged: Staged) -> Staged {
+    let Some(writer) = staged.deferred_writer.take() else {
+        return staged;
+    };
+    let mut writer = writer.lock().expect("deferred writer lock");
+    let mut failed = None;
+    for d in std::mem::take(&mut staged.deferred) {
+        if failed.is_some() {
+            continue;
+        }
+        match writer.write_at(&d.file, &d.data, d.offset) {
+            Ok(n) => staged.out.bytes_direct += n,
+            Err(e) => failed = Some(io_item_error(&d.path, "cannot write", &e)),
+        }
+    }
+    drop(writer);
+    let Some(err) = failed else {
+        return staged;
+    };
+    let no_space = err.code == NO_SPACE;
+    let mut out = discard_for_retry(staged.publish, staged.out);
+    out.errors.push(err);
+    out.no_space |= no_space;
+    out.not_written = !no_space;
+    Staged::empty(staged.session_dir, out)
 }
 
 /// What a whole file weighs when a package's whole files are split between threads: its
@@ -798,6 +921,7 @@ fn write_whole(
         body: staged_body(file, tmp, dir),
         item,
         had_meta: false,
+        late: None,
     };
     Ok((publish, direct))
 }
@@ -895,13 +1019,42 @@ pub fn discard(staged: Staged) {
 /// renames them into place and syncs their directories. Only then may the package be
 /// recorded and acknowledged.
 pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied {
+    // Chunks the finishing task has not written yet (it usually has).
     let Staged {
-        mut publish,
+        publish,
         to_sync,
         mut dirs_to_sync,
         session_dir,
         mut out,
-    } = staged;
+        ..
+    } = write_deferred(staged);
+    if out.no_space || out.not_written {
+        return out;
+    }
+    // Every write of these bodies is done, also those of a package written by a stream
+    // that ended: their times are set now, before the batch is made durable.
+    let mut publish: Vec<Publish> = publish
+        .into_iter()
+        .filter_map(|mut p| {
+            let Some(late) = p.late.take() else {
+                return Some(p);
+            };
+            late.writes.wait_until(0);
+            let t = file_time(late.mtime_ns);
+            match filetime::set_file_handle_times(&late.file, Some(t), Some(t)) {
+                Ok(()) => Some(p),
+                Err(e) => {
+                    out.errors
+                        .push(io_item_error(&p.item.path, "cannot set mtime", &e));
+                    if p.had_meta {
+                        let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
+                    }
+                    p.body.remove();
+                    None
+                }
+            }
+        })
+        .collect();
     if let Err(e) = sync_batch(&site.root, &to_sync, &publish, durability) {
         if matches!(e.raw_os_error(), Some(28) | Some(122)) {
             let first = publish
@@ -1178,6 +1331,7 @@ fn put(
                 body: Body::Named(tmp),
                 item,
                 had_meta: false,
+                late: None,
             });
         }
         Kind::File => {
@@ -1196,6 +1350,7 @@ fn put(
                         hasher: Some(blake3::Hasher::new()),
                         next_offset: 0,
                         meta_written: false,
+                        writes: None,
                     },
                 );
                 return Ok(());
@@ -1219,6 +1374,7 @@ fn put(
                 body,
                 item,
                 had_meta: false,
+                late: None,
             });
         }
     }
@@ -1232,6 +1388,7 @@ fn data(
     sess: &mut SessionFiles,
     d: pb::FileData,
     publish: &mut Vec<Publish>,
+    deferred: &mut Vec<Deferred>,
     out: &mut Applied,
 ) -> Result<Option<PathBuf>, pb::ItemError> {
     let path = d.path.clone();
@@ -1277,6 +1434,7 @@ fn data(
                 hasher: None,
                 next_offset: u64::MAX,
                 meta_written: true,
+                writes: None,
             },
         );
     }
@@ -1299,22 +1457,54 @@ fn data(
     if d.offset != of.next_offset {
         of.hasher = None;
     }
-    match write_hashed(
-        &mut sess.writer,
-        &of.file,
-        &d.data,
-        d.offset,
-        of.hasher.as_mut(),
-    ) {
-        Ok(n) => out.bytes_direct += n,
-        Err(e) => {
-            // The chunk may come again: hash the file by reading it back at the end.
-            of.hasher = None;
-            return Err(io_item_error(&path, "cannot write", &e));
+    let len = d.data.len() as u64;
+    // A large chunk of a body hashed as it comes is written by the finishing task, and
+    // so is every later chunk of that body; but a last chunk whose body must be read
+    // back to be hashed is written here, once the body's other writes are done.
+    let defer = match &of.writes {
+        Some(_) => !(d.last && of.hasher.is_none()),
+        None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
+    };
+    if defer {
+        let file = of
+            .file
+            .try_clone()
+            .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+        if let Some(h) = of.hasher.as_mut() {
+            h.update(&d.data);
+        }
+        let writes = of.writes.get_or_insert_with(Default::default).clone();
+        deferred.push(Deferred::new(path.clone(), file, d.data, d.offset, writes));
+    } else {
+        if let Some(w) = &of.writes {
+            // This package's own chunks of the body are written here, after those of
+            // the packages before it.
+            let mine: Vec<Deferred> = deferred.extract_if(.., |x| x.path == path).collect();
+            w.wait_until(mine.len());
+            for m in mine {
+                match sess.writer.write_at(&m.file, &m.data, m.offset) {
+                    Ok(n) => out.bytes_direct += n,
+                    Err(e) => return Err(io_item_error(&path, "cannot write", &e)),
+                }
+            }
+        }
+        match write_hashed(
+            &mut sess.writer,
+            &of.file,
+            &d.data,
+            d.offset,
+            of.hasher.as_mut(),
+        ) {
+            Ok(n) => out.bytes_direct += n,
+            Err(e) => {
+                // The chunk may come again: hash the file by reading it back at the end.
+                of.hasher = None;
+                return Err(io_item_error(&path, "cannot write", &e));
+            }
         }
     }
     of.next_offset = end;
-    out.bytes += d.data.len() as u64;
+    out.bytes += len;
     if !d.last {
         return Ok(of.tmp.clone());
     }
@@ -1349,9 +1539,22 @@ fn data(
         of.remove();
         return Err(e);
     }
-    let t = file_time(of.meta.mtime_ns);
-    filetime::set_file_handle_times(&of.file, Some(t), Some(t))
-        .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
+    let late = match of.writes {
+        Some(writes) => Some(LateTime {
+            file: of
+                .file
+                .try_clone()
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?,
+            writes,
+            mtime_ns: of.meta.mtime_ns,
+        }),
+        None => {
+            let t = file_time(of.meta.mtime_ns);
+            filetime::set_file_handle_times(&of.file, Some(t), Some(t))
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
+            None
+        }
+    };
     let mut item = of.meta;
     item.hash = Some(actual.to_hex().to_string());
     let synced = of.tmp.clone();
@@ -1360,6 +1563,7 @@ fn data(
         body,
         item,
         had_meta: of.meta_written,
+        late,
     });
     Ok(synced)
 }
@@ -1782,5 +1986,159 @@ mod tests {
         assert!(already_published(&site, &short).is_none());
         assert!(already_published(&site, &chunk("d/l", 4096, hash.as_bytes())).is_none());
         assert!(already_published(&site, &chunk("d/gone", 4096, hash.as_bytes())).is_none());
+    }
+
+    fn site_in(root: &tempfile::TempDir) -> SiteFs {
+        SiteFs {
+            root: root.path().to_path_buf(),
+        }
+    }
+
+    fn payload(entries: Vec<pb::Entry>) -> pb::PackagePayload {
+        pb::PackagePayload { entries }
+    }
+
+    /// The chunks of a body over several packages are written after their packages are
+    /// staged, in any order between packages (as the finishing tasks of a stream run):
+    /// the body lands whole, with its own time (set after the last write), and its
+    /// direct bytes are counted.
+    #[test]
+    fn chunks_written_after_staging_land_whole_with_their_time() {
+        let root = tempfile::tempdir().unwrap();
+        let site = site_in(&root);
+        let data = body(3 * 2 * DIRECT_MIN + 100);
+        let (c0, rest) = data.split_at(2 * DIRECT_MIN);
+        let (c1, c2) = rest.split_at(2 * DIRECT_MIN);
+        let mtime = 1_500_000_000_123_456_789;
+        let hash = blake3::hash(&data);
+        let mut sess = SessionFiles::new(site.session_dir("s"), true);
+        let mut staged: Vec<Staged> = [
+            vec![
+                put_entry(&file_item("f", data.len(), mtime)),
+                data_entry("f", 0, c0, false, &[]),
+            ],
+            vec![data_entry("f", c0.len() as u64, c1, false, &[])],
+            vec![data_entry(
+                "f",
+                (c0.len() + c1.len()) as u64,
+                c2,
+                true,
+                hash.as_bytes(),
+            )],
+        ]
+        .into_iter()
+        .map(|e| stage(&site, &mut sess, payload(e), 4096))
+        .collect();
+        assert!(staged.iter().all(Staged::has_deferred));
+        // The last package's chunk is written first, then the others as they publish.
+        let last = write_deferred(staged.pop().unwrap());
+        assert!(!last.has_deferred());
+        let mut outs: Vec<Applied> = staged
+            .into_iter()
+            .map(|s| publish(&site, s, Durability::None))
+            .collect();
+        outs.push(publish(&site, last, Durability::None));
+        assert!(outs.iter().all(|o| o.errors.is_empty() && !o.not_written));
+        assert_eq!(outs.iter().map(|o| o.items).sum::<u64>(), 1);
+        let direct: u64 = outs.iter().map(|o| o.bytes_direct).sum();
+        assert_eq!(direct, (data.len() / 4096 * 4096) as u64);
+        let dest = root.path().join("f");
+        assert_eq!(fs::read(&dest).unwrap(), data);
+        let md = fs::metadata(&dest).unwrap();
+        assert_eq!(
+            filetime::FileTime::from_last_modification_time(&md),
+            file_time(mtime)
+        );
+    }
+
+    /// A chunk the disk refuses after its package was staged fails the whole package:
+    /// nothing of it is published (not even a whole file beside it), and the answer says
+    /// which file and why. Here ext4 refuses an offset beyond its largest file (EFBIG).
+    #[test]
+    fn a_chunk_that_cannot_be_written_fails_its_whole_package() {
+        let root = tempfile::tempdir().unwrap();
+        let ext4 = rustix::fs::statfs(root.path()).unwrap().f_type == 0xEF53;
+        if !ext4 {
+            eprintln!("skipping: the temporary directory is not on ext4");
+            return;
+        }
+        let site = site_in(&root);
+        let far = 1u64 << 44;
+        let chunk = body(DIRECT_MIN);
+        let small = body(100);
+        let entries = vec![
+            put_entry(&file_item("small", small.len(), 1)),
+            data_entry("small", 0, &small, true, blake3::hash(&small).as_bytes()),
+            put_entry(&file_item("huge", (far + chunk.len() as u64) as usize, 1)),
+            data_entry("huge", 0, &chunk, false, &[]),
+            data_entry("huge", far, &chunk, false, &[]),
+        ];
+        let mut sess = SessionFiles::new(site.session_dir("s"), true);
+        let staged = stage(&site, &mut sess, payload(entries), 4096);
+        assert!(staged.has_deferred());
+        assert!(staged.out.errors.is_empty());
+        let out = publish(&site, staged, Durability::None);
+        assert!(out.not_written && !out.no_space);
+        assert_eq!((out.items, out.bytes), (0, 0));
+        let errors: Vec<_> = out
+            .errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.code.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            errors,
+            [("huge", "io", "cannot write: File too large (os error 27)")]
+        );
+        assert!(!root.path().join("small").exists());
+        assert!(!root.path().join("huge").exists());
+    }
+
+    /// A body whose chunks are written by finishing tasks and that must be read back to
+    /// be hashed (a package of it came again, so its offsets no longer follow on) is read
+    /// only once its earlier chunks are written: its last chunk waits for them.
+    #[test]
+    fn a_body_read_back_waits_for_its_chunks_still_to_write() {
+        let root = tempfile::tempdir().unwrap();
+        let site = site_in(&root);
+        let data = body(2 * 2 * DIRECT_MIN + 300);
+        let (c0, rest) = data.split_at(2 * DIRECT_MIN);
+        let (c1, c2) = rest.split_at(2 * DIRECT_MIN);
+        let at1 = c0.len() as u64;
+        let at2 = at1 + c1.len() as u64;
+        let mut sess = SessionFiles::new(site.session_dir("s"), true);
+        let first = vec![
+            put_entry(&file_item("f", data.len(), 7)),
+            data_entry("f", 0, c0, false, &[]),
+        ];
+        let staged = stage(&site, &mut sess, payload(first), 4096);
+        assert!(publish(&site, staged, Durability::None).errors.is_empty());
+        // The second package is staged, then dropped (a package before it failed), and
+        // comes again: its chunk now follows nothing the target hashed.
+        let second = || vec![data_entry("f", at1, c1, false, &[])];
+        discard(stage(&site, &mut sess, payload(second()), 4096));
+        let again = stage(&site, &mut sess, payload(second()), 4096);
+        assert!(again.has_deferred());
+        let writer = {
+            let site = SiteFs {
+                root: site.root.clone(),
+            };
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                publish(&site, again, Durability::None)
+            })
+        };
+        let last = vec![data_entry(
+            "f",
+            at2,
+            c2,
+            true,
+            blake3::hash(&data).as_bytes(),
+        )];
+        let staged = stage(&site, &mut sess, payload(last), 4096);
+        assert!(staged.out.errors.is_empty(), "{:?}", staged.out.errors);
+        assert!(writer.join().unwrap().errors.is_empty());
+        let out = publish(&site, staged, Durability::None);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(fs::read(root.path().join("f")).unwrap(), data);
     }
 }

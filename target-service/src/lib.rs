@@ -34,6 +34,11 @@ use ledger::Ledger;
 /// How long an Import stream may stay silent before the target drops it.
 pub const IMPORT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Packages of one stream past staging and not yet answered: each is writing its
+/// chunks, publishing or recording (one at a time per step, in order). Each holds its
+/// payload, so this also bounds the memory of a stream.
+const PENDING_MAX: usize = 3;
+
 /// Settings of a target service.
 #[derive(Clone, Debug)]
 pub struct TargetSettings {
@@ -111,6 +116,23 @@ fn no_space_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::Pack
         seq,
         pb::AckStatus::Retry,
         format!("target disk full, package {seq} not applied ({first})"),
+    );
+    a.item_errors = errors;
+    a
+}
+
+/// The answer to a package a chunk of which could not be written: not recorded, sent
+/// again (the source gives its items up after a few attempts).
+fn not_written_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::PackageAck {
+    let first = errors
+        .last()
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .unwrap_or_default();
+    tracing::warn!(session, seq, error = %first, "package not applied");
+    let mut a = ack_for(
+        seq,
+        pb::AckStatus::Retry,
+        format!("package {seq} not applied, to be sent again ({first})"),
     );
     a.item_errors = errors;
     a
@@ -379,8 +401,20 @@ impl TargetService {
         prev: &mut Option<watch::Receiver<Step>>,
         step: &watch::Sender<Step>,
     ) -> Result<pb::PackageAck, Status> {
+        // Chunks left to write go to the disk now, while the package before this one may
+        // still be publishing and the next one is being staged.
+        let staged = if staged.has_deferred() {
+            tokio::task::spawn_blocking(move || apply::write_deferred(staged))
+                .await
+                .map_err(|e| Status::internal(format!("apply task failed: {e}")))?
+        } else {
+            staged
+        };
         if staged.out.no_space {
             return Ok(no_space_ack(session, seq, staged.out.errors));
+        }
+        if staged.out.not_written {
+            return Ok(not_written_ack(session, seq, staged.out.errors));
         }
         if !reached(prev, Step::Published).await {
             apply::discard(staged);
@@ -408,6 +442,9 @@ impl TargetService {
         };
         if applied.no_space {
             return Ok(no_space_ack(session, seq, applied.errors));
+        }
+        if applied.not_written {
+            return Ok(not_written_ack(session, seq, applied.errors));
         }
         step.send_replace(Step::Published);
         // Published but not recorded, as after a crash: the source sends it again and
@@ -593,8 +630,9 @@ impl TargetService {
                 .stage(&session.id, &session.site, payload)
                 .instrument(span.clone())
                 .await;
-            // At most one package publishing and one recording while this one joins.
-            while pending.len() >= 2 {
+            // At most one package writing, one publishing and one recording while this
+            // one joins.
+            while pending.len() >= PENDING_MAX {
                 if !self.settle_front(&session.site, pending, &tx).await {
                     if let Ok(s) = staged {
                         apply::discard(s);

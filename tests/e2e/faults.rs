@@ -505,6 +505,49 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     assert_same_tree(&src, &dst);
 }
 
+/// Chunks of 256 KiB are written after their package is staged (while the next is
+/// staged): a full disk found then fails the package as a whole, the job waits for
+/// space, and the package sent again completes the body (read back to be hashed).
+#[test]
+fn a_full_disk_under_a_large_body_waits_for_space_then_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    write(&src, "media/large.bin", &bytes(7, 3_000_000));
+    write(&src, "media/small.txt", b"beside it");
+    let Some(disk) = SmallDisk::mount(&dst) else {
+        return;
+    };
+    let target = spawn_target(tmp.path(), &dst);
+    let config = write_config(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "on_disk_full = \"wait\"\npackage_bytes = 262144\nwindow = 4",
+    );
+    let source = spawn_source(tmp.path(), &config);
+    let job = start_job(&source.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = show(&source.url(), &job);
+        if j["targets"][0]["state"] == "waiting_for_space" {
+            break;
+        }
+        assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
+        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_nothing_partial(&src, &dst);
+    assert!(!dst.join("media/large.bin").exists());
+    disk.grow();
+    assert_succeeds(&source.url(), &job);
+    let j = show(&source.url(), &job);
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    assert_eq!(j["item_errors"].as_array().map(Vec::len), Some(0), "{j:#}");
+    // Every refusal was "disk full" (waited for), none a plain "send again".
+    assert_eq!(j["targets"][0]["packages_retried"], 0, "{j:#}");
+    assert_same_tree(&src, &dst);
+}
+
 #[test]
 fn a_package_that_always_fails_its_checksum_gives_its_items_up_and_the_job_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
