@@ -104,37 +104,30 @@ async fn reached(prev: &mut Option<watch::Receiver<Step>>, at: Step) -> bool {
     matches!(rx.wait_for(done).await.as_deref(), Ok(&s) if s != Step::Failed)
 }
 
-/// The answer to a package the disk had no room for: not recorded, sent again.
-fn no_space_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::PackageAck {
-    let first = errors
+/// The answer to a package that was not applied (`out.no_space` or `out.not_written`):
+/// not recorded, sent again. On a full disk the source waits for space or fails the job,
+/// as its channel says; after a failed write it gives the items up after a few attempts.
+fn not_applied_ack(session: &str, seq: u64, out: Applied) -> pb::PackageAck {
+    // The error that stopped the package: the full disk, or the write pushed last.
+    let cause = out
+        .errors
         .iter()
         .find(|e| e.code == apply::NO_SPACE)
+        .or(out.errors.last())
         .map(|e| format!("{}: {}", e.path, e.message))
         .unwrap_or_default();
-    tracing::warn!(session, seq, error = %first, "disk full; package not applied");
+    let what = if out.no_space {
+        "target disk full"
+    } else {
+        "a chunk could not be written"
+    };
+    tracing::warn!(session, seq, error = %cause, "{what}; package not applied");
     let mut a = ack_for(
         seq,
         pb::AckStatus::Retry,
-        format!("target disk full, package {seq} not applied ({first})"),
+        format!("{what}, package {seq} not applied ({cause})"),
     );
-    a.item_errors = errors;
-    a
-}
-
-/// The answer to a package a chunk of which could not be written: not recorded, sent
-/// again (the source gives its items up after a few attempts).
-fn not_written_ack(session: &str, seq: u64, errors: Vec<pb::ItemError>) -> pb::PackageAck {
-    let first = errors
-        .last()
-        .map(|e| format!("{}: {}", e.path, e.message))
-        .unwrap_or_default();
-    tracing::warn!(session, seq, error = %first, "package not applied");
-    let mut a = ack_for(
-        seq,
-        pb::AckStatus::Retry,
-        format!("package {seq} not applied, to be sent again ({first})"),
-    );
-    a.item_errors = errors;
+    a.item_errors = out.errors;
     a
 }
 
@@ -410,11 +403,8 @@ impl TargetService {
         } else {
             staged
         };
-        if staged.out.no_space {
-            return Ok(no_space_ack(session, seq, staged.out.errors));
-        }
-        if staged.out.not_written {
-            return Ok(not_written_ack(session, seq, staged.out.errors));
+        if staged.out.no_space || staged.out.not_written {
+            return Ok(not_applied_ack(session, seq, staged.out));
         }
         if !reached(prev, Step::Published).await {
             apply::discard(staged);
@@ -440,11 +430,8 @@ impl TargetService {
                 "session {session} was aborted"
             )));
         };
-        if applied.no_space {
-            return Ok(no_space_ack(session, seq, applied.errors));
-        }
-        if applied.not_written {
-            return Ok(not_written_ack(session, seq, applied.errors));
+        if applied.no_space || applied.not_written {
+            return Ok(not_applied_ack(session, seq, applied));
         }
         step.send_replace(Step::Published);
         // Published but not recorded, as after a crash: the source sends it again and

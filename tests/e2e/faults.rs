@@ -474,6 +474,20 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     assert!(!dst.join(".cms-mirror-staging").exists());
 }
 
+/// Waits until the job's target waits for space (the job running all along).
+fn wait_for_space_wait(source_url: &str, job: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = show(source_url, job);
+        if j["targets"][0]["state"] == "waiting_for_space" {
+            return;
+        }
+        assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
+        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -486,16 +500,7 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     let config = write_config(tmp.path(), &src, &target.url(), "on_disk_full = \"wait\"");
     let source = spawn_source(tmp.path(), &config);
     let job = start_job(&source.url());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = show(&source.url(), &job);
-        if j["targets"][0]["state"] == "waiting_for_space" {
-            break;
-        }
-        assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
-        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_space_wait(&source.url(), &job);
     assert_nothing_partial(&src, &dst);
     disk.grow();
     assert_succeeds(&source.url(), &job);
@@ -526,16 +531,7 @@ fn a_full_disk_under_a_large_body_waits_for_space_then_completes() {
     );
     let source = spawn_source(tmp.path(), &config);
     let job = start_job(&source.url());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = show(&source.url(), &job);
-        if j["targets"][0]["state"] == "waiting_for_space" {
-            break;
-        }
-        assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
-        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_space_wait(&source.url(), &job);
     assert_nothing_partial(&src, &dst);
     assert!(!dst.join("media/large.bin").exists());
     disk.grow();
