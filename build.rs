@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // ProstCodec with one change for large messages (see src/transport.rs).
+        .codec_path("crate::transport::Codec")
         .bytes(".cmsmirror.v1.Package.payload")
         .bytes(".cmsmirror.v1.FileData.data")
         .compile_fds(fds)?;

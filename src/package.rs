@@ -151,7 +151,7 @@ fn seal_with(
 pub fn checksum(kind: pb::ChecksumKind, wire: &[u8]) -> Vec<u8> {
     match kind {
         pb::ChecksumKind::Blake3 => blake3::hash(wire).as_bytes().to_vec(),
-        pb::ChecksumKind::Xxh3128 => xxhash_rust::xxh3::xxh3_128(wire).to_be_bytes().to_vec(),
+        pb::ChecksumKind::Xxh3128 => twox_hash::XxHash3_128::oneshot(wire).to_be_bytes().to_vec(),
     }
 }
 
@@ -165,7 +165,7 @@ pub struct PayloadWriter {
     buf: Vec<u8>,
     entries: usize,
     /// XXH3 of `buf[..summed]`; stale once the buffer is truncated below `summed`.
-    sum: xxhash_rust::xxh3::Xxh3Default,
+    sum: twox_hash::XxHash3_128,
     summed: usize,
     stale: bool,
 }
@@ -174,7 +174,7 @@ pub struct PayloadWriter {
 /// payload, fed to its checksum as they come.
 pub struct BodySink<'a> {
     buf: &'a mut Vec<u8>,
-    sum: &'a mut xxhash_rust::xxh3::Xxh3Default,
+    sum: &'a mut twox_hash::XxHash3_128,
 }
 
 impl BodySink<'_> {
@@ -187,7 +187,7 @@ impl BodySink<'_> {
         let start = self.buf.len();
         let r = read(self.buf);
         // Fed even after an error: the entry is then dropped, which makes the sum stale.
-        self.sum.update(&self.buf[start..]);
+        self.sum.write(&self.buf[start..]);
         r.map(|()| &self.buf[start..])
     }
 }
@@ -296,7 +296,7 @@ impl PayloadWriter {
             encode_varint(len as u64, &mut self.buf);
         }
         let start = self.buf.len();
-        self.sum.update(&self.buf[self.summed..]);
+        self.sum.write(&self.buf[self.summed..]);
         self.summed = start;
         let mut sink = BodySink {
             buf: &mut self.buf,
@@ -329,11 +329,11 @@ impl PayloadWriter {
     /// The encoded payload and its XXH3.
     pub fn finish(mut self) -> (Vec<u8>, u128) {
         if self.stale {
-            let sum = xxhash_rust::xxh3::xxh3_128(&self.buf);
+            let sum = twox_hash::XxHash3_128::oneshot(&self.buf);
             return (self.buf, sum);
         }
-        self.sum.update(&self.buf[self.summed..]);
-        (self.buf, self.sum.digest128())
+        self.sum.write(&self.buf[self.summed..]);
+        (self.buf, self.sum.finish_128())
     }
 }
 
@@ -479,6 +479,24 @@ mod tests {
         let err = open(&pkg, &Limits::default()).unwrap_err();
         assert_eq!(err, PackageError::ChecksumKind { seq: 5, kind: 9 });
         assert!(!err.retryable());
+    }
+
+    /// The package checksum is standard XXH3-128 (a peer built with another XXH3
+    /// implementation agrees), on the short path and on the long one that takes SIMD.
+    #[test]
+    fn the_xxh3_checksum_is_the_standard_one() {
+        let long: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for (input, expected) in [
+            (&b""[..], 0x99aa06d3014798d86001c324468d497f_u128),
+            (&long[..], 0xb65af738c61b5fc15d12941f4cf541c5),
+        ] {
+            let sum = checksum(pb::ChecksumKind::Xxh3128, input);
+            assert_eq!(sum, expected.to_be_bytes().to_vec());
+            // Fed piece by piece, as the payload writer does.
+            let mut streamed = twox_hash::XxHash3_128::new();
+            input.chunks(1000).for_each(|c| streamed.write(c));
+            assert_eq!(streamed.finish_128(), expected);
+        }
     }
 
     #[test]

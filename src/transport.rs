@@ -70,3 +70,68 @@ fn request_span(req: &axum::http::Request<()>) -> tracing::Span {
     crate::telemetry::follow(&span, &md);
     span
 }
+
+/// Messages of at least this size are encoded into a buffer reserved up front (see
+/// [`Codec`]).
+const RESERVE_MIN: usize = 256 * 1024;
+
+/// The gRPC codec of every generated client and server: `tonic_prost::ProstCodec`, except
+/// that a large message (a package) first reserves the next power of two of its size.
+///
+/// tonic encodes each message into one `BytesMut` and sends it as a frozen slice of it.
+/// When the buffer is its only owner again and a message needs more room than it holds,
+/// `BytesMut` grows its vector with `realloc`, which copies the whole old allocation,
+/// the previous message included, though none of it is needed any more: on a large
+/// mirror that was half a copy of every byte sent, in the source's busiest task.
+/// Reserving a size that every later package of the stream also fits in keeps the buffer
+/// reused in place, or replaced by a fresh one while the previous message is still being
+/// sent, never grown.
+#[derive(Debug)]
+pub struct Codec<T, U>(std::marker::PhantomData<(T, U)>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Codec(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = Encoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Encoder(std::marker::PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+    }
+}
+
+/// The encoder of [`Codec`].
+#[derive(Debug)]
+pub struct Encoder<T>(std::marker::PhantomData<T>);
+
+impl<T: prost::Message> tonic::codec::Encoder for Encoder<T> {
+    type Item = T;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: T,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        let len = item.encoded_len();
+        if len >= RESERVE_MIN {
+            buf.reserve(len.next_power_of_two());
+        }
+        item.encode(buf)
+            .map_err(|e| tonic::Status::internal(format!("encoding a message: {e}")))
+    }
+}
