@@ -1,4 +1,5 @@
-//! HTTP/2 settings shared by every gRPC client and server of the project.
+//! HTTP/2 settings and the gRPC codec shared by every gRPC client and server of the
+//! project.
 //!
 //! hyper's defaults (1 MiB windows, 16 KiB frames) let only one 1 MiB message be in
 //! flight; these values were measured on the project machines (../shared/PERF-NOTES.md).
