@@ -107,17 +107,17 @@ where
     type Decoder = tonic_prost::ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        Encoder(std::marker::PhantomData)
+        Encoder(tonic_prost::ProstEncoder::default())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+        tonic_prost::ProstDecoder::default()
     }
 }
 
-/// The encoder of [`Codec`].
+/// The encoder of [`Codec`]: reserves, then leaves the encoding to `ProstEncoder`.
 #[derive(Debug)]
-pub struct Encoder<T>(std::marker::PhantomData<T>);
+pub struct Encoder<T>(tonic_prost::ProstEncoder<T>);
 
 impl<T: prost::Message> tonic::codec::Encoder for Encoder<T> {
     type Item = T;
@@ -132,7 +132,10 @@ impl<T: prost::Message> tonic::codec::Encoder for Encoder<T> {
         if len >= RESERVE_MIN {
             buf.reserve(len.next_power_of_two());
         }
-        item.encode(buf)
-            .map_err(|e| tonic::Status::internal(format!("encoding a message: {e}")))
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }
