@@ -108,10 +108,15 @@ pub struct SessionFiles {
     helpers: Vec<BodyWriter>,
     /// Writes the chunks left for the packages' finishing tasks, one package at a time.
     deferred_writer: Arc<Mutex<BodyWriter>>,
+    /// Drop a package's bodies from the page cache once they are durable (see
+    /// [`publish`]).
+    drop_cache: bool,
 }
 
 impl SessionFiles {
-    /// `direct_io`: write large block-aligned chunks with direct I/O (see [`BodyWriter`]).
+    /// `direct_io`: write large block-aligned chunks with direct I/O (see [`BodyWriter`])
+    /// and drop the rest of each body from the page cache once it is durable; only when
+    /// acknowledgements wait for the disk.
     pub fn new(dir: PathBuf, direct_io: bool) -> SessionFiles {
         SessionFiles {
             dir,
@@ -121,6 +126,7 @@ impl SessionFiles {
             writer: BodyWriter::new(direct_io),
             helpers: Vec::new(),
             deferred_writer: Arc::new(Mutex::new(BodyWriter::new(direct_io))),
+            drop_cache: direct_io,
         }
     }
 }
@@ -480,6 +486,7 @@ pub struct Staged {
     /// Chunks still to write, in the order they came, and the session's writer for them.
     deferred: Vec<Deferred>,
     deferred_writer: Option<Arc<Mutex<BodyWriter>>>,
+    drop_cache: bool,
     pub out: Applied,
 }
 
@@ -492,6 +499,7 @@ impl Staged {
             session_dir,
             deferred: Vec::new(),
             deferred_writer: None,
+            drop_cache: false,
             out,
         }
     }
@@ -741,6 +749,7 @@ pub fn stage(
         session_dir: sess.dir.clone(),
         deferred_writer: (!deferred.is_empty()).then(|| sess.deferred_writer.clone()),
         deferred,
+        drop_cache: sess.drop_cache,
         out,
     }
 }
@@ -1025,6 +1034,7 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
         to_sync,
         mut dirs_to_sync,
         session_dir,
+        drop_cache,
         mut out,
         ..
     } = write_deferred(staged);
@@ -1070,6 +1080,9 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
                 .push(io_item_error(&p.item.path, "cannot sync", &e));
             p.body.remove();
         }
+    }
+    if drop_cache {
+        drop_from_cache(&publish);
     }
     // Once a symlink is published, a later item's parent may have become that link:
     // check every later item's parents again before its rename.
@@ -1124,6 +1137,29 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
         ));
     }
     out
+}
+
+/// Drops durable (hence clean) bodies from the page cache. Their pages go back to the
+/// free lists at once and the next package's writes reuse them: in a VM whose host takes
+/// back idle guest memory, writing into pages not used for a while costs more than the
+/// copy itself (a loop writing 20,000 files of 8.7 KiB with a `syncfs` per 500 took
+/// 1.07-1.11 s keeping its pages and 0.55-0.59 s dropping them). Readers of the site
+/// read the files back from the disk, as they do those written with direct I/O. Advice
+/// only: an error changes nothing.
+fn drop_from_cache(publish: &[Publish]) {
+    use rustix::fs::{Advice, Mode, OFlags, fadvise, openat};
+    for p in publish.iter().filter(|p| p.item.kind == Kind::File) {
+        let _ = match &p.body {
+            Body::Unnamed(f, _) => fadvise(f, 0, None, Advice::DontNeed),
+            Body::Named(tmp) => openat(
+                rustix::fs::CWD,
+                tmp,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .and_then(|f| fadvise(&f, 0, None, Advice::DontNeed)),
+        };
+    }
 }
 
 /// Puts an unnamed body in place: one link for a new item; an existing one is replaced
@@ -2140,5 +2176,82 @@ mod tests {
         let out = publish(&site, staged, Durability::None);
         assert!(out.errors.is_empty(), "{:?}", out.errors);
         assert_eq!(fs::read(root.path().join("f")).unwrap(), data);
+    }
+
+    /// Bytes of `paths` in the page cache, from util-linux's `fincore`.
+    fn resident(paths: &[PathBuf]) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+            .args(paths)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// With durable acks, published bodies (whole files, one in two chunks) leave the page
+    /// cache once they are synced; with direct I/O off they stay cached. The files are
+    /// whole either way.
+    #[test]
+    fn durable_bodies_leave_the_page_cache_unless_direct_io_is_off() {
+        // On the disk (a tmpfs keeps every page): under the build's target directory.
+        let under = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        fs::create_dir_all(&under).unwrap();
+        for drop_cache in [true, false] {
+            let root = tempfile::tempdir_in(&under).unwrap();
+            let site = site_in(&root);
+            let mut entries = Vec::new();
+            let mut files = Vec::new();
+            for i in 0..40 {
+                let path = format!("f{i:02}");
+                let data = body(5_000 + i * 1_000);
+                entries.push(put_entry(&file_item(&path, data.len(), 0)));
+                entries.push(data_entry(
+                    &path,
+                    0,
+                    &data,
+                    true,
+                    blake3::hash(&data).as_bytes(),
+                ));
+                files.push((root.path().join(&path), data));
+            }
+            let big = body(50_000);
+            let (a, b) = big.split_at(20_000);
+            entries.push(put_entry(&file_item("big", big.len(), 0)));
+            entries.push(data_entry("big", 0, a, false, &[]));
+            entries.push(data_entry(
+                "big",
+                a.len() as u64,
+                b,
+                true,
+                blake3::hash(&big).as_bytes(),
+            ));
+            files.push((root.path().join("big"), big));
+
+            let mut sess = SessionFiles::new(site.session_dir("s"), drop_cache);
+            let staged = stage(&site, &mut sess, payload(entries), 4096);
+            let out = publish(&site, staged, Durability::Syncfs);
+            assert!(out.errors.is_empty(), "{:?}", out.errors);
+            assert_eq!(out.items, files.len() as u64);
+            let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+            let cached = resident(&paths);
+            let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+            if drop_cache {
+                assert_eq!(cached, 0, "durable bodies still cached");
+            } else {
+                assert!(cached >= total, "{cached} of {total} bytes cached");
+            }
+            for (p, d) in &files {
+                assert_eq!(&fs::read(p).unwrap(), d, "{}", p.display());
+            }
+        }
     }
 }

@@ -37,8 +37,10 @@ struct Args {
     /// How applied packages are made durable before the ack: syncfs, fsync or none.
     #[arg(long, env = "MIRROR_DURABILITY", default_value = "syncfs")]
     durability: Durability,
-    /// Write the block-aligned part of large file chunks straight to the disk (O_DIRECT)
-    /// when durability is syncfs or fsync; false: everything through the page cache.
+    /// When durability is syncfs or fsync: write the block-aligned part of large file
+    /// chunks straight to the disk (O_DIRECT) and drop the rest of each body from the page
+    /// cache once it is durable; false: everything through the page cache, and it stays
+    /// cached.
     #[arg(long, env = "MIRROR_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set)]
     direct_io: bool,
     /// Largest package payload accepted, in bytes.
