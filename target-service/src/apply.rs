@@ -1816,6 +1816,16 @@ mod tests {
         }
     }
 
+    /// A file's put and its body in two chunks, split at `at` (the hash on the last).
+    fn two_chunks(path: &str, data: &[u8], at: usize) -> [pb::Entry; 3] {
+        let (a, b) = data.split_at(at);
+        [
+            put_entry(&file_item(path, data.len(), 0)),
+            data_entry(path, 0, a, false, &[]),
+            data_entry(path, at as u64, b, true, blake3::hash(data).as_bytes()),
+        ]
+    }
+
     fn file_item(path: &str, size: usize, mtime_ns: i64) -> Item {
         Item {
             path: path.into(),
@@ -1862,16 +1872,7 @@ mod tests {
             expected.push((path, data, mtime));
         }
         let big = body(2 * DIRECT_MIN + 3);
-        let (a, b) = big.split_at(DIRECT_MIN);
-        entries.push(put_entry(&file_item("d/big", big.len(), 0)));
-        entries.push(data_entry("d/big", 0, a, false, &[]));
-        entries.push(data_entry(
-            "d/big",
-            a.len() as u64,
-            b,
-            true,
-            blake3::hash(&big).as_bytes(),
-        ));
+        entries.extend(two_chunks("d/big", &big, DIRECT_MIN));
 
         // The one-chunk bodies take the whole-file path, the chunked one does not.
         let mut it = entries.clone().into_iter().peekable();
@@ -2224,16 +2225,7 @@ mod tests {
                 files.push((root.path().join(&path), data));
             }
             let big = body(50_000);
-            let (a, b) = big.split_at(20_000);
-            entries.push(put_entry(&file_item("big", big.len(), 0)));
-            entries.push(data_entry("big", 0, a, false, &[]));
-            entries.push(data_entry(
-                "big",
-                a.len() as u64,
-                b,
-                true,
-                blake3::hash(&big).as_bytes(),
-            ));
+            entries.extend(two_chunks("big", &big, 20_000));
             files.push((root.path().join("big"), big));
 
             let mut sess = SessionFiles::new(site.session_dir("s"), drop_cache);
