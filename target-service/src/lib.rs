@@ -425,11 +425,12 @@ impl TargetService {
         })
         .await
         .map_err(|e| Status::internal(format!("apply task failed: {e}")))?;
-        let Some(applied) = applied else {
+        let Some(mut applied) = applied else {
             return Err(Status::failed_precondition(format!(
                 "session {session} was aborted"
             )));
         };
+        let uncache = std::mem::take(&mut applied.to_uncache);
         if applied.no_space || applied.not_written {
             return Ok(not_applied_ack(session, seq, applied));
         }
@@ -451,6 +452,9 @@ impl TargetService {
             .bytes_direct
             .get_or_create(&metrics::Metrics::site(site_name))
             .inc_by(applied.bytes_direct);
+        if !uncache.is_empty() {
+            tokio::task::spawn_blocking(move || apply::uncache(uncache));
+        }
         let mut a = ack_for(seq, pb::AckStatus::Ok, String::new());
         a.items_applied = applied.items;
         a.bytes_applied = applied.bytes;
