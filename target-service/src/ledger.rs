@@ -373,14 +373,25 @@ impl Ledger {
 
     /// Directories touched by a session, with the mtime the source gave them.
     pub async fn touched_dirs(&self, session: &str, site: &str) -> Result<Vec<Item>, sqlx::Error> {
-        let rows: Vec<EntryRow> = sqlx::query_as(
-            "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
-             WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC",
-        )
-        .bind(site)
-        .bind(session)
-        .fetch_all(&self.db.pool)
-        .await?;
+        // Without statistics SQLite walks the site's whole primary key for this (it
+        // prefers the key's order to the partial index), at every commit: 3 ms on 20,000
+        // items, growing with the site. The index holds only open sessions' directories.
+        let sql = match self.db.backend {
+            Backend::Sqlite => {
+                "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
+                 INDEXED BY entries_touched_idx \
+                 WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
+            }
+            Backend::Postgres => {
+                "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
+                 WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
+            }
+        };
+        let rows: Vec<EntryRow> = sqlx::query_as(sql)
+            .bind(site)
+            .bind(session)
+            .fetch_all(&self.db.pool)
+            .await?;
         Ok(rows.into_iter().map(EntryRow::item).collect())
     }
 
