@@ -182,8 +182,11 @@ mod otlp {
         }
     }
 
+    /// A metric's name, labels and value.
+    type Sample<'a> = (&'a str, Vec<(String, String)>, f64);
+
     /// `name{a="x",b="y"} 1.5` -> (name, labels, value).
-    fn sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+    fn sample(line: &str) -> Option<Sample<'_>> {
         let (head, value) = line.rsplit_once(' ')?;
         let value: f64 = value.parse().ok()?;
         let Some((name, rest)) = head.split_once('{') else {

@@ -174,29 +174,28 @@ async fn job(State(d): State<Dash>, Path(id): Path<String>) -> Response {
 }
 
 /// Refuses a state-changing request sent by a page of another origin (a form or script
-/// on some other site the admin has open): its `Origin` must name this dashboard.
-fn same_origin(h: &HeaderMap) -> Result<(), Response> {
+/// on some other site the admin has open): its `Origin` must name this dashboard. The
+/// refusal, if it is one.
+fn cross_origin_refusal(h: &HeaderMap) -> Option<Response> {
     let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(()); // not a browser's cross-site request (curl, scripts)
+        return None; // not a browser's cross-site request (curl, scripts)
     };
     let host = h
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let origin_host = origin.split("://").nth(1).unwrap_or("");
-    if !host.is_empty() && origin_host == host {
-        Ok(())
-    } else {
-        Err((
+    (host.is_empty() || origin_host != host).then(|| {
+        (
             StatusCode::FORBIDDEN,
             axum::Json(json!({"error": format!("cross-origin request from {origin} refused")})),
         )
-            .into_response())
-    }
+            .into_response()
+    })
 }
 
 async fn start(State(d): State<Dash>, Path(name): Path<String>, h: HeaderMap) -> Response {
-    if let Err(r) = same_origin(&h) {
+    if let Some(r) = cross_origin_refusal(&h) {
         return r;
     }
     let mut c = d.client.clone();
@@ -219,7 +218,7 @@ async fn start(State(d): State<Dash>, Path(name): Path<String>, h: HeaderMap) ->
 }
 
 async fn cancel(State(d): State<Dash>, Path(id): Path<String>, h: HeaderMap) -> Response {
-    if let Err(r) = same_origin(&h) {
+    if let Some(r) = cross_origin_refusal(&h) {
         return r;
     }
     let mut c = d.client.clone();

@@ -238,7 +238,6 @@ pub fn build(
             }
         }
     }
-    drop(write);
     for mut w in [content, last, delete] {
         w.flush().map_err(|e| format!("cannot write plan: {e}"))?;
     }

@@ -944,12 +944,11 @@ async fn stream_once(
                 packer_done = true;
                 held = None;
                 app.bus.emit(jid, "deletes_skipped", tname, json!({"reason": format!("{item_errors} item error(s) in this job; no deletions applied")})).await;
-            } else if let Some(b) = held.take() {
-                if let Err(e) =
+            } else if let Some(b) = held.take()
+                && let Err(e) =
                     send_built(app, &otx, b, &mut inflight, attempts, &lbl, &mut unrecorded).await
-                {
-                    break e;
-                }
+            {
+                break e;
             }
         }
         if packer_done && inflight.is_empty() && held.is_none() {

@@ -1492,10 +1492,7 @@ fn data(
         );
     }
     let of = sess.open.get_mut(&path).expect("inserted above");
-    let end = d
-        .offset
-        .checked_add(d.data.len() as u64)
-        .unwrap_or(u64::MAX);
+    let end = d.offset.saturating_add(d.data.len() as u64);
     if end > of.meta.size {
         return Err(item_error(
             &path,

@@ -313,10 +313,11 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let second = loop {
         let s = page_state(&c).await;
-        if let (Some(job), Some(started)) = (s["cancel"].as_str(), s["started"].as_str()) {
-            if job == started && !s["bars"].as_array().unwrap().is_empty() {
-                break job.to_string();
-            }
+        if let (Some(job), Some(started)) = (s["cancel"].as_str(), s["started"].as_str())
+            && job == started
+            && !s["bars"].as_array().unwrap().is_empty()
+        {
+            break job.to_string();
         }
         assert!(
             Instant::now() < deadline,

@@ -16,7 +16,7 @@ fn a_second_job_sends_only_what_changed() {
         config: _config,
         target: _target,
         source,
-    } = Mirror::start(|src| make_tree(src), "delete = true");
+    } = Mirror::start(make_tree, "delete = true");
     let (code, first) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{first:#}");
 
@@ -85,7 +85,7 @@ fn deletes_are_skipped_after_an_item_error_and_max_delete_stops_a_job() {
         target: _target,
         source,
     } = Mirror::start(
-        |src| make_tree(src),
+        make_tree,
         "delete = true\nmax_delete = \"20%\"\nexclude = [\"*.keep\"]",
     );
     assert_eq!(run_job(&source.url(), &[]).0, 0);

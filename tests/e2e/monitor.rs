@@ -139,7 +139,7 @@ fn watching_an_unknown_job_is_not_found() {
         config: _config,
         target: _target,
         source,
-    } = Mirror::start(|src| make_tree(src), "");
+    } = Mirror::start(make_tree, "");
     let out = mirrorctl(&source.url(), &["watch", "0000-nope"]);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);

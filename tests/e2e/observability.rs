@@ -430,9 +430,12 @@ async fn reflection_services(url: &str) -> Result<Vec<String>, String> {
     }
 }
 
-/// OTLP metrics received: (service, metric name, attributes, value) of every data point.
+/// One OTLP data point: (service, metric name, attributes, value).
+type Point = (String, String, String, f64);
+
+/// OTLP metrics received: every data point.
 #[derive(Clone, Default)]
-struct MetricsCollector(Arc<Mutex<Vec<(String, String, String, f64)>>>);
+struct MetricsCollector(Arc<Mutex<Vec<Point>>>);
 
 #[tonic::async_trait]
 impl MetricsService for MetricsCollector {
