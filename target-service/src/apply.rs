@@ -291,7 +291,7 @@ pub struct Applied {
     /// source sends it again.
     pub not_written: bool,
     /// Published bodies, durable, to drop from the page cache ([`uncache`]) once the
-    /// package is answered: not on the path of the next package's publish.
+    /// package is recorded: not on the path of the next package's publish.
     pub to_uncache: Vec<File>,
 }
 
@@ -1153,8 +1153,8 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
 /// guest memory, writing into pages not used for a while costs more than the copy itself
 /// (a loop writing 20,000 files of 8.7 KiB with a `syncfs` per 500 took 1.07-1.11 s
 /// keeping its pages and 0.55-0.59 s dropping them). The target does it once the package
-/// is answered, beside the next package's publish: on the publish path it cost a small
-/// full mirror 4% of its wall time. Readers of the site read the files back from the
+/// is recorded, beside the next package's publish: on the publish path it cost a small
+/// full mirror 7% of its wall time where new pages are cheap, after it 5%. Readers of the site read the files back from the
 /// disk, as they do those written with direct I/O. Advice only: an error changes nothing.
 pub fn uncache(files: Vec<File>) {
     for f in files {
