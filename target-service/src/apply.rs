@@ -1154,8 +1154,9 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
 /// (a loop writing 20,000 files of 8.7 KiB with a `syncfs` per 500 took 1.07-1.11 s
 /// keeping its pages and 0.55-0.59 s dropping them). The target does it once the package
 /// is recorded, beside the next package's publish: on the publish path it cost a small
-/// full mirror 7% of its wall time where new pages are cheap, after it 5%. Readers of the site read the files back from the
-/// disk, as they do those written with direct I/O. Advice only: an error changes nothing.
+/// full mirror 7% of its wall time where new pages are cheap, after it 5%. Readers of the
+/// site read the files back from the disk, as they do those written with direct I/O.
+/// Advice only: an error changes nothing.
 pub fn uncache(files: Vec<File>) {
     for f in files {
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
@@ -2170,9 +2171,7 @@ mod tests {
         let again = stage(&site, &mut sess, payload(second()), 4096);
         assert!(again.has_deferred());
         let writer = {
-            let site = SiteFs {
-                root: site.root.clone(),
-            };
+            let site = site_in(&root);
             std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(300));
                 publish(&site, again, Durability::None)
