@@ -59,6 +59,41 @@ impl JobState {
     }
 }
 
+/// Where one target of a job stands, as stored in `job_targets.state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    Pending,
+    Connecting,
+    Planning,
+    /// Planned in a dry run: nothing is sent.
+    Planned,
+    Sending,
+    /// The target's disk is full and the channel waits for space.
+    WaitingForSpace,
+    Committed,
+    CompletedWithErrors,
+    Failed,
+    Cancelled,
+}
+
+impl TargetState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetState::Pending => "pending",
+            TargetState::Connecting => "connecting",
+            TargetState::Planning => "planning",
+            TargetState::Planned => "planned",
+            TargetState::Sending => "sending",
+            TargetState::WaitingForSpace => "waiting_for_space",
+            TargetState::Committed => "committed",
+            TargetState::CompletedWithErrors => "completed_with_errors",
+            TargetState::Failed => "failed",
+            TargetState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Options a job was started with (stored as JSON).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobOptions {
@@ -437,13 +472,13 @@ impl JobStore {
         &self,
         job: &str,
         target: &str,
-        state: &str,
+        state: TargetState,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE job_targets SET state = $1, error = $2 WHERE job_id = $3 AND target = $4",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(error)
         .bind(job)
         .bind(target)

@@ -154,3 +154,82 @@ mod tests {
         assert_eq!(v, ["a", "a/b", "a/b/c", "a-c", "a.txt", "b"]);
     }
 }
+
+/// Machine-readable item error codes: the `code` of `pb::ItemError`, stable on the wire
+/// (job records, hooks and scripts read them as text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// A device, FIFO or socket: nothing to mirror.
+    SpecialFile,
+    Unreadable,
+    /// Gone between the plan and the read.
+    Vanished,
+    ChangedWhileRead,
+    /// A source name that is not valid UTF-8 or not mirrorable.
+    InvalidName,
+    /// A path the target refuses (unsafe, too long, a normalisation twin, ...).
+    InvalidPath,
+    InvalidArgument,
+    ChecksumMismatch,
+    /// The target's disk (or quota) is full.
+    NoSpace,
+    Io,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::SpecialFile => "special_file",
+            ErrorCode::Unreadable => "unreadable",
+            ErrorCode::Vanished => "vanished",
+            ErrorCode::ChangedWhileRead => "changed_while_read",
+            ErrorCode::InvalidName => "invalid_name",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
+            ErrorCode::NoSpace => "no_space",
+            ErrorCode::Io => "io",
+        }
+    }
+
+    /// Whether an item error's wire code is this one.
+    pub fn is(self, code: &str) -> bool {
+        code == self.as_str()
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a job did to an item, as recorded per session and handed to hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeAction {
+    Created,
+    Updated,
+    Deleted,
+}
+
+impl ChangeAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChangeAction::Created => "created",
+            ChangeAction::Updated => "updated",
+            ChangeAction::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::str::FromStr for ChangeAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "created" => Ok(ChangeAction::Created),
+            "updated" => Ok(ChangeAction::Updated),
+            "deleted" => Ok(ChangeAction::Deleted),
+            o => Err(format!("unknown change action {o:?}")),
+        }
+    }
+}

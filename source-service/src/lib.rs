@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod events;
+#[cfg(feature = "failpoints")]
 pub mod failpoints;
 pub mod metrics;
 pub mod packer;

@@ -192,6 +192,7 @@ impl Packer {
                 let offset = cur.offset;
                 let last = offset + want as u64 == cur.item.size;
                 let before = out.mark();
+                #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
                 let source = &self.source;
                 // Read straight into the payload a piece at a time, hashing each piece
                 // while it is in the CPU cache.
@@ -206,6 +207,7 @@ impl Packer {
                             break;
                         }
                     }
+                    #[cfg(feature = "failpoints")]
                     crate::failpoints::maybe_change(source, &path);
                     Ok(last.then(|| *cur.hasher.finalize().as_bytes()))
                 });

@@ -117,133 +117,226 @@ fn within(paths: &[String], p: &str) -> bool {
             .any(|x| p == x || p.starts_with(&format!("{x}/")) || x.starts_with(&format!("{p}/")))
 }
 
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The target's manifest stream broke: a transport fault, tried again.
+    #[error("{0}")]
+    ManifestBroke(String),
+    /// Anything else (the source root, the plan files, a malformed manifest entry)
+    /// fails the target.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A target item as the planner receives it from the manifest stream.
+pub type ManifestItem = Result<Item, PlanError>;
+
+fn fatal(what: String) -> PlanError {
+    PlanError::Fatal(what)
+}
+
 /// Writes the plan for one target into `dir`, merging the source walk with `manifest`
 /// (the target's items in tree order). Walk errors are returned for the job record.
 pub fn build(
     spec: &PlanSpec,
-    manifest: &mut mpsc::Receiver<Result<Item, String>>,
+    manifest: &mut mpsc::Receiver<ManifestItem>,
     dir: &Path,
-) -> Result<(Totals, Vec<WalkError>), String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create plan directory {}: {e}", dir.display()))?;
-    let open = |ph: PhaseName| -> Result<BufWriter<File>, String> {
-        File::create(dir.join(ph.file()))
-            .map(BufWriter::new)
-            .map_err(|e| format!("cannot write plan {}: {e}", dir.join(ph.file()).display()))
-    };
-    let (mut content, mut last, mut delete) = (
-        open(PhaseName::Content)?,
-        open(PhaseName::Last)?,
-        open(PhaseName::Delete)?,
-    );
+) -> Result<(Totals, Vec<WalkError>), PlanError> {
+    let mut out = PlanFiles::create(dir)?;
     let md = std::fs::metadata(&spec.source)
-        .map_err(|e| format!("source directory {}: {e}", spec.source.display()))?;
+        .map_err(|e| fatal(format!("source directory {}: {e}", spec.source.display())))?;
     if !md.is_dir() {
-        return Err(format!(
+        return Err(fatal(format!(
             "source {} is not a directory",
             spec.source.display()
-        ));
+        )));
     }
     let mut walker = Walker::new(&spec.source, spec.filter.clone()).peekable();
-    let mut totals = Totals::default();
-    let mut errors = Vec::new();
-    let mut next_target =
-        || -> Result<Option<Item>, String> { manifest.blocking_recv().transpose() };
-    let mut tgt = next_target()?;
-    let mut write = |ph: PhaseName, e: &PlanEntry| -> Result<(), String> {
-        let w = match ph {
-            PhaseName::Content => &mut content,
-            PhaseName::Last => &mut last,
-            PhaseName::Delete => &mut delete,
-        };
-        serde_json::to_writer(&mut *w, e).map_err(|e| e.to_string())?;
-        w.write_all(b"\n")
-            .map_err(|e| format!("cannot write plan: {e}"))
+    let mut m = Merge {
+        spec,
+        totals: Totals::default(),
+        errors: Vec::new(),
     };
+    let mut next_target = || manifest.blocking_recv().transpose();
+    let mut tgt = next_target()?;
     loop {
-        // Source side: next walkable item (errors are recorded and skipped).
-        let src = loop {
-            match walker.peek() {
-                Some(Err(_)) => {
-                    if let Some(Err(e)) = walker.next() {
-                        errors.push(e);
-                    }
-                }
-                Some(Ok(_)) => break walker.peek().and_then(|r| r.as_ref().ok()).cloned(),
-                None => break None,
-            }
-        };
+        let src = next_source(&mut walker, &mut m.errors);
         let order = match (&src, &tgt) {
             (None, None) => break,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (Some(s), Some(t)) => tree_key(&s.path).cmp(&tree_key(&t.path)),
         };
-        match order {
-            std::cmp::Ordering::Less => {
-                let mut s = src.expect("some");
-                walker.next();
-                if within(&spec.paths, &s.path) {
-                    hash_if_needed(spec, &mut s, &mut errors);
-                    add(spec, &mut totals, Action::Create, s, &mut write)?;
+        let src = src.filter(|_| order != std::cmp::Ordering::Greater);
+        if src.is_some() {
+            walker.next();
+        }
+        let t = match order {
+            std::cmp::Ordering::Less => None,
+            _ => std::mem::replace(&mut tgt, next_target()?),
+        };
+        m.merge(src, t, &mut out)?;
+    }
+    out.finish(dir, &m.totals)?;
+    Ok((m.totals, m.errors))
+}
+
+/// The next walkable source item (walk errors are recorded and skipped).
+fn next_source(
+    walker: &mut std::iter::Peekable<Walker>,
+    errors: &mut Vec<WalkError>,
+) -> Option<Item> {
+    loop {
+        match walker.peek() {
+            Some(Err(_)) => {
+                if let Some(Err(e)) = walker.next() {
+                    errors.push(e);
                 }
             }
-            std::cmp::Ordering::Greater => {
-                let t = tgt.take().expect("some");
-                tgt = next_target()?;
-                totals.target_items += 1;
+            Some(Ok(_)) => return walker.peek().and_then(|r| r.as_ref().ok()).cloned(),
+            None => return None,
+        }
+    }
+}
+
+/// The three files of a plan being written.
+struct PlanFiles {
+    content: BufWriter<File>,
+    last: BufWriter<File>,
+    delete: BufWriter<File>,
+}
+
+impl PlanFiles {
+    fn create(dir: &Path) -> Result<PlanFiles, PlanError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            fatal(format!(
+                "cannot create plan directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let open = |ph: PhaseName| {
+            File::create(dir.join(ph.file()))
+                .map(BufWriter::new)
+                .map_err(|e| {
+                    fatal(format!(
+                        "cannot write plan {}: {e}",
+                        dir.join(ph.file()).display()
+                    ))
+                })
+        };
+        Ok(PlanFiles {
+            content: open(PhaseName::Content)?,
+            last: open(PhaseName::Last)?,
+            delete: open(PhaseName::Delete)?,
+        })
+    }
+
+    fn write(&mut self, ph: PhaseName, e: &PlanEntry) -> Result<(), PlanError> {
+        let w = match ph {
+            PhaseName::Content => &mut self.content,
+            PhaseName::Last => &mut self.last,
+            PhaseName::Delete => &mut self.delete,
+        };
+        serde_json::to_writer(&mut *w, e).map_err(|e| fatal(e.to_string()))?;
+        w.write_all(b"\n")
+            .map_err(|e| fatal(format!("cannot write plan: {e}")))
+    }
+
+    fn finish(self, dir: &Path, totals: &Totals) -> Result<(), PlanError> {
+        for mut w in [self.content, self.last, self.delete] {
+            w.flush()
+                .map_err(|e| fatal(format!("cannot write plan: {e}")))?;
+        }
+        let t = serde_json::to_vec(totals).map_err(|e| fatal(e.to_string()))?;
+        std::fs::write(dir.join("totals.json"), t)
+            .map_err(|e| fatal(format!("cannot write plan: {e}")))
+    }
+}
+
+/// The merge join's decisions and counts.
+struct Merge<'a> {
+    spec: &'a PlanSpec,
+    totals: Totals,
+    errors: Vec<WalkError>,
+}
+
+impl Merge<'_> {
+    /// Decides one path: on the source only (create), on the target only (delete), or
+    /// on both (update unless unchanged).
+    fn merge(
+        &mut self,
+        src: Option<Item>,
+        tgt: Option<Item>,
+        out: &mut PlanFiles,
+    ) -> Result<(), PlanError> {
+        let spec = self.spec;
+        if tgt.is_some() {
+            self.totals.target_items += 1;
+        }
+        match (src, tgt) {
+            (Some(mut s), None) if within(&spec.paths, &s.path) => {
+                hash_if_needed(spec, &mut s, &mut self.errors);
+                self.add(Action::Create, s, out)
+            }
+            (None, Some(t))
                 if spec.delete
                     && within(&spec.paths, &t.path)
-                    && !spec.filter.excludes_with_ancestors(&t.path, t.kind)
-                {
-                    totals.deletes += 1;
-                    write(
-                        PhaseName::Delete,
-                        &PlanEntry {
-                            a: Action::Delete,
-                            i: t,
-                        },
-                    )?;
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                let mut s = src.expect("some");
-                walker.next();
-                let t = tgt.take().expect("some");
-                tgt = next_target()?;
-                totals.target_items += 1;
-                if !within(&spec.paths, &s.path) {
-                    continue;
-                }
-                let same = match spec.compare {
-                    Compare::Full => false,
-                    Compare::Quick => s.same_quick(&t),
-                    Compare::Checksum => {
-                        hash_if_needed(spec, &mut s, &mut errors);
-                        s.kind == t.kind
-                            && s.mode == t.mode
-                            && match s.kind {
-                                Kind::File => {
-                                    s.hash.is_some() && s.hash == t.hash && s.mtime_ns == t.mtime_ns
-                                }
-                                _ => s.same_quick(&t),
-                            }
-                    }
+                    && !spec.filter.excludes_with_ancestors(&t.path, t.kind) =>
+            {
+                self.totals.deletes += 1;
+                let e = PlanEntry {
+                    a: Action::Delete,
+                    i: t,
                 };
-                if same {
-                    totals.unchanged += 1;
-                } else {
-                    add(spec, &mut totals, Action::Update, s, &mut write)?;
+                out.write(PhaseName::Delete, &e)
+            }
+            (Some(mut s), Some(t)) if within(&spec.paths, &s.path) => {
+                if self.unchanged(&mut s, &t) {
+                    self.totals.unchanged += 1;
+                    return Ok(());
                 }
+                self.add(Action::Update, s, out)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the source item `s` is the target's `t` as the channel compares them.
+    /// (Hashes `s` for a checksum comparison.)
+    fn unchanged(&mut self, s: &mut Item, t: &Item) -> bool {
+        match self.spec.compare {
+            Compare::Full => false,
+            Compare::Quick => s.same_quick(t),
+            Compare::Checksum => {
+                hash_if_needed(self.spec, s, &mut self.errors);
+                s.kind == t.kind
+                    && s.mode == t.mode
+                    && match s.kind {
+                        Kind::File => {
+                            s.hash.is_some() && s.hash == t.hash && s.mtime_ns == t.mtime_ns
+                        }
+                        _ => s.same_quick(t),
+                    }
             }
         }
     }
-    for mut w in [content, last, delete] {
-        w.flush().map_err(|e| format!("cannot write plan: {e}"))?;
+
+    fn add(&mut self, a: Action, i: Item, out: &mut PlanFiles) -> Result<(), PlanError> {
+        match a {
+            Action::Create => self.totals.creates += 1,
+            _ => self.totals.updates += 1,
+        }
+        if i.kind == Kind::File {
+            self.totals.bytes += i.size;
+        }
+        let ph = if i.kind != Kind::Dir && self.spec.last.matches(&i.path) {
+            PhaseName::Last
+        } else {
+            PhaseName::Content
+        };
+        out.write(ph, &PlanEntry { a, i })
     }
-    let t = serde_json::to_vec(&totals).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("totals.json"), t).map_err(|e| format!("cannot write plan: {e}"))?;
-    Ok((totals, errors))
 }
 
 fn hash_if_needed(spec: &PlanSpec, s: &mut Item, errors: &mut Vec<WalkError>) {
@@ -256,28 +349,6 @@ fn hash_if_needed(spec: &PlanSpec, s: &mut Item, errors: &mut Vec<WalkError>) {
         Ok(()) => s.hash = Some(h.finalize().to_hex().to_string()),
         Err(e) => errors.push(cms_mirror::fswalk::io_error(&s.path, &e)),
     }
-}
-
-fn add(
-    spec: &PlanSpec,
-    totals: &mut Totals,
-    a: Action,
-    i: Item,
-    write: &mut impl FnMut(PhaseName, &PlanEntry) -> Result<(), String>,
-) -> Result<(), String> {
-    match a {
-        Action::Create => totals.creates += 1,
-        _ => totals.updates += 1,
-    }
-    if i.kind == Kind::File {
-        totals.bytes += i.size;
-    }
-    let ph = if i.kind != Kind::Dir && spec.last.matches(&i.path) {
-        PhaseName::Last
-    } else {
-        PhaseName::Content
-    };
-    write(ph, &PlanEntry { a, i })
 }
 
 /// Reads the totals of a stored plan.

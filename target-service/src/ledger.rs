@@ -4,7 +4,7 @@
 use sqlx::FromRow;
 
 use cms_mirror::db::{Backend, Db};
-use cms_mirror::model::{Item, Kind, hex, tree_key};
+use cms_mirror::model::{ChangeAction, Item, Kind, hex, tree_key};
 use cms_mirror::now_ms;
 
 #[derive(Clone, Debug, FromRow)]
@@ -14,7 +14,40 @@ pub struct SessionRow {
     pub site: String,
     pub channel: String,
     pub last_seq: i64,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: SessionStatus,
+}
+
+/// Where a session stands in the target's ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionStatus {
+    /// Packages may arrive.
+    Open,
+    Committed,
+    /// Given up by its source; what was applied stays applied.
+    Aborted,
+}
+
+impl SessionStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Open => "open",
+            SessionStatus::Committed => "committed",
+            SessionStatus::Aborted => "aborted",
+        }
+    }
+}
+
+impl TryFrom<String> for SessionStatus {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "open" => Ok(SessionStatus::Open),
+            "committed" => Ok(SessionStatus::Committed),
+            "aborted" => Ok(SessionStatus::Aborted),
+            o => Err(format!("unknown session state {o:?}")),
+        }
+    }
 }
 
 #[derive(Clone, Debug, FromRow)]
@@ -74,7 +107,7 @@ pub struct PackageChanges {
     /// Directories whose content changed (their mtime is restored at commit).
     pub touched_dirs: Vec<String>,
     /// (path, "created" | "updated" | "deleted")
-    pub changes: Vec<(String, &'static str)>,
+    pub changes: Vec<(String, ChangeAction)>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +122,49 @@ const ROWS: usize = 200;
 /// `($1, ..., $cols), ($cols+1, ...)` for `rows` rows; plain `?` on SQLite, where
 /// numbered parameters are looked up by name on every bind (quadratic in a statement
 /// with thousands of them, measured at 14% of the target's CPU).
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+
+/// Removes the index rows of deleted items and everything below them.
+async fn delete_entries(tx: &mut Tx<'_>, site: &str, paths: &[String]) -> Result<(), sqlx::Error> {
+    for path in paths {
+        let key = tree_key(path);
+        let mut upper = key.clone();
+        upper.push(1);
+        let mut lower = key.clone();
+        lower.push(0);
+        // The item itself and everything below it: keys "path" and "path\0...".
+        sqlx::query(
+            "DELETE FROM entries WHERE site = $1 AND (sort_key = $2 OR (sort_key >= $3 AND sort_key < $4))",
+        )
+        .bind(site)
+        .bind(&key)
+        .bind(&lower)
+        .bind(&upper)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The last of each path's values, in the order paths first came.
+fn last_per_path<'a, T>(all: impl Iterator<Item = &'a T>, path: impl Fn(&T) -> &str) -> Vec<&'a T>
+where
+    T: 'a,
+{
+    let mut out: Vec<&T> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for it in all {
+        match seen.get(path(it)) {
+            Some(&i) => out[i] = it,
+            None => {
+                seen.insert(path(it), out.len());
+                out.push(it);
+            }
+        }
+    }
+    out
+}
+
 fn placeholders(backend: Backend, rows: usize, cols: usize) -> String {
     (0..rows)
         .map(|r| {
@@ -182,38 +258,41 @@ impl Ledger {
         ch: &PackageChanges,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.db.pool.begin().await?;
-        for path in &ch.deletes {
-            let key = tree_key(path);
-            let mut upper = key.clone();
-            upper.push(1);
-            let mut lower = key.clone();
-            lower.push(0);
-            // The item itself and everything below it: keys "path" and "path\0...".
-            sqlx::query(
-                "DELETE FROM entries WHERE site = $1 AND (sort_key = $2 OR (sort_key >= $3 AND sort_key < $4))",
-            )
-            .bind(site)
-            .bind(&key)
-            .bind(&lower)
-            .bind(&upper)
+        delete_entries(&mut tx, site, &ch.deletes).await?;
+        self.upsert_entries(&mut tx, session, site, &ch.upserts)
+            .await?;
+        self.touch_dirs(&mut tx, session, site, &ch.touched_dirs)
+            .await?;
+        self.record_changes(&mut tx, session, &ch.changes).await?;
+        sqlx::query(
+            "INSERT INTO applied_packages (session_id, seq, checksum, applied_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (session_id, seq) DO UPDATE SET checksum = excluded.checksum, applied_at = excluded.applied_at",
+        )
+        .bind(session)
+        .bind(seq as i64)
+        .bind(checksum)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE sessions SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
+            .bind(seq as i64)
+            .bind(session)
             .execute(&mut *tx)
             .await?;
-        }
-        // Multi-row statements: one round-trip per ROWS items, not per item. Rows are
-        // deduplicated by path (last wins) so no statement touches one row twice.
-        let mut upserts: Vec<&Item> = Vec::with_capacity(ch.upserts.len());
-        {
-            let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-            for it in &ch.upserts {
-                match seen.get(it.path.as_str()) {
-                    Some(&i) => upserts[i] = it,
-                    None => {
-                        seen.insert(it.path.as_str(), upserts.len());
-                        upserts.push(it);
-                    }
-                }
-            }
-        }
+        tx.commit().await
+    }
+
+    /// Index rows of a package's items, in multi-row statements: one round-trip per
+    /// ROWS items, not per item. Rows are deduplicated by path (last wins) so no
+    /// statement touches one row twice.
+    async fn upsert_entries(
+        &self,
+        tx: &mut Tx<'_>,
+        session: &str,
+        site: &str,
+        items: &[Item],
+    ) -> Result<(), sqlx::Error> {
+        let upserts = last_per_path(items.iter(), |it| it.path.as_str());
         for chunk in upserts.chunks(ROWS) {
             let sql = format!(
                 "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode, link_target, hash, touched_session) \
@@ -230,6 +309,7 @@ impl Ledger {
                     .as_deref()
                     .and_then(|h| blake3::Hash::from_hex(h).ok())
                     .map(|h| h.as_bytes().to_vec());
+                let touched = (it.kind == Kind::Dir).then(|| session.to_string());
                 q = q
                     .bind(site)
                     .bind(tree_key(&it.path))
@@ -240,15 +320,22 @@ impl Ledger {
                     .bind(it.mode as i64)
                     .bind(it.link.clone())
                     .bind(hash)
-                    .bind(if it.kind == Kind::Dir {
-                        Some(session.to_string())
-                    } else {
-                        None
-                    });
+                    .bind(touched);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
-        let mut touched: Vec<&String> = ch.touched_dirs.iter().collect();
+        Ok(())
+    }
+
+    /// Marks directories whose entries changed, so commit restores their times.
+    async fn touch_dirs(
+        &self,
+        tx: &mut Tx<'_>,
+        session: &str,
+        site: &str,
+        dirs: &[String],
+    ) -> Result<(), sqlx::Error> {
+        let mut touched: Vec<&String> = dirs.iter().collect();
         touched.sort();
         touched.dedup();
         for chunk in touched.chunks(ROWS) {
@@ -269,31 +356,37 @@ impl Ledger {
             for d in chunk {
                 q = q.bind(tree_key(d));
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
-        let mut changes: Vec<(&str, &'static str)> = Vec::with_capacity(ch.changes.len());
-        {
-            let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-            for (path, action) in &ch.changes {
-                match seen.get(path.as_str()) {
-                    Some(&i) => {
-                        // Within one package: created then updated stays created.
-                        let prev: &'static str = changes[i].1;
-                        changes[i].1 = if prev == "created" && *action == "updated" {
-                            "created"
-                        } else {
-                            *action
-                        };
+        Ok(())
+    }
+
+    /// What the package did per path; a path created then updated (in one package or
+    /// across the session) stays "created".
+    async fn record_changes(
+        &self,
+        tx: &mut Tx<'_>,
+        session: &str,
+        all: &[(String, ChangeAction)],
+    ) -> Result<(), sqlx::Error> {
+        let mut changes: Vec<(&str, ChangeAction)> = Vec::with_capacity(all.len());
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (path, action) in all {
+            match seen.get(path.as_str()) {
+                Some(&i) => {
+                    let created_then_updated =
+                        changes[i].1 == ChangeAction::Created && *action == ChangeAction::Updated;
+                    if !created_then_updated {
+                        changes[i].1 = *action;
                     }
-                    None => {
-                        seen.insert(path.as_str(), changes.len());
-                        changes.push((path.as_str(), *action));
-                    }
+                }
+                None => {
+                    seen.insert(path.as_str(), changes.len());
+                    changes.push((path.as_str(), *action));
                 }
             }
         }
         for chunk in changes.chunks(ROWS) {
-            // A path created then updated in one session stays "created".
             let sql = format!(
                 "INSERT INTO session_changes (session_id, path, action) VALUES {} \
                  ON CONFLICT (session_id, path) DO UPDATE SET action = CASE \
@@ -303,29 +396,11 @@ impl Ledger {
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (path, action) in chunk {
-                q = q
-                    .bind(session)
-                    .bind(path.to_string())
-                    .bind(action.to_string());
+                q = q.bind(session).bind(path.to_string()).bind(action.as_str());
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut **tx).await?;
         }
-        sqlx::query(
-            "INSERT INTO applied_packages (session_id, seq, checksum, applied_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (session_id, seq) DO UPDATE SET checksum = excluded.checksum, applied_at = excluded.applied_at",
-        )
-        .bind(session)
-        .bind(seq as i64)
-        .bind(checksum)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE sessions SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
-            .bind(seq as i64)
-            .bind(session)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        Ok(())
     }
 
     /// One page of a site's manifest in tree order, after `after` (a tree key).
@@ -443,14 +518,22 @@ impl Ledger {
         Ok((get("created"), get("updated"), get("deleted")))
     }
 
-    /// What a session changed, in path order: (path, "created" | "updated" | "deleted").
-    pub async fn changes(&self, session: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
-        sqlx::query_as(
+    /// What a session changed, in path order.
+    pub async fn changes(&self, session: &str) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT path, action FROM session_changes WHERE session_id = $1 ORDER BY path",
         )
         .bind(session)
         .fetch_all(&self.db.pool)
-        .await
+        .await?;
+        rows.into_iter()
+            .map(|(path, action)| {
+                let action = action
+                    .parse()
+                    .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
+                Ok((path, action))
+            })
+            .collect()
     }
 
     /// Number of items indexed for a site.

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Directory of the workspace's built binaries; builds them once per test binary.
+/// Directory of the workspace's built binaries; builds them once per test binary, with
+/// the services' fault injection (`failpoints`), which release builds leave out.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -25,6 +26,8 @@ pub fn bin_dir() -> &'static Path {
                 "mirror-target",
                 "-p",
                 "mirrorctl",
+                "--features",
+                "mirror-source/failpoints,mirror-target/failpoints",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()

@@ -100,6 +100,7 @@ async fn session(
         .open_session(pb::OpenSessionRequest {
             job_id: job.into(),
             site: "main".into(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
             ..Default::default()
         })
         .await
@@ -197,13 +198,47 @@ async fn packages_out_of_order_are_refused() {
     let t = start_target(tmp.path()).await;
     let (tx, mut acks, _) = session(&t.url, "job-3").await;
     let a = send(&tx, &mut acks, pkg(2, put_file("skip.txt", b"x"))).await;
-    assert_eq!(status(&a), pb::AckStatus::Rejected);
+    assert_eq!(status(&a), pb::AckStatus::OutOfOrder);
+    assert_eq!(a.expected_seq, 1);
     assert!(
         a.message.contains("expected package 1, got 2"),
         "{}",
         a.message
     );
     assert!(!t.root.join("skip.txt").exists());
+}
+
+/// A source of another protocol version is refused with both versions named, and the
+/// target answers its own version to one it speaks.
+#[tokio::test]
+async fn a_source_of_an_older_protocol_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let mut c = TargetServiceClient::connect(t.url.clone()).await.unwrap();
+    let req = |v| pb::OpenSessionRequest {
+        job_id: "job-v".into(),
+        site: "main".into(),
+        protocol_version: v,
+        ..Default::default()
+    };
+    for old in [0, 1] {
+        let e = c.open_session(req(old)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        let want = format!("protocol version {old} is not supported by this target");
+        assert!(e.message().contains(&want), "{}", e.message());
+        assert!(
+            e.message()
+                .contains(&cms_mirror::PROTOCOL_VERSION.to_string())
+        );
+    }
+    let ok = c
+        .open_session(req(cms_mirror::PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.into_inner().protocol_version,
+        cms_mirror::PROTOCOL_VERSION
+    );
 }
 
 #[tokio::test]

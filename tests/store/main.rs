@@ -3,8 +3,8 @@
 
 use cms_mirror::db::{self, Db, Schema};
 use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress};
-use cms_mirror::model::{Item, Kind};
-use mirror_target::ledger::{Ledger, PackageChanges};
+use cms_mirror::model::{ChangeAction, Item, Kind};
+use mirror_target::ledger::{Ledger, PackageChanges, SessionStatus};
 
 /// Fresh databases for one test, on each backend available.
 async fn databases(schema: Schema) -> Vec<(String, Db, Option<tempfile::TempDir>)> {
@@ -271,7 +271,10 @@ async fn the_target_ledger_and_manifest_index() {
             ],
             deletes: vec![],
             touched_dirs: vec!["a".into()],
-            changes: vec![("a".into(), "created"), ("a/b".into(), "created")],
+            changes: vec![
+                ("a".into(), ChangeAction::Created),
+                ("a/b".into(), ChangeAction::Created),
+            ],
         };
         l.record_package(&s.id, "main", 1, b"sum1", &ch)
             .await
@@ -341,7 +344,7 @@ async fn the_target_ledger_and_manifest_index() {
         // nothing else.
         let del = PackageChanges {
             deletes: vec!["a/b".into()],
-            changes: vec![("a/b".into(), "deleted")],
+            changes: vec![("a/b".into(), ChangeAction::Deleted)],
             ..Default::default()
         };
         l.record_package(&s.id, "main", 3, b"sum3", &del)
@@ -361,7 +364,10 @@ async fn the_target_ledger_and_manifest_index() {
             "{backend}: a created then deleted, a/b deleted"
         );
         assert!(l.touched_dirs(&s.id, "main").await.unwrap().is_empty());
-        assert_eq!(l.session(&s.id).await.unwrap().unwrap().state, "committed");
+        assert_eq!(
+            l.session(&s.id).await.unwrap().unwrap().state,
+            SessionStatus::Committed
+        );
     }
 }
 
@@ -420,7 +426,7 @@ async fn a_ledger_of_the_first_schema_is_carried_over() {
         );
         assert_eq!(
             l.changes("j/main").await.unwrap(),
-            [("a/b".to_string(), "created".to_string())]
+            [("a/b".to_string(), ChangeAction::Created)]
         );
         let touched = l.touched_dirs("j/main", "main").await.unwrap();
         assert_eq!(touched.len(), 1, "{backend}");

@@ -1,0 +1,126 @@
+//! Planning against a target: its manifest streamed from the target's index, merged with
+//! the source walk by [`crate::plan::build`] on a blocking thread.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use cms_mirror::config::{ChannelConfig, TargetConfig};
+use cms_mirror::jobstore::{JobOptions, NewItemError, Progress};
+use cms_mirror::model::Item;
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::security::AuthChannel;
+
+use super::retry::{retryable, within};
+use super::{logged, record_item_errors, status_text, target_label, traced, walk_error};
+use crate::App;
+use crate::plan::{self, Compare, ManifestItem, PlanError, PlanSpec};
+
+/// Streams the target's manifest into the planner's channel, in tree order; a broken
+/// stream ends with [`PlanError::ManifestBroke`] (retried), a malformed entry with
+/// [`PlanError::Fatal`].
+async fn feed_manifest(
+    mut stream: tonic::Streaming<pb::ManifestBatch>,
+    tx: mpsc::Sender<ManifestItem>,
+    label: String,
+    idle: Duration,
+) {
+    loop {
+        match within(idle, stream.message()).await {
+            Ok(Some(batch)) => {
+                for e in batch.entries {
+                    let item = e.meta.as_ref().and_then(Item::from_pb).ok_or_else(|| {
+                        PlanError::Fatal(format!("{label}: malformed manifest entry"))
+                    });
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(s) => {
+                let broke = PlanError::ManifestBroke(format!(
+                    "manifest stream broke: {label}: {}",
+                    status_text(&s)
+                ));
+                let _ = tx.send(Err(broke)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// What the plan of one target compares and covers.
+fn spec(ch: &ChannelConfig, opts: &JobOptions) -> PlanSpec {
+    PlanSpec {
+        source: ch.source.clone(),
+        filter: ch.filter.clone(),
+        last: ch.last.clone(),
+        delete: ch.delete,
+        compare: if opts.full {
+            Compare::Full
+        } else if opts.checksum || ch.checksum {
+            Compare::Checksum
+        } else {
+            Compare::Quick
+        },
+        paths: opts.paths.clone(),
+    }
+}
+
+/// Plans one target into `plan_dir`; walk errors become item errors of the job. A
+/// transport fault ([`PlanError::ManifestBroke`]) is the caller's to retry.
+pub(super) async fn make_plan(
+    app: &Arc<App>,
+    client: &mut TargetServiceClient<AuthChannel>,
+    ch: &ChannelConfig,
+    t: &TargetConfig,
+    opts: &JobOptions,
+    plan_dir: &Path,
+    jid: &str,
+) -> Result<plan::Totals, PlanError> {
+    let request = pb::GetManifestRequest {
+        site: t.site.clone(),
+        after_path: String::new(),
+    };
+    let stream = within(ch.ack_timeout, client.get_manifest(traced(request)))
+        .await
+        .map_err(|s| {
+            let msg = format!(
+                "{}: cannot read its manifest: {}",
+                target_label(t),
+                status_text(&s)
+            );
+            if retryable(&s) {
+                PlanError::ManifestBroke(msg)
+            } else {
+                PlanError::Fatal(msg)
+            }
+        })?
+        .into_inner();
+    let (mtx, mut mrx) = mpsc::channel::<ManifestItem>(4096);
+    let feeder = tokio::spawn(feed_manifest(stream, mtx, target_label(t), ch.ack_timeout));
+    let spec = spec(ch, opts);
+    let dir = plan_dir.to_path_buf();
+    let built = tokio::task::spawn_blocking(move || plan::build(&spec, &mut mrx, &dir)).await;
+    feeder.abort();
+    let (totals, walk_errors) =
+        built.map_err(|e| PlanError::Fatal(format!("planner failed: {e}")))??;
+    if !walk_errors.is_empty() {
+        let errs: Vec<NewItemError> = walk_errors.into_iter().map(walk_error).collect();
+        record_item_errors(app, jid, &ch.name, &t.name, &errs).await;
+        let p = Progress {
+            item_errors: errs.len() as i64,
+            ..Default::default()
+        };
+        logged(
+            app.store.checkpoint(jid, &t.name, 0, "", &p).await,
+            jid,
+            "walk error counts",
+        );
+    }
+    Ok(totals)
+}

@@ -1,0 +1,639 @@
+//! One Import stream to a target: packages from the plan's checkpoint, a window of them
+//! in flight, each ack checkpointed before it counts, deletes held until all content is
+//! acknowledged; the stream ends done, or with a reason to rewind, reconnect, wait for
+//! space or give the target up.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use cms_mirror::config::{ChannelConfig, OnDiskFull, TargetConfig};
+use cms_mirror::jobstore::{NewItemError, Progress};
+use cms_mirror::model::ErrorCode;
+use cms_mirror::observe::TargetLabels;
+use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::security::AuthChannel;
+use cms_mirror::{package, pb};
+
+use super::retry::retryable;
+use super::{MAX_PACKAGE_ATTEMPTS, PROGRESS_EVERY, current_row, emit_progress, logged};
+use super::{pb_item_error, record_item_errors, status_text, traced};
+use crate::App;
+use crate::metrics::Metrics;
+use crate::packer::{Built, Packer};
+use crate::plan::{Cursor, PhaseName};
+
+/// Why a stream attempt ended.
+pub(super) enum StreamEnd {
+    Done {
+        last_seq: u64,
+    },
+    Rewind(String),
+    /// The target is out of space and the channel waits for it (`on_disk_full = "wait"`).
+    WaitForSpace(String),
+    /// The stream broke; `progressed` when packages were acknowledged on it.
+    Disconnected(String, bool),
+    Cancelled,
+    Fatal(String),
+}
+
+/// Packages sent (and their wire bytes) not yet in the store: they go with the next
+/// checkpoint, or at the end of the stream.
+#[derive(Default)]
+struct Sent {
+    packages: i64,
+    wire: i64,
+}
+
+/// A package sent and not yet acknowledged.
+struct InFlight {
+    seq: u64,
+    cursor_after: Cursor,
+    items: u64,
+    bytes: u64,
+    deletes: u64,
+    errors: Vec<NewItemError>,
+}
+
+/// The end of a target's job once its item errors exceed the channel's `max_errors`.
+fn too_many_errors(ch: &ChannelConfig, item_errors: u64) -> Option<StreamEnd> {
+    let max = ch.max_errors?;
+    (item_errors > max).then(|| {
+        StreamEnd::Fatal(format!(
+            "{item_errors} item errors exceed max_errors = {max}"
+        ))
+    })
+}
+
+/// One Import stream from the checkpoint until the plan is done or the stream ends.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn stream_once(
+    app: &Arc<App>,
+    client: &mut TargetServiceClient<AuthChannel>,
+    jid: &str,
+    ch: &ChannelConfig,
+    t: &TargetConfig,
+    session_id: &str,
+    plan_dir: &Path,
+    cancel: &mut watch::Receiver<bool>,
+    attempts: &mut HashMap<u64, u32>,
+) -> StreamEnd {
+    let row = current_row(app, jid, &t.name).await;
+    let cursor: Cursor = serde_json::from_str(&row.checkpoint_json).unwrap_or_default();
+    let last_acked = row.checkpoint_seq as u64;
+    let item_errors = row.item_errors as u64;
+    if let Some(e) = too_many_errors(ch, item_errors) {
+        return e;
+    }
+    let mut phases = vec![PhaseName::Content, PhaseName::Last];
+    if ch.delete {
+        phases.push(PhaseName::Delete);
+    }
+    let packer = match Packer::new(
+        plan_dir,
+        ch.source.clone(),
+        &cursor,
+        phases,
+        last_acked + 1,
+        ch.package_bytes,
+    ) {
+        Ok(p) => p.with_compression(ch.compression),
+        Err(e) => {
+            return StreamEnd::Fatal(format!(
+                "cannot read the plan in {}: {e}",
+                plan_dir.display()
+            ));
+        }
+    };
+    let (brx, producer) = produce(packer);
+    let (otx, orx) = mpsc::channel::<pb::ImportRequest>(ch.window as usize + 2);
+    let header = pb::ImportRequest {
+        msg: Some(pb::import_request::Msg::Header(pb::ImportHeader {
+            session_id: session_id.to_string(),
+        })),
+    };
+    let _ = otx.send(header).await;
+    let acks = match client.import(traced(ReceiverStream::new(orx))).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if retryable(&s) => return StreamEnd::Disconnected(status_text(&s), false),
+        Err(s) => return StreamEnd::Fatal(format!("import refused: {}", status_text(&s))),
+    };
+    if cursor != Cursor::default() || last_acked > 0 {
+        app.bus
+            .emit(jid, "resumed", &t.name, json!({"from_seq": last_acked + 1}))
+            .await;
+    }
+    let mut s = Stream {
+        app,
+        jid,
+        ch,
+        tname: &t.name,
+        lbl: Metrics::target(&ch.name, &t.name),
+        otx,
+        attempts,
+        inflight: VecDeque::new(),
+        unrecorded: Sent::default(),
+        held: None,
+        packer_done: false,
+        skip_deletes: false,
+        last_acked,
+        item_errors,
+        acked_here: 0,
+        bytes_this_stream: 0,
+        started: Instant::now(),
+        last_progress: Instant::now() - PROGRESS_EVERY,
+    };
+    let end = s.pump(brx, acks, cancel).await;
+    producer.abort();
+    s.finish(end).await
+}
+
+/// Packs on a blocking thread, at most two packages ahead of the stream.
+fn produce(
+    packer: Packer,
+) -> (
+    mpsc::Receiver<std::io::Result<Built>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (btx, brx) = mpsc::channel::<std::io::Result<Built>>(2);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut packer = packer;
+        while let Some(b) = packer.next_package().transpose() {
+            if btx.blocking_send(b).is_err() {
+                return;
+            }
+        }
+    });
+    (brx, producer)
+}
+
+/// The state of one Import stream.
+struct Stream<'a> {
+    app: &'a Arc<App>,
+    jid: &'a str,
+    ch: &'a ChannelConfig,
+    tname: &'a str,
+    lbl: TargetLabels,
+    otx: mpsc::Sender<pb::ImportRequest>,
+    /// Sends per package that failed its checksum, across the streams of this target.
+    attempts: &'a mut HashMap<u64, u32>,
+    inflight: VecDeque<InFlight>,
+    unrecorded: Sent,
+    /// A delete-phase package waiting until all content is acknowledged.
+    held: Option<Built>,
+    packer_done: bool,
+    skip_deletes: bool,
+    last_acked: u64,
+    item_errors: u64,
+    acked_here: u64,
+    bytes_this_stream: u64,
+    started: Instant,
+    last_progress: Instant,
+}
+
+impl Stream<'_> {
+    /// Sends packages and takes acks until the stream ends.
+    async fn pump(
+        &mut self,
+        mut brx: mpsc::Receiver<std::io::Result<Built>>,
+        mut acks: tonic::Streaming<pb::ImportResponse>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> StreamEnd {
+        // A hung target (stopped, deadlocked, behind a black-holed route) stops acking
+        // while the connection may look alive: no ack for `ack_timeout` with packages in
+        // flight is a disconnect. Every ack restarts the clock.
+        let mut ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
+        loop {
+            if self.inflight.is_empty() {
+                ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
+            }
+            if let Err(e) = self.release_deletes().await {
+                return e;
+            }
+            if self.packer_done && self.inflight.is_empty() && self.held.is_none() {
+                return StreamEnd::Done {
+                    last_seq: self.last_acked,
+                };
+            }
+            let room = !self.packer_done
+                && self.held.is_none()
+                && self.inflight.len() < self.ch.window as usize;
+            let step = tokio::select! {
+                _ = cancel.changed() => {
+                    if *cancel.borrow() { Err(StreamEnd::Cancelled) } else { Ok(()) }
+                }
+                b = brx.recv(), if room => self.on_built(b).await,
+                _ = tokio::time::sleep_until(ack_deadline), if !self.inflight.is_empty() => {
+                    Err(StreamEnd::Disconnected(
+                        format!("no acknowledgement for {}s with {} package(s) in flight; the target seems hung", self.ch.ack_timeout.as_secs(), self.inflight.len()),
+                        self.acked_here > 0,
+                    ))
+                }
+                a = acks.message() => {
+                    ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
+                    self.on_message(a, cancel).await
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// The delete phase waits until all content is acknowledged; with item errors it is
+    /// skipped (a failed item must not turn into a dangling reference).
+    async fn release_deletes(&mut self) -> Result<(), StreamEnd> {
+        if self.held.is_none() || !self.inflight.is_empty() {
+            return Ok(());
+        }
+        if self.item_errors > 0 {
+            self.skip_deletes = true;
+            self.packer_done = true;
+            self.held = None;
+            let reason = format!(
+                "{} item error(s) in this job; no deletions applied",
+                self.item_errors
+            );
+            self.app
+                .bus
+                .emit(
+                    self.jid,
+                    "deletes_skipped",
+                    self.tname,
+                    json!({"reason": reason}),
+                )
+                .await;
+            return Ok(());
+        }
+        match self.held.take() {
+            Some(b) => self.send(b).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A package from the packer: sent, held back (deletes), or the end of the plan.
+    async fn on_built(&mut self, b: Option<std::io::Result<Built>>) -> Result<(), StreamEnd> {
+        match b {
+            None => self.packer_done = true,
+            Some(Err(e)) => return Err(StreamEnd::Fatal(format!("cannot read the source: {e}"))),
+            Some(Ok(b)) if b.phase == PhaseName::Delete && self.skip_deletes => {
+                self.packer_done = true;
+            }
+            Some(Ok(b))
+                if b.phase == PhaseName::Delete
+                    && (!self.inflight.is_empty() || self.item_errors > 0) =>
+            {
+                self.held = Some(b);
+            }
+            Some(Ok(b)) => self.send(b).await?,
+        }
+        Ok(())
+    }
+
+    /// A message from the target: an ack for the oldest package in flight, or the end.
+    async fn on_message(
+        &mut self,
+        m: Result<Option<pb::ImportResponse>, tonic::Status>,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamEnd> {
+        let progressed = self.acked_here > 0;
+        let ack = match m {
+            Ok(Some(pb::ImportResponse {
+                msg: Some(pb::import_response::Msg::Ack(ack)),
+            })) => ack,
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {
+                let why = "the target closed the stream".into();
+                return Err(StreamEnd::Disconnected(why, progressed));
+            }
+            Err(s) if retryable(&s) => {
+                return Err(StreamEnd::Disconnected(status_text(&s), progressed));
+            }
+            Err(s) => return Err(StreamEnd::Fatal(status_text(&s))),
+        };
+        let Some(front) = self.inflight.front() else {
+            return Err(StreamEnd::Rewind(format!(
+                "unexpected ack for package {}",
+                ack.seq
+            )));
+        };
+        if ack.seq != front.seq {
+            return Err(StreamEnd::Rewind(format!(
+                "ack for package {} while {} was expected",
+                ack.seq, front.seq
+            )));
+        }
+        let status = pb::AckStatus::try_from(ack.status).unwrap_or(pb::AckStatus::Unspecified);
+        match status {
+            pb::AckStatus::Ok => self.on_ok(ack, cancel).await,
+            pb::AckStatus::Retry
+                if ack
+                    .item_errors
+                    .iter()
+                    .any(|e| ErrorCode::NoSpace.is(&e.code)) =>
+            {
+                Err(self.on_no_space(ack).await)
+            }
+            pb::AckStatus::Retry => Err(self.on_retry(ack).await),
+            pb::AckStatus::OutOfOrder => Err(StreamEnd::Rewind(ack.message)),
+            _ => Err(StreamEnd::Fatal(format!(
+                "package {} rejected: {}",
+                ack.seq, ack.message
+            ))),
+        }
+    }
+
+    /// An applied package: its item errors recorded, its checkpoint stored, then counted.
+    async fn on_ok(
+        &mut self,
+        ack: pb::PackageAck,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamEnd> {
+        let f = self.inflight.pop_front().expect("front exists");
+        let mut errs = f.errors;
+        let target_errs = ack.item_errors.len() as u64;
+        errs.extend(ack.item_errors.into_iter().map(pb_item_error));
+        record_item_errors(self.app, self.jid, &self.ch.name, self.tname, &errs).await;
+        self.item_errors += errs.len() as u64;
+        let p = Progress {
+            items: f.items.saturating_sub(target_errs) as i64,
+            bytes: f.bytes as i64,
+            deletes: f.deletes as i64,
+            packages_acked: 1,
+            item_errors: errs.len() as i64,
+            packages_sent: self.unrecorded.packages,
+            wire_bytes: self.unrecorded.wire,
+        };
+        let cursor_json = serde_json::to_string(&f.cursor_after).unwrap_or_default();
+        self.checkpoint(f.seq, &cursor_json, &p, cancel).await?;
+        self.unrecorded = Sent::default();
+        self.last_acked = f.seq;
+        self.acked_here += 1;
+        self.app
+            .metrics
+            .packages_acked
+            .get_or_create(&self.lbl)
+            .inc();
+        self.app
+            .metrics
+            .bytes_acked
+            .get_or_create(&self.lbl)
+            .inc_by(f.bytes);
+        self.bytes_this_stream += f.bytes;
+        if let Some(e) = too_many_errors(self.ch, self.item_errors) {
+            return Err(e);
+        }
+        let all_acked = self.packer_done && self.inflight.is_empty();
+        if self.last_progress.elapsed() >= PROGRESS_EVERY && !all_acked {
+            self.last_progress = Instant::now();
+            emit_progress(
+                self.app,
+                self.jid,
+                self.tname,
+                self.bytes_this_stream,
+                self.started,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Stores an ack's checkpoint: the ack counts only once it is stored, so the write
+    /// is retried until it is, or until the job is cancelled (the package is then sent
+    /// again by the job's next run and found applied).
+    async fn checkpoint(
+        &self,
+        seq: u64,
+        cursor_json: &str,
+        p: &Progress,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<(), StreamEnd> {
+        loop {
+            let r = self
+                .app
+                .store
+                .checkpoint(self.jid, self.tname, seq as i64, cursor_json, p)
+                .await;
+            let Err(e) = r else {
+                return Ok(());
+            };
+            tracing::warn!(job = self.jid, error = %e, "cannot store checkpoint; retrying");
+            if !super::retry::wait_unless_cancelled(Duration::from_millis(500), cancel).await {
+                return Err(StreamEnd::Cancelled);
+            }
+        }
+    }
+
+    /// The target's disk is full: wait for space or fail, as the channel says.
+    async fn on_no_space(&mut self, ack: pb::PackageAck) -> StreamEnd {
+        if self.ch.on_disk_full == OnDiskFull::Wait {
+            return StreamEnd::WaitForSpace(ack.message);
+        }
+        let errs: Vec<NewItemError> = ack.item_errors.into_iter().map(pb_item_error).collect();
+        record_item_errors(self.app, self.jid, &self.ch.name, self.tname, &errs).await;
+        let row = current_row(self.app, self.jid, self.tname).await;
+        let p = Progress {
+            item_errors: errs.len() as i64,
+            ..Default::default()
+        };
+        let r = self
+            .app
+            .store
+            .checkpoint(
+                self.jid,
+                self.tname,
+                self.last_acked as i64,
+                &row.checkpoint_json,
+                &p,
+            )
+            .await;
+        logged(r, self.jid, "item error counts");
+        StreamEnd::Fatal(ack.message)
+    }
+
+    /// A package to send again (its checksum failed, or a chunk could not be written):
+    /// rewind; after [`MAX_PACKAGE_ATTEMPTS`] its items are given up.
+    async fn on_retry(&mut self, ack: pb::PackageAck) -> StreamEnd {
+        let n = self.attempts.entry(ack.seq).or_insert(0);
+        *n += 1;
+        let n = *n;
+        logged(
+            self.app
+                .store
+                .add_sent(self.jid, self.tname, 0, 0, 1, 0)
+                .await,
+            self.jid,
+            "retry count",
+        );
+        self.app
+            .metrics
+            .packages_retried
+            .get_or_create(&self.lbl)
+            .inc();
+        if n >= 2 * MAX_PACKAGE_ATTEMPTS {
+            return StreamEnd::Fatal(format!(
+                "package {} refused {n} times, even after giving its items up: {}",
+                ack.seq, ack.message
+            ));
+        }
+        if n >= MAX_PACKAGE_ATTEMPTS {
+            // Sent again as a package that gives its items up (see `send`).
+            return StreamEnd::Rewind(format!(
+                "package {} refused {n} times ({}); its items are given up",
+                ack.seq, ack.message
+            ));
+        }
+        StreamEnd::Rewind(format!(
+            "package {} must be sent again: {}",
+            ack.seq, ack.message
+        ))
+    }
+
+    /// Sends one package (given up first if it failed too often).
+    async fn send(&mut self, mut b: Built) -> Result<(), StreamEnd> {
+        let seq = b.pkg.seq;
+        if self
+            .attempts
+            .get(&seq)
+            .is_some_and(|n| *n >= MAX_PACKAGE_ATTEMPTS)
+        {
+            give_up_package(&mut b);
+        }
+        let wire = b.pkg.payload.len() as i64;
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::maybe_corrupt(&mut b.pkg);
+        self.inflight.push_back(InFlight {
+            seq,
+            cursor_after: b.cursor_after,
+            items: b.items,
+            bytes: b.bytes,
+            deletes: b.deletes,
+            errors: b.errors,
+        });
+        self.unrecorded.packages += 1;
+        self.unrecorded.wire += wire;
+        self.app
+            .metrics
+            .packages_sent
+            .get_or_create(&self.lbl)
+            .inc();
+        self.app
+            .metrics
+            .bytes_sent
+            .get_or_create(&self.lbl)
+            .inc_by(wire as u64);
+        let req = pb::ImportRequest {
+            msg: Some(pb::import_request::Msg::Package(b.pkg)),
+        };
+        self.otx.send(req).await.map_err(|_| {
+            StreamEnd::Disconnected(format!("stream closed while sending package {seq}"), false)
+        })
+    }
+
+    /// Stores what was sent and not yet counted, and the final progress of a finished
+    /// stream.
+    async fn finish(self, end: StreamEnd) -> StreamEnd {
+        if self.unrecorded.packages > 0 {
+            let r = self
+                .app
+                .store
+                .add_sent(
+                    self.jid,
+                    self.tname,
+                    self.unrecorded.packages,
+                    self.unrecorded.wire,
+                    0,
+                    0,
+                )
+                .await;
+            logged(r, self.jid, "sent-package counts");
+        }
+        if matches!(end, StreamEnd::Done { .. }) {
+            emit_progress(
+                self.app,
+                self.jid,
+                self.tname,
+                self.bytes_this_stream,
+                self.started,
+            )
+            .await;
+        }
+        end
+    }
+}
+
+/// Replaces a package that failed its checksum MAX_PACKAGE_ATTEMPTS times by one with
+/// the same number that abandons its items (so the sequence stays contiguous and the
+/// target drops what it staged of them); each item becomes an item error.
+fn give_up_package(b: &mut Built) {
+    let payload = match package::open(&b.pkg, &package::Limits::default()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(seq = b.pkg.seq, error = %e, "cannot reopen a package to give it up");
+            pb::PackagePayload::default()
+        }
+    };
+    let (keep, paths) = split_for_giving_up(payload);
+    let dirs = keep.len() as u64;
+    let reason = format!(
+        "package {} failed its checksum on the target {MAX_PACKAGE_ATTEMPTS} times",
+        b.pkg.seq
+    );
+    let entries = keep
+        .into_iter()
+        .chain(paths.iter().map(|p| pb::Entry {
+            op: Some(pb::entry::Op::Abort(pb::AbortItem {
+                path: p.clone(),
+                reason: reason.clone(),
+            })),
+        }))
+        .collect();
+    let phase = pb::Phase::try_from(b.pkg.phase).unwrap_or(pb::Phase::Content);
+    let compression = pb::Compression::try_from(b.pkg.compression).unwrap_or(pb::Compression::None);
+    b.pkg = package::seal(
+        b.pkg.seq,
+        phase,
+        &pb::PackagePayload { entries },
+        compression,
+    );
+    b.items = dirs;
+    b.bytes = 0;
+    b.deletes = 0;
+    b.errors.extend(paths.into_iter().map(|path| NewItemError {
+        path,
+        code: ErrorCode::ChecksumMismatch.as_str().into(),
+        message: reason.clone(),
+        retryable: true,
+    }));
+}
+
+/// A package's directory puts, which stay (they carry no body, and giving one up would
+/// fail everything below it), and every other item's path, once each, in order.
+fn split_for_giving_up(payload: pb::PackagePayload) -> (Vec<pb::Entry>, Vec<String>) {
+    let mut keep: Vec<pb::Entry> = Vec::new();
+    let mut paths: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for e in payload.entries {
+        let path = match e.op {
+            Some(pb::entry::Op::Put(m)) if m.kind == pb::ItemKind::Directory as i32 => {
+                keep.push(pb::Entry {
+                    op: Some(pb::entry::Op::Put(m)),
+                });
+                continue;
+            }
+            Some(pb::entry::Op::Put(m)) => m.path,
+            Some(pb::entry::Op::Data(d)) => d.path,
+            Some(pb::entry::Op::Delete(d)) => d.path,
+            _ => continue,
+        };
+        if seen.insert(path.clone()) {
+            paths.push(path);
+        }
+    }
+    (keep, paths)
+}

@@ -1,0 +1,554 @@
+//! One target of a job, phase by phase: connect (open the session), plan, send (streams
+//! with reconnects, rewinds and waits for space), commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use cms_mirror::config::{ChannelConfig, TargetConfig};
+use cms_mirror::jobstore::{JobOptions, JobRow, TargetRow, TargetState};
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_client::TargetServiceClient;
+use cms_mirror::security::AuthChannel;
+
+use super::remote_plan::make_plan;
+use super::retry::{GaveUp, backoff, retryable, retrying, wait_unless_cancelled, within};
+use super::stream::{StreamEnd, stream_once};
+use super::{current_row, logged, status_text, target_label, traced};
+use crate::App;
+use crate::metrics::Metrics;
+use crate::plan::{self, PlanError};
+
+/// What became of one target of a job.
+#[derive(Debug)]
+pub(super) struct TargetOutcome {
+    pub(super) state: TargetState,
+    pub(super) items: u64,
+    pub(super) bytes: u64,
+    pub(super) deletes: u64,
+    pub(super) item_errors: u64,
+    pub(super) error: Option<String>,
+}
+
+impl TargetOutcome {
+    fn from_row(state: TargetState, r: &TargetRow) -> TargetOutcome {
+        TargetOutcome {
+            state,
+            items: r.items_done as u64,
+            bytes: r.bytes_done as u64,
+            deletes: r.deletes_done as u64,
+            item_errors: r.item_errors as u64,
+            error: None,
+        }
+    }
+}
+
+/// Why a target's run stopped before its outcome was decided.
+enum Stop {
+    /// The target failed: the message, and the item errors counted so far.
+    Failed(String, u64),
+    Cancelled,
+}
+
+/// Runs one target of a job to its outcome.
+pub(super) async fn run_target(
+    app: &Arc<App>,
+    job: &JobRow,
+    ch: &ChannelConfig,
+    t: &TargetConfig,
+    cancel: watch::Receiver<bool>,
+) -> TargetOutcome {
+    let run = TargetRun::new(app, job, ch, t, cancel).await;
+    let mut run = match run {
+        Ok(r) => r,
+        Err(msg) => return fail(app, &job.id, &t.name, msg, 0).await,
+    };
+    match run.run().await {
+        Ok(outcome) => outcome,
+        Err(Stop::Failed(msg, errors)) => fail(app, &job.id, &t.name, msg, errors).await,
+        Err(Stop::Cancelled) => {
+            let state = TargetState::Cancelled;
+            logged(
+                app.store
+                    .set_target_state(&job.id, &t.name, state, None)
+                    .await,
+                &job.id,
+                "target state",
+            );
+            TargetOutcome {
+                state,
+                items: 0,
+                bytes: 0,
+                deletes: 0,
+                item_errors: 0,
+                error: Some("cancelled".into()),
+            }
+        }
+    }
+}
+
+async fn fail(app: &Arc<App>, jid: &str, tname: &str, msg: String, errors: u64) -> TargetOutcome {
+    let state = TargetState::Failed;
+    logged(
+        app.store
+            .set_target_state(jid, tname, state, Some(&msg))
+            .await,
+        jid,
+        "target state",
+    );
+    tracing::warn!(job = jid, target = tname, error = %msg, "target failed");
+    app.bus
+        .emit(jid, "target_failed", tname, json!({"error": msg}))
+        .await;
+    TargetOutcome {
+        state,
+        items: 0,
+        bytes: 0,
+        deletes: 0,
+        item_errors: errors,
+        error: Some(msg),
+    }
+}
+
+/// One target of a running job.
+struct TargetRun<'a> {
+    app: &'a Arc<App>,
+    jid: &'a str,
+    ch: &'a ChannelConfig,
+    t: &'a TargetConfig,
+    opts: JobOptions,
+    client: TargetServiceClient<AuthChannel>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl<'a> TargetRun<'a> {
+    async fn new(
+        app: &'a Arc<App>,
+        job: &'a JobRow,
+        ch: &'a ChannelConfig,
+        t: &'a TargetConfig,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<TargetRun<'a>, String> {
+        let jid = job.id.as_str();
+        let state = TargetState::Connecting;
+        logged(
+            app.store.set_target_state(jid, &t.name, state, None).await,
+            jid,
+            "target state",
+        );
+        // Token and TLS files are read for every job, so rotating them needs no restart.
+        let channel = t
+            .auth
+            .channel(&t.url)
+            .map_err(|e| format!("{}: {e}", target_label(t)))?;
+        let client = TargetServiceClient::new(channel)
+            .max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE)
+            .max_encoding_message_size(cms_mirror::transport::MAX_MESSAGE);
+        Ok(TargetRun {
+            app,
+            jid,
+            ch,
+            t,
+            opts: job.options(),
+            client,
+            cancel,
+        })
+    }
+
+    fn tname(&self) -> &'a str {
+        self.t.name.as_str()
+    }
+
+    async fn set_state(&self, state: TargetState) {
+        let r = self
+            .app
+            .store
+            .set_target_state(self.jid, self.tname(), state, None)
+            .await;
+        logged(r, self.jid, "target state");
+    }
+
+    async fn emit(&self, kind: &str, data: serde_json::Value) {
+        self.app.bus.emit(self.jid, kind, self.tname(), data).await;
+    }
+
+    async fn run(&mut self) -> Result<TargetOutcome, Stop> {
+        let session = if self.opts.dry_run {
+            None
+        } else {
+            Some(self.connect().await?)
+        };
+        let resume_seq = session.as_ref().map_or(0, |s| s.last_applied_seq);
+        let totals = self.plan(resume_seq).await?;
+        let Some(session) = session else {
+            self.set_state(TargetState::Planned).await;
+            return Ok(TargetOutcome {
+                state: TargetState::Planned,
+                items: totals.items(),
+                bytes: totals.bytes,
+                deletes: totals.deletes,
+                item_errors: 0,
+                error: None,
+            });
+        };
+        if session.committed {
+            self.set_state(TargetState::Committed).await;
+            let r = current_row(self.app, self.jid, self.tname()).await;
+            return Ok(TargetOutcome::from_row(TargetState::Committed, &r));
+        }
+        self.set_state(TargetState::Sending).await;
+        let last_seq = self.send(&session.session_id).await?;
+        self.commit(&session.session_id, last_seq).await
+    }
+
+    /// Opens (or re-opens, to resume) the session, retrying within the budget.
+    async fn connect(&mut self) -> Result<pb::OpenSessionResponse, Stop> {
+        let req = pb::OpenSessionRequest {
+            job_id: self.jid.to_string(),
+            site: self.t.site.clone(),
+            lineage: self.opts.lineage.clone(),
+            source_id: self.app.instance_id.clone(),
+            channel: self.ch.name.clone(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
+            dry_run: false,
+        };
+        let (app, jid, tname, ack_timeout) =
+            (self.app, self.jid, self.tname(), self.ch.ack_timeout);
+        let client = &self.client;
+        let opened = retrying(
+            self.ch.retry_budget,
+            &mut self.cancel,
+            || {
+                let (mut client, req) = (client.clone(), req.clone());
+                Box::pin(async move { within(ack_timeout, client.open_session(traced(req))).await })
+            },
+            retryable,
+            |attempt, s: &tonic::Status| {
+                let data = json!({"attempt": attempt, "error": s.message()});
+                Box::pin(async move {
+                    app.bus.emit(jid, "reconnecting", tname, data).await;
+                })
+            },
+        )
+        .await;
+        let s = match opened {
+            Ok(r) => r.into_inner(),
+            Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
+            Err(GaveUp::Failed(s)) => {
+                let msg = format!(
+                    "{} unreachable or refused the session: {}",
+                    target_label(self.t),
+                    status_text(&s)
+                );
+                return Err(Stop::Failed(msg, 0));
+            }
+        };
+        if s.protocol_version < cms_mirror::PROTOCOL_VERSION {
+            let msg = format!(
+                "{} speaks protocol version {} (0: older than 2), this source needs {}; upgrade the target",
+                target_label(self.t),
+                s.protocol_version,
+                cms_mirror::PROTOCOL_VERSION
+            );
+            return Err(Stop::Failed(msg, 0));
+        }
+        let data =
+            json!({"url": self.t.url, "site": self.t.site, "last_applied_seq": s.last_applied_seq});
+        self.emit("target_connected", data).await;
+        Ok(s)
+    }
+
+    /// Plans, unless a stored plan of this job exists (resume); checks `max_delete`
+    /// and announces the totals. `resume_seq` is the last package the target applied.
+    async fn plan(&mut self, resume_seq: u64) -> Result<plan::Totals, Stop> {
+        let plan_dir = self.app.plan_dir(self.jid, self.tname());
+        let row = self
+            .app
+            .store
+            .targets(self.jid)
+            .await
+            .ok()
+            .and_then(|v| v.into_iter().find(|r| r.target == self.tname()));
+        let planned_before = row.as_ref().is_some_and(|r| r.planned == 1);
+        if let Some(totals) = plan::load_totals(&plan_dir).filter(|_| planned_before) {
+            self.check_max_delete(&totals)?;
+            return Ok(totals);
+        }
+        self.set_state(TargetState::Planning).await;
+        let totals = self.make_plan(&plan_dir).await?;
+        self.check_max_delete(&totals)?;
+        // Planned before, but the plan is not here: another instance ran this job (or the
+        // data directory was lost). The new plan holds only what is left.
+        let replanned = row.filter(|_| planned_before);
+        self.store_totals(&totals, resume_seq as i64, replanned.as_ref())
+            .await?;
+        Ok(totals)
+    }
+
+    async fn make_plan(&mut self, plan_dir: &std::path::Path) -> Result<plan::Totals, Stop> {
+        let (app, jid, tname) = (self.app, self.jid, self.tname());
+        let (ch, t, opts) = (self.ch, self.t, &self.opts);
+        let client = &self.client;
+        let planned = retrying(
+            ch.retry_budget,
+            &mut self.cancel,
+            || {
+                let mut client = client.clone();
+                let span = tracing::info_span!("plan", job = %jid, target = %tname);
+                Box::pin(
+                    async move { make_plan(app, &mut client, ch, t, opts, plan_dir, jid).await }
+                        .instrument(span),
+                )
+            },
+            |e| matches!(e, PlanError::ManifestBroke(_)),
+            |attempt, e: &PlanError| {
+                let data = json!({"attempt": attempt, "error": e.to_string()});
+                Box::pin(async move {
+                    app.bus.emit(jid, "reconnecting", tname, data).await;
+                })
+            },
+        )
+        .await;
+        match planned {
+            Ok(totals) => Ok(totals),
+            Err(GaveUp::Cancelled) => Err(Stop::Cancelled),
+            Err(GaveUp::Failed(e)) => Err(Stop::Failed(e.to_string(), 0)),
+        }
+    }
+
+    fn check_max_delete(&self, totals: &plan::Totals) -> Result<(), Stop> {
+        let Some(limit) = self.ch.max_delete.map(|m| m.limit(totals.target_items)) else {
+            return Ok(());
+        };
+        if totals.deletes <= limit {
+            return Ok(());
+        }
+        Err(Stop::Failed(
+            format!(
+                "max_delete exceeded: the plan deletes {} of {} items on {}, the limit is {limit}; nothing was deleted",
+                totals.deletes,
+                totals.target_items,
+                target_label(self.t)
+            ),
+            0,
+        ))
+    }
+
+    /// Stores a new plan's totals (added to what an earlier plan of this job already
+    /// did) and announces them.
+    async fn store_totals(
+        &self,
+        totals: &plan::Totals,
+        seq: i64,
+        replanned: Option<&TargetRow>,
+    ) -> Result<(), Stop> {
+        let store = &self.app.store;
+        let (jid, tname) = (self.jid, self.tname());
+        let (items, bytes, deletes) = (
+            totals.items() as i64,
+            totals.bytes as i64,
+            totals.deletes as i64,
+        );
+        let stored = match replanned {
+            Some(_) => store.replan(jid, tname, items, bytes, deletes, seq).await,
+            None => {
+                store
+                    .set_planned(jid, tname, items, bytes, deletes, seq)
+                    .await
+            }
+        };
+        if let Err(e) = stored {
+            return Err(Stop::Failed(
+                format!("cannot store the plan totals: {e}"),
+                0,
+            ));
+        }
+        let (items_done, bytes_done, deletes_done) = replanned
+            .map(|r| (r.items_done, r.bytes_done, r.deletes_done))
+            .unwrap_or_default();
+        self.emit(
+            "planned",
+            json!({
+                "items_total": items + items_done, "bytes_total": bytes + bytes_done,
+                "deletes_total": deletes + deletes_done,
+                "creates": totals.creates, "updates": totals.updates, "unchanged": totals.unchanged,
+                "replanned": replanned.is_some(),
+            }),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Streams the plan until every package is acknowledged; returns the last package.
+    async fn send(&mut self, session_id: &str) -> Result<u64, Stop> {
+        let plan_dir = self.app.plan_dir(self.jid, self.tname());
+        let mut attempts: HashMap<u64, u32> = HashMap::new();
+        let mut failures = 0u32;
+        let mut space_waits = 0u32;
+        let (jid, tname) = (self.jid, self.tname());
+        loop {
+            let span = tracing::info_span!("package_batch", job = %jid, target = %tname);
+            let end = stream_once(
+                self.app,
+                &mut self.client,
+                self.jid,
+                self.ch,
+                self.t,
+                session_id,
+                &plan_dir,
+                &mut self.cancel,
+                &mut attempts,
+            )
+            .instrument(span)
+            .await;
+            match end {
+                StreamEnd::Done { last_seq } => return Ok(last_seq),
+                StreamEnd::Cancelled => {
+                    self.abort_session(session_id).await;
+                    return Err(Stop::Cancelled);
+                }
+                StreamEnd::Fatal(msg) => {
+                    // The session ends here: the target drops what it staged.
+                    self.abort_session(session_id).await;
+                    let errs = current_row(self.app, self.jid, self.tname())
+                        .await
+                        .item_errors;
+                    return Err(Stop::Failed(
+                        format!("{}: {msg}", target_label(self.t)),
+                        errs as u64,
+                    ));
+                }
+                StreamEnd::Rewind(why) => self.emit("rewind", json!({"reason": why})).await,
+                StreamEnd::WaitForSpace(why) => {
+                    space_waits += 1;
+                    self.wait_for_space(space_waits, why).await?;
+                }
+                StreamEnd::Disconnected(why, progressed) => {
+                    // The budget bounds consecutive failures: a stream that made progress
+                    // starts the count again.
+                    failures = if progressed { 1 } else { failures + 1 };
+                    self.reconnect(failures, why).await?;
+                }
+            }
+        }
+    }
+
+    /// Waits (with a growing pause, up to 30 s) before a package the target had no
+    /// room for is sent again.
+    async fn wait_for_space(&mut self, waits: u32, why: String) -> Result<(), Stop> {
+        let wait = Duration::from_secs((1u64 << waits.min(5)).min(30));
+        if waits == 1 {
+            self.set_state(TargetState::WaitingForSpace).await;
+        }
+        let data = json!({"reason": why, "retry_in_ms": wait.as_millis() as u64});
+        self.emit("waiting_for_space", data).await;
+        if !wait_unless_cancelled(wait, &mut self.cancel).await {
+            return Err(Stop::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Counts a broken stream and waits before the next, or gives the target up past
+    /// the retry budget.
+    async fn reconnect(&mut self, failures: u32, why: String) -> Result<(), Stop> {
+        let (jid, tname) = (self.jid, self.tname());
+        logged(
+            self.app.store.add_sent(jid, tname, 0, 0, 0, 1).await,
+            jid,
+            "reconnect count",
+        );
+        self.app
+            .metrics
+            .reconnects
+            .get_or_create(&Metrics::target(&self.ch.name, tname))
+            .inc();
+        if failures > self.ch.retry_budget {
+            let errs = current_row(self.app, jid, tname).await.item_errors as u64;
+            let msg = format!(
+                "{} unreachable after {failures} attempts: {why}",
+                target_label(self.t)
+            );
+            return Err(Stop::Failed(msg, errs));
+        }
+        self.emit(
+            "target_disconnected",
+            json!({"error": why, "attempt": failures}),
+        )
+        .await;
+        if !wait_unless_cancelled(backoff(failures), &mut self.cancel).await {
+            return Err(Stop::Cancelled);
+        }
+        self.emit("reconnecting", json!({"attempt": failures}))
+            .await;
+        Ok(())
+    }
+
+    /// Commits the session (directory times, hooks) and decides the outcome.
+    async fn commit(&mut self, session_id: &str, last_seq: u64) -> Result<TargetOutcome, Stop> {
+        let req = pb::CommitRequest {
+            session_id: session_id.to_string(),
+            last_seq,
+            run_hooks: true,
+            abort: false,
+        };
+        let client = &self.client;
+        let committed = retrying(
+            self.ch.retry_budget,
+            &mut self.cancel,
+            || {
+                let (mut client, req) = (client.clone(), req.clone());
+                Box::pin(async move { client.commit(traced(req)).await })
+            },
+            retryable,
+            |_, _| Box::pin(async {}),
+        )
+        .await;
+        let row = current_row(self.app, self.jid, self.tname()).await;
+        let r = match committed {
+            Ok(r) => r.into_inner(),
+            Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
+            Err(GaveUp::Failed(s)) => {
+                let msg = format!(
+                    "{}: commit failed: {}",
+                    target_label(self.t),
+                    status_text(&s)
+                );
+                return Err(Stop::Failed(msg, row.item_errors as u64));
+            }
+        };
+        for h in &r.hooks {
+            self.emit("hook_result", json!({"hook": h.hook, "ok": h.ok, "status": h.status, "error": h.error, "attempts": h.attempts, "duration_ms": h.duration_ms})).await;
+        }
+        let state = if row.item_errors > 0 {
+            TargetState::CompletedWithErrors
+        } else {
+            TargetState::Committed
+        };
+        self.set_state(state).await;
+        if row.item_errors == 0 {
+            let r = self
+                .app
+                .store
+                .record_success(&self.ch.name, self.tname(), self.jid, cms_mirror::now_ms())
+                .await;
+            logged(r, self.jid, "the last success");
+        }
+        self.emit("committed", json!({"created": r.items_created, "updated": r.items_updated, "deleted": r.items_deleted}))
+            .await;
+        Ok(TargetOutcome::from_row(TargetState::Committed, &row))
+    }
+
+    /// Tells the target to drop a session's staged files (best effort, bounded).
+    async fn abort_session(&mut self, session_id: &str) {
+        let req = pb::CommitRequest {
+            session_id: session_id.to_string(),
+            abort: true,
+            ..Default::default()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.commit(req)).await;
+    }
+}

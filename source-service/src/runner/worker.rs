@@ -1,0 +1,186 @@
+//! The worker loop (claim runnable jobs, run each) and one job from claim to outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use cms_mirror::config::ChannelConfig;
+use cms_mirror::jobstore::{JobRow, JobState, TargetState};
+
+use super::target::{TargetOutcome, run_target};
+use crate::App;
+
+/// The worker loop: claims runnable jobs and runs them, until `shutdown`.
+pub async fn worker(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match app.store.claim_next(&app.instance_id, app.lease_ms).await {
+            Ok(Some(job)) => {
+                let app2 = app.clone();
+                tokio::spawn(async move { run_job(app2, job).await });
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "cannot claim jobs; retrying"),
+        }
+        tokio::select! {
+            _ = app.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Runs one claimed job to its end, in a span that continues the trace of the request
+/// that started it.
+pub async fn run_job(app: Arc<App>, job: JobRow) {
+    let span = tracing::info_span!("job", job = %job.id, channel = %job.channel, trigger = %job.trigger_kind);
+    cms_mirror::telemetry::follow_stored(&span, &job.options().trace);
+    run_job_inner(app, job).instrument(span).await
+}
+
+async fn run_job_inner(app: Arc<App>, job: JobRow) {
+    let id = job.id.clone();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    app.running
+        .lock()
+        .expect("running lock")
+        .insert(id.clone(), cancel_tx.clone());
+    let resumed = job.event_seq > 1;
+    let kind = if resumed { "resumed" } else { "started" };
+    app.bus
+        .emit(&id, kind, "", json!({"instance": app.instance_id}))
+        .await;
+    let keeper = spawn_keeper(app.clone(), id.clone(), cancel_tx);
+    let (state, error, summary) = match app.config.channel(&job.channel) {
+        None => (
+            JobState::Failed,
+            Some(format!(
+                "unknown channel {:?} (not in the source's configuration)",
+                job.channel
+            )),
+            String::new(),
+        ),
+        Some(ch) => {
+            let ch = ch.clone();
+            let futs = ch.targets.iter().map(|t| {
+                run_target(&app, &job, &ch, t, cancel_rx.clone())
+                    .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
+            });
+            let outcomes = futures::future::join_all(futs).await;
+            aggregate(&ch, &outcomes, *cancel_rx.borrow(), job.options().dry_run)
+        }
+    };
+    keeper.abort();
+    app.running.lock().expect("running lock").remove(&id);
+    finish(&app, &job, state, error, summary).await;
+}
+
+/// Renews the job's lease and polls for a cancel (which may arrive through another
+/// instance) until aborted; a lost lease stops the job here.
+fn spawn_keeper(
+    app: Arc<App>,
+    id: String,
+    cancel_tx: watch::Sender<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = Duration::from_millis((app.lease_ms / 3).max(100) as u64);
+        loop {
+            tokio::time::sleep(every.min(Duration::from_millis(500))).await;
+            match app
+                .store
+                .renew_lease(&id, &app.instance_id, app.lease_ms)
+                .await
+            {
+                Ok(false) => {
+                    tracing::warn!(job = %id, "lease lost; stopping");
+                    let _ = cancel_tx.send(true);
+                    return;
+                }
+                Err(e) => tracing::warn!(job = %id, error = %e, "cannot renew lease"),
+                Ok(true) => {}
+            }
+            if let Ok(j) = app.store.get_job(&id).await
+                && j.cancel_requested != 0
+            {
+                let _ = cancel_tx.send(true);
+            }
+        }
+    })
+}
+
+/// Records the job's outcome, counts it and tells the watchers.
+async fn finish(
+    app: &Arc<App>,
+    job: &JobRow,
+    state: JobState,
+    error: Option<String>,
+    summary: String,
+) {
+    let id = job.id.as_str();
+    // A job whose lease was taken over is finished by its new owner.
+    if let Ok(j) = app.store.get_job(id).await
+        && j.lease_owner.as_deref() != Some(app.instance_id.as_str())
+        && j.state() == JobState::Running
+    {
+        return;
+    }
+    if let Err(e) = app
+        .store
+        .finish_job(id, state, error.as_deref(), &summary)
+        .await
+    {
+        tracing::error!(job = %id, error = %e, "cannot record the job outcome");
+    }
+    app.metrics
+        .jobs
+        .get_or_create(&cms_mirror::observe::labels(&[
+            ("channel", &job.channel),
+            ("outcome", state.as_str()),
+        ]))
+        .inc();
+    let targets = app.store.targets(id).await.unwrap_or_default();
+    app.bus
+        .emit(id, "finished", "", json!({"state": state.as_str(), "error": error, "summary": summary, "targets": targets}))
+        .await;
+    tracing::info!(job = %id, state = state.as_str(), %summary, "job finished");
+}
+
+fn aggregate(
+    ch: &ChannelConfig,
+    outcomes: &[TargetOutcome],
+    cancelled: bool,
+    dry_run: bool,
+) -> (JobState, Option<String>, String) {
+    let items: u64 = outcomes.iter().map(|o| o.items).sum();
+    let bytes: u64 = outcomes.iter().map(|o| o.bytes).sum();
+    let deletes: u64 = outcomes.iter().map(|o| o.deletes).sum();
+    let errors: u64 = outcomes.iter().map(|o| o.item_errors).sum();
+    let verb = if dry_run { "would mirror" } else { "mirrored" };
+    let summary = format!(
+        "{verb} {items} items ({bytes} bytes) and {deletes} deletes to {} target(s); {errors} item error(s)",
+        outcomes.len()
+    );
+    let failed: Vec<String> = ch
+        .targets
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| o.state == TargetState::Failed)
+        .map(|(t, o)| format!("{}: {}", t.name, o.error.clone().unwrap_or_default()))
+        .collect();
+    if cancelled && outcomes.iter().any(|o| o.state == TargetState::Cancelled) {
+        return (JobState::Cancelled, Some("cancelled".into()), summary);
+    }
+    if !failed.is_empty() {
+        return (JobState::Failed, Some(failed.join("; ")), summary);
+    }
+    if errors > 0 {
+        return (JobState::CompletedWithErrors, None, summary);
+    }
+    (JobState::Succeeded, None, summary)
+}

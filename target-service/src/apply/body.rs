@@ -1,0 +1,505 @@
+use super::pathcheck::DestDirs;
+use super::publish::touch_parent;
+use super::unix::{create_unnamed, created_with, file_time};
+use super::writer::{BodyWriter, DIRECT_MIN, Deferred, FileWrites, write_hashed};
+use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
+use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, hex, parent};
+use cms_mirror::pb;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A file whose body is arriving over several entries (possibly several packages).
+pub(super) struct OpenFile {
+    pub(super) meta: Item,
+    pub(super) file: File,
+    /// The body's name in the session's staging directory; `None` while it is an unnamed
+    /// file in its destination directory (`O_TMPFILE`), which a crash simply frees.
+    pub(super) tmp: Option<PathBuf>,
+    /// Its destination directory, open, while `tmp` is `None`.
+    pub(super) dir: Option<Arc<OwnedFd>>,
+    /// Incremental hash while chunks arrive contiguously from offset 0 in this process.
+    pub(super) hasher: Option<blake3::Hasher>,
+    pub(super) next_offset: u64,
+    /// Whether the metadata sidecar exists (written only for a file still in progress
+    /// when its package ends, so a restarted target can finish it).
+    pub(super) meta_written: bool,
+    /// Set once a chunk's write was left for its package's finishing task: from then on
+    /// every chunk of this body is written there (see [`Deferred`]).
+    pub(super) writes: Option<Arc<FileWrites>>,
+}
+
+impl OpenFile {
+    pub(super) fn remove(self) {
+        if let Some(t) = &self.tmp {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
+/// Per-session state of files in progress (kept in memory, rebuilt from the staging
+/// directory after a restart).
+pub struct SessionFiles {
+    pub dir: PathBuf,
+    pub(super) open: HashMap<String, OpenFile>,
+    pub(super) failed: HashSet<String>,
+    /// Set by an abort: no package of this session is applied any more.
+    pub aborted: bool,
+    pub(super) writer: BodyWriter,
+    /// Writers of the other threads that write whole files (see [`write_wholes`]).
+    pub(super) helpers: Vec<BodyWriter>,
+    /// Writes the chunks left for the packages' finishing tasks, one package at a time.
+    pub(super) deferred_writer: Arc<Mutex<BodyWriter>>,
+    /// Drop a package's bodies from the page cache once they are durable (see
+    /// [`publish`]).
+    pub(super) drop_cache: bool,
+}
+
+impl SessionFiles {
+    /// `direct_io`: write large block-aligned chunks with direct I/O (see [`BodyWriter`])
+    /// and drop the rest of each body from the page cache once it is durable; only when
+    /// acknowledgements wait for the disk.
+    pub fn new(dir: PathBuf, direct_io: bool) -> SessionFiles {
+        SessionFiles {
+            dir,
+            open: HashMap::new(),
+            failed: HashSet::new(),
+            aborted: false,
+            writer: BodyWriter::new(direct_io),
+            helpers: Vec::new(),
+            deferred_writer: Arc::new(Mutex::new(BodyWriter::new(direct_io))),
+            drop_cache: direct_io,
+        }
+    }
+}
+
+/// What a whole file weighs when a package's whole files are split between threads: its
+/// bytes plus this much for creating, timing and linking it.
+pub(super) const WHOLE_FILE_WEIGHT: u64 = 16 * 1024;
+
+/// Packages whose whole files weigh less are written on the staging thread alone (32
+/// small files, or a few larger ones).
+pub(super) const WHOLE_PARALLEL_MIN: u64 = 32 * WHOLE_FILE_WEIGHT;
+
+/// A file whose whole body follows its put in the same package.
+pub(super) struct WholeFile {
+    pub(super) item: Item,
+    pub(super) data: pb::FileData,
+}
+
+/// The chunk after a file's put when it is the file's whole body: taken from `entries`,
+/// for [`write_wholes`].
+pub(super) fn take_whole_body(
+    item: &Item,
+    entries: &mut std::iter::Peekable<impl Iterator<Item = pb::Entry>>,
+) -> Option<pb::FileData> {
+    if item.kind != Kind::File || item.size == 0 {
+        return None;
+    }
+    let whole = |e: &pb::Entry| {
+        matches!(&e.op, Some(pb::entry::Op::Data(d))
+            if d.path == item.path && d.offset == 0 && d.last && d.data.len() as u64 == item.size)
+    };
+    if !entries.peek().is_some_and(whole) {
+        return None;
+    }
+    match entries.next()?.op? {
+        pb::entry::Op::Data(d) => Some(d),
+        _ => None,
+    }
+}
+
+/// Writes whole files (their checks already made in package order) into unnamed files
+/// beside their destinations, verifies their hashes and sets their times. Small files
+/// cost a few system calls that mostly wait on the kernel's locks and page allocation,
+/// larger ones a hash and a copy: a package's files are split between threads by
+/// weight, in contiguous parts (`writer` serves the first, `helpers` the others).
+/// Returns, per file in package order, what to publish (with the bytes written with
+/// direct I/O), or the file's error.
+pub(super) fn write_wholes(
+    site: &SiteFs,
+    session_dir: &Path,
+    wholes: Vec<WholeFile>,
+    writer: &mut BodyWriter,
+    helpers: &mut Vec<BodyWriter>,
+) -> Vec<Result<(Publish, u64), (String, pb::ItemError)>> {
+    let write_all = |part: Vec<WholeFile>, writer: &mut BodyWriter| {
+        let mut dirs = DestDirs::default();
+        part.into_iter()
+            .map(|w| {
+                let path = w.item.path.clone();
+                write_whole(site, session_dir, &mut dirs, writer, w).map_err(|e| (path, e))
+            })
+            .collect::<Vec<_>>()
+    };
+    let weight = |w: &WholeFile| w.item.size + WHOLE_FILE_WEIGHT;
+    let total: u64 = wholes.iter().map(weight).sum();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get().min(4))
+        .min(wholes.len());
+    if threads < 2 || total < WHOLE_PARALLEL_MIN {
+        return write_all(wholes, writer);
+    }
+    // Contiguous parts of about equal weight: the files of one directory mostly stay on
+    // one thread.
+    let mut parts: Vec<Vec<WholeFile>> = vec![Vec::new()];
+    let mut acc = 0;
+    for w in wholes {
+        let cut = total * parts.len() as u64 / threads as u64;
+        if acc >= cut && parts.len() < threads && !parts.last().expect("one part").is_empty() {
+            parts.push(Vec::new());
+        }
+        acc += weight(&w);
+        parts.last_mut().expect("one part").push(w);
+    }
+    while helpers.len() < parts.len() - 1 {
+        helpers.push(BodyWriter::new(writer.direct));
+    }
+    let first = parts.remove(0);
+    let all = std::thread::scope(|s| {
+        let others: Vec<_> = parts
+            .into_iter()
+            .zip(helpers.iter_mut())
+            .map(|(p, w)| s.spawn(move || write_all(p, w)))
+            .collect();
+        let mut all = write_all(first, writer);
+        for h in others {
+            all.extend(h.join().expect("a staging thread panicked"));
+        }
+        all
+    });
+    // A file system that refused direct I/O on one thread refuses it on all.
+    if helpers.iter().any(|h| !h.direct) {
+        writer.direct = false;
+    }
+    for h in helpers.iter_mut() {
+        h.direct = writer.direct;
+    }
+    all
+}
+
+/// Writes one whole file; see [`write_wholes`].
+pub(super) fn write_whole(
+    site: &SiteFs,
+    session_dir: &Path,
+    dirs: &mut DestDirs,
+    writer: &mut BodyWriter,
+    w: WholeFile,
+) -> Result<(Publish, u64), pb::ItemError> {
+    let WholeFile { mut item, data } = w;
+    let path = item.path.clone();
+    let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
+        .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+    let mut hasher = blake3::Hasher::new();
+    let written = write_hashed(writer, &file, &data.data, 0, Some(&mut hasher));
+    let actual = hasher.finalize();
+    let mut direct = 0;
+    let written = written
+        .map_err(|e| io_item_error(&path, "cannot write", &e))
+        .and_then(|n| {
+            direct = n;
+            check_hash(&path, &actual, &data.blake3)
+        })
+        .and_then(|()| {
+            let t = file_time(item.mtime_ns);
+            filetime::set_file_handle_times(&file, Some(t), Some(t))
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))
+        });
+    if let Err(e) = written {
+        if let Some(t) = &tmp {
+            let _ = fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    item.hash = Some(actual.to_hex().to_string());
+    let publish = Publish {
+        body: staged_body(file, tmp, dir),
+        item,
+        had_meta: false,
+        late: None,
+    };
+    Ok((publish, direct))
+}
+
+/// Creates the file a new body of `item` is written into, with the item's mode: unnamed
+/// in its open destination directory where the file system allows (no name to create
+/// now nor to remove from a staging directory later, nothing left behind by a crash,
+/// and the inode lands beside its directory), else named in the session's staging
+/// directory. Returns the file and either its staging name or its open directory.
+pub(super) fn create_body(
+    site: &SiteFs,
+    session_dir: &Path,
+    dirs: &mut DestDirs,
+    item: &Item,
+) -> io::Result<(File, Option<PathBuf>, Option<Arc<OwnedFd>>)> {
+    let dir = dirs.open(&site.root, parent(&item.path))?;
+    let (file, tmp, dir) = match create_unnamed(dir.as_fd(), item.mode)? {
+        Some(f) => (f, None, Some(dir)),
+        None => {
+            let tmp = session_dir.join(staged_name("f", &item.path));
+            (File::create(&tmp)?, Some(tmp), None)
+        }
+    };
+    if tmp.is_some() || !created_with(item.mode) {
+        file.set_permissions(fs::Permissions::from_mode(item.mode))
+            .inspect_err(|_| {
+                if let Some(t) = &tmp {
+                    let _ = fs::remove_file(t);
+                }
+            })?;
+    }
+    Ok((file, tmp, dir))
+}
+
+/// A finished body to publish: its staging name if it has one, else the unnamed file
+/// and its destination directory.
+pub(super) fn staged_body(file: File, tmp: Option<PathBuf>, dir: Option<Arc<OwnedFd>>) -> Body {
+    match (tmp, dir) {
+        (Some(tmp), _) => Body::Named(tmp),
+        (None, Some(dir)) => Body::Unnamed(file, dir),
+        (None, None) => unreachable!("a body is either named or in an open directory"),
+    }
+}
+
+/// Refuses a body whose BLAKE3 is not the one the source sent.
+pub(super) fn check_hash(
+    path: &str,
+    actual: &blake3::Hash,
+    expected: &[u8],
+) -> Result<(), pb::ItemError> {
+    if expected.len() == 32 && actual.as_bytes().as_slice() == expected {
+        return Ok(());
+    }
+    let m = format!(
+        "content hash {} does not match the source's {}",
+        actual.to_hex(),
+        hex(expected)
+    );
+    Err(item_error(path, ErrorCode::ChecksumMismatch, m, true))
+}
+
+/// Writes a chunk. Returns the staged path to sync when the chunk was written to a
+/// named file.
+pub(super) fn data(
+    site: &SiteFs,
+    sess: &mut SessionFiles,
+    d: pb::FileData,
+    publish: &mut Vec<Publish>,
+    deferred: &mut Vec<Deferred>,
+    out: &mut Applied,
+) -> Result<Option<PathBuf>, pb::ItemError> {
+    let path = d.path.clone();
+    if !sess.open.contains_key(&path)
+        && d.last
+        && let Some(item) = already_published(site, &d)
+    {
+        // The target stopped after publishing this file but before recording its
+        // package; the resent last chunk finds it complete in place.
+        touch_parent(&mut out.changes, &path);
+        out.changes.changes.push((path, ChangeAction::Updated));
+        out.changes.upserts.push(item);
+        out.items += 1;
+        return Ok(None);
+    }
+    if !sess.open.contains_key(&path) {
+        // After a restart: reopen the staged file and its metadata.
+        let meta_path = sess.dir.join(staged_name("m", &path));
+        let tmp = sess.dir.join(staged_name("f", &path));
+        let meta: Item = fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                item_error(
+                    &path,
+                    ErrorCode::InvalidArgument,
+                    "file data without a preceding put",
+                    false,
+                )
+            })?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&tmp)
+            .map_err(|e| io_item_error(&path, "cannot reopen staged file", &e))?;
+        sess.open.insert(
+            path.clone(),
+            OpenFile {
+                meta,
+                file,
+                tmp: Some(tmp),
+                dir: None,
+                hasher: None,
+                next_offset: u64::MAX,
+                meta_written: true,
+                writes: None,
+            },
+        );
+    }
+    let of = sess.open.get_mut(&path).expect("inserted above");
+    let end = d.offset.saturating_add(d.data.len() as u64);
+    if end > of.meta.size {
+        return Err(item_error(
+            &path,
+            ErrorCode::InvalidArgument,
+            format!(
+                "chunk ends at {end}, beyond the announced size {}",
+                of.meta.size
+            ),
+            false,
+        ));
+    }
+    if d.offset != of.next_offset {
+        of.hasher = None;
+    }
+    let len = d.data.len() as u64;
+    // A large chunk of a body hashed as it comes is written by the finishing task, and
+    // so is every later chunk of that body; but a last chunk whose body must be read
+    // back to be hashed is written here, once the body's other writes are done.
+    let defer = match &of.writes {
+        Some(_) => !(d.last && of.hasher.is_none()),
+        None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
+    };
+    if defer {
+        let file = of
+            .file
+            .try_clone()
+            .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+        if let Some(h) = of.hasher.as_mut() {
+            h.update(&d.data);
+        }
+        let writes = of.writes.get_or_insert_with(Default::default).clone();
+        deferred.push(Deferred::new(path.clone(), file, d.data, d.offset, writes));
+    } else {
+        if let Some(w) = &of.writes {
+            // This package's own chunks of the body are written here, after those of
+            // the packages before it.
+            let mine: Vec<Deferred> = deferred.extract_if(.., |x| x.path == path).collect();
+            w.wait_until(mine.len());
+            for m in mine {
+                match sess.writer.write_at(&m.file, &m.data, m.offset) {
+                    Ok(n) => out.bytes_direct += n,
+                    Err(e) => return Err(io_item_error(&path, "cannot write", &e)),
+                }
+            }
+        }
+        match write_hashed(
+            &mut sess.writer,
+            &of.file,
+            &d.data,
+            d.offset,
+            of.hasher.as_mut(),
+        ) {
+            Ok(n) => out.bytes_direct += n,
+            Err(e) => {
+                // The chunk may come again: hash the file by reading it back at the end.
+                of.hasher = None;
+                return Err(io_item_error(&path, "cannot write", &e));
+            }
+        }
+    }
+    of.next_offset = end;
+    out.bytes += len;
+    if !d.last {
+        return Ok(of.tmp.clone());
+    }
+    let of = sess.open.remove(&path).expect("present");
+    // Written contiguously from 0 into a new file: its length is where writing ended.
+    let len = match &of.hasher {
+        Some(_) => of.next_offset,
+        None => of
+            .file
+            .metadata()
+            .map_err(|e| io_item_error(&path, "cannot stat", &e))?
+            .len(),
+    };
+    if len != of.meta.size {
+        let m = format!("received {len} bytes, expected {}", of.meta.size);
+        of.remove();
+        return Err(item_error(&path, ErrorCode::ChecksumMismatch, m, true));
+    }
+    let actual = match &of.hasher {
+        Some(h) => h.finalize(),
+        None => {
+            let mut h = blake3::Hasher::new();
+            let read = h.update_reader(ReadAt::new(&of.file));
+            if let Err(e) = read {
+                of.remove();
+                return Err(io_item_error(&path, "cannot read back", &e));
+            }
+            h.finalize()
+        }
+    };
+    if let Err(e) = check_hash(&path, &actual, &d.blake3) {
+        of.remove();
+        return Err(e);
+    }
+    let late = match of.writes {
+        Some(writes) => Some(LateTime {
+            file: of
+                .file
+                .try_clone()
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?,
+            writes,
+            mtime_ns: of.meta.mtime_ns,
+        }),
+        None => {
+            let t = file_time(of.meta.mtime_ns);
+            filetime::set_file_handle_times(&of.file, Some(t), Some(t))
+                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
+            None
+        }
+    };
+    let mut item = of.meta;
+    item.hash = Some(actual.to_hex().to_string());
+    let synced = of.tmp.clone();
+    let body = staged_body(of.file, of.tmp, of.dir);
+    publish.push(Publish {
+        body,
+        item,
+        had_meta: of.meta_written,
+        late,
+    });
+    Ok(synced)
+}
+
+/// Reads a file from offset 0 by position (the handle's offset is left alone).
+pub(super) struct ReadAt<'a> {
+    pub(super) file: &'a File,
+    pub(super) pos: u64,
+}
+
+impl<'a> ReadAt<'a> {
+    pub(super) fn new(file: &'a File) -> Self {
+        ReadAt { file, pos: 0 }
+    }
+}
+
+impl io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The item at `d.path` when it already is the complete body the last chunk `d` ends
+/// (same length, same BLAKE3) and there is nothing staged for it.
+pub(super) fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
+    let end = d.offset.checked_add(d.data.len() as u64)?;
+    let mut dirs = cms_mirror::fswalk::DirCache::new(&site.root);
+    let mut item = dirs
+        .item(&d.path)
+        .ok()
+        .filter(|i| i.kind == Kind::File && i.size == end && d.blake3.len() == 32)?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(dirs.open(&d.path).ok()?).ok()?;
+    if h.finalize().as_bytes().as_slice() != d.blake3.as_slice() {
+        return None;
+    }
+    item.hash = Some(hex(&d.blake3));
+    Some(item)
+}

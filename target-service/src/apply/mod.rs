@@ -1,0 +1,169 @@
+//! Applying a package's entries to a site directory, durably and safely.
+//!
+//! A file's body is written as an unnamed file (`O_TMPFILE`) in its destination
+//! directory, or, for a body that spans packages and where the file system has no
+//! unnamed files, under the session's staging directory (same file system). A package's
+//! bodies are made durable as one batch, then linked or renamed into place, then their
+//! directories are synced; only then does the caller record the package in the ledger
+//! and ack it. A crash at any moment leaves either the old or the new version of each
+//! file visible, never a partial one, and no unnamed file survives it.
+//!
+//! Every path is validated ([`cms_mirror::pathsafe`]) and resolved one component at a
+//! time without following symlinks: an ancestor that is a symlink (planted on the
+//! target or created by an earlier entry) refuses the item.
+
+mod body;
+mod pathcheck;
+mod publish;
+mod stage;
+#[cfg(test)]
+mod tests;
+mod unix;
+mod writer;
+
+use crate::ledger::PackageChanges;
+use cms_mirror::model::{ErrorCode, Item};
+use cms_mirror::pathsafe::STAGING_DIR;
+use cms_mirror::pb;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use writer::FileWrites;
+
+pub use body::SessionFiles;
+pub use publish::{discard, publish, restore_dir_times, uncache};
+pub use stage::{Staged, abort_session, clean_staging, stage};
+pub use writer::write_deferred;
+
+/// How an applied package is made durable before it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// One `syncfs` of the site's filesystem per package (fastest for a dedicated volume).
+    Syncfs,
+    /// `fsync` of every written file, from a few threads.
+    Fsync,
+    /// No sync (tests and benchmarks of the transport only): acks do not mean durable.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "syncfs" => Ok(Durability::Syncfs),
+            "fsync" => Ok(Durability::Fsync),
+            "none" => Ok(Durability::None),
+            o => Err(format!(
+                "unknown durability {o:?} (expected syncfs, fsync or none)"
+            )),
+        }
+    }
+}
+
+/// A site's directories.
+#[derive(Clone, Debug)]
+pub struct SiteFs {
+    pub root: PathBuf,
+}
+
+impl SiteFs {
+    pub fn staging(&self) -> PathBuf {
+        self.root.join(STAGING_DIR)
+    }
+    pub fn session_dir(&self, session: &str) -> PathBuf {
+        self.staging()
+            .join(&blake3::hash(session.as_bytes()).to_hex()[..32])
+    }
+}
+
+/// Outcome of applying one package.
+#[derive(Default)]
+pub struct Applied {
+    pub changes: PackageChanges,
+    pub errors: Vec<pb::ItemError>,
+    pub items: u64,
+    pub bytes: u64,
+    /// Of `bytes`, written with direct I/O.
+    pub bytes_direct: u64,
+    /// The target ran out of space: nothing of this package was published, it is not
+    /// recorded, and the source must send it again (or fail the job) once space is freed.
+    pub no_space: bool,
+    /// A chunk left for the finishing task could not be written (the error is in
+    /// `errors`): nothing of this package was published, it is not recorded, and the
+    /// source sends it again.
+    pub not_written: bool,
+    /// Published bodies, durable, to drop from the page cache ([`uncache`]) once the
+    /// package is recorded: not on the path of the next package's publish.
+    pub to_uncache: Vec<File>,
+}
+
+/// A staged item waiting to be put in place.
+struct Publish {
+    body: Body,
+    item: Item,
+    had_meta: bool,
+    /// A body whose chunks were written by finishing tasks gets its time at publish,
+    /// once they are all done (a write after it would change it).
+    late: Option<LateTime>,
+}
+
+struct LateTime {
+    file: File,
+    writes: Arc<FileWrites>,
+    mtime_ns: i64,
+}
+
+/// Where a staged item is.
+enum Body {
+    /// An unnamed file in its destination directory (open beside it), linked into place.
+    Unnamed(File, Arc<OwnedFd>),
+    /// A file or symlink in the session's staging directory, renamed into place.
+    Named(PathBuf),
+}
+
+impl Body {
+    fn remove(self) {
+        if let Body::Named(t) = self {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
+fn item_error(
+    path: &str,
+    code: ErrorCode,
+    message: impl Into<String>,
+    retryable: bool,
+) -> pb::ItemError {
+    pb::ItemError {
+        path: path.to_string(),
+        code: code.as_str().to_string(),
+        message: message.into(),
+        retryable,
+    }
+}
+
+/// Whether an I/O error means the disk (or the quota) is full.
+fn is_no_space(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let no_space = [Errno::NOSPC, Errno::DQUOT].map(|e| e.raw_os_error());
+    e.raw_os_error().is_some_and(|n| no_space.contains(&n))
+}
+
+fn io_item_error(path: &str, what: &str, e: &io::Error) -> pb::ItemError {
+    use rustix::io::Errno;
+    // A name the file system refuses: too long, not in its encoding, or invalid.
+    let refused = [Errno::NAMETOOLONG, Errno::ILSEQ, Errno::INVAL].map(|e| e.raw_os_error());
+    let (code, retryable) = match e.raw_os_error() {
+        _ if is_no_space(e) => (ErrorCode::NoSpace, true),
+        Some(n) if refused.contains(&n) => (ErrorCode::InvalidPath, false),
+        _ => (ErrorCode::Io, true),
+    };
+    item_error(path, code, format!("{what}: {e}"), retryable)
+}
+
+fn staged_name(prefix: &str, path: &str) -> String {
+    format!("{prefix}-{}", &blake3::hash(path.as_bytes()).to_hex()[..32])
+}

@@ -1,0 +1,311 @@
+//! The gRPC `TargetService` over the sites a target serves: its state, OpenSession and
+//! GetManifest; Import is in [`crate::import`], Commit in [`crate::session`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use cms_mirror::pb;
+use cms_mirror::pb::target_service_server::TargetService as TargetApi;
+
+use crate::apply::{self, Durability, SessionFiles, SiteFs};
+use crate::error::{StartError, TargetError};
+use crate::ledger::{Ledger, SessionStatus};
+use crate::session::SessionState;
+use crate::{TargetSettings, metrics};
+
+/// A site the target serves.
+pub(crate) struct Site {
+    pub(crate) fs: SiteFs,
+}
+
+pub(crate) struct Inner {
+    pub(crate) sites: HashMap<String, Site>,
+    pub(crate) ledger: Ledger,
+    pub(crate) settings: TargetSettings,
+    /// Files in progress per session; one package of a session is staged at a time and
+    /// one published at a time.
+    pub(crate) sessions: Mutex<HashMap<String, Arc<SessionState>>>,
+    pub(crate) metrics: metrics::Metrics,
+    /// Lineage of each open session (passed on by tier pushes).
+    pub(crate) lineages: Mutex<HashMap<String, Vec<String>>>,
+}
+
+/// The gRPC target service.
+#[derive(Clone)]
+pub struct TargetService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl TargetService {
+    /// Prepares the sites (creating their roots, cleaning leftover staging files).
+    pub async fn new(
+        settings: TargetSettings,
+        ledger: Ledger,
+    ) -> Result<TargetService, StartError> {
+        if settings.sites.is_empty() {
+            return Err(StartError::NoSites);
+        }
+        let open: Vec<String> = ledger
+            .open_sessions()
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let mut sites = HashMap::new();
+        for s in &settings.sites {
+            let err = |message: String| StartError::Site {
+                site: s.name.clone(),
+                root: s.root.display().to_string(),
+                message,
+            };
+            std::fs::create_dir_all(&s.root).map_err(|e| err(e.to_string()))?;
+            let root = s.root.canonicalize().map_err(|e| err(e.to_string()))?;
+            let fs = SiteFs { root };
+            let removed = apply::clean_staging(&fs, &open)
+                .map_err(|e| err(format!("cannot clean staging: {e}")))?;
+            if removed > 0 {
+                tracing::info!(site = %s.name, removed, "removed leftover staging files");
+            }
+            sites.insert(s.name.clone(), Site { fs });
+        }
+        Ok(TargetService {
+            inner: Arc::new(Inner {
+                sites,
+                ledger,
+                settings,
+                sessions: Mutex::new(HashMap::new()),
+                metrics: metrics::Metrics::new(),
+                lineages: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    pub fn settings(&self) -> &TargetSettings {
+        &self.inner.settings
+    }
+
+    pub(crate) fn site(&self, name: &str) -> Result<&Site, TargetError> {
+        self.inner
+            .sites
+            .get(name)
+            .ok_or_else(|| TargetError::UnknownSite(name.to_string()))
+    }
+
+    pub(crate) fn session_state(&self, session: &str, fs: &SiteFs) -> Arc<SessionState> {
+        let mut m = self.inner.sessions.lock().expect("sessions lock");
+        m.entry(session.to_string())
+            .or_insert_with(|| {
+                Arc::new(SessionState {
+                    files: Mutex::new(SessionFiles::new(
+                        fs.session_dir(session),
+                        self.inner.settings.direct_io
+                            && self.inner.settings.durability != Durability::None,
+                    )),
+                    publishing: Mutex::new(false),
+                })
+            })
+            .clone()
+    }
+
+    pub(crate) fn count(
+        &self,
+        site: &str,
+        reply: &Result<pb::PackageAck, TargetError>,
+        took: std::time::Duration,
+    ) {
+        let m = &self.inner.metrics;
+        let l = metrics::Metrics::site(site);
+        match reply {
+            Ok(a) if a.status == pb::AckStatus::Ok as i32 => {
+                if !a.duplicate {
+                    m.packages_applied.get_or_create(&l).inc();
+                    m.bytes_applied.get_or_create(&l).inc_by(a.bytes_applied);
+                    m.apply_seconds
+                        .get_or_create(&l)
+                        .observe(took.as_secs_f64());
+                }
+                m.item_errors
+                    .get_or_create(&l)
+                    .inc_by(a.item_errors.len() as u64);
+            }
+            _ => {
+                m.packages_refused.get_or_create(&l).inc();
+            }
+        }
+    }
+
+    /// The metrics page.
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render()
+    }
+}
+
+type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// The oldest source protocol this target still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+
+impl TargetService {
+    async fn open(
+        &self,
+        r: pb::OpenSessionRequest,
+    ) -> Result<pb::OpenSessionResponse, TargetError> {
+        let got = r.protocol_version;
+        if !(MIN_PROTOCOL_VERSION..=cms_mirror::PROTOCOL_VERSION).contains(&got) {
+            return Err(TargetError::ProtocolVersion {
+                got,
+                min: MIN_PROTOCOL_VERSION,
+                max: cms_mirror::PROTOCOL_VERSION,
+            });
+        }
+        if r.job_id.is_empty() {
+            return Err(TargetError::InvalidArgument("job_id is required".into()));
+        }
+        self.site(&r.site)?;
+        let me = &self.inner.settings.target_id;
+        if r.lineage.iter().any(|l| l == me) {
+            return Err(TargetError::LineageLoop {
+                job: r.job_id,
+                target: me.clone(),
+            });
+        }
+        let s = self
+            .inner
+            .ledger
+            .open_session(&r.job_id, &r.site, &r.channel)
+            .await?;
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .insert(s.id.clone(), r.lineage);
+        tracing::info!(session = %s.id, last_seq = s.last_seq, "session opened");
+        let limits = &self.inner.settings.limits;
+        Ok(pb::OpenSessionResponse {
+            session_id: s.id,
+            last_applied_seq: s.last_seq as u64,
+            committed: s.state == SessionStatus::Committed,
+            max_message_bytes: limits.max_message_bytes as u64,
+            max_entries_per_package: limits.max_entries as u32,
+            target_id: me.clone(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
+        })
+    }
+
+    /// Streams a site's manifest in tree order, in pages read from the ledger.
+    fn manifest(
+        &self,
+        r: pb::GetManifestRequest,
+    ) -> Result<BoxStream<pb::ManifestBatch>, TargetError> {
+        self.site(&r.site)?;
+        let ledger = self.inner.ledger.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut after = if r.after_path.is_empty() {
+                Vec::new()
+            } else {
+                cms_mirror::model::tree_key(&r.after_path)
+            };
+            loop {
+                let page = match ledger.manifest_page(&r.site, &after, 2000).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(TargetError::from(e).into())).await;
+                        return;
+                    }
+                };
+                let Some(lastp) = page.last() else { return };
+                after = cms_mirror::model::tree_key(&lastp.path);
+                let entries = page
+                    .iter()
+                    .map(|i| pb::ManifestEntry {
+                        meta: Some(i.to_pb()),
+                    })
+                    .collect();
+                if tx.send(Ok(pb::ManifestBatch { entries })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// Checks an Import stream's header and starts its pipeline.
+    async fn start_import(
+        &self,
+        mut inbound: Streaming<pb::ImportRequest>,
+    ) -> Result<BoxStream<pb::ImportResponse>, Status> {
+        let header = match inbound.message().await? {
+            Some(pb::ImportRequest {
+                msg: Some(pb::import_request::Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(TargetError::InvalidArgument(
+                    "the first Import message must be an ImportHeader".into(),
+                )
+                .into());
+            }
+        };
+        let session = self
+            .inner
+            .ledger
+            .session(&header.session_id)
+            .await
+            .map_err(TargetError::from)?
+            .ok_or_else(|| TargetError::UnknownSession(header.session_id.clone()))?;
+        if session.state == SessionStatus::Committed {
+            return Err(TargetError::AlreadyCommitted(session.id).into());
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(
+            self.clone()
+                .handle_import(session, inbound, tx)
+                .in_current_span(),
+        );
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl TargetApi for TargetService {
+    async fn open_session(
+        &self,
+        req: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionResponse>, Status> {
+        Ok(Response::new(self.open(req.into_inner()).await?))
+    }
+
+    type GetManifestStream = BoxStream<pb::ManifestBatch>;
+
+    async fn get_manifest(
+        &self,
+        req: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<Self::GetManifestStream>, Status> {
+        Ok(Response::new(self.manifest(req.into_inner())?))
+    }
+
+    type ImportStream = BoxStream<pb::ImportResponse>;
+
+    async fn import(
+        &self,
+        req: Request<Streaming<pb::ImportRequest>>,
+    ) -> Result<Response<Self::ImportStream>, Status> {
+        self.start_import(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        Ok(Response::new(self.commit_session(req.into_inner()).await?))
+    }
+}

@@ -1,0 +1,162 @@
+//! The end of a session: commit (directory times, counts, hooks, tier push) or abort
+//! (staged files dropped; what was applied stays applied).
+
+use std::sync::Mutex;
+
+use cms_mirror::config::SiteConfig;
+use cms_mirror::model::ChangeAction;
+use cms_mirror::pb;
+
+use crate::apply::{self, SessionFiles};
+use crate::error::TargetError;
+use crate::ledger::{SessionRow, SessionStatus};
+use crate::service::Site;
+use crate::{TargetService, hooks, metrics};
+
+/// A session's files in progress. Staging holds `files`; publishing holds `publishing`,
+/// whose flag says the session was aborted (so an abort waits for both halves of a
+/// package in progress, and nothing is published after it).
+pub(crate) struct SessionState {
+    pub(crate) files: Mutex<SessionFiles>,
+    pub(crate) publishing: Mutex<bool>,
+}
+
+impl TargetService {
+    /// Commits (or, with `abort`, aborts) a session. A second commit of a committed
+    /// session answers its counts again and runs no hook.
+    pub(crate) async fn commit_session(
+        &self,
+        r: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, TargetError> {
+        let s = self
+            .inner
+            .ledger
+            .session(&r.session_id)
+            .await?
+            .ok_or_else(|| TargetError::UnknownSession(r.session_id.clone()))?;
+        let site = self.site(&s.site)?;
+        if r.abort {
+            self.abort(&s, site).await?;
+            return Ok(pb::CommitResponse::default());
+        }
+        let first_commit = s.state != SessionStatus::Committed;
+        if first_commit {
+            if s.last_seq as u64 != r.last_seq {
+                return Err(TargetError::CommitMismatch {
+                    session: s.id,
+                    asked: r.last_seq,
+                    applied: s.last_seq,
+                });
+            }
+            self.finalize(&s, site).await?;
+        }
+        let lineage = self
+            .inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .remove(&s.id)
+            .unwrap_or_default();
+        let (created, updated, deleted) = self.inner.ledger.commit_session(&s.id, &s.site).await?;
+        tracing::info!(session = %s.id, created, updated, deleted, "session committed");
+        let mut hooks = Vec::new();
+        if first_commit {
+            self.inner
+                .metrics
+                .sessions_committed
+                .get_or_create(&metrics::Metrics::site(&s.site))
+                .inc();
+            let cfg = self.inner.settings.sites.iter().find(|c| c.name == s.site);
+            if let Some(cfg) = cfg.filter(|_| r.run_hooks) {
+                hooks = self.run_hooks(&s, cfg, lineage).await?;
+            }
+        }
+        Ok(pb::CommitResponse {
+            items_created: created,
+            items_updated: updated,
+            items_deleted: deleted,
+            hooks,
+        })
+    }
+
+    /// Drops a session's staged files, under its locks: an apply still running for a
+    /// dropped stream finishes first, and no later package of this session is applied.
+    async fn abort(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
+        let state = self.session_state(&s.id, &site.fs);
+        let fs = site.fs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut aborted = state.publishing.lock().expect("session publish lock");
+            *aborted = true;
+            let mut f = state.files.lock().expect("session files lock");
+            apply::abort_session(&fs, &mut f);
+        })
+        .await
+        .map_err(TargetError::task("abort"))?;
+        self.inner.ledger.abort_session(&s.id).await?;
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .remove(&s.id);
+        tracing::info!(session = %s.id, "session aborted");
+        Ok(())
+    }
+
+    /// Restores the times of the directories the session touched and removes its
+    /// staging directory (and the site's, once nothing is in progress).
+    async fn finalize(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
+        let dirs = self.inner.ledger.touched_dirs(&s.id, &s.site).await?;
+        let fs = site.fs.clone();
+        let sdir = fs.session_dir(&s.id);
+        tokio::task::spawn_blocking(move || {
+            apply::restore_dir_times(&fs.root, &dirs);
+            let _ = std::fs::remove_dir_all(sdir);
+            let _ = std::fs::remove_dir(fs.staging());
+        })
+        .await
+        .map_err(TargetError::task("commit"))?;
+        self.inner
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .remove(&s.id);
+        Ok(())
+    }
+
+    /// Runs the site's cache invalidation hooks with what the session changed, then its
+    /// tier pushes (with this target added to the lineage).
+    async fn run_hooks(
+        &self,
+        s: &SessionRow,
+        cfg: &SiteConfig,
+        mut lineage: Vec<String>,
+    ) -> Result<Vec<pb::HookResult>, TargetError> {
+        let mut results = Vec::new();
+        if !cfg.hooks.is_empty() {
+            let mut ch = hooks::Changes {
+                job_id: s.job_id.clone(),
+                channel: s.channel.clone(),
+                site: s.site.clone(),
+                base_url: cfg.base_url.clone(),
+                created: Vec::new(),
+                updated: Vec::new(),
+                deleted: Vec::new(),
+            };
+            for (path, action) in self.inner.ledger.changes(&s.id).await? {
+                match action {
+                    ChangeAction::Created => ch.created.push(path),
+                    ChangeAction::Updated => ch.updated.push(path),
+                    ChangeAction::Deleted => ch.deleted.push(path),
+                }
+            }
+            results = hooks::run_all(&cfg.hooks, &ch).await;
+        }
+        if !cfg.push.is_empty() {
+            lineage.push(self.inner.settings.target_id.clone());
+            for p in &cfg.push {
+                results.push(hooks::push(p, &s.job_id, lineage.clone()).await);
+            }
+        }
+        Ok(results)
+    }
+}
