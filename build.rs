@@ -1,9 +1,35 @@
 //! Generates the gRPC code from `proto/` with protox (no system `protoc` needed) and
-//! writes the encoded descriptor set used by server reflection.
+//! writes the encoded descriptor set used by server reflection; tells the tests which
+//! of their prerequisites this build can count on (see `prerequisites`).
 
 use std::path::PathBuf;
 
+/// Test prerequisites as `cfg`s, so that a test needing what a machine lacks is marked
+/// ignored with its reason, never passed without checking: `ci` under CI (`CI=true`),
+/// where every prerequisite must be there and a missing one fails its test;
+/// `test_database` when `TEST_DATABASE_URL` names a PostgreSQL server; `root_user`
+/// when building as root (the full-disk tests mount a tmpfs).
+fn prerequisites() {
+    for cfg in ["ci", "test_database", "root_user"] {
+        println!("cargo::rustc-check-cfg=cfg({cfg})");
+    }
+    println!("cargo:rerun-if-env-changed=CI");
+    println!("cargo:rerun-if-env-changed=TEST_DATABASE_URL");
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        println!("cargo:rustc-cfg=ci");
+    }
+    if std::env::var("TEST_DATABASE_URL").is_ok_and(|v| !v.is_empty()) {
+        println!("cargo:rustc-cfg=test_database");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"));
+    if uid.and_then(|u| u.split_whitespace().next()) == Some("0") {
+        println!("cargo:rustc-cfg=root_user");
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    prerequisites();
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=migrations");
     let files = [

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cms_mirror::fswalk::{DirCache, io_error};
 use cms_mirror::jobstore::NewItemError;
-use cms_mirror::model::{Item, Kind};
+use cms_mirror::model::{ErrorCode, Item, Kind};
 use cms_mirror::package;
 use cms_mirror::pb;
 
@@ -167,166 +167,190 @@ impl Packer {
 
     /// Builds the next package, or None when the plan is done.
     pub fn next_package(&mut self) -> io::Result<Option<Built>> {
-        let mut out = package::PayloadWriter::with_capacity(self.package_bytes + 64 * 1024);
-        let mut size = 0usize;
-        let mut phase: Option<PhaseName> = self.current.as_ref().map(|c| c.phase);
-        let (mut items, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
-        let mut errors = Vec::new();
+        let mut f = Filling {
+            out: package::PayloadWriter::with_capacity(self.package_bytes + 64 * 1024),
+            size: 0,
+            phase: self.current.as_ref().map(|c| c.phase),
+            items: 0,
+            bytes: 0,
+            deletes: 0,
+            errors: Vec::new(),
+        };
         if let Some(c) = &mut self.current {
             c.put_at = None;
         }
-        while out.entries() < self.max_entries && size < self.package_bytes {
-            if let Some(cur) = &mut self.current {
-                let remaining = cur.item.size - cur.offset;
-                let budget = (self.package_bytes - size).max(4096) as u64;
-                let mut want = remaining.min(budget);
-                if want < remaining {
-                    // Continued in the next package: end on a block boundary.
-                    let end = (cur.offset + want) / package::BODY_ALIGN * package::BODY_ALIGN;
-                    if end > cur.offset {
-                        want = end - cur.offset;
-                    }
-                }
-                let want = want as usize;
-                let path = cur.item.path.clone();
-                let offset = cur.offset;
-                let last = offset + want as u64 == cur.item.size;
-                let before = out.mark();
-                #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
-                let source = &self.source;
-                // Read straight into the payload a piece at a time, hashing each piece
-                // while it is in the CPU cache.
-                let pushed = out.push_data(&path, offset, want, last, |sink, len| {
-                    let mut left = len;
-                    while left > 0 {
-                        let piece = left.min(READ_PIECE);
-                        let got = sink.append(|buf| read_up_to(&cur.file, buf, piece))?;
-                        cur.hasher.update(got);
-                        left -= got.len();
-                        if got.len() < piece {
-                            break;
-                        }
-                    }
-                    #[cfg(feature = "failpoints")]
-                    crate::failpoints::maybe_change(source, &path);
-                    Ok(last.then(|| *cur.hasher.finalize().as_bytes()))
-                });
-                let changed = match pushed {
-                    Ok(Ok(())) => false,
-                    Ok(Err(_short)) => true,
-                    Err(e) => {
-                        let e = io_error(&path, &e);
-                        out.push(&abort(&path, &e.message));
-                        errors.push(err(&path, e.code, e.message, e.retryable));
-                        self.current = None;
-                        continue;
-                    }
-                };
-                cur.offset += want as u64;
-                // At the end, the file must still be what we started reading.
-                let still_same = !last
-                    || cur
-                        .file
-                        .metadata()
-                        .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
-                        .unwrap_or(false);
-                if changed || !still_same {
-                    out.truncate(before);
-                    let cur = self.current.take().expect("current file");
-                    if cur.retries >= MAX_CHANGE_RETRIES {
-                        out.push(&abort(&path, "changed while being read"));
-                        errors.push(err(
-                            &path,
-                            "changed_while_read",
-                            format!(
-                                "file changed while it was read ({} attempts); the target keeps its previous version",
-                                cur.retries + 1
-                            ),
-                            true,
-                        ));
-                        continue;
-                    }
-                    // Read it again from the start: drop what this package holds of it,
-                    // or tell the target to drop what earlier packages brought.
-                    match cur.put_at {
-                        Some((m, sz, by)) => {
-                            out.truncate(m);
-                            size = sz;
-                            bytes = by;
-                        }
-                        None => {
-                            out.push(&abort(&path, "changed while being read; reading it again"));
-                            size += ENTRY_OVERHEAD + path.len();
-                        }
-                    }
-                    tracing::debug!(
-                        path,
-                        attempt = cur.retries + 1,
-                        "file changed while read; reading it again"
-                    );
-                    std::thread::sleep(Duration::from_millis(20 << cur.retries));
-                    let marks = (out.mark(), size, bytes);
-                    if self.begin(
-                        cur.item,
-                        cur.entry_pos,
-                        cur.phase,
-                        cur.retries + 1,
-                        marks,
-                        &mut out,
-                        &mut errors,
-                    ) {
-                        items += 1;
-                    }
-                    continue;
-                }
-                size += want + ENTRY_OVERHEAD;
-                bytes += want as u64;
-                if last {
-                    items += 1;
-                    self.current = None;
-                }
+        while f.out.entries() < self.max_entries && f.size < self.package_bytes {
+            if self.current.is_some() {
+                self.continue_body(&mut f);
                 continue;
             }
             let Some((ph, e, pos)) = self.next_plan_entry()? else {
                 break;
             };
-            if phase.is_some_and(|p| p != ph) {
+            if f.phase.is_some_and(|p| p != ph) {
                 self.pending = Some((ph, e, pos));
                 break;
             }
-            phase = Some(ph);
-            size += ENTRY_OVERHEAD + e.i.path.len();
+            f.phase = Some(ph);
+            f.size += ENTRY_OVERHEAD + e.i.path.len();
             if e.a == Action::Delete {
-                out.push(&pb::Entry {
+                f.out.push(&pb::Entry {
                     op: Some(pb::entry::Op::Delete(pb::DeleteItem {
                         path: e.i.path,
                         kind: e.i.kind.to_pb() as i32,
                     })),
                 });
-                deletes += 1;
+                f.deletes += 1;
                 continue;
             }
-            let marks = (out.mark(), size, bytes);
-            if self.begin(e.i, pos, ph, 0, marks, &mut out, &mut errors) {
-                items += 1;
+            let marks = (f.out.mark(), f.size, f.bytes);
+            if self.begin(e.i, pos, ph, 0, marks, &mut f.out, &mut f.errors) {
+                f.items += 1;
             }
         }
-        if out.is_empty() && errors.is_empty() {
+        if f.out.is_empty() && f.errors.is_empty() {
             return Ok(None);
         }
-        let phase = phase.unwrap_or(PhaseName::Content);
-        let pkg = package::seal_written(self.seq, phase.to_pb(), out, self.compression);
+        let phase = f.phase.unwrap_or(PhaseName::Content);
+        let pkg = package::seal_written(self.seq, phase.to_pb(), f.out, self.compression);
         self.seq += 1;
         Ok(Some(Built {
             pkg,
             phase,
             cursor_after: self.cursor_now(),
-            items,
-            bytes,
-            deletes,
-            errors,
+            items: f.items,
+            bytes: f.bytes,
+            deletes: f.deletes,
+            errors: f.errors,
         }))
     }
+
+    /// Adds the next chunk of the current file's body to the package: as much as fits,
+    /// ending on a block boundary when the body goes on in the next package. A file that
+    /// changed while read is read again from the start (or given up).
+    fn continue_body(&mut self, f: &mut Filling) {
+        let cur = self.current.as_mut().expect("a current file");
+        let remaining = cur.item.size - cur.offset;
+        let budget = (self.package_bytes - f.size).max(4096) as u64;
+        let mut want = remaining.min(budget);
+        if want < remaining {
+            // Continued in the next package: end on a block boundary.
+            let end = (cur.offset + want) / package::BODY_ALIGN * package::BODY_ALIGN;
+            if end > cur.offset {
+                want = end - cur.offset;
+            }
+        }
+        let want = want as usize;
+        let path = cur.item.path.clone();
+        let offset = cur.offset;
+        let last = offset + want as u64 == cur.item.size;
+        let before = f.out.mark();
+        #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+        let source = &self.source;
+        // Read straight into the payload a piece at a time, hashing each piece while it
+        // is in the CPU cache.
+        let pushed = f.out.push_data(&path, offset, want, last, |sink, len| {
+            let mut left = len;
+            while left > 0 {
+                let piece = left.min(READ_PIECE);
+                let got = sink.append(|buf| read_up_to(&cur.file, buf, piece))?;
+                cur.hasher.update(got);
+                left -= got.len();
+                if got.len() < piece {
+                    break;
+                }
+            }
+            #[cfg(feature = "failpoints")]
+            crate::failpoints::maybe_change(source, &path);
+            Ok(last.then(|| *cur.hasher.finalize().as_bytes()))
+        });
+        let changed = match pushed {
+            Ok(Ok(())) => false,
+            Ok(Err(_short)) => true,
+            Err(e) => {
+                let e = io_error(&path, &e);
+                f.out.push(&abort(&path, &e.message));
+                f.errors.push(err(&path, e.code, e.message, e.retryable));
+                self.current = None;
+                return;
+            }
+        };
+        cur.offset += want as u64;
+        // At the end, the file must still be what we started reading.
+        let still_same = !last
+            || cur
+                .file
+                .metadata()
+                .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
+                .unwrap_or(false);
+        if changed || !still_same {
+            f.out.truncate(before);
+            let cur = self.current.take().expect("current file");
+            self.read_again(cur, f);
+            return;
+        }
+        f.size += want + ENTRY_OVERHEAD;
+        f.bytes += want as u64;
+        if last {
+            f.items += 1;
+            self.current = None;
+        }
+    }
+
+    /// A file that changed while it was read: read again from the start (dropping what
+    /// this package holds of it, or telling the target to drop what earlier packages
+    /// brought), or reported once it kept changing.
+    fn read_again(&mut self, cur: Current, f: &mut Filling) {
+        let path = cur.item.path.clone();
+        if cur.retries >= MAX_CHANGE_RETRIES {
+            f.out.push(&abort(&path, "changed while being read"));
+            f.errors.push(err(
+                &path,
+                ErrorCode::ChangedWhileRead.as_str(),
+                format!(
+                    "file changed while it was read ({} attempts); the target keeps its previous version",
+                    cur.retries + 1
+                ),
+                true,
+            ));
+            return;
+        }
+        match cur.put_at {
+            Some((m, sz, by)) => {
+                f.out.truncate(m);
+                f.size = sz;
+                f.bytes = by;
+            }
+            None => {
+                f.out
+                    .push(&abort(&path, "changed while being read; reading it again"));
+                f.size += ENTRY_OVERHEAD + path.len();
+            }
+        }
+        tracing::debug!(
+            path,
+            attempt = cur.retries + 1,
+            "file changed while read; reading it again"
+        );
+        std::thread::sleep(Duration::from_millis(20 << cur.retries));
+        let marks = (f.out.mark(), f.size, f.bytes);
+        let (item, pos, phase, retries) = (cur.item, cur.entry_pos, cur.phase, cur.retries + 1);
+        if self.begin(item, pos, phase, retries, marks, &mut f.out, &mut f.errors) {
+            f.items += 1;
+        }
+    }
+}
+
+/// A package being filled, and what it holds so far.
+struct Filling {
+    out: package::PayloadWriter,
+    /// Bytes counted against `package_bytes` (file data and entry overheads).
+    size: usize,
+    phase: Option<PhaseName>,
+    items: u64,
+    bytes: u64,
+    deletes: u64,
+    errors: Vec<NewItemError>,
 }
 
 impl Packer {
@@ -359,7 +383,7 @@ impl Packer {
             Ok(_) => {
                 errors.push(err(
                     &item.path,
-                    "changed_while_read",
+                    ErrorCode::ChangedWhileRead.as_str(),
                     "item changed kind since planning".into(),
                     true,
                 ));

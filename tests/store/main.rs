@@ -1,41 +1,86 @@
-//! The store suite: the same tests on SQLite (always) and on PostgreSQL (when
-//! TEST_DATABASE_URL is set; CI sets it). Every test gets its own database.
+//! The store suite: the same tests on SQLite and on PostgreSQL (`TEST_DATABASE_URL`;
+//! CI sets it), one named test per backend. Every test gets its own database.
 
 use cms_mirror::db::{self, Db, Schema};
 use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress};
 use cms_mirror::model::{ChangeAction, Item, Kind};
 use mirror_target::ledger::{Ledger, PackageChanges, SessionStatus};
 
-/// Fresh databases for one test, on each backend available.
-async fn databases(schema: Schema) -> Vec<(String, Db, Option<tempfile::TempDir>)> {
-    let mut out = Vec::new();
-    for (backend, url, dir) in empty_databases().await {
-        out.push((backend, db::connect(&url, schema).await.unwrap(), dir));
-    }
-    out
+/// The backends the suite runs on; each test runs once per backend, as its own named
+/// test (`sqlite::NAME`, `postgres::NAME`).
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
 }
 
-/// URLs of fresh, empty databases (nothing migrated), on each backend available.
-async fn empty_databases() -> Vec<(String, String, Option<tempfile::TempDir>)> {
-    let mut out = Vec::new();
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    out.push(("sqlite".to_string(), url, Some(dir)));
-    if let Ok(base) = std::env::var("TEST_DATABASE_URL") {
-        let admin = db::connect_raw(&base)
-            .await
-            .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"));
-        let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (prefix, _) = base
-            .rsplit_once('/')
-            .expect("database URL ends with /DBNAME");
-        out.push(("postgres".to_string(), format!("{prefix}/{name}"), None));
+/// The suite's tests, once per backend. PostgreSQL is `TEST_DATABASE_URL` (`.ci/run`
+/// sets it); without it those tests are ignored with the reason, and under CI they fail.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                #[cfg_attr(
+                    not(any(ci, test_database)),
+                    ignore = "needs PostgreSQL: set TEST_DATABASE_URL (.ci/run does)"
+                )]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    jobs_are_created_coalesced_claimed_and_finished,
+    an_expired_lease_is_taken_over_and_cancel_works,
+    checkpoints_counters_events_and_item_errors,
+    the_target_ledger_and_manifest_index,
+    a_ledger_of_the_first_schema_is_carried_over,
+);
+
+/// A fresh database of `backend`, migrated for `schema`; its backend's name for messages,
+/// and the directory to keep while it is used.
+async fn database(backend: Backend, schema: Schema) -> (String, Db, Option<tempfile::TempDir>) {
+    let (name, url, dir) = empty_database(backend).await;
+    (name, db::connect(&url, schema).await.unwrap(), dir)
+}
+
+/// The URL of a fresh, empty database (nothing migrated) of `backend`.
+async fn empty_database(backend: Backend) -> (String, String, Option<tempfile::TempDir>) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("store.db").display());
+            ("sqlite".to_string(), url, Some(dir))
+        }
+        Backend::Postgres => {
+            let base = std::env::var("TEST_DATABASE_URL")
+                .expect("TEST_DATABASE_URL must name a PostgreSQL server for this test");
+            let admin = db::connect_raw(&base)
+                .await
+                .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"));
+            let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            let (prefix, _) = base
+                .rsplit_once('/')
+                .expect("database URL ends with /DBNAME");
+            ("postgres".to_string(), format!("{prefix}/{name}"), None)
+        }
     }
-    out
 }
 
 fn new_job(channel: &str) -> NewJob {
@@ -51,9 +96,9 @@ fn new_job(channel: &str) -> NewJob {
     }
 }
 
-#[tokio::test]
-async fn jobs_are_created_coalesced_claimed_and_finished() {
-    for (backend, db, _keep) in databases(Schema::Source).await {
+async fn jobs_are_created_coalesced_claimed_and_finished(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Source).await;
+    {
         let s = JobStore::new(db);
         let (a, coalesced) = s.create_job(new_job("site")).await.unwrap();
         assert!(!coalesced, "{backend}");
@@ -103,9 +148,9 @@ async fn jobs_are_created_coalesced_claimed_and_finished() {
     }
 }
 
-#[tokio::test]
-async fn an_expired_lease_is_taken_over_and_cancel_works() {
-    for (backend, db, _keep) in databases(Schema::Source).await {
+async fn an_expired_lease_is_taken_over_and_cancel_works(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Source).await;
+    {
         let s = JobStore::new(db);
         let (a, _) = s.create_job(new_job("site")).await.unwrap();
         s.claim_next("dead", 1).await.unwrap().unwrap();
@@ -134,9 +179,9 @@ async fn an_expired_lease_is_taken_over_and_cancel_works() {
     }
 }
 
-#[tokio::test]
-async fn checkpoints_counters_events_and_item_errors() {
-    for (backend, db, _keep) in databases(Schema::Source).await {
+async fn checkpoints_counters_events_and_item_errors(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Source).await;
+    {
         let s = JobStore::new(db);
         let (a, _) = s.create_job(new_job("site")).await.unwrap();
         s.set_planned(&a.id, "web1", 10, 1000, 2, 0).await.unwrap();
@@ -256,9 +301,9 @@ fn item(path: &str, kind: Kind) -> Item {
     }
 }
 
-#[tokio::test]
-async fn the_target_ledger_and_manifest_index() {
-    for (backend, db, _keep) in databases(Schema::Target).await {
+async fn the_target_ledger_and_manifest_index(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Target).await;
+    {
         let l = Ledger::new(db);
         let s = l.open_session("job1", "main", "site").await.unwrap();
         assert_eq!((s.last_seq, s.state.as_str()), (0, "open"));
@@ -374,9 +419,9 @@ async fn the_target_ledger_and_manifest_index() {
 /// A ledger written by the first schema keeps its sessions, index and changes through
 /// the later migrations (SQLite rebuilds two tables), and the touched-directories
 /// index only holds rows of open sessions.
-#[tokio::test]
-async fn a_ledger_of_the_first_schema_is_carried_over() {
-    for (backend, url, _keep) in empty_databases().await {
+async fn a_ledger_of_the_first_schema_is_carried_over(b: Backend) {
+    let (backend, url, _keep) = empty_database(b).await;
+    {
         let raw_url = if backend == "sqlite" {
             format!("{url}?mode=rwc")
         } else {

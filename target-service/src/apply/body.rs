@@ -287,7 +287,7 @@ pub(super) fn check_hash(
 pub(super) fn data(
     site: &SiteFs,
     sess: &mut SessionFiles,
-    d: pb::FileData,
+    mut d: pb::FileData,
     publish: &mut Vec<Publish>,
     deferred: &mut Vec<Deferred>,
     out: &mut Applied,
@@ -306,59 +306,74 @@ pub(super) fn data(
         return Ok(None);
     }
     if !sess.open.contains_key(&path) {
-        // After a restart: reopen the staged file and its metadata.
-        let meta_path = sess.dir.join(staged_name("m", &path));
-        let tmp = sess.dir.join(staged_name("f", &path));
-        let meta: Item = fs::read(&meta_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                item_error(
-                    &path,
-                    ErrorCode::InvalidArgument,
-                    "file data without a preceding put",
-                    false,
-                )
-            })?;
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(&tmp)
-            .map_err(|e| io_item_error(&path, "cannot reopen staged file", &e))?;
-        sess.open.insert(
-            path.clone(),
-            OpenFile {
-                meta,
-                file,
-                tmp: Some(tmp),
-                dir: None,
-                hasher: None,
-                next_offset: u64::MAX,
-                meta_written: true,
-                writes: None,
-            },
-        );
+        let of = reopen_staged(&sess.dir, &path)?;
+        sess.open.insert(path.clone(), of);
     }
     let of = sess.open.get_mut(&path).expect("inserted above");
     let end = d.offset.saturating_add(d.data.len() as u64);
     if end > of.meta.size {
-        return Err(item_error(
-            &path,
-            ErrorCode::InvalidArgument,
-            format!(
-                "chunk ends at {end}, beyond the announced size {}",
-                of.meta.size
-            ),
-            false,
-        ));
+        let why = format!(
+            "chunk ends at {end}, beyond the announced size {}",
+            of.meta.size
+        );
+        return Err(item_error(&path, ErrorCode::InvalidArgument, why, false));
     }
     if d.offset != of.next_offset {
         of.hasher = None;
     }
     let len = d.data.len() as u64;
-    // A large chunk of a body hashed as it comes is written by the finishing task, and
-    // so is every later chunk of that body; but a last chunk whose body must be read
-    // back to be hashed is written here, once the body's other writes are done.
+    let last = d.last;
+    let blake3 = std::mem::take(&mut d.blake3);
+    write_chunk(&mut sess.writer, of, d, deferred, out)?;
+    of.next_offset = end;
+    out.bytes += len;
+    if !last {
+        return Ok(of.tmp.clone());
+    }
+    let of = sess.open.remove(&path).expect("present");
+    finish_body(of, &path, &blake3, publish)
+}
+
+/// After a restart: reopens a body staged under a name, and its metadata sidecar.
+fn reopen_staged(dir: &Path, path: &str) -> Result<OpenFile, pb::ItemError> {
+    let meta_path = dir.join(staged_name("m", path));
+    let tmp = dir.join(staged_name("f", path));
+    let meta: Item = fs::read(&meta_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            let why = "file data without a preceding put";
+            item_error(path, ErrorCode::InvalidArgument, why, false)
+        })?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&tmp)
+        .map_err(|e| io_item_error(path, "cannot reopen staged file", &e))?;
+    Ok(OpenFile {
+        meta,
+        file,
+        tmp: Some(tmp),
+        dir: None,
+        hasher: None,
+        next_offset: u64::MAX,
+        meta_written: true,
+        writes: None,
+    })
+}
+
+/// Writes (or leaves for the finishing task) one chunk of an open body. A large chunk of
+/// a body hashed as it comes is written by the finishing task, and so is every later
+/// chunk of that body; but a last chunk whose body must be read back to be hashed is
+/// written here, once the body's other writes are done.
+fn write_chunk(
+    writer: &mut BodyWriter,
+    of: &mut OpenFile,
+    d: pb::FileData,
+    deferred: &mut Vec<Deferred>,
+    out: &mut Applied,
+) -> Result<(), pb::ItemError> {
+    let path = d.path.as_str();
     let defer = match &of.writes {
         Some(_) => !(d.last && of.hasher.is_none()),
         None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
@@ -367,73 +382,72 @@ pub(super) fn data(
         let file = of
             .file
             .try_clone()
-            .map_err(|e| io_item_error(&path, "cannot write", &e))?;
+            .map_err(|e| io_item_error(path, "cannot write", &e))?;
         if let Some(h) = of.hasher.as_mut() {
             h.update(&d.data);
         }
         let writes = of.writes.get_or_insert_with(Default::default).clone();
-        deferred.push(Deferred::new(path.clone(), file, d.data, d.offset, writes));
-    } else {
-        if let Some(w) = &of.writes {
-            // This package's own chunks of the body are written here, after those of
-            // the packages before it.
-            let mine: Vec<Deferred> = deferred.extract_if(.., |x| x.path == path).collect();
-            w.wait_until(mine.len());
-            for m in mine {
-                match sess.writer.write_at(&m.file, &m.data, m.offset) {
-                    Ok(n) => out.bytes_direct += n,
-                    Err(e) => return Err(io_item_error(&path, "cannot write", &e)),
-                }
-            }
-        }
-        match write_hashed(
-            &mut sess.writer,
-            &of.file,
-            &d.data,
-            d.offset,
-            of.hasher.as_mut(),
-        ) {
-            Ok(n) => out.bytes_direct += n,
-            Err(e) => {
-                // The chunk may come again: hash the file by reading it back at the end.
-                of.hasher = None;
-                return Err(io_item_error(&path, "cannot write", &e));
+        deferred.push(Deferred::new(d.path, file, d.data, d.offset, writes));
+        return Ok(());
+    }
+    if let Some(w) = &of.writes {
+        // This package's own chunks of the body are written here, after those of the
+        // packages before it.
+        let mine: Vec<Deferred> = deferred.extract_if(.., |x| x.path == path).collect();
+        w.wait_until(mine.len());
+        for m in mine {
+            match writer.write_at(&m.file, &m.data, m.offset) {
+                Ok(n) => out.bytes_direct += n,
+                Err(e) => return Err(io_item_error(path, "cannot write", &e)),
             }
         }
     }
-    of.next_offset = end;
-    out.bytes += len;
-    if !d.last {
-        return Ok(of.tmp.clone());
+    match write_hashed(writer, &of.file, &d.data, d.offset, of.hasher.as_mut()) {
+        Ok(n) => out.bytes_direct += n,
+        Err(e) => {
+            // The chunk may come again: hash the file by reading it back at the end.
+            of.hasher = None;
+            return Err(io_item_error(path, "cannot write", &e));
+        }
     }
-    let of = sess.open.remove(&path).expect("present");
+    Ok(())
+}
+
+/// A body whose last chunk arrived: checks its length and BLAKE3 (read back when its
+/// chunks did not arrive in order in this process), gives it its time (or leaves that
+/// for publish while chunks are still being written) and queues it for publishing.
+fn finish_body(
+    of: OpenFile,
+    path: &str,
+    expected: &[u8],
+    publish: &mut Vec<Publish>,
+) -> Result<Option<PathBuf>, pb::ItemError> {
     // Written contiguously from 0 into a new file: its length is where writing ended.
     let len = match &of.hasher {
         Some(_) => of.next_offset,
         None => of
             .file
             .metadata()
-            .map_err(|e| io_item_error(&path, "cannot stat", &e))?
+            .map_err(|e| io_item_error(path, "cannot stat", &e))?
             .len(),
     };
     if len != of.meta.size {
         let m = format!("received {len} bytes, expected {}", of.meta.size);
         of.remove();
-        return Err(item_error(&path, ErrorCode::ChecksumMismatch, m, true));
+        return Err(item_error(path, ErrorCode::ChecksumMismatch, m, true));
     }
     let actual = match &of.hasher {
         Some(h) => h.finalize(),
         None => {
             let mut h = blake3::Hasher::new();
-            let read = h.update_reader(ReadAt::new(&of.file));
-            if let Err(e) = read {
+            if let Err(e) = h.update_reader(ReadAt::new(&of.file)) {
                 of.remove();
-                return Err(io_item_error(&path, "cannot read back", &e));
+                return Err(io_item_error(path, "cannot read back", &e));
             }
             h.finalize()
         }
     };
-    if let Err(e) = check_hash(&path, &actual, &d.blake3) {
+    if let Err(e) = check_hash(path, &actual, expected) {
         of.remove();
         return Err(e);
     }
@@ -442,23 +456,22 @@ pub(super) fn data(
             file: of
                 .file
                 .try_clone()
-                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?,
+                .map_err(|e| io_item_error(path, "cannot set mtime", &e))?,
             writes,
             mtime_ns: of.meta.mtime_ns,
         }),
         None => {
             let t = file_time(of.meta.mtime_ns);
             filetime::set_file_handle_times(&of.file, Some(t), Some(t))
-                .map_err(|e| io_item_error(&path, "cannot set mtime", &e))?;
+                .map_err(|e| io_item_error(path, "cannot set mtime", &e))?;
             None
         }
     };
     let mut item = of.meta;
     item.hash = Some(actual.to_hex().to_string());
     let synced = of.tmp.clone();
-    let body = staged_body(of.file, of.tmp, of.dir);
     publish.push(Publish {
-        body,
+        body: staged_body(of.file, of.tmp, of.dir),
         item,
         had_meta: of.meta_written,
         late,

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::ledger::PackageChanges;
 use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -36,30 +37,7 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
     if out.no_space || out.not_written {
         return out;
     }
-    // Every write of these bodies is done, also those of a package written by a stream
-    // that ended: their times are set now, before the batch is made durable.
-    let mut publish: Vec<Publish> = publish
-        .into_iter()
-        .filter_map(|mut p| {
-            let Some(late) = p.late.take() else {
-                return Some(p);
-            };
-            late.writes.wait_until(0);
-            let t = file_time(late.mtime_ns);
-            match filetime::set_file_handle_times(&late.file, Some(t), Some(t)) {
-                Ok(()) => Some(p),
-                Err(e) => {
-                    out.errors
-                        .push(io_item_error(&p.item.path, "cannot set mtime", &e));
-                    if p.had_meta {
-                        let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
-                    }
-                    p.body.remove();
-                    None
-                }
-            }
-        })
-        .collect();
+    let mut publish = set_late_times(publish, &session_dir, &mut out);
     if let Err(e) = sync_batch(&site.root, &to_sync, &publish, durability) {
         if is_no_space(&e) {
             let first = publish
@@ -83,7 +61,6 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
     // check every later item's parents again before its rename.
     let mut recheck = false;
     for p in publish {
-        let dest = site.root.join(&p.item.path);
         if recheck && let Err(m) = check_parents(&site.root, &p.item.path) {
             out.errors
                 .push(item_error(&p.item.path, ErrorCode::InvalidPath, m, false));
@@ -91,46 +68,11 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
             continue;
         }
         recheck |= p.item.kind == Kind::Symlink;
-        let res = match &p.body {
-            Body::Unnamed(f, dir) => link_into_place(f, dir, &dest, &session_dir, &p.item.path),
-            Body::Named(tmp) => rename_into_place(tmp, &dest),
-        };
-        match res {
-            Ok(action) => {
-                if drop_cache
-                    && p.item.kind == Kind::File
-                    && let Body::Unnamed(f, _) = p.body
-                {
-                    out.to_uncache.push(f);
-                }
-                if p.had_meta {
-                    let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
-                }
-                dirs_to_sync.insert(site.root.join(parent(&p.item.path)));
-                touch_parent(&mut out.changes, &p.item.path);
-                out.changes.changes.push((p.item.path.clone(), action));
-                out.changes.upserts.push(p.item);
-                out.items += 1;
-            }
-            Err(e) => {
-                out.errors
-                    .push(io_item_error(&p.item.path, "cannot put into place", &e));
-                p.body.remove();
-            }
+        if let Some(dir) = place(site, &session_dir, p, drop_cache, &mut out) {
+            dirs_to_sync.insert(dir);
         }
     }
-    // The renames become durable with their directories: one more syncfs (it writes
-    // every directory of the package at once; a fsync per directory waits for each in
-    // turn), or a fsync of each directory.
-    let synced = match durability {
-        Durability::None => Ok(()),
-        Durability::Syncfs if dirs_to_sync.is_empty() => Ok(()),
-        Durability::Syncfs => syncfs(&site.root),
-        Durability::Fsync => dirs_to_sync
-            .iter()
-            .try_for_each(|d| File::open(d)?.sync_all()),
-    };
-    if let Err(e) = synced {
+    if let Err(e) = sync_dirs(&site.root, &dirs_to_sync, durability) {
         out.errors.push(io_item_error(
             "",
             "cannot sync the package's directories",
@@ -138,6 +80,84 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
         ));
     }
     out
+}
+
+/// Every write of these bodies is done, also those of a package written by a stream
+/// that ended: bodies whose time was left for now get it, before the batch is made
+/// durable. A body whose time cannot be set is dropped with an item error.
+fn set_late_times(publish: Vec<Publish>, session_dir: &Path, out: &mut Applied) -> Vec<Publish> {
+    publish
+        .into_iter()
+        .filter_map(|mut p| {
+            let Some(late) = p.late.take() else {
+                return Some(p);
+            };
+            late.writes.wait_until(0);
+            let t = file_time(late.mtime_ns);
+            let Err(e) = filetime::set_file_handle_times(&late.file, Some(t), Some(t)) else {
+                return Some(p);
+            };
+            out.errors
+                .push(io_item_error(&p.item.path, "cannot set mtime", &e));
+            if p.had_meta {
+                let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
+            }
+            p.body.remove();
+            None
+        })
+        .collect()
+}
+
+/// Puts one durable item in place and records the change; returns its directory, to
+/// sync.
+fn place(
+    site: &SiteFs,
+    session_dir: &Path,
+    p: Publish,
+    drop_cache: bool,
+    out: &mut Applied,
+) -> Option<PathBuf> {
+    let dest = site.root.join(&p.item.path);
+    let res = match &p.body {
+        Body::Unnamed(f, dir) => link_into_place(f, dir, &dest, session_dir, &p.item.path),
+        Body::Named(tmp) => rename_into_place(tmp, &dest),
+    };
+    let action = match res {
+        Ok(action) => action,
+        Err(e) => {
+            out.errors
+                .push(io_item_error(&p.item.path, "cannot put into place", &e));
+            p.body.remove();
+            return None;
+        }
+    };
+    if drop_cache
+        && p.item.kind == Kind::File
+        && let Body::Unnamed(f, _) = p.body
+    {
+        out.to_uncache.push(f);
+    }
+    if p.had_meta {
+        let _ = fs::remove_file(session_dir.join(staged_name("m", &p.item.path)));
+    }
+    touch_parent(&mut out.changes, &p.item.path);
+    out.changes.changes.push((p.item.path.clone(), action));
+    let dir = site.root.join(parent(&p.item.path));
+    out.changes.upserts.push(p.item);
+    out.items += 1;
+    Some(dir)
+}
+
+/// The renames become durable with their directories: one more syncfs (it writes every
+/// directory of the package at once; a fsync per directory waits for each in turn), or
+/// a fsync of each directory.
+fn sync_dirs(root: &Path, dirs: &HashSet<PathBuf>, durability: Durability) -> io::Result<()> {
+    match durability {
+        Durability::None => Ok(()),
+        Durability::Syncfs if dirs.is_empty() => Ok(()),
+        Durability::Syncfs => syncfs(root),
+        Durability::Fsync => dirs.iter().try_for_each(|d| File::open(d)?.sync_all()),
+    }
 }
 
 /// Drops durable (hence clean) bodies from the page cache. Their pages go back to the

@@ -70,334 +70,384 @@ pub fn stage(
     payload: pb::PackagePayload,
     max_path: usize,
 ) -> Staged {
-    let mut out = Applied::default();
-    let mut publish: Vec<Publish> = Vec::new();
-    let mut to_sync: Vec<PathBuf> = Vec::new();
-    let mut dirs_to_sync: HashSet<PathBuf> = HashSet::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut parents_ok: HashSet<String> = HashSet::new();
-    let mut normalised = Normalisation::default();
-    let mut dirs = DestDirs::default();
     if let Err(e) = fs::create_dir_all(&sess.dir) {
+        let mut out = Applied::default();
         out.errors
             .push(io_item_error("", "cannot create staging directory", &e));
         return Staged::empty(sess.dir.clone(), out);
     }
-    let mut wholes: Vec<WholeFile> = Vec::new();
-    let mut deferred: Vec<Deferred> = Vec::new();
+    let mut st = Stager {
+        site,
+        sess,
+        max_path,
+        out: Applied::default(),
+        publish: Vec::new(),
+        to_sync: Vec::new(),
+        dirs_to_sync: HashSet::new(),
+        seen: HashSet::new(),
+        parents_ok: HashSet::new(),
+        normalised: Normalisation::default(),
+        dirs: DestDirs::default(),
+        wholes: Vec::new(),
+        deferred: Vec::new(),
+    };
     let mut entries = payload.entries.into_iter().peekable();
     while let Some(entry) = entries.next() {
-        let Some(op) = entry.op else { continue };
-        match op {
-            pb::entry::Op::Put(meta) => {
-                let path = meta.path.clone();
-                if let Err(e) = pathsafe::validate(&path, max_path) {
-                    out.errors.push(item_error(
-                        &path,
-                        ErrorCode::InvalidPath,
-                        e.to_string(),
-                        false,
-                    ));
-                    sess.failed.insert(path);
-                    continue;
-                }
-                if !seen.insert(path.clone()) {
-                    out.errors.push(item_error(
-                        &path,
-                        ErrorCode::InvalidPath,
-                        "duplicate path in one package",
-                        false,
-                    ));
-                    // Its chunks must not land on the first occurrence's file.
-                    sess.failed.insert(path);
-                    continue;
-                }
-                let Some(item) = Item::from_pb(&meta) else {
-                    out.errors.push(item_error(
-                        &path,
-                        ErrorCode::InvalidArgument,
-                        "unknown item kind",
-                        false,
-                    ));
-                    sess.failed.insert(path);
-                    continue;
-                };
-                if item.mode > 0o7777 {
-                    out.errors.push(item_error(
-                        &path,
-                        ErrorCode::InvalidArgument,
-                        format!("mode {:o} out of range", item.mode),
-                        false,
-                    ));
-                    sess.failed.insert(path);
-                    continue;
-                }
-                if let Err(m) = check_parents_cached(&site.root, &path, &mut parents_ok)
-                    .and_then(|()| normalised.check(&site.root, &path))
-                {
-                    out.errors
-                        .push(item_error(&path, ErrorCode::InvalidPath, m, false));
-                    sess.failed.insert(path);
-                    continue;
-                }
-                sess.failed.remove(&path);
-                if let Some(data) = take_whole_body(&item, &mut entries) {
-                    if let Some(of) = sess.open.remove(&item.path) {
-                        of.remove();
-                    }
-                    wholes.push(WholeFile { item, data });
-                    continue;
-                }
-                match put(
-                    site,
-                    sess,
-                    &mut dirs,
-                    item,
-                    &mut publish,
-                    &mut to_sync,
-                    &mut out,
-                ) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        let err = io_item_error(&path, "cannot write", &e);
-                        if ErrorCode::NoSpace.is(&err.code) {
-                            out.errors.push(err);
-                            out.no_space = true;
-                            break;
-                        }
-                        out.errors.push(err);
-                        sess.failed.insert(path);
-                    }
-                }
+        match entry.op {
+            Some(pb::entry::Op::Put(meta)) => st.put(meta, &mut entries),
+            Some(pb::entry::Op::Data(d)) => st.data(d),
+            Some(pb::entry::Op::Delete(d)) => st.delete(d.path),
+            Some(pb::entry::Op::Abort(a)) => st.abort(a.path),
+            None => {}
+        }
+        if st.out.no_space {
+            break;
+        }
+    }
+    if !st.out.no_space {
+        st.write_wholes();
+    }
+    if !st.out.no_space {
+        st.write_sidecars();
+    }
+    st.into_staged()
+}
+
+/// A package being staged.
+struct Stager<'a> {
+    site: &'a SiteFs,
+    sess: &'a mut SessionFiles,
+    max_path: usize,
+    out: Applied,
+    publish: Vec<Publish>,
+    to_sync: Vec<PathBuf>,
+    dirs_to_sync: HashSet<PathBuf>,
+    /// Paths put by this package (a second put of one is refused).
+    seen: HashSet<String>,
+    parents_ok: HashSet<String>,
+    normalised: Normalisation,
+    dirs: DestDirs,
+    /// Files whose whole body follows their put, written together at the end.
+    wholes: Vec<WholeFile>,
+    deferred: Vec<Deferred>,
+}
+
+impl Stager<'_> {
+    /// Refuses an item (and the rest of its body in this package).
+    fn refuse(&mut self, path: String, code: ErrorCode, why: impl Into<String>) {
+        self.out.errors.push(item_error(&path, code, why, false));
+        self.sess.failed.insert(path);
+    }
+
+    /// Checks a put's path and metadata: the item, or `None` once refused.
+    fn checked(&mut self, meta: &pb::ItemMeta) -> Option<Item> {
+        let path = meta.path.clone();
+        if let Err(e) = pathsafe::validate(&path, self.max_path) {
+            self.refuse(path, ErrorCode::InvalidPath, e.to_string());
+            return None;
+        }
+        if !self.seen.insert(path.clone()) {
+            // Its chunks must not land on the first occurrence's file.
+            self.refuse(
+                path,
+                ErrorCode::InvalidPath,
+                "duplicate path in one package",
+            );
+            return None;
+        }
+        let Some(item) = Item::from_pb(meta) else {
+            self.refuse(path, ErrorCode::InvalidArgument, "unknown item kind");
+            return None;
+        };
+        if item.mode > 0o7777 {
+            let why = format!("mode {:o} out of range", item.mode);
+            self.refuse(path, ErrorCode::InvalidArgument, why);
+            return None;
+        }
+        let root = &self.site.root;
+        if let Err(m) = check_parents_cached(root, &path, &mut self.parents_ok)
+            .and_then(|()| self.normalised.check(root, &path))
+        {
+            self.refuse(path, ErrorCode::InvalidPath, m);
+            return None;
+        }
+        self.sess.failed.remove(&path);
+        Some(item)
+    }
+
+    fn put(
+        &mut self,
+        meta: pb::ItemMeta,
+        entries: &mut std::iter::Peekable<impl Iterator<Item = pb::Entry>>,
+    ) {
+        let Some(item) = self.checked(&meta) else {
+            return;
+        };
+        if let Some(data) = take_whole_body(&item, entries) {
+            if let Some(of) = self.sess.open.remove(&item.path) {
+                of.remove();
             }
-            pb::entry::Op::Data(d) => {
-                if sess.failed.contains(&d.path) {
-                    continue;
-                }
-                let path = d.path.clone();
-                match data(site, sess, d, &mut publish, &mut deferred, &mut out) {
-                    Ok(Some(tmp)) => to_sync.push(tmp),
-                    Ok(None) => {}
-                    Err(e) if ErrorCode::NoSpace.is(&e.code) => {
-                        // Keep what was staged: the package comes again once there is
-                        // space, and its chunks are written at their offsets.
-                        out.errors.push(e);
-                        out.no_space = true;
-                        break;
-                    }
-                    Err(e) => {
-                        out.errors.push(e);
-                        if let Some(of) = sess.open.remove(&path) {
-                            if of.meta_written {
-                                let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
-                            }
-                            of.remove();
-                        }
-                        sess.failed.insert(path);
-                    }
-                }
-            }
-            pb::entry::Op::Delete(d) => {
-                dirs.clear();
-                let path = d.path;
-                if let Err(e) = pathsafe::validate(&path, max_path) {
-                    out.errors.push(item_error(
-                        &path,
-                        ErrorCode::InvalidPath,
-                        e.to_string(),
-                        false,
-                    ));
-                    continue;
-                }
-                if let Err(m) = check_parents(&site.root, &path) {
-                    // A missing parent means the item is already gone.
-                    if !m.contains("No such file") {
-                        out.errors
-                            .push(item_error(&path, ErrorCode::InvalidPath, m, false));
-                        continue;
-                    }
-                } else if let Err(e) = remove_any(&site.root.join(&path)) {
-                    out.errors.push(io_item_error(&path, "cannot delete", &e));
-                    continue;
-                }
-                dirs_to_sync.insert(site.root.join(parent(&path)));
-                touch_parent(&mut out.changes, &path);
-                out.changes.deletes.push(path.clone());
-                out.changes.changes.push((path, ChangeAction::Deleted));
-                out.items += 1;
-            }
-            pb::entry::Op::Abort(a) => {
-                if let Some(of) = sess.open.remove(&a.path) {
-                    of.remove();
-                }
-                // Also after a restart, when the body is known only by its sidecar.
-                let _ = fs::remove_file(sess.dir.join(staged_name("f", &a.path)));
-                let _ = fs::remove_file(sess.dir.join(staged_name("m", &a.path)));
-                // Later chunks of the abandoned body (already packed) are dropped.
-                sess.failed.insert(a.path);
+            self.wholes.push(WholeFile { item, data });
+            return;
+        }
+        let path = item.path.clone();
+        let put = match item.kind {
+            Kind::Dir => self.put_dir(item),
+            Kind::Symlink => self.put_symlink(item),
+            Kind::File => self.put_file(item),
+        };
+        if let Err(e) = put {
+            let err = io_item_error(&path, "cannot write", &e);
+            self.out.no_space = ErrorCode::NoSpace.is(&err.code);
+            self.out.errors.push(err);
+            if !self.out.no_space {
+                self.sess.failed.insert(path);
             }
         }
     }
-    if !out.no_space {
-        let results = write_wholes(site, &sess.dir, wholes, &mut sess.writer, &mut sess.helpers);
+
+    /// Creates (or keeps) a directory in place at once, with the item's mode.
+    fn put_dir(&mut self, item: Item) -> io::Result<()> {
+        self.dirs.clear();
+        let dest = self.site.root.join(&item.path);
+        let action = match fs::symlink_metadata(&dest) {
+            Ok(md) if md.is_dir() => ChangeAction::Updated,
+            Ok(_) => {
+                fs::remove_file(&dest)?;
+                fs::create_dir(&dest)?;
+                ChangeAction::Updated
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&dest)?;
+                ChangeAction::Created
+            }
+            Err(e) => return Err(e),
+        };
+        fs::set_permissions(&dest, fs::Permissions::from_mode(item.mode))?;
+        let out = &mut self.out;
+        touch_parent(&mut out.changes, &item.path);
+        out.changes.changes.push((item.path.clone(), action));
+        out.changes.touched_dirs.push(item.path.clone());
+        out.changes.upserts.push(item);
+        out.items += 1;
+        Ok(())
+    }
+
+    /// Stages a symlink under a name, for its rename at publish.
+    fn put_symlink(&mut self, item: Item) -> io::Result<()> {
+        let tmp = self.sess.dir.join(staged_name("l", &item.path));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&item.link, &tmp)?;
+        set_symlink_mtime(&tmp, item.mtime_ns)?;
+        self.publish.push(Publish {
+            body: Body::Named(tmp),
+            item,
+            had_meta: false,
+            late: None,
+        });
+        Ok(())
+    }
+
+    /// Creates a file's body: open for its chunks, or (empty) ready to publish.
+    fn put_file(&mut self, mut item: Item) -> io::Result<()> {
+        let sess = &mut *self.sess;
+        if let Some(of) = sess.open.remove(&item.path) {
+            of.remove();
+        }
+        let (file, tmp, dir) = create_body(self.site, &sess.dir, &mut self.dirs, &item)?;
+        if item.size > 0 {
+            let path = item.path.clone();
+            let of = OpenFile {
+                meta: item,
+                file,
+                tmp,
+                dir,
+                hasher: Some(blake3::Hasher::new()),
+                next_offset: 0,
+                meta_written: false,
+                writes: None,
+            };
+            sess.open.insert(path, of);
+            return Ok(());
+        }
+        let expected = blake3::hash(b"").to_hex().to_string();
+        if item.hash.as_ref().is_some_and(|h| h != &expected) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "hash of an empty file does not match",
+            ));
+        }
+        let t = file_time(item.mtime_ns);
+        filetime::set_file_handle_times(&file, Some(t), Some(t))?;
+        item.hash = Some(expected);
+        self.to_sync.extend(tmp.clone());
+        self.publish.push(Publish {
+            body: staged_body(file, tmp, dir),
+            item,
+            had_meta: false,
+            late: None,
+        });
+        Ok(())
+    }
+
+    fn data(&mut self, d: pb::FileData) {
+        if self.sess.failed.contains(&d.path) {
+            return;
+        }
+        let path = d.path.clone();
+        let sess = &mut *self.sess;
+        match data(
+            self.site,
+            sess,
+            d,
+            &mut self.publish,
+            &mut self.deferred,
+            &mut self.out,
+        ) {
+            Ok(Some(tmp)) => self.to_sync.push(tmp),
+            Ok(None) => {}
+            Err(e) if ErrorCode::NoSpace.is(&e.code) => {
+                // Keep what was staged: the package comes again once there is space,
+                // and its chunks are written at their offsets.
+                self.out.errors.push(e);
+                self.out.no_space = true;
+            }
+            Err(e) => {
+                self.out.errors.push(e);
+                if let Some(of) = sess.open.remove(&path) {
+                    if of.meta_written {
+                        let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
+                    }
+                    of.remove();
+                }
+                sess.failed.insert(path);
+            }
+        }
+    }
+
+    fn delete(&mut self, path: String) {
+        self.dirs.clear();
+        let root = &self.site.root;
+        if let Err(e) = pathsafe::validate(&path, self.max_path) {
+            let err = item_error(&path, ErrorCode::InvalidPath, e.to_string(), false);
+            self.out.errors.push(err);
+            return;
+        }
+        if let Err(m) = check_parents(root, &path) {
+            // A missing parent means the item is already gone.
+            if !m.contains("No such file") {
+                let err = item_error(&path, ErrorCode::InvalidPath, m, false);
+                self.out.errors.push(err);
+                return;
+            }
+        } else if let Err(e) = remove_any(&root.join(&path)) {
+            self.out
+                .errors
+                .push(io_item_error(&path, "cannot delete", &e));
+            return;
+        }
+        self.dirs_to_sync.insert(root.join(parent(&path)));
+        touch_parent(&mut self.out.changes, &path);
+        self.out.changes.deletes.push(path.clone());
+        self.out.changes.changes.push((path, ChangeAction::Deleted));
+        self.out.items += 1;
+    }
+
+    /// A body the source gave up: what was staged of it goes, and later chunks of it
+    /// (already packed) are dropped.
+    fn abort(&mut self, path: String) {
+        let sess = &mut *self.sess;
+        if let Some(of) = sess.open.remove(&path) {
+            of.remove();
+        }
+        // Also after a restart, when the body is known only by its sidecar.
+        let _ = fs::remove_file(sess.dir.join(staged_name("f", &path)));
+        let _ = fs::remove_file(sess.dir.join(staged_name("m", &path)));
+        sess.failed.insert(path);
+    }
+
+    /// Writes the package's whole files (see [`write_wholes`]).
+    fn write_wholes(&mut self) {
+        let sess = &mut *self.sess;
+        let wholes = std::mem::take(&mut self.wholes);
+        let results = write_wholes(
+            self.site,
+            &sess.dir,
+            wholes,
+            &mut sess.writer,
+            &mut sess.helpers,
+        );
         for r in results {
             match r {
                 Ok((p, direct)) => {
-                    out.bytes += p.item.size;
-                    out.bytes_direct += direct;
+                    self.out.bytes += p.item.size;
+                    self.out.bytes_direct += direct;
                     if let Body::Named(tmp) = &p.body {
-                        to_sync.push(tmp.clone());
+                        self.to_sync.push(tmp.clone());
                     }
-                    publish.push(p);
+                    self.publish.push(p);
                 }
                 Err((path, e)) => {
                     // Out of space, the package is sent again as a whole.
                     if ErrorCode::NoSpace.is(&e.code) {
-                        out.no_space = true;
+                        self.out.no_space = true;
                     } else {
                         sess.failed.insert(path);
                     }
-                    out.errors.push(e);
+                    self.out.errors.push(e);
                 }
             }
         }
-    }
-    let nothing = |publish, out| Staged::empty(sess.dir.clone(), discard_for_retry(publish, out));
-    if out.no_space {
-        return nothing(publish, out);
     }
 
-    // Files continuing in a later package: keep their metadata beside the staged body so
-    // a restarted target can finish them when the next chunk arrives.
-    for (path, of) in sess.open.iter_mut().filter(|(_, of)| !of.meta_written) {
-        let meta_path = sess.dir.join(staged_name("m", path));
-        let written = (|| {
-            if of.tmp.is_none() {
-                let tmp = sess.dir.join(staged_name("f", path));
-                let _ = fs::remove_file(&tmp);
-                link_unnamed(&of.file, &tmp)?;
-                to_sync.push(tmp.clone());
-                of.tmp = Some(tmp);
-            }
-            fs::write(&meta_path, serde_json::to_vec(&of.meta).unwrap_or_default())
-        })();
-        match written {
-            Ok(()) => {
-                of.meta_written = true;
-                to_sync.push(meta_path);
-            }
-            Err(e) => {
-                let err = io_item_error(path, "cannot write staging metadata", &e);
-                out.no_space |= ErrorCode::NoSpace.is(&err.code);
-                out.errors.push(err);
+    /// Files continuing in a later package: their metadata is kept beside the staged
+    /// body so a restarted target can finish them when the next chunk arrives.
+    fn write_sidecars(&mut self) {
+        let sess = &mut *self.sess;
+        for (path, of) in sess.open.iter_mut().filter(|(_, of)| !of.meta_written) {
+            let meta_path = sess.dir.join(staged_name("m", path));
+            let written = (|| {
+                if of.tmp.is_none() {
+                    let tmp = sess.dir.join(staged_name("f", path));
+                    let _ = fs::remove_file(&tmp);
+                    link_unnamed(&of.file, &tmp)?;
+                    self.to_sync.push(tmp.clone());
+                    of.tmp = Some(tmp);
+                }
+                fs::write(&meta_path, serde_json::to_vec(&of.meta).unwrap_or_default())
+            })();
+            match written {
+                Ok(()) => {
+                    of.meta_written = true;
+                    self.to_sync.push(meta_path);
+                }
+                Err(e) => {
+                    let err = io_item_error(path, "cannot write staging metadata", &e);
+                    self.out.no_space |= ErrorCode::NoSpace.is(&err.code);
+                    self.out.errors.push(err);
+                }
             }
         }
     }
-    if out.no_space {
-        return nothing(publish, out);
-    }
-    Staged {
-        publish,
-        to_sync,
-        dirs_to_sync,
-        session_dir: sess.dir.clone(),
-        deferred_writer: (!deferred.is_empty()).then(|| sess.deferred_writer.clone()),
-        deferred,
-        drop_cache: sess.drop_cache,
-        out,
-    }
-}
 
-pub(super) fn put(
-    site: &SiteFs,
-    sess: &mut SessionFiles,
-    dirs: &mut DestDirs,
-    item: Item,
-    publish: &mut Vec<Publish>,
-    to_sync: &mut Vec<PathBuf>,
-    out: &mut Applied,
-) -> io::Result<()> {
-    match item.kind {
-        Kind::Dir => {
-            dirs.clear();
-            let dest = site.root.join(&item.path);
-            let action = match fs::symlink_metadata(&dest) {
-                Ok(md) if md.is_dir() => ChangeAction::Updated,
-                Ok(_) => {
-                    fs::remove_file(&dest)?;
-                    fs::create_dir(&dest)?;
-                    ChangeAction::Updated
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&dest)?;
-                    ChangeAction::Created
-                }
-                Err(e) => return Err(e),
-            };
-            fs::set_permissions(&dest, fs::Permissions::from_mode(item.mode))?;
-            touch_parent(&mut out.changes, &item.path);
-            out.changes.changes.push((item.path.clone(), action));
-            out.changes.touched_dirs.push(item.path.clone());
-            out.changes.upserts.push(item);
-            out.items += 1;
+    /// The staged package; on a full disk, nothing of it to publish.
+    fn into_staged(self) -> Staged {
+        let sess = self.sess;
+        if self.out.no_space {
+            let out = discard_for_retry(self.publish, self.out);
+            return Staged::empty(sess.dir.clone(), out);
         }
-        Kind::Symlink => {
-            let tmp = sess.dir.join(staged_name("l", &item.path));
-            let _ = fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(&item.link, &tmp)?;
-            set_symlink_mtime(&tmp, item.mtime_ns)?;
-            publish.push(Publish {
-                body: Body::Named(tmp),
-                item,
-                had_meta: false,
-                late: None,
-            });
-        }
-        Kind::File => {
-            if let Some(of) = sess.open.remove(&item.path) {
-                of.remove();
-            }
-            let (file, tmp, dir) = create_body(site, &sess.dir, dirs, &item)?;
-            if item.size > 0 {
-                sess.open.insert(
-                    item.path.clone(),
-                    OpenFile {
-                        meta: item,
-                        file,
-                        tmp,
-                        dir,
-                        hasher: Some(blake3::Hasher::new()),
-                        next_offset: 0,
-                        meta_written: false,
-                        writes: None,
-                    },
-                );
-                return Ok(());
-            }
-            let expected = blake3::hash(b"");
-            if let Some(h) = &item.hash
-                && h != &expected.to_hex().to_string()
-            {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "hash of an empty file does not match",
-                ));
-            }
-            let t = file_time(item.mtime_ns);
-            filetime::set_file_handle_times(&file, Some(t), Some(t))?;
-            let mut item = item;
-            item.hash = Some(expected.to_hex().to_string());
-            to_sync.extend(tmp.clone());
-            let body = staged_body(file, tmp, dir);
-            publish.push(Publish {
-                body,
-                item,
-                had_meta: false,
-                late: None,
-            });
+        Staged {
+            publish: self.publish,
+            to_sync: self.to_sync,
+            dirs_to_sync: self.dirs_to_sync,
+            session_dir: sess.dir.clone(),
+            deferred_writer: (!self.deferred.is_empty()).then(|| sess.deferred_writer.clone()),
+            deferred: self.deferred,
+            drop_cache: sess.drop_cache,
+            out: self.out,
         }
     }
-    Ok(())
 }
 
 /// Aborts a session: waits for an apply in progress (the caller holds the lock), drops
