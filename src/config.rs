@@ -212,7 +212,7 @@ impl MirrorConfig {
             message: e.to_string().trim().replace('\n', " "),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut channels = Vec::new();
+        let mut channels: Vec<ChannelConfig> = Vec::new();
         for c in raw.channel {
             let err = |key: &'static str, message: String| ConfigError::Channel {
                 path: path.to_path_buf(),
@@ -220,129 +220,18 @@ impl MirrorConfig {
                 key,
                 message,
             };
-            if c.name.is_empty() || channels.iter().any(|x: &ChannelConfig| x.name == c.name) {
+            if c.name.is_empty() || channels.iter().any(|x| x.name == c.name) {
                 return Err(err("name", "must be unique and not empty".into()));
             }
-            let include = Patterns::new(&c.include).map_err(|e| err("include", e.to_string()))?;
-            let exclude = Patterns::new(&c.exclude).map_err(|e| err("exclude", e.to_string()))?;
-            let last = Patterns::new(&c.last).map_err(|e| err("last", e.to_string()))?;
-            let max_delete = match &c.max_delete {
-                None => None,
-                Some(StrOrNum::N(n)) => Some(MaxDelete::Count(*n)),
-                Some(StrOrNum::S(s)) => {
-                    Some(MaxDelete::parse(s).map_err(|m| err("max_delete", m))?)
-                }
-            };
-            if let Some(s) = &c.schedule {
-                parse_cron(s).map_err(|m| err("schedule", m))?;
-            }
-            let package_bytes = c
-                .package_bytes
-                .unwrap_or(crate::package::DEFAULT_PACKAGE_BYTES as u64);
-            if !(1024..=32 * 1024 * 1024).contains(&package_bytes) {
-                return Err(err(
-                    "package_bytes",
-                    format!("{package_bytes} is not between 1024 and 33554432"),
-                ));
-            }
-            let window = c.window.unwrap_or(DEFAULT_WINDOW);
-            if !(1..=64).contains(&window) {
-                return Err(err("window", format!("{window} is not between 1 and 64")));
-            }
-            let ack_timeout_secs = c.ack_timeout_secs.unwrap_or(60);
-            if !(1..=3600).contains(&ack_timeout_secs) {
-                return Err(err(
-                    "ack_timeout_secs",
-                    format!("{ack_timeout_secs} is not between 1 and 3600"),
-                ));
-            }
-            let on_disk_full = match c.on_disk_full.as_deref() {
-                None | Some("fail") => OnDiskFull::Fail,
-                Some("wait") => OnDiskFull::Wait,
-                Some(other) => {
-                    return Err(err(
-                        "on_disk_full",
-                        format!("{other:?} is not \"fail\" or \"wait\""),
-                    ));
-                }
-            };
-            let compression = match c.compression.as_deref() {
-                None | Some("none") => crate::pb::Compression::None,
-                Some("zstd") => crate::pb::Compression::Zstd,
-                Some(other) => {
-                    return Err(err(
-                        "compression",
-                        format!("{other:?} is not \"none\" or \"zstd\""),
-                    ));
-                }
-            };
-            if c.target.is_empty() {
-                return Err(err(
-                    "target",
-                    "a channel needs at least one [[channel.target]]".into(),
-                ));
-            }
-            let mut targets: Vec<TargetConfig> = Vec::new();
-            for t in c.target {
-                if !(t.url.starts_with("http://") || t.url.starts_with("https://"))
-                    || t.url.parse::<tonic::transport::Uri>().is_err()
-                {
-                    return Err(err(
-                        "target.url",
-                        format!("{:?} is not an http:// or https:// URL", t.url),
-                    ));
-                }
-                if t.site.is_empty() {
-                    return Err(err("target.site", "must not be empty".into()));
-                }
-                let name = t.name.unwrap_or_else(|| {
-                    let host = t
-                        .url
-                        .split("://")
-                        .nth(1)
-                        .unwrap_or(&t.url)
-                        .trim_end_matches('/');
-                    format!("{}@{}", t.site, host)
-                });
-                if targets.iter().any(|x| x.name == name) {
-                    return Err(err("target.name", format!("{name:?} appears twice")));
-                }
-                let auth = client_auth(base, t.token_file, t.ca_file, t.cert_file, t.key_file)
-                    .map_err(|m| err("target", format!("{name}: {m}")))?;
-                targets.push(TargetConfig {
-                    name,
-                    url: t.url,
-                    site: t.site,
-                    auth,
-                });
-            }
-            channels.push(ChannelConfig {
-                name: c.name.clone(),
-                source: base.join(&c.source),
-                include: c.include,
-                exclude: c.exclude,
-                filter: Filter::new(include, exclude),
-                last,
-                delete: c.delete,
-                max_delete,
-                max_errors: c.max_errors,
-                checksum: c.checksum,
-                schedule: c.schedule,
-                package_bytes: package_bytes as usize,
-                window,
-                retry_budget: c.retry_budget.unwrap_or(8),
-                ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
-                on_disk_full,
-                compression,
-                schedule_spread: std::time::Duration::from_secs(
-                    c.schedule_spread_secs.unwrap_or(300),
-                ),
-                watch: c.watch,
-                watch_quiet: std::time::Duration::from_millis(
-                    c.watch_quiet_ms.unwrap_or(2000).max(50),
-                ),
-                targets,
-            });
+            let checked = channel_config(c, base);
+            channels.push(
+                checked.map_err(|(key, message, channel)| ConfigError::Channel {
+                    path: path.to_path_buf(),
+                    channel,
+                    key,
+                    message,
+                })?,
+            );
         }
         Ok(MirrorConfig { channels })
     }
@@ -350,6 +239,160 @@ impl MirrorConfig {
     pub fn channel(&self, name: &str) -> Option<&ChannelConfig> {
         self.channels.iter().find(|c| c.name == name)
     }
+}
+
+/// A key of a channel that is wrong: the key, why, and the channel's name.
+type ChannelKeyError = (&'static str, String, String);
+
+/// Checks `value` of `key` against its allowed range.
+fn in_range<T>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, (&'static str, String)>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(value);
+    }
+    let (lo, hi) = range.into_inner();
+    Err((key, format!("{value} is not between {lo} and {hi}")))
+}
+
+/// One of two words for a key (`None` is the first).
+fn one_of<T: Copy>(
+    key: &'static str,
+    value: Option<&str>,
+    words: [(&str, T); 2],
+) -> Result<T, (&'static str, String)> {
+    match value {
+        None => Ok(words[0].1),
+        Some(v) => words
+            .iter()
+            .find(|(w, _)| *w == v)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                (
+                    key,
+                    format!("{v:?} is not {:?} or {:?}", words[0].0, words[1].0),
+                )
+            }),
+    }
+}
+
+/// Checks one `[[channel]]` table; relative paths are resolved against `base`.
+fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKeyError> {
+    let name = c.name.clone();
+    let err = |(key, message): (&'static str, String)| (key, message, name.clone());
+    let pat = |key, p: &[String]| Patterns::new(p).map_err(|e| err((key, e.to_string())));
+    let (include, exclude, last) = (
+        pat("include", &c.include)?,
+        pat("exclude", &c.exclude)?,
+        pat("last", &c.last)?,
+    );
+    let max_delete = match &c.max_delete {
+        None => None,
+        Some(StrOrNum::N(n)) => Some(MaxDelete::Count(*n)),
+        Some(StrOrNum::S(s)) => Some(MaxDelete::parse(s).map_err(|m| err(("max_delete", m)))?),
+    };
+    if let Some(s) = &c.schedule {
+        parse_cron(s).map_err(|m| err(("schedule", m)))?;
+    }
+    let package_bytes = c
+        .package_bytes
+        .unwrap_or(crate::package::DEFAULT_PACKAGE_BYTES as u64);
+    let package_bytes =
+        in_range("package_bytes", package_bytes, 1024..=32 * 1024 * 1024).map_err(err)?;
+    let window = in_range("window", c.window.unwrap_or(DEFAULT_WINDOW), 1..=64).map_err(err)?;
+    let ack_timeout_secs = in_range(
+        "ack_timeout_secs",
+        c.ack_timeout_secs.unwrap_or(60),
+        1..=3600,
+    )
+    .map_err(err)?;
+    let on_disk_full = one_of(
+        "on_disk_full",
+        c.on_disk_full.as_deref(),
+        [("fail", OnDiskFull::Fail), ("wait", OnDiskFull::Wait)],
+    )
+    .map_err(err)?;
+    let compression = one_of(
+        "compression",
+        c.compression.as_deref(),
+        [
+            ("none", crate::pb::Compression::None),
+            ("zstd", crate::pb::Compression::Zstd),
+        ],
+    )
+    .map_err(err)?;
+    if c.target.is_empty() {
+        return Err(err((
+            "target",
+            "a channel needs at least one [[channel.target]]".into(),
+        )));
+    }
+    let mut targets: Vec<TargetConfig> = Vec::new();
+    for t in c.target {
+        let t = target_config(t, base).map_err(err)?;
+        if targets.iter().any(|x| x.name == t.name) {
+            return Err(err(("target.name", format!("{:?} appears twice", t.name))));
+        }
+        targets.push(t);
+    }
+    Ok(ChannelConfig {
+        name: c.name,
+        source: base.join(&c.source),
+        include: c.include,
+        exclude: c.exclude,
+        filter: Filter::new(include, exclude),
+        last,
+        delete: c.delete,
+        max_delete,
+        max_errors: c.max_errors,
+        checksum: c.checksum,
+        schedule: c.schedule,
+        package_bytes: package_bytes as usize,
+        window,
+        retry_budget: c.retry_budget.unwrap_or(8),
+        ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
+        on_disk_full,
+        compression,
+        schedule_spread: std::time::Duration::from_secs(c.schedule_spread_secs.unwrap_or(300)),
+        watch: c.watch,
+        watch_quiet: std::time::Duration::from_millis(c.watch_quiet_ms.unwrap_or(2000).max(50)),
+        targets,
+    })
+}
+
+/// Checks one `[[channel.target]]` table.
+fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, (&'static str, String)> {
+    if !http_url(&t.url) {
+        return Err((
+            "target.url",
+            format!("{:?} is not an http:// or https:// URL", t.url),
+        ));
+    }
+    if t.site.is_empty() {
+        return Err(("target.site", "must not be empty".into()));
+    }
+    let name = t.name.unwrap_or_else(|| {
+        let host = t
+            .url
+            .split("://")
+            .nth(1)
+            .unwrap_or(&t.url)
+            .trim_end_matches('/');
+        format!("{}@{}", t.site, host)
+    });
+    let auth = client_auth(base, t.token_file, t.ca_file, t.cert_file, t.key_file)
+        .map_err(|m| ("target", format!("{name}: {m}")))?;
+    Ok(TargetConfig {
+        name,
+        url: t.url,
+        site: t.site,
+        auth,
+    })
 }
 
 /// Parses a cron expression with seconds (six fields: sec min hour day month weekday).
@@ -496,60 +539,14 @@ impl SiteConfig {
                     key,
                     message,
                 };
-                let mut hooks = Vec::new();
-                for h in &s.hook {
-                    let timeout_secs = h.timeout_secs.unwrap_or(10);
-                    let retries = h.retries.unwrap_or(3);
-                    hooks.push(match (&h.url, &h.command) {
-                        (Some(u), None) => {
-                            if !(u.starts_with("http://") || u.starts_with("https://"))
-                                || u.parse::<tonic::transport::Uri>().is_err()
-                            {
-                                return Err(err(
-                                    "hook.url",
-                                    format!("{u:?} is not an http:// or https:// URL"),
-                                ));
-                            }
-                            Hook::Http {
-                                url: u.clone(),
-                                timeout_secs,
-                                retries,
-                            }
-                        }
-                        (None, Some(argv)) if !argv.is_empty() => Hook::Command {
-                            argv: argv.clone(),
-                            timeout_secs,
-                            retries,
-                        },
-                        _ => {
-                            return Err(err(
-                                "hook",
-                                "set exactly one of url or command (a non-empty list)".into(),
-                            ));
-                        }
-                    });
-                }
-                let mut push = Vec::new();
-                for p in s.push {
-                    if !(p.source.starts_with("http://") || p.source.starts_with("https://"))
-                        || p.source.parse::<tonic::transport::Uri>().is_err()
-                    {
-                        return Err(err(
-                            "push.source",
-                            format!("{:?} is not an http:// or https:// URL", p.source),
-                        ));
-                    }
-                    if p.channel.is_empty() {
-                        return Err(err("push.channel", "must not be empty".into()));
-                    }
-                    let auth = client_auth(base, p.token_file, p.ca_file, p.cert_file, p.key_file)
-                        .map_err(|m| err("push", m))?;
-                    push.push(Push {
-                        source: p.source,
-                        channel: p.channel,
-                        auth,
-                    });
-                }
+                let hooks = s.hook.iter().map(hook_config);
+                let hooks = hooks
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|(k, m)| err(k, m))?;
+                let push = s.push.into_iter().map(|p| push_config(p, base));
+                let push = push
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|(k, m)| err(k, m))?;
                 Ok(SiteConfig {
                     root: base.join(&s.root),
                     name: s.name.clone(),
@@ -560,6 +557,58 @@ impl SiteConfig {
             })
             .collect()
     }
+}
+
+/// Whether `u` is an http:// or https:// URL.
+fn http_url(u: &str) -> bool {
+    (u.starts_with("http://") || u.starts_with("https://"))
+        && u.parse::<tonic::transport::Uri>().is_ok()
+}
+
+/// Checks one `[[site.hook]]` table.
+fn hook_config(h: &RawHook) -> Result<Hook, (&'static str, String)> {
+    let timeout_secs = h.timeout_secs.unwrap_or(10);
+    let retries = h.retries.unwrap_or(3);
+    match (&h.url, &h.command) {
+        (Some(u), None) if !http_url(u) => Err((
+            "hook.url",
+            format!("{u:?} is not an http:// or https:// URL"),
+        )),
+        (Some(u), None) => Ok(Hook::Http {
+            url: u.clone(),
+            timeout_secs,
+            retries,
+        }),
+        (None, Some(argv)) if !argv.is_empty() => Ok(Hook::Command {
+            argv: argv.clone(),
+            timeout_secs,
+            retries,
+        }),
+        _ => Err((
+            "hook",
+            "set exactly one of url or command (a non-empty list)".into(),
+        )),
+    }
+}
+
+/// Checks one `[[site.push]]` table.
+fn push_config(p: RawPush, base: &Path) -> Result<Push, (&'static str, String)> {
+    if !http_url(&p.source) {
+        return Err((
+            "push.source",
+            format!("{:?} is not an http:// or https:// URL", p.source),
+        ));
+    }
+    if p.channel.is_empty() {
+        return Err(("push.channel", "must not be empty".into()));
+    }
+    let auth = client_auth(base, p.token_file, p.ca_file, p.cert_file, p.key_file)
+        .map_err(|m| ("push", m))?;
+    Ok(Push {
+        source: p.source,
+        channel: p.channel,
+        auth,
+    })
 }
 
 #[cfg(test)]
