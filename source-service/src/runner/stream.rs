@@ -391,16 +391,21 @@ impl Stream<'_> {
         let all_acked = self.packer_done && self.inflight.is_empty();
         if self.last_progress.elapsed() >= PROGRESS_EVERY && !all_acked {
             self.last_progress = Instant::now();
-            emit_progress(
-                self.app,
-                self.jid,
-                self.tname,
-                self.bytes_this_stream,
-                self.started,
-            )
-            .await;
+            self.progress().await;
         }
         Ok(())
+    }
+
+    /// Announces the target's progress (counters from the store, this stream's rate).
+    async fn progress(&self) {
+        emit_progress(
+            self.app,
+            self.jid,
+            self.tname,
+            self.bytes_this_stream,
+            self.started,
+        )
+        .await;
     }
 
     /// Stores an ack's checkpoint: the ack counts only once it is stored, so the write
@@ -554,14 +559,7 @@ impl Stream<'_> {
             logged(r, self.jid, "sent-package counts");
         }
         if matches!(end, StreamEnd::Done { .. }) {
-            emit_progress(
-                self.app,
-                self.jid,
-                self.tname,
-                self.bytes_this_stream,
-                self.started,
-            )
-            .await;
+            self.progress().await;
         }
         end
     }
