@@ -460,89 +460,23 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             requested_by,
             json,
         } => {
-            let r = c
-                .start_job(cms_mirror::telemetry::inject(tonic::Request::new(
-                    pb::StartJobRequest {
-                        channel,
-                        trigger: pb::Trigger::Admin as i32,
-                        requested_by,
-                        full,
-                        dry_run,
-                        checksum,
-                        paths,
-                        lineage: Vec::new(),
-                    },
-                )))
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if !wait {
-                if json {
-                    println!("{}", json!({"job_id": r.job_id, "coalesced": r.coalesced}));
-                } else {
-                    println!(
-                        "{}{}",
-                        r.job_id,
-                        if r.coalesced {
-                            " (coalesced into the queued job)"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            if !json {
-                eprintln!("job {} started", r.job_id);
-            }
-            let state = follow(&mut c, &r.job_id, false).await?;
-            let j = c
-                .get_job(pb::GetJobRequest {
-                    job_id: r.job_id.clone(),
-                })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if dry_run {
-                print_plan(&mut c, &r.job_id, json).await?;
-            }
-            output_job(&j, json);
-            Ok(exit_for(state))
+            let req = pb::StartJobRequest {
+                channel,
+                trigger: pb::Trigger::Admin as i32,
+                requested_by,
+                full,
+                dry_run,
+                checksum,
+                paths,
+                lineage: Vec::new(),
+            };
+            start(&mut c, req, wait, json).await
         }
         Cmd::Jobs {
             channel,
             limit,
             json,
-        } => {
-            let r = c
-                .list_jobs(pb::ListJobsRequest {
-                    channel: channel.unwrap_or_default(),
-                    limit,
-                })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r.jobs.iter().map(job_json).collect::<Vec<_>>())
-                        .unwrap_or_default()
-                );
-            } else {
-                for j in &r.jobs {
-                    println!(
-                        "{}  {:<12} {:<22} {:<8} {}  {}",
-                        j.id,
-                        j.channel,
-                        state_name(j.state),
-                        trigger_name(j.trigger),
-                        j.created_at,
-                        j.summary
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => list_jobs(&mut c, channel, limit, json).await,
         Cmd::Show { job, json } => {
             let j = c
                 .get_job(pb::GetJobRequest { job_id: job })
@@ -552,36 +486,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             output_job(&j, json);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Channels { json } => {
-            let r = c
-                .list_channels(pb::ListChannelsRequest {})
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if json {
-                let v: Vec<Value> = r.channels.iter().map(channel_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                for ch in &r.channels {
-                    println!(
-                        "{}  source {}  last job {} {}",
-                        ch.name,
-                        ch.source,
-                        ch.last_job_id,
-                        state_name(ch.last_job_state)
-                    );
-                    for t in &ch.targets {
-                        let lag = if t.lag_seconds < 0 {
-                            "never synced".to_string()
-                        } else {
-                            format!("lag {}s", t.lag_seconds)
-                        };
-                        println!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Channels { json } => list_channels(&mut c, json).await,
         Cmd::Cancel { job, json } => {
             let j = c
                 .cancel_job(pb::CancelJobRequest { job_id: job })
@@ -622,6 +527,116 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `start`: starts a job; with `wait`, follows it to its end and exits with its outcome.
+async fn start(
+    c: &mut Client,
+    req: pb::StartJobRequest,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let dry_run = req.dry_run;
+    let r = c
+        .start_job(cms_mirror::telemetry::inject(tonic::Request::new(req)))
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if !wait {
+        if json {
+            println!("{}", json!({"job_id": r.job_id, "coalesced": r.coalesced}));
+        } else {
+            let folded = if r.coalesced {
+                " (coalesced into the queued job)"
+            } else {
+                ""
+            };
+            println!("{}{folded}", r.job_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        eprintln!("job {} started", r.job_id);
+    }
+    let state = follow(c, &r.job_id, false).await?;
+    let j = c
+        .get_job(pb::GetJobRequest {
+            job_id: r.job_id.clone(),
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if dry_run {
+        print_plan(c, &r.job_id, json).await?;
+    }
+    output_job(&j, json);
+    Ok(exit_for(state))
+}
+
+/// `jobs`: the newest jobs, one line each.
+async fn list_jobs(
+    c: &mut Client,
+    channel: Option<String>,
+    limit: u32,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let r = c
+        .list_jobs(pb::ListJobsRequest {
+            channel: channel.unwrap_or_default(),
+            limit,
+        })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if json {
+        let all: Vec<Value> = r.jobs.iter().map(job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for j in &r.jobs {
+        println!(
+            "{}  {:<12} {:<22} {:<8} {}  {}",
+            j.id,
+            j.channel,
+            state_name(j.state),
+            trigger_name(j.trigger),
+            j.created_at,
+            j.summary
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `channels`: each channel with its targets' sync lag.
+async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, String> {
+    let r = c
+        .list_channels(pb::ListChannelsRequest {})
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if json {
+        let v: Vec<Value> = r.channels.iter().map(channel_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for ch in &r.channels {
+        println!(
+            "{}  source {}  last job {} {}",
+            ch.name,
+            ch.source,
+            ch.last_job_id,
+            state_name(ch.last_job_state)
+        );
+        for t in &ch.targets {
+            let lag = if t.lag_seconds < 0 {
+                "never synced".to_string()
+            } else {
+                format!("lag {}s", t.lag_seconds)
+            };
+            println!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a job's plan, one line per item like `rsync -i`.
