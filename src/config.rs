@@ -332,14 +332,7 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKe
             "a channel needs at least one [[channel.target]]".into(),
         )));
     }
-    let mut targets: Vec<TargetConfig> = Vec::new();
-    for t in c.target {
-        let t = target_config(t, base).map_err(err)?;
-        if targets.iter().any(|x| x.name == t.name) {
-            return Err(err(("target.name", format!("{:?} appears twice", t.name))));
-        }
-        targets.push(t);
-    }
+    let targets = targets_config(c.target, base).map_err(err)?;
     Ok(ChannelConfig {
         name: c.name,
         source: base.join(&c.source),
@@ -363,6 +356,22 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKe
         watch_quiet: std::time::Duration::from_millis(c.watch_quiet_ms.unwrap_or(2000).max(50)),
         targets,
     })
+}
+
+/// Checks a channel's `[[channel.target]]` tables; names must be unique.
+fn targets_config(
+    raw: Vec<RawTarget>,
+    base: &Path,
+) -> Result<Vec<TargetConfig>, (&'static str, String)> {
+    let mut targets: Vec<TargetConfig> = Vec::new();
+    for t in raw {
+        let t = target_config(t, base)?;
+        if targets.iter().any(|x| x.name == t.name) {
+            return Err(("target.name", format!("{:?} appears twice", t.name)));
+        }
+        targets.push(t);
+    }
+    Ok(targets)
 }
 
 /// Checks one `[[channel.target]]` table.

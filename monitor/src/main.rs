@@ -487,26 +487,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Channels { json } => list_channels(&mut c, json).await,
-        Cmd::Cancel { job, json } => {
-            let j = c
-                .cancel_job(pb::CancelJobRequest { job_id: job })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&job_json(&j)).unwrap_or_default()
-                );
-            } else {
-                println!(
-                    "cancel requested for job {} (now {})",
-                    j.id,
-                    state_name(j.state)
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Cancel { job, json } => cancel(&mut c, job, json).await,
         Cmd::Watch { job, channel, json } => match job {
             Some(job) => {
                 let state = follow(&mut c, &job, json).await?;
@@ -602,6 +583,28 @@ async fn list_jobs(
             trigger_name(j.trigger),
             j.created_at,
             j.summary
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cancel`: asks the source to cancel a job.
+async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, String> {
+    let j = c
+        .cancel_job(pb::CancelJobRequest { job_id: job })
+        .await
+        .map_err(status_msg)?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&job_json(&j)).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "cancel requested for job {} (now {})",
+            j.id,
+            state_name(j.state)
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -281,6 +281,181 @@ impl SourceService {
 
 type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
+/// One WatchJobs stream: replays stored events, then follows live ones; a gap in one
+/// job's sequence, a watcher too slow for the live feed, or (for one job) a poll tick
+/// each second makes it catch up from the store, so a job run by another instance is
+/// followed too.
+struct Watcher {
+    store: JobStore,
+    tx: mpsc::Sender<Result<pb::JobEvent, Status>>,
+    one_job: Option<String>,
+    channel_filter: Option<String>,
+    /// Each job's channel, as looked up.
+    channels: HashMap<String, String>,
+    /// For all jobs: the last event id sent (`i64::MAX`: live only, no catching up).
+    last_id: i64,
+    /// For one job: the last per-job sequence number sent.
+    last_seq: i64,
+}
+
+/// Whether a watch goes on.
+enum Watch {
+    On,
+    Over,
+}
+
+impl Watcher {
+    async fn run(
+        &mut self,
+        mut live: tokio::sync::broadcast::Receiver<EventRow>,
+        live_only: bool,
+        since: i64,
+    ) {
+        // For one job `since` is its per-job sequence number; for all jobs, a global id.
+        if self.one_job.is_some() {
+            self.last_seq = since;
+        }
+        if live_only {
+            self.last_id = i64::MAX;
+        } else {
+            if self.one_job.is_none() {
+                self.last_id = since;
+            }
+            if let Watch::Over = self.replay_stored().await {
+                return;
+            }
+        }
+        let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let received = match &self.one_job {
+                Some(_) => tokio::select! {
+                    r = live.recv() => Some(r),
+                    _ = poll.tick() => None,
+                },
+                None => Some(live.recv().await),
+            };
+            use tokio::sync::broadcast::error::RecvError;
+            let step = match received {
+                None => self.catch_up(0).await,
+                Some(Ok(e)) if self.gap_before(&e) => self.catch_up(0).await,
+                Some(Ok(e)) => self.live(e).await,
+                Some(Err(RecvError::Lagged(n))) => {
+                    tracing::debug!(missed = n, "watcher lagged; catching up from the store");
+                    self.catch_up(n).await
+                }
+                Some(Err(RecvError::Closed)) => Watch::Over,
+            };
+            if let Watch::Over = step {
+                return;
+            }
+        }
+    }
+
+    /// Whether a live event of the watched job comes after one not seen yet.
+    fn gap_before(&self, e: &EventRow) -> bool {
+        self.one_job.as_ref().is_some_and(|id| e.job_id == *id) && e.seq > self.last_seq + 1
+    }
+
+    async fn channel_of(&mut self, job: &str) -> String {
+        if let Some(c) = self.channels.get(job) {
+            return c.clone();
+        }
+        let c = self
+            .store
+            .get_job(job)
+            .await
+            .map(|j| j.channel)
+            .unwrap_or_default();
+        self.channels.insert(job.to_string(), c.clone());
+        c
+    }
+
+    /// Stored events after what was sent.
+    async fn stored(&self) -> Result<Vec<EventRow>, StoreError> {
+        match &self.one_job {
+            Some(id) => self.store.events_of_job(id, self.last_seq).await,
+            None => {
+                let chf = self.channel_filter.as_deref();
+                self.store.events_after(chf, self.last_id, 10_000).await
+            }
+        }
+    }
+
+    /// Sends one event; over when no one listens or the watched job finished.
+    async fn send(&mut self, e: &EventRow, missed: u64) -> Watch {
+        let c = self.channel_of(&e.job_id).await;
+        let done = e.kind == "finished" && self.one_job.is_some();
+        if self.tx.send(Ok(event_pb(e, &c, missed))).await.is_err() || done {
+            return Watch::Over;
+        }
+        Watch::On
+    }
+
+    /// The replay at the start.
+    async fn replay_stored(&mut self) -> Watch {
+        let evs = match self.stored().await {
+            Ok(evs) => evs,
+            Err(e) => {
+                let _ = self.tx.send(Err(store_status(e))).await;
+                return Watch::Over;
+            }
+        };
+        for e in evs {
+            self.last_id = self.last_id.max(e.id);
+            self.last_seq = e.seq;
+            if let Watch::Over = self.send(&e, 0).await {
+                return Watch::Over;
+            }
+        }
+        Watch::On
+    }
+
+    /// Catches up from the store (then says how many it missed live).
+    async fn catch_up(&mut self, mut missed: u64) -> Watch {
+        let evs = match self.stored().await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.tx.send(Err(store_status(e))).await;
+                return Watch::Over;
+            }
+        };
+        for e in evs {
+            if self.one_job.is_none() && e.id <= self.last_id {
+                continue;
+            }
+            self.last_id = self.last_id.max(e.id);
+            self.last_seq = e.seq;
+            if let Watch::Over = self.send(&e, missed).await {
+                return Watch::Over;
+            }
+            missed = 0;
+        }
+        Watch::On
+    }
+
+    /// A live event: sent unless already sent or not watched.
+    async fn live(&mut self, e: EventRow) -> Watch {
+        let seen = match &self.one_job {
+            Some(id) => &e.job_id != id || e.seq <= self.last_seq,
+            None => e.id <= self.last_id && self.last_id != i64::MAX,
+        };
+        if seen {
+            return Watch::On;
+        }
+        if let Some(f) = self.channel_filter.clone()
+            && self.channel_of(&e.job_id).await != f
+        {
+            return Watch::On;
+        }
+        if self.last_id != i64::MAX {
+            self.last_id = self.last_id.max(e.id);
+        }
+        self.last_seq = e.seq;
+        self.send(&e, 0).await
+    }
+}
+
 #[tonic::async_trait]
 impl SourceApi for SourceService {
     async fn start_job(
@@ -407,146 +582,21 @@ impl SourceApi for SourceService {
             None => None,
         };
         // Subscribe before replaying, so nothing falls between the two.
-        let mut live = self.app.bus.subscribe();
+        let live = self.app.bus.subscribe();
         let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(256);
-        let channel_filter = (!r.channel.is_empty()).then(|| r.channel.clone());
-        tokio::spawn(async move {
-            let mut channels: HashMap<String, String> = HashMap::new();
-            let mut channel_of = async |job: &str| -> String {
-                if let Some(c) = &job_channel {
-                    return c.clone();
-                }
-                if let Some(c) = channels.get(job) {
-                    return c.clone();
-                }
-                let c = store
-                    .get_job(job)
-                    .await
-                    .map(|j| j.channel)
-                    .unwrap_or_default();
-                channels.insert(job.to_string(), c.clone());
-                c
-            };
-            // Replay. For one job `since` is its per-job seq; for all jobs, a global id.
-            let mut last_id: i64 = 0;
-            let mut last_seq: i64 = if one_job.is_some() { r.since as i64 } else { 0 };
-            let mut finished = false;
-            let replay = |last_id: i64, last_seq: i64| {
-                let store = store.clone();
-                let one_job = one_job.clone();
-                let chf = channel_filter.clone();
-                async move {
-                    match &one_job {
-                        Some(id) => store.events_of_job(id, last_seq).await,
-                        None => store.events_after(chf.as_deref(), last_id, 10_000).await,
-                    }
-                }
-            };
-            if !r.live_only {
-                if one_job.is_none() {
-                    last_id = r.since as i64;
-                }
-                match replay(last_id, last_seq).await {
-                    Ok(evs) => {
-                        for e in evs {
-                            last_id = last_id.max(e.id);
-                            last_seq = e.seq;
-                            finished |= e.kind == "finished";
-                            let c = channel_of(&e.job_id).await;
-                            if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(store_status(e))).await;
-                        return;
-                    }
-                }
-            } else {
-                last_id = i64::MAX;
-            }
-            if finished && one_job.is_some() {
-                return;
-            }
-            // A job run by another instance arrives through its notifications; a poll of
-            // the store every second covers any that were missed (and SQLite).
-            let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let received = match &one_job {
-                    Some(_) => tokio::select! {
-                        r = live.recv() => Some(r),
-                        _ = poll.tick() => None,
-                    },
-                    None => Some(live.recv().await),
-                };
-                // Catch up from the store on a tick, on a gap in this job's sequence, or
-                // when this watcher was too slow (then say how many it missed live).
-                use tokio::sync::broadcast::error::RecvError;
-                let (e, missed) = match received {
-                    None => (None, 0),
-                    Some(Ok(e))
-                        if one_job.as_ref().is_some_and(|id| e.job_id == *id)
-                            && e.seq > last_seq + 1 =>
-                    {
-                        (None, 0)
-                    }
-                    Some(Ok(e)) => (Some(e), 0),
-                    Some(Err(RecvError::Lagged(n))) => {
-                        tracing::debug!(missed = n, "watcher lagged; catching up from the store");
-                        (None, n)
-                    }
-                    Some(Err(RecvError::Closed)) => return,
-                };
-                let Some(e) = e else {
-                    let evs = match replay(last_id, last_seq).await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            let _ = tx.send(Err(store_status(e))).await;
-                            return;
-                        }
-                    };
-                    let mut missed = missed;
-                    for e in evs {
-                        if one_job.is_none() && e.id <= last_id {
-                            continue;
-                        }
-                        last_id = last_id.max(e.id);
-                        last_seq = e.seq;
-                        let c = channel_of(&e.job_id).await;
-                        let done = e.kind == "finished" && one_job.is_some();
-                        if tx.send(Ok(event_pb(&e, &c, missed))).await.is_err() || done {
-                            return;
-                        }
-                        missed = 0;
-                    }
-                    continue;
-                };
-                match &one_job {
-                    Some(id) if &e.job_id != id => continue,
-                    Some(_) if e.seq <= last_seq => continue,
-                    None if e.id <= last_id && last_id != i64::MAX => continue,
-                    _ => {}
-                }
-                let c = channel_of(&e.job_id).await;
-                if let Some(f) = &channel_filter
-                    && &c != f
-                {
-                    continue;
-                }
-                last_id = if last_id == i64::MAX {
-                    i64::MAX
-                } else {
-                    last_id.max(e.id)
-                };
-                last_seq = e.seq;
-                let done = e.kind == "finished" && one_job.is_some();
-                if tx.send(Ok(event_pb(&e, &c, 0))).await.is_err() || done {
-                    return;
-                }
-            }
-        });
+        let mut w = Watcher {
+            store,
+            tx,
+            channel_filter: (!r.channel.is_empty()).then(|| r.channel.clone()),
+            channels: job_channel
+                .into_iter()
+                .flat_map(|c| one_job.clone().map(|j| (j, c)))
+                .collect(),
+            one_job,
+            last_id: 0,
+            last_seq: 0,
+        };
+        tokio::spawn(async move { w.run(live, r.live_only, r.since as i64).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

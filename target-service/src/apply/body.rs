@@ -1,10 +1,6 @@
-use super::pathcheck::DestDirs;
-use super::publish::touch_parent;
-use super::unix::{create_unnamed, created_with, file_time};
-use super::writer::{BodyWriter, DIRECT_MIN, Deferred, FileWrites, write_hashed};
-use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
-use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, hex, parent};
-use cms_mirror::pb;
+//! File bodies: files in progress across packages, whole small files written on several
+//! threads, chunks checked against their BLAKE3, a body found already published.
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
@@ -12,6 +8,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, hex, parent};
+use cms_mirror::pb;
+
+use super::pathcheck::DestDirs;
+use super::publish::touch_parent;
+use super::unix::{create_unnamed, created_with, file_time};
+use super::writer::{BodyWriter, DIRECT_MIN, Deferred, FileWrites, write_hashed};
+use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
 
 /// A file whose body is arriving over several entries (possibly several packages).
 pub(super) struct OpenFile {

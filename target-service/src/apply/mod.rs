@@ -21,16 +21,18 @@ mod tests;
 mod unix;
 mod writer;
 
-use crate::ledger::PackageChanges;
-use cms_mirror::model::{ErrorCode, Item};
-use cms_mirror::pathsafe::STAGING_DIR;
-use cms_mirror::pb;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use cms_mirror::model::{ErrorCode, Item};
+use cms_mirror::pathsafe::STAGING_DIR;
+use cms_mirror::pb;
 use writer::FileWrites;
+
+use crate::ledger::PackageChanges;
 
 pub use body::SessionFiles;
 pub use publish::{discard, publish, restore_dir_times, uncache};

@@ -1,10 +1,14 @@
-use cms_mirror::model::parent;
+//! Path checks on the target: no symlink among an item's ancestors, no Unicode
+//! normalisation twins, and the open destination directory of a package.
+
 use std::collections::{HashMap, HashSet};
-use std::fs::{self};
+use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use cms_mirror::model::parent;
 
 /// Checks that every ancestor of `rel` under `root` is a real directory (not a symlink).
 pub(super) fn check_parents(root: &Path, rel: &str) -> Result<(), String> {

@@ -1,3 +1,14 @@
+//! Publishing a staged package: one durable batch, bodies linked or renamed into
+//! place, directories synced; and the clean-up around it (discard, page cache, times).
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
+
 use super::pathcheck::check_parents;
 use super::stage::Staged;
 use super::unix::{file_time, link_unnamed, link_unnamed_at, set_mtime, syncfs};
@@ -6,12 +17,6 @@ use super::{
     Applied, Body, Durability, Publish, SiteFs, io_item_error, is_no_space, item_error, staged_name,
 };
 use crate::ledger::PackageChanges;
-use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
-use std::collections::HashSet;
-use std::fs::{self, File};
-use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
 
 /// Drops a staged package that will not be published (an earlier package of its stream
 /// failed): bodies that began in an earlier package keep their staged data, as on a full

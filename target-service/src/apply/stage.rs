@@ -1,3 +1,17 @@
+//! Staging a package: each entry checked and written (directories in place, bodies as
+//! unnamed or staged files), nothing visible yet except directories and deletions.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
+use cms_mirror::pathsafe;
+use cms_mirror::pb;
+
 use super::body::{
     OpenFile, SessionFiles, WholeFile, create_body, data, staged_body, take_whole_body,
     write_wholes,
@@ -7,15 +21,6 @@ use super::publish::{discard_for_retry, touch_parent};
 use super::unix::{file_time, link_unnamed, set_symlink_mtime};
 use super::writer::{BodyWriter, Deferred};
 use super::{Applied, Body, Publish, SiteFs, io_item_error, item_error, staged_name};
-use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
-use cms_mirror::pathsafe::{self};
-use cms_mirror::pb;
-use std::collections::HashSet;
-use std::fs::{self};
-use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 /// A package whose bodies are written and verified in the staging directory but not yet
 /// durable nor visible: [`publish`] finishes it, [`discard`] drops it.

@@ -1,3 +1,6 @@
+//! The Linux calls the target relies on: unnamed files (`O_TMPFILE`) and their links,
+//! `syncfs`, the umask, file times.
+
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::BorrowedFd;

@@ -1,11 +1,16 @@
-use super::io_item_error;
-use super::publish::discard_for_retry;
-use super::stage::Staged;
-use cms_mirror::model::ErrorCode;
+//! Writing bodies: direct I/O for large aligned chunks, and chunks left for a
+//! package's finishing task so the disk writes one package while the next is staged.
+
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
+
+use cms_mirror::model::ErrorCode;
+
+use super::io_item_error;
+use super::publish::discard_for_retry;
+use super::stage::Staged;
 
 /// Smallest block-aligned part of a chunk written with direct I/O; less goes through the
 /// page cache (a direct write waits for the device, which only pays off for large ones).
