@@ -9,6 +9,7 @@
 //! - [`start`]: wires it all on a bound listener.
 #![forbid(unsafe_code)]
 
+pub mod error;
 pub mod events;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -33,6 +34,7 @@ use cms_mirror::pb;
 use cms_mirror::pb::source_service_server::{SourceService as SourceApi, SourceServiceServer};
 use cms_mirror::{ms_to_rfc3339, now_ms};
 
+pub use error::SourceError;
 use events::EventBus;
 
 /// Shared state of a source instance.
@@ -101,13 +103,7 @@ impl App {
 }
 
 fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::NotFound(id) => Status::not_found(format!("job {id} not found")),
-        StoreError::Db(e) => {
-            tracing::error!(error = %e, "job store error");
-            Status::unavailable("job store unavailable; retry later")
-        }
-    }
+    SourceError::from(e).into()
 }
 
 fn trigger_name(t: i32) -> &'static str {
@@ -234,16 +230,13 @@ impl SourceService {
     pub async fn start_job(
         &self,
         req: pb::StartJobRequest,
-    ) -> Result<pb::StartJobResponse, Status> {
+    ) -> Result<pb::StartJobResponse, SourceError> {
         let Some(ch) = self.app.config.channel(&req.channel) else {
-            return Err(Status::not_found(format!(
-                "unknown channel {:?}",
-                req.channel
-            )));
+            return Err(SourceError::UnknownChannel(req.channel));
         };
         for p in &req.paths {
             cms_mirror::pathsafe::validate(p, 4096)
-                .map_err(|e| Status::invalid_argument(format!("paths: {e}")))?;
+                .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
         }
         let new = NewJob {
             channel: ch.name.clone(),
@@ -263,7 +256,7 @@ impl SourceService {
                 .map(|t| (t.name.clone(), t.url.clone(), t.site.clone()))
                 .collect(),
         };
-        let (job, coalesced) = self.app.store.create_job(new).await.map_err(store_status)?;
+        let (job, coalesced) = self.app.store.create_job(new).await?;
         if !coalesced {
             self.app
                 .bus
@@ -614,7 +607,7 @@ impl SourceApi for SourceService {
             .await
             .map_err(store_status)?;
         if targets.is_empty() {
-            return Err(Status::not_found(format!("job {} not found", r.job_id)));
+            return Err(SourceError::JobNotFound(r.job_id).into());
         }
         let dirs: Vec<(String, PathBuf)> = targets
             .into_iter()

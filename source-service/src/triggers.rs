@@ -94,7 +94,7 @@ async fn queue(app: &Arc<App>, ch: &ChannelConfig, trigger: pb::Trigger, who: St
             tracing::info!(channel = %ch.name, job = %r.job_id, coalesced = r.coalesced, trigger = ?trigger, "job triggered")
         }
         Err(e) => {
-            tracing::error!(channel = %ch.name, error = %e.message(), "cannot queue a triggered job")
+            tracing::error!(channel = %ch.name, error = %e, "cannot queue a triggered job")
         }
     }
 }
