@@ -581,10 +581,7 @@ impl SourceApi for SourceService {
             store,
             tx,
             channel_filter: (!r.channel.is_empty()).then(|| r.channel.clone()),
-            channels: job_channel
-                .into_iter()
-                .flat_map(|c| one_job.clone().map(|j| (j, c)))
-                .collect(),
+            channels: one_job.clone().zip(job_channel).into_iter().collect(),
             one_job,
             last_id: 0,
             last_seq: 0,

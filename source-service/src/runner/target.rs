@@ -183,7 +183,17 @@ impl<'a> TargetRun<'a> {
             Some(self.connect().await?)
         };
         let resume_seq = session.as_ref().map_or(0, |s| s.last_applied_seq);
-        let totals = self.plan(resume_seq).await?;
+        let totals = match self.plan(resume_seq).await {
+            Ok(t) => t,
+            Err(Stop::Cancelled) => {
+                // Cancelled while the plan waited to retry: the open session ends too.
+                if let Some(s) = &session {
+                    self.abort_session(&s.session_id).await;
+                }
+                return Err(Stop::Cancelled);
+            }
+            Err(e) => return Err(e),
+        };
         let Some(session) = session else {
             self.set_state(TargetState::Planned).await;
             return Ok(TargetOutcome {
@@ -248,10 +258,14 @@ impl<'a> TargetRun<'a> {
             }
         };
         if s.protocol_version < cms_mirror::PROTOCOL_VERSION {
+            // Targets before version 2 do not answer a version at all.
+            let theirs = match s.protocol_version {
+                0 => "a protocol older than version 2".to_string(),
+                v => format!("protocol version {v}"),
+            };
             let msg = format!(
-                "{} speaks protocol version {} (0: older than 2), this source needs {}; upgrade the target",
+                "{} speaks {theirs}, this source needs version {}; upgrade the target",
                 target_label(self.t),
-                s.protocol_version,
                 cms_mirror::PROTOCOL_VERSION
             );
             return Err(Stop::Failed(msg, 0));
@@ -496,9 +510,12 @@ impl<'a> TargetRun<'a> {
             abort: false,
         };
         let client = &self.client;
+        // All content has landed: the commit is tried within the budget even if the job
+        // is cancelled meanwhile, so the target's session does not stay open.
+        let (_keep, mut not_cancelled) = watch::channel(false);
         let committed = retrying(
             self.ch.retry_budget,
-            &mut self.cancel,
+            &mut not_cancelled,
             || {
                 let (mut client, req) = (client.clone(), req.clone());
                 Box::pin(async move { client.commit(traced(req)).await })
