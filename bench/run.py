@@ -13,6 +13,10 @@ cms-mirror wall over the median rsync->daemon wall; "ratio per round" is the ran
 the same ratio within each round. Every destination is checked afterwards
 with `rsync -anc --delete src/ dst/`, which must list nothing.
 
+BENCH_BASE=DIR runs the binaries in DIR too, in the same rounds (alternating with the
+others), and adds each phase's median wall of that build and the ratio of this build's
+wall to it: how to show that a change did not make cms-mirror slower.
+
 BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
 settings (e.g. BENCH_CHANNEL_TOML=$'window = 16\n').
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # BENCH_BIN: a directory of other builds of the three binaries (to compare builds).
 BIN = Path(os.environ.get("BENCH_BIN", ROOT / "target" / "release"))
+BASE = Path(os.environ["BENCH_BASE"]) if os.environ.get("BENCH_BASE") else None
 GEN = (ROOT / ".." / "shared" / "bench" / "gen_dataset.py").resolve()
 
 
@@ -79,23 +84,23 @@ def verify(src, dst):
         raise SystemExit(f"{dst} differs from {src}: {lines[:5]}")
 
 
-def cms_round(work, src_base, src_mut, durability):
+def cms_round(work, src_base, src_mut, durability, bin_dir=BIN):
     dst = work / f"cms-{time.time_ns()}"
     tdir, sdir = work / f"t-{time.time_ns()}", work / f"s-{time.time_ns()}"
     tdir.mkdir(); sdir.mkdir()
-    target, taddr = start([BIN / "mirror-target", "--listen", "127.0.0.1:0", "--site", f"main={dst}",
+    target, taddr = start([bin_dir / "mirror-target", "--listen", "127.0.0.1:0", "--site", f"main={dst}",
                            "--data-dir", tdir, "--durability", durability], tdir / "log")
     cfg = sdir / "mirror.toml"
     cfg.write_text("".join(
         f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\n{os.environ.get("BENCH_CHANNEL_TOML", "")}[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
         for n, p in (("base", src_base), ("mut", src_mut))))
-    source, saddr = start([BIN / "mirror-source", "--listen", "127.0.0.1:0", "--config", cfg, "--data-dir", sdir], sdir / "log")
+    source, saddr = start([bin_dir / "mirror-source", "--listen", "127.0.0.1:0", "--config", cfg, "--data-dir", sdir], sdir / "log")
     res = {}
     try:
         for phase, ch, tree in (("full", "base", src_base), ("nochange", "base", src_base), ("edit", "mut", src_mut)):
             warm(tree)
             t0 = time.perf_counter()
-            out = subprocess.run([BIN / "mirrorctl", "--source", f"http://{saddr}", "start", ch, "--wait", "--json"],
+            out = subprocess.run([bin_dir / "mirrorctl", "--source", f"http://{saddr}", "start", ch, "--wait", "--json"],
                                  capture_output=True, text=True)
             wall = time.perf_counter() - t0
             if out.returncode != 0:
@@ -189,9 +194,10 @@ def main():
     names = a.datasets.split(",")
     datasets(base, names)
     rounds = []
+    base_cols = ("| base wall | vs base | vs base per round ", "---:|---:|---:|") if BASE else ("", "")
     print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | ratio per round | rsync local wall | cms files/s | cms MB/s "
-          "| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| cms wire bytes | rsync wire bytes | cms RSS src/tgt MiB | rsync RSS MiB {base_cols[0]}|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + base_cols[1])
     try:
         for k in names:
             rounds.extend(table(work, base, k, a))
@@ -209,18 +215,30 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def vs_base(cms, base_runs, phase):
+    """The base build's median wall and this build's over it (median, range per round)."""
+    if not base_runs:
+        return ""
+    bw = statistics.median(r[phase]["wall"] for r in base_runs)
+    cw = statistics.median(r[phase]["wall"] for r in cms)
+    paired = sorted(c[phase]["wall"] / b[phase]["wall"] for c, b in zip(cms, base_runs))
+    return f" {bw:.3f} s | {cw / bw:.2f}x | {paired[0]:.2f}-{paired[-1]:.2f}x |"
+
+
 def table(work, base, k, a):
     """Measures one dataset (all rounds) and prints its rows; returns the rows of each
     round's walls, for a second table."""
     runs = work / k
     runs.mkdir(parents=True, exist_ok=True)
-    cms, rs, local = [], [], []
+    cms, rs, local, base_runs = [], [], [], []
     src_base, src_mut = base / "base" / k, base / "mut" / k
     tools = [
         lambda: cms.append(cms_round(runs, src_base, src_mut, a.durability)),
         lambda: rs.append(rsync_round(runs, src_base, src_mut)),
         lambda: local.append(rsync_local_round(runs, src_base, src_mut)),
     ]
+    if BASE:
+        tools.insert(1, lambda: base_runs.append(cms_round(runs, src_base, src_mut, a.durability, BASE)))
     for r in range(a.rounds):
         # A B C, then C B A: a tool that runs later in a round (on a fuller file system,
         # after more writeback) is not always the same one.
@@ -235,7 +253,7 @@ def table(work, base, k, a):
         print(f"| {k} | {phase} | {cw:.3f} s | {rw:.3f} s | {cw / rw:.2f}x | {paired[0]:.2f}-{paired[-1]:.2f}x | {lw:.3f} s | {files / cw:,.0f} | {size / cw / 1e6:,.0f} "
               f"| {int(statistics.median(r[phase]['wire'] for r in cms)):,} "
               f"| {int(statistics.median(r[phase]['wire'] for r in rs)):,} | {max(r['rss'][0] for r in cms)}/{max(r['rss'][1] for r in cms)} "
-              f"| {max(r[phase]['rss'] for r in rs)} |", flush=True)
+              f"| {max(r[phase]['rss'] for r in rs)} |{vs_base(cms, base_runs, phase)}", flush=True)
     walls = lambda results, phase: " / ".join(f"{r[phase]['wall']:.3f}" for r in results)
     return [f"| {k} | {phase} | {walls(cms, phase)} s | {walls(rs, phase)} s |" for phase in ("full", "nochange", "edit")]
 

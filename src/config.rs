@@ -16,21 +16,69 @@ pub enum ConfigError {
     },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config {path}: channel {channel:?}: {key}: {message}")]
+    #[error("config {path}: channel {channel:?}: {key}: {problem}")]
     Channel {
         path: PathBuf,
         channel: String,
         key: &'static str,
-        message: String,
+        problem: Box<Invalid>,
     },
-    #[error("config {path}: site {site:?}: {key}: {message}")]
+    #[error("config {path}: site {site:?}: {key}: {problem}")]
     Site {
         path: PathBuf,
         site: String,
         key: &'static str,
-        message: String,
+        problem: Box<Invalid>,
     },
 }
+
+/// What is wrong with one value; [`ConfigError`] adds the file, the table and the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Invalid {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be unique and not empty")]
+    NotUnique,
+    #[error("{0:?} appears twice")]
+    Twice(String),
+    #[error("{value} is not between {lo} and {hi}")]
+    OutOfRange {
+        value: String,
+        lo: String,
+        hi: String,
+    },
+    #[error("{value:?} is not {first:?} or {second:?}")]
+    NotOneOf {
+        value: String,
+        first: &'static str,
+        second: &'static str,
+    },
+    #[error("{0:?} is not a number or a percentage")]
+    NotCountOrPercent(String),
+    #[error("{0:?} is not between 0% and 100%")]
+    PercentOutOfRange(String),
+    #[error("{value:?} is not a cron expression with seconds (6 fields expected, {fields} found)")]
+    CronFields { value: String, fields: usize },
+    #[error("{value:?} is not a valid cron expression: {reason}")]
+    Cron { value: String, reason: String },
+    #[error("{0}")]
+    Pattern(String),
+    #[error("{0:?} is not an http:// or https:// URL")]
+    NotHttpUrl(String),
+    #[error("a channel needs at least one [[channel.target]]")]
+    NoTarget,
+    #[error("cert_file and key_file go together")]
+    IdentityIncomplete,
+    #[error("set exactly one of url or command (a non-empty list)")]
+    HookKind,
+    #[error("{0:?}: expected NAME=DIR")]
+    SiteFlag(String),
+    #[error("{name}: {problem}")]
+    InTarget { name: String, problem: Box<Invalid> },
+}
+
+/// A key of a table that is wrong, and why.
+type KeyError = (&'static str, Invalid);
 
 /// `max_delete`: an absolute count or a percentage of the target's items.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,21 +88,21 @@ pub enum MaxDelete {
 }
 
 impl MaxDelete {
-    pub fn parse(s: &str) -> Result<MaxDelete, String> {
+    pub fn parse(s: &str) -> Result<MaxDelete, Invalid> {
         let s = s.trim();
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p
                 .trim()
                 .parse()
-                .map_err(|_| format!("{s:?} is not a number or a percentage"))?;
+                .map_err(|_| Invalid::NotCountOrPercent(s.into()))?;
             if !(0.0..=100.0).contains(&v) {
-                return Err(format!("{s:?} is not between 0% and 100%"));
+                return Err(Invalid::PercentOutOfRange(s.into()));
             }
             Ok(MaxDelete::Percent(v))
         } else {
             s.parse()
                 .map(MaxDelete::Count)
-                .map_err(|_| format!("{s:?} is not a number or a percentage"))
+                .map_err(|_| Invalid::NotCountOrPercent(s.into()))
         }
     }
 
@@ -214,24 +262,17 @@ impl MirrorConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut channels: Vec<ChannelConfig> = Vec::new();
         for c in raw.channel {
-            let err = |key: &'static str, message: String| ConfigError::Channel {
+            let channel = c.name.clone();
+            let err = |(key, problem): KeyError| ConfigError::Channel {
                 path: path.to_path_buf(),
-                channel: c.name.clone(),
+                channel: channel.clone(),
                 key,
-                message,
+                problem: Box::new(problem),
             };
             if c.name.is_empty() || channels.iter().any(|x| x.name == c.name) {
-                return Err(err("name", "must be unique and not empty".into()));
+                return Err(err(("name", Invalid::NotUnique)));
             }
-            let checked = channel_config(c, base);
-            channels.push(
-                checked.map_err(|(key, message, channel)| ConfigError::Channel {
-                    path: path.to_path_buf(),
-                    channel,
-                    key,
-                    message,
-                })?,
-            );
+            channels.push(channel_config(c, base).map_err(err)?);
         }
         Ok(MirrorConfig { channels })
     }
@@ -241,15 +282,12 @@ impl MirrorConfig {
     }
 }
 
-/// A key of a channel that is wrong: the key, why, and the channel's name.
-type ChannelKeyError = (&'static str, String, String);
-
 /// Checks `value` of `key` against its allowed range.
 fn in_range<T>(
     key: &'static str,
     value: T,
     range: std::ops::RangeInclusive<T>,
-) -> Result<T, (&'static str, String)>
+) -> Result<T, KeyError>
 where
     T: PartialOrd + std::fmt::Display,
 {
@@ -257,15 +295,16 @@ where
         return Ok(value);
     }
     let (lo, hi) = range.into_inner();
-    Err((key, format!("{value} is not between {lo} and {hi}")))
+    let (value, lo, hi) = (value.to_string(), lo.to_string(), hi.to_string());
+    Err((key, Invalid::OutOfRange { value, lo, hi }))
 }
 
 /// One of two words for a key (`None` is the first).
 fn one_of<T: Copy>(
     key: &'static str,
     value: Option<&str>,
-    words: [(&str, T); 2],
-) -> Result<T, (&'static str, String)> {
+    words: [(&'static str, T); 2],
+) -> Result<T, KeyError> {
     match value {
         None => Ok(words[0].1),
         Some(v) => words
@@ -273,19 +312,24 @@ fn one_of<T: Copy>(
             .find(|(w, _)| *w == v)
             .map(|(_, t)| *t)
             .ok_or_else(|| {
+                let (first, second) = (words[0].0, words[1].0);
+                let value = v.to_string();
                 (
                     key,
-                    format!("{v:?} is not {:?} or {:?}", words[0].0, words[1].0),
+                    Invalid::NotOneOf {
+                        value,
+                        first,
+                        second,
+                    },
                 )
             }),
     }
 }
 
 /// Checks one `[[channel]]` table; relative paths are resolved against `base`.
-fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKeyError> {
-    let name = c.name.clone();
-    let err = |(key, message): (&'static str, String)| (key, message, name.clone());
-    let pat = |key, p: &[String]| Patterns::new(p).map_err(|e| err((key, e.to_string())));
+fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyError> {
+    let pat =
+        |key, p: &[String]| Patterns::new(p).map_err(|e| (key, Invalid::Pattern(e.to_string())));
     let (include, exclude, last) = (
         pat("include", &c.include)?,
         pat("exclude", &c.exclude)?,
@@ -294,29 +338,26 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKe
     let max_delete = match &c.max_delete {
         None => None,
         Some(StrOrNum::N(n)) => Some(MaxDelete::Count(*n)),
-        Some(StrOrNum::S(s)) => Some(MaxDelete::parse(s).map_err(|m| err(("max_delete", m)))?),
+        Some(StrOrNum::S(s)) => Some(MaxDelete::parse(s).map_err(|m| ("max_delete", m))?),
     };
     if let Some(s) = &c.schedule {
-        parse_cron(s).map_err(|m| err(("schedule", m)))?;
+        parse_cron(s).map_err(|m| ("schedule", m))?;
     }
     let package_bytes = c
         .package_bytes
         .unwrap_or(crate::package::DEFAULT_PACKAGE_BYTES as u64);
-    let package_bytes =
-        in_range("package_bytes", package_bytes, 1024..=32 * 1024 * 1024).map_err(err)?;
-    let window = in_range("window", c.window.unwrap_or(DEFAULT_WINDOW), 1..=64).map_err(err)?;
+    let package_bytes = in_range("package_bytes", package_bytes, 1024..=32 * 1024 * 1024)?;
+    let window = in_range("window", c.window.unwrap_or(DEFAULT_WINDOW), 1..=64)?;
     let ack_timeout_secs = in_range(
         "ack_timeout_secs",
         c.ack_timeout_secs.unwrap_or(60),
         1..=3600,
-    )
-    .map_err(err)?;
+    )?;
     let on_disk_full = one_of(
         "on_disk_full",
         c.on_disk_full.as_deref(),
         [("fail", OnDiskFull::Fail), ("wait", OnDiskFull::Wait)],
-    )
-    .map_err(err)?;
+    )?;
     let compression = one_of(
         "compression",
         c.compression.as_deref(),
@@ -324,15 +365,11 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKe
             ("none", crate::pb::Compression::None),
             ("zstd", crate::pb::Compression::Zstd),
         ],
-    )
-    .map_err(err)?;
+    )?;
     if c.target.is_empty() {
-        return Err(err((
-            "target",
-            "a channel needs at least one [[channel.target]]".into(),
-        )));
+        return Err(("target", Invalid::NoTarget));
     }
-    let targets = targets_config(c.target, base).map_err(err)?;
+    let targets = targets_config(c.target, base)?;
     Ok(ChannelConfig {
         name: c.name,
         source: base.join(&c.source),
@@ -359,15 +396,12 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, ChannelKe
 }
 
 /// Checks a channel's `[[channel.target]]` tables; names must be unique.
-fn targets_config(
-    raw: Vec<RawTarget>,
-    base: &Path,
-) -> Result<Vec<TargetConfig>, (&'static str, String)> {
+fn targets_config(raw: Vec<RawTarget>, base: &Path) -> Result<Vec<TargetConfig>, KeyError> {
     let mut targets: Vec<TargetConfig> = Vec::new();
     for t in raw {
         let t = target_config(t, base)?;
         if targets.iter().any(|x| x.name == t.name) {
-            return Err(("target.name", format!("{:?} appears twice", t.name)));
+            return Err(("target.name", Invalid::Twice(t.name)));
         }
         targets.push(t);
     }
@@ -375,15 +409,12 @@ fn targets_config(
 }
 
 /// Checks one `[[channel.target]]` table.
-fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, (&'static str, String)> {
+fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, KeyError> {
     if !http_url(&t.url) {
-        return Err((
-            "target.url",
-            format!("{:?} is not an http:// or https:// URL", t.url),
-        ));
+        return Err(("target.url", Invalid::NotHttpUrl(t.url)));
     }
     if t.site.is_empty() {
-        return Err(("target.site", "must not be empty".into()));
+        return Err(("target.site", Invalid::Empty));
     }
     let name = t.name.unwrap_or_else(|| {
         let host = t
@@ -394,8 +425,12 @@ fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, (&'static st
             .trim_end_matches('/');
         format!("{}@{}", t.site, host)
     });
-    let auth = client_auth(base, t.token_file, t.ca_file, t.cert_file, t.key_file)
-        .map_err(|m| ("target", format!("{name}: {m}")))?;
+    let auth =
+        client_auth(base, t.token_file, t.ca_file, t.cert_file, t.key_file).map_err(|m| {
+            let problem = Box::new(m);
+            let name = name.clone();
+            ("target", Invalid::InTarget { name, problem })
+        })?;
     Ok(TargetConfig {
         name,
         url: t.url,
@@ -405,18 +440,20 @@ fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, (&'static st
 }
 
 /// Parses a cron expression with seconds (six fields: sec min hour day month weekday).
-pub fn parse_cron(s: &str) -> Result<croner::Cron, String> {
+pub fn parse_cron(s: &str) -> Result<croner::Cron, Invalid> {
     let fields = s.split_whitespace().count();
     if fields != 6 {
-        return Err(format!(
-            "{s:?} is not a cron expression with seconds (6 fields expected, {fields} found)"
-        ));
+        let value = s.into();
+        return Err(Invalid::CronFields { value, fields });
     }
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .build()
         .parse(s)
-        .map_err(|e| format!("{s:?} is not a valid cron expression: {e}"))
+        .map_err(|e| Invalid::Cron {
+            value: s.into(),
+            reason: e.to_string(),
+        })
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,9 +493,9 @@ fn client_auth(
     ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
-) -> Result<crate::security::ClientAuth, String> {
+) -> Result<crate::security::ClientAuth, Invalid> {
     if cert_file.is_some() != key_file.is_some() {
-        return Err("cert_file and key_file go together".into());
+        return Err(Invalid::IdentityIncomplete);
     }
     Ok(crate::security::ClientAuth {
         token_file: token_file.map(|p| base.join(p)),
@@ -514,11 +551,11 @@ pub struct SiteConfig {
 
 impl SiteConfig {
     /// Parses the `--site NAME=DIR` short form.
-    pub fn from_flag(s: &str) -> Result<SiteConfig, String> {
+    pub fn from_flag(s: &str) -> Result<SiteConfig, Invalid> {
         let (name, dir) = s
             .split_once('=')
             .filter(|(n, d)| !n.is_empty() && !d.is_empty())
-            .ok_or_else(|| format!("--site {s:?}: expected NAME=DIR"))?;
+            .ok_or_else(|| Invalid::SiteFlag(s.into()))?;
         Ok(SiteConfig {
             name: name.into(),
             root: dir.into(),
@@ -542,20 +579,16 @@ impl SiteConfig {
         raw.site
             .into_iter()
             .map(|s| {
-                let err = |key: &'static str, message: String| ConfigError::Site {
+                let err = |(key, problem): KeyError| ConfigError::Site {
                     path: path.to_path_buf(),
                     site: s.name.clone(),
                     key,
-                    message,
+                    problem: Box::new(problem),
                 };
                 let hooks = s.hook.iter().map(hook_config);
-                let hooks = hooks
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|(k, m)| err(k, m))?;
+                let hooks = hooks.collect::<Result<Vec<_>, _>>().map_err(err)?;
                 let push = s.push.into_iter().map(|p| push_config(p, base));
-                let push = push
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|(k, m)| err(k, m))?;
+                let push = push.collect::<Result<Vec<_>, _>>().map_err(err)?;
                 Ok(SiteConfig {
                     root: base.join(&s.root),
                     name: s.name.clone(),
@@ -575,14 +608,11 @@ fn http_url(u: &str) -> bool {
 }
 
 /// Checks one `[[site.hook]]` table.
-fn hook_config(h: &RawHook) -> Result<Hook, (&'static str, String)> {
+fn hook_config(h: &RawHook) -> Result<Hook, KeyError> {
     let timeout_secs = h.timeout_secs.unwrap_or(10);
     let retries = h.retries.unwrap_or(3);
     match (&h.url, &h.command) {
-        (Some(u), None) if !http_url(u) => Err((
-            "hook.url",
-            format!("{u:?} is not an http:// or https:// URL"),
-        )),
+        (Some(u), None) if !http_url(u) => Err(("hook.url", Invalid::NotHttpUrl(u.clone()))),
         (Some(u), None) => Ok(Hook::Http {
             url: u.clone(),
             timeout_secs,
@@ -593,23 +623,17 @@ fn hook_config(h: &RawHook) -> Result<Hook, (&'static str, String)> {
             timeout_secs,
             retries,
         }),
-        _ => Err((
-            "hook",
-            "set exactly one of url or command (a non-empty list)".into(),
-        )),
+        _ => Err(("hook", Invalid::HookKind)),
     }
 }
 
 /// Checks one `[[site.push]]` table.
-fn push_config(p: RawPush, base: &Path) -> Result<Push, (&'static str, String)> {
+fn push_config(p: RawPush, base: &Path) -> Result<Push, KeyError> {
     if !http_url(&p.source) {
-        return Err((
-            "push.source",
-            format!("{:?} is not an http:// or https:// URL", p.source),
-        ));
+        return Err(("push.source", Invalid::NotHttpUrl(p.source)));
     }
     if p.channel.is_empty() {
-        return Err(("push.channel", "must not be empty".into()));
+        return Err(("push.channel", Invalid::Empty));
     }
     let auth = client_auth(base, p.token_file, p.ca_file, p.cert_file, p.key_file)
         .map_err(|m| ("push", m))?;
@@ -651,9 +675,13 @@ max_delete = "10%"
 
     #[test]
     fn errors_name_the_channel_and_key() {
-        let e = parse(&OK.replace("\"10%\"", "\"lots\""))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&OK.replace("\"10%\"", "\"lots\"")).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Channel { key: "max_delete", problem, .. }
+                if **problem == Invalid::NotCountOrPercent("lots".into())),
+            "{e:?}"
+        );
+        let e = e.to_string();
         assert!(e.contains("channel \"site\": max_delete"), "{e}");
         let e = parse(&OK.replace("cache/**", "cache/["))
             .unwrap_err()

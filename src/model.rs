@@ -223,13 +223,36 @@ impl ChangeAction {
 }
 
 impl std::str::FromStr for ChangeAction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "created" => Ok(ChangeAction::Created),
             "updated" => Ok(ChangeAction::Updated),
             "deleted" => Ok(ChangeAction::Deleted),
-            o => Err(format!("unknown change action {o:?}")),
+            o => Err(UnknownName::new(
+                "change action",
+                o,
+                "created, updated or deleted",
+            )),
+        }
+    }
+}
+
+/// A name outside a closed set (a state, an action, a setting's value).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("unknown {what} {value:?} (expected {expected})")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl UnknownName {
+    pub fn new(what: &'static str, value: &str, expected: &'static str) -> UnknownName {
+        UnknownName {
+            what,
+            value: value.into(),
+            expected,
         }
     }
 }

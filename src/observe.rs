@@ -57,11 +57,24 @@ where
     }
 }
 
+/// A listener that could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for {what} on {addr}: {source}")]
+pub struct BindError {
+    pub what: &'static str,
+    pub addr: String,
+    pub source: std::io::Error,
+}
+
 /// Binds the metrics listener and prints its address (like the gRPC one, for port 0).
-pub async fn bind_metrics(addr: &str) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind_metrics(addr: &str) -> Result<tokio::net::TcpListener, BindError> {
     let l = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        .map_err(|source| BindError {
+            what: "metrics",
+            addr: addr.into(),
+            source,
+        })?;
     if let Ok(a) = l.local_addr() {
         println!("metrics on http://{a}/metrics");
     }

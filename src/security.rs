@@ -24,6 +24,39 @@ use tonic::transport::{
 };
 use tonic::{Request, Status};
 
+/// What can be wrong with security settings or a connection they make; each names the
+/// file or URL.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token file {} lists no token", path.display())]
+    NoToken { path: PathBuf },
+    #[error(
+        "token file {}: token {line} is shorter than 16 characters or not printable ASCII",
+        path.display()
+    )]
+    BadToken { path: PathBuf, line: usize },
+    #[error("the token is not printable ASCII")]
+    TokenNotAscii,
+    #[error("invalid URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("{url}: ca_file/cert_file are set but the URL is not https://")]
+    TlsOnPlainUrl { url: String },
+    #[error("cert_file and key_file go together")]
+    ClientIdentityIncomplete,
+    #[error("--tls-cert and --tls-key go together (and --tls-client-ca needs both)")]
+    ServerTlsIncomplete,
+    #[error("TLS settings for {url}: {reason}")]
+    Tls { url: String, reason: String },
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
 /// How often a token file is re-read.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
@@ -36,22 +69,31 @@ fn parse_tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn read_tokens(path: &Path) -> Result<Vec<blake3::Hash>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+fn read_token_file(path: &Path) -> Result<Vec<String>, SecurityError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SecurityError::Read {
+        what: "token file",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let tokens = parse_tokens(&text);
     if tokens.is_empty() {
-        return Err(format!("token file {} lists no token", path.display()));
+        return Err(SecurityError::NoToken {
+            path: path.to_path_buf(),
+        });
     }
+    Ok(tokens)
+}
+
+fn read_tokens(path: &Path) -> Result<Vec<blake3::Hash>, SecurityError> {
+    let tokens = read_token_file(path)?;
     if let Some(bad) = tokens
         .iter()
         .position(|t| t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
     {
-        return Err(format!(
-            "token file {}: token {} is shorter than 16 characters or not printable ASCII",
-            path.display(),
-            bad + 1
-        ));
+        return Err(SecurityError::BadToken {
+            path: path.to_path_buf(),
+            line: bad + 1,
+        });
     }
     Ok(tokens.iter().map(|t| blake3::hash(t.as_bytes())).collect())
 }
@@ -78,7 +120,7 @@ impl std::fmt::Debug for Tokens {
 
 impl Tokens {
     /// Loads the file; an unreadable or empty file is an error at start.
-    pub fn load(path: &Path) -> Result<Tokens, String> {
+    pub fn load(path: &Path) -> Result<Tokens, SecurityError> {
         let hashes = read_tokens(path)?;
         Ok(Tokens {
             path: path.to_path_buf(),
@@ -147,25 +189,23 @@ impl Interceptor for Auth {
 pub struct Bearer(Option<AsciiMetadataValue>);
 
 impl Bearer {
-    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+    pub fn new(token: Option<&str>) -> Result<Bearer, SecurityError> {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
             None => Ok(Bearer(None)),
             Some(t) => MetadataValue::try_from(format!("Bearer {t}"))
                 .map(|v| Bearer(Some(v)))
-                .map_err(|_| "the token is not printable ASCII".to_string()),
+                .map_err(|_| SecurityError::TokenNotAscii),
         }
     }
 
     /// The first token of a token file (read each time a connection is made, so the
     /// file can be rotated while the process runs).
-    pub fn from_file(path: &Path) -> Result<Bearer, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
-        let t = parse_tokens(&text)
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("token file {} lists no token", path.display()))?;
-        Bearer::new(Some(&t)).map_err(|e| format!("token file {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Bearer, SecurityError> {
+        let first = &read_token_file(path)?[0];
+        Bearer::new(Some(first)).map_err(|_| SecurityError::BadToken {
+            path: path.to_path_buf(),
+            line: 1,
+        })
     }
 }
 
@@ -194,12 +234,16 @@ pub struct ClientAuth {
     pub key_file: Option<PathBuf>,
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, SecurityError> {
+    std::fs::read(path).map_err(|source| SecurityError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl ClientAuth {
-    pub fn bearer(&self) -> Result<Bearer, String> {
+    pub fn bearer(&self) -> Result<Bearer, SecurityError> {
         match (&self.token, &self.token_file) {
             (Some(t), _) => Bearer::new(Some(t)),
             (None, Some(f)) => Bearer::from_file(f),
@@ -210,15 +254,15 @@ impl ClientAuth {
     /// An endpoint for `url` with the project's transport tuning and, for `https://`,
     /// TLS from these settings. TLS settings on an `http://` URL are an error (they
     /// would be silently unused).
-    pub fn endpoint(&self, url: &str) -> Result<Endpoint, String> {
-        let ep =
-            crate::transport::endpoint(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, SecurityError> {
+        let ep = crate::transport::endpoint(url).map_err(|e| SecurityError::InvalidUrl {
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
         let tls_set = self.ca_file.is_some() || self.cert_file.is_some();
         if !url.starts_with("https://") {
             if tls_set {
-                return Err(format!(
-                    "{url}: ca_file/cert_file are set but the URL is not https://"
-                ));
+                return Err(SecurityError::TlsOnPlainUrl { url: url.into() });
             }
             return Ok(ep);
         }
@@ -235,14 +279,16 @@ impl ClientAuth {
                 ))
             }
             (None, None) => {}
-            _ => return Err("cert_file and key_file go together".into()),
+            _ => return Err(SecurityError::ClientIdentityIncomplete),
         }
-        ep.tls_config(tls)
-            .map_err(|e| format!("TLS settings for {url}: {e}"))
+        ep.tls_config(tls).map_err(|e| SecurityError::Tls {
+            url: url.into(),
+            reason: error_chain(&e),
+        })
     }
 
     /// A lazily connecting channel with the token interceptor.
-    pub fn channel(&self, url: &str) -> Result<AuthChannel, String> {
+    pub fn channel(&self, url: &str) -> Result<AuthChannel, SecurityError> {
         Ok(InterceptedService::new(
             self.endpoint(url)?.connect_lazy(),
             self.bearer()?,
@@ -250,13 +296,16 @@ impl ClientAuth {
     }
 
     /// Connects now (errors name the URL).
-    pub async fn connect(&self, url: &str) -> Result<AuthChannel, String> {
+    pub async fn connect(&self, url: &str) -> Result<AuthChannel, SecurityError> {
         let bearer = self.bearer()?;
         let ch = self
             .endpoint(url)?
             .connect()
             .await
-            .map_err(|e| format!("cannot reach {url}: {}", error_chain(&e)))?;
+            .map_err(|e| SecurityError::Unreachable {
+                url: url.into(),
+                reason: error_chain(&e),
+            })?;
         Ok(InterceptedService::new(ch, bearer))
     }
 }
@@ -282,7 +331,7 @@ pub fn server_tls(
     cert: Option<&Path>,
     key: Option<&Path>,
     client_ca: Option<&Path>,
-) -> Result<Option<ServerTlsConfig>, String> {
+) -> Result<Option<ServerTlsConfig>, SecurityError> {
     match (cert, key) {
         (None, None) if client_ca.is_none() => Ok(None),
         (Some(c), Some(k)) => {
@@ -293,7 +342,7 @@ pub fn server_tls(
             }
             Ok(Some(tls))
         }
-        _ => Err("--tls-cert and --tls-key go together (and --tls-client-ca needs both)".into()),
+        _ => Err(SecurityError::ServerTlsIncomplete),
     }
 }
 
@@ -326,9 +375,12 @@ mod tests {
         assert!(auth.call(Request::new(())).is_err());
 
         std::fs::write(&f, "short\n").unwrap();
-        assert!(Tokens::load(&f).unwrap_err().contains("shorter than 16"));
+        let e = Tokens::load(&f).unwrap_err();
+        assert!(matches!(e, SecurityError::BadToken { line: 1, .. }), "{e}");
+        assert!(e.to_string().contains("shorter than 16"), "{e}");
         std::fs::write(&f, "# nothing\n").unwrap();
-        assert!(Tokens::load(&f).unwrap_err().contains("no token"));
+        let e = Tokens::load(&f).unwrap_err();
+        assert!(matches!(e, SecurityError::NoToken { .. }), "{e}");
     }
 }
 
@@ -358,7 +410,7 @@ pub struct ServerSecurity {
 }
 
 impl ServerArgs {
-    pub fn load(&self) -> Result<ServerSecurity, String> {
+    pub fn load(&self) -> Result<ServerSecurity, SecurityError> {
         let auth = match &self.auth_tokens {
             Some(f) => Auth(Some(Tokens::load(f)?)),
             None => Auth(None),

@@ -23,13 +23,15 @@ pub enum LogFormat {
 }
 
 impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::model::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!(
-                "unknown log format {other:?} (expected text or json)"
+            o => Err(crate::model::UnknownName::new(
+                "log format",
+                o,
+                "text or json",
             )),
         }
     }
@@ -58,9 +60,18 @@ impl Drop for Telemetry {
     }
 }
 
+/// Why traces are not exported although an endpoint is set (a warning at start).
+#[derive(Debug, thiserror::Error)]
+enum ExportOff {
+    #[error("{var}={value:?} is not an http:// or https:// URL; traces are not exported")]
+    NotHttpUrl { var: &'static str, value: String },
+    #[error("cannot export traces to {endpoint:?}: {reason}; traces are not exported")]
+    Exporter { endpoint: String, reason: String },
+}
+
 /// The OTLP endpoint from the environment, if export is asked for; Err for a value
 /// that is not an http(s) URL.
-fn otlp_endpoint() -> Option<Result<String, String>> {
+fn otlp_endpoint() -> Option<Result<String, ExportOff>> {
     let (var, v) = [
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -78,9 +89,7 @@ fn otlp_endpoint() -> Option<Result<String, String>> {
     Some(if ok {
         Ok(v)
     } else {
-        Err(format!(
-            "{var}={v:?} is not an http:// or https:// URL; traces are not exported"
-        ))
+        Err(ExportOff::NotHttpUrl { var, value: v })
     })
 }
 
@@ -120,9 +129,8 @@ pub fn init(format: LogFormat, service: &str) -> Telemetry {
                     )
                 }
                 Err(e) => {
-                    warning = Some(format!(
-                        "cannot export traces to {endpoint:?}: {e}; traces are not exported"
-                    ));
+                    let reason = e.to_string();
+                    warning = Some(ExportOff::Exporter { endpoint, reason });
                     None
                 }
             }

@@ -28,15 +28,30 @@ pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transpor
         .keep_alive_while_idle(true))
 }
 
+/// Why a service stopped serving, or could not start to.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS settings: {0}")]
+    Tls(String),
+    #[error("serving failed: {0}")]
+    Transport(String),
+}
+
+impl ServeError {
+    pub fn transport(e: &tonic::transport::Error) -> ServeError {
+        ServeError::Transport(crate::security::error_chain(e))
+    }
+}
+
 /// A server builder with the project's tuning and, when configured, TLS.
 pub fn secure_server(
     sec: &crate::security::ServerSecurity,
-) -> Result<tonic::transport::Server, String> {
+) -> Result<tonic::transport::Server, ServeError> {
     match &sec.tls {
         None => Ok(server()),
         Some(tls) => server()
             .tls_config(tls.clone())
-            .map_err(|e| format!("TLS settings: {}", crate::security::error_chain(&e))),
+            .map_err(|e| ServeError::Tls(crate::security::error_chain(&e))),
     }
 }
 

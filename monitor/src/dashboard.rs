@@ -32,7 +32,7 @@ struct Dash {
 
 /// Serves the dashboard until the process is stopped. Prints
 /// `dashboard listening on ADDR` once the socket is bound (port 0 picks a free one).
-pub async fn serve(listen: &str, client: Client) -> Result<(), String> {
+pub async fn serve(listen: &str, client: Client) -> Result<(), crate::CliError> {
     let app = Router::new()
         .route("/", get(index))
         .route("/jobs/{id}", get(job_page))
@@ -46,12 +46,13 @@ pub async fn serve(listen: &str, client: Client) -> Result<(), String> {
         .with_state(Dash { client });
     let l = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = l.local_addr().map_err(|e| e.to_string())?;
-    println!("dashboard listening on {addr}");
-    axum::serve(l, app)
-        .await
-        .map_err(|e| format!("dashboard server: {e}"))
+        .map_err(|source| cms_mirror::observe::BindError {
+            what: "the dashboard",
+            addr: listen.into(),
+            source,
+        })?;
+    println!("dashboard listening on {}", l.local_addr()?);
+    Ok(axum::serve(l, app).await?)
 }
 
 /// A gRPC error as an HTTP answer with a JSON body.

@@ -16,6 +16,19 @@ use serde_json::{Value, json};
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_client::SourceServiceClient;
 
+/// Why a command could not be carried out (exit code 3).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    #[error("mirror-source: {0}")]
+    Connect(#[from] cms_mirror::security::SecurityError),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error(transparent)]
+    Bind(#[from] cms_mirror::observe::BindError),
+    #[error("dashboard server: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
 /// The admin client of the source service.
 pub(crate) type Client = SourceServiceClient<cms_mirror::security::AuthChannel>;
 
@@ -355,21 +368,13 @@ impl Cli {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<Client, String> {
-    let ch = cli
-        .auth()
-        .connect(&cli.source)
-        .await
-        .map_err(|e| format!("mirror-source: {e}"))?;
+async fn connect(cli: &Cli) -> Result<Client, CliError> {
+    let ch = cli.auth().connect(&cli.source).await?;
     Ok(Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE))
 }
 
-fn status_msg(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
-}
-
 /// Follows a job until it finishes; returns its final state.
-async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, String> {
+async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, CliError> {
     let req = pb::WatchJobsRequest {
         job_id: job.to_string(),
         ..Default::default()
@@ -380,8 +385,7 @@ async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, S
         .get_job(pb::GetJobRequest {
             job_id: job.to_string(),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     Ok(j.state)
 }
@@ -393,13 +397,9 @@ async fn print_events(
     req: pb::WatchJobsRequest,
     json_out: bool,
     text_to_stderr: bool,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let one_job = !req.job_id.is_empty();
-    let mut stream = client
-        .watch_jobs(req)
-        .await
-        .map_err(status_msg)?
-        .into_inner();
+    let mut stream = client.watch_jobs(req).await?.into_inner();
     // Bars when a person is watching; one line per event for logs and pipes.
     let terminal = if text_to_stderr {
         std::io::stderr().is_terminal()
@@ -407,7 +407,7 @@ async fn print_events(
         std::io::stdout().is_terminal()
     };
     let mut bars = (!json_out && terminal).then(bars::Bars::new);
-    while let Some(e) = stream.message().await.map_err(status_msg)? {
+    while let Some(e) = stream.message().await? {
         match (json_out, &mut bars, text_to_stderr) {
             (true, _, _) => println!("{}", event_json(&e)),
             (false, Some(b), _) => b.on_event(&e),
@@ -439,7 +439,7 @@ fn exit_for(state: i32) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, String> {
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     if let Cmd::Dashboard { listen } = &cli.cmd {
         // The dashboard starts even while the source is down; its pages say so.
         let ch = cli.auth().channel(&cli.source)?;
@@ -480,8 +480,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Show { job, json } => {
             let j = c
                 .get_job(pb::GetJobRequest { job_id: job })
-                .await
-                .map_err(status_msg)?
+                .await?
                 .into_inner();
             output_job(&j, json);
             Ok(ExitCode::SUCCESS)
@@ -516,12 +515,11 @@ async fn start(
     req: pb::StartJobRequest,
     wait: bool,
     json: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let dry_run = req.dry_run;
     let r = c
         .start_job(cms_mirror::telemetry::inject(tonic::Request::new(req)))
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     if !wait {
         if json {
@@ -544,8 +542,7 @@ async fn start(
         .get_job(pb::GetJobRequest {
             job_id: r.job_id.clone(),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     if dry_run {
         print_plan(c, &r.job_id, json).await?;
@@ -560,14 +557,13 @@ async fn list_jobs(
     channel: Option<String>,
     limit: u32,
     json: bool,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let r = c
         .list_jobs(pb::ListJobsRequest {
             channel: channel.unwrap_or_default(),
             limit,
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     if json {
         let all: Vec<Value> = r.jobs.iter().map(job_json).collect();
@@ -589,11 +585,10 @@ async fn list_jobs(
 }
 
 /// `cancel`: asks the source to cancel a job.
-async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, String> {
+async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, CliError> {
     let j = c
         .cancel_job(pb::CancelJobRequest { job_id: job })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     if json {
         println!(
@@ -611,11 +606,10 @@ async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, Str
 }
 
 /// `channels`: each channel with its targets' sync lag.
-async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, String> {
+async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, CliError> {
     let r = c
         .list_channels(pb::ListChannelsRequest {})
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
     if json {
         let v: Vec<Value> = r.channels.iter().map(channel_json).collect();
@@ -643,16 +637,15 @@ async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, String> {
 }
 
 /// Prints a job's plan, one line per item like `rsync -i`.
-async fn print_plan(c: &mut Client, job: &str, json: bool) -> Result<(), String> {
+async fn print_plan(c: &mut Client, job: &str, json: bool) -> Result<(), CliError> {
     let mut s = c
         .get_plan(pb::GetPlanRequest {
             job_id: job.to_string(),
             target: String::new(),
         })
-        .await
-        .map_err(status_msg)?
+        .await?
         .into_inner();
-    while let Some(p) = s.message().await.map_err(status_msg)? {
+    while let Some(p) = s.message().await? {
         let m = p.meta.unwrap_or_default();
         let kind = cms_mirror::model::Kind::from_pb(m.kind)
             .map(|k| k.as_str())

@@ -32,6 +32,7 @@ use cms_mirror::config::MirrorConfig;
 use cms_mirror::jobstore::{EventRow, JobOptions, JobRow, JobStore, NewJob, StoreError};
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_server::{SourceService as SourceApi, SourceServiceServer};
+use cms_mirror::transport::ServeError;
 use cms_mirror::{ms_to_rfc3339, now_ms};
 
 pub use error::SourceError;
@@ -655,7 +656,7 @@ pub async fn start(
     app: Arc<App>,
     security: cms_mirror::security::ServerSecurity,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let server = cms_mirror::transport::secure_server(&security)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     app.store.set_origin(&app.instance_id);
@@ -683,7 +684,7 @@ pub async fn start(
         ))
         .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
-        .map_err(|e| cms_mirror::security::error_chain(&e));
+        .map_err(|e| ServeError::transport(&e));
     let _ = stop_tx.send(true);
     let _ = worker.await;
     res

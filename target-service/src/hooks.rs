@@ -11,6 +11,29 @@ use tokio::io::AsyncWriteExt;
 use cms_mirror::config::Hook;
 use cms_mirror::pb;
 
+/// Why one attempt of a hook, or a push to the next tier, did not run to an answer.
+#[derive(Debug, thiserror::Error)]
+enum HookError {
+    #[error("POST {url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("cannot run {program:?}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program:?}: {source}")]
+    Wait {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting")]
+    ConnectTimeout,
+    #[error(transparent)]
+    Connect(#[from] cms_mirror::security::SecurityError),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Refused(tonic::Status),
+}
+
 /// What a job changed on one site, as hooks receive it.
 pub struct Changes {
     pub job_id: String,
@@ -90,7 +113,7 @@ pub async fn run_all(hooks: &[Hook], changes: &Changes) -> Vec<pb::HookResult> {
                 Err(_) => (false, 0, format!("timed out after {}s", timeout.as_secs())),
                 Ok(Ok((true, status))) => (true, status, String::new()),
                 Ok(Ok((false, status))) => (false, status, format!("failed with status {status}")),
-                Ok(Err(e)) => (false, -1, e),
+                Ok(Err(e)) => (false, -1, e.to_string()),
             };
             // A command that cannot start will not start on a retry either.
             let hopeless = status == -1 && matches!(h, Hook::Command { .. });
@@ -118,7 +141,7 @@ pub async fn run_all(hooks: &[Hook], changes: &Changes) -> Vec<pb::HookResult> {
 
 /// One attempt: success and the HTTP status (2xx succeeds) or the command's exit code
 /// (0 succeeds; -2 when killed by a signal).
-async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), String> {
+async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), HookError> {
     match h {
         Hook::Http { url, .. } => {
             let r = http_client()
@@ -127,7 +150,10 @@ async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), String> {
                 .body(body.to_vec())
                 .send()
                 .await
-                .map_err(|e| format!("POST {url}: {e}"))?;
+                .map_err(|source| HookError::Http {
+                    url: url.clone(),
+                    source,
+                })?;
             Ok((r.status().is_success(), r.status().as_u16() as i32))
         }
         Hook::Command { argv, .. } => {
@@ -137,14 +163,17 @@ async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), String> {
                 .stdout(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| format!("cannot run {:?}: {e}", argv[0]))?;
+                .map_err(|source| HookError::Spawn {
+                    program: argv[0].clone(),
+                    source,
+                })?;
             if let Some(mut stdin) = child.stdin.take() {
                 let _ = stdin.write_all(body).await;
             }
-            let st = child
-                .wait()
-                .await
-                .map_err(|e| format!("{:?}: {e}", argv[0]))?;
+            let st = child.wait().await.map_err(|source| HookError::Wait {
+                program: argv[0].clone(),
+                source,
+            })?;
             Ok((st.success(), st.code().unwrap_or(-2)))
         }
     }
@@ -172,7 +201,7 @@ pub async fn push(
     let res = async {
         let ch = tokio::time::timeout(Duration::from_secs(10), p.auth.connect(&p.source))
             .await
-            .map_err(|_| "timed out connecting".to_string())??;
+            .map_err(|_| HookError::ConnectTimeout)??;
         let mut c = pb::source_service_client::SourceServiceClient::new(ch);
         let r = c
             .start_job(cms_mirror::telemetry::inject(tonic::Request::new(
@@ -185,8 +214,8 @@ pub async fn push(
                 },
             )))
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        Ok::<String, String>(r.into_inner().job_id)
+            .map_err(HookError::Refused)?;
+        Ok::<String, HookError>(r.into_inner().job_id)
     }
     .await;
     match &res {
@@ -197,7 +226,7 @@ pub async fn push(
         hook,
         ok: res.is_ok(),
         status: 0,
-        error: res.err().unwrap_or_default(),
+        error: res.err().map(|e| e.to_string()).unwrap_or_default(),
         attempts: 1,
         duration_ms: started.elapsed().as_millis() as u64,
     }

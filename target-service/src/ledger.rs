@@ -39,13 +39,17 @@ impl SessionStatus {
 }
 
 impl TryFrom<String> for SessionStatus {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = cms_mirror::model::UnknownName;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
         match s.as_str() {
             "open" => Ok(SessionStatus::Open),
             "committed" => Ok(SessionStatus::Committed),
             "aborted" => Ok(SessionStatus::Aborted),
-            o => Err(format!("unknown session state {o:?}")),
+            o => Err(cms_mirror::model::UnknownName::new(
+                "session state",
+                o,
+                "open, committed or aborted",
+            )),
         }
     }
 }
@@ -530,7 +534,7 @@ impl Ledger {
             .map(|(path, action)| {
                 let action = action
                     .parse()
-                    .map_err(|e: String| sqlx::Error::Decode(e.into()))?;
+                    .map_err(|e: cms_mirror::model::UnknownName| sqlx::Error::Decode(e.into()))?;
                 Ok((path, action))
             })
             .collect()

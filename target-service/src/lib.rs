@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use cms_mirror::config::SiteConfig;
 use cms_mirror::package::Limits;
 use cms_mirror::pb::target_service_server::TargetServiceServer;
+use cms_mirror::transport::ServeError;
 
 pub use apply::Durability;
 pub use error::{StartError, TargetError};
@@ -52,7 +53,7 @@ pub async fn run(
     service: TargetService,
     security: cms_mirror::security::ServerSecurity,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let mut server = cms_mirror::transport::secure_server(&security)?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     cms_mirror::observe::follow_database(
@@ -77,5 +78,5 @@ pub async fn run(
         ))
         .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
-        .map_err(|e| cms_mirror::security::error_chain(&e))
+        .map_err(|e| ServeError::transport(&e))
 }

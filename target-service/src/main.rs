@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         sites.extend(SiteConfig::load_file(path)?);
     }
     for s in &args.sites {
-        sites.push(SiteConfig::from_flag(s).map_err(anyhow::Error::msg)?);
+        sites.push(SiteConfig::from_flag(s).map_err(|e| anyhow::anyhow!("--site {e}"))?);
     }
     let security = args.security.load().map_err(anyhow::Error::msg)?;
     let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "target.db");

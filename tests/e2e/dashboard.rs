@@ -150,32 +150,26 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 200_000));
     }
     write(&src, "index.html", b"<h1>dashboard</h1>");
-    let target = spawn_target_with(
-        tmp.path(),
-        &dst,
-        "127.0.0.1:0",
-        &[],
-        &[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")],
-    );
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .envs(&[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")])
+        .spawn();
     let config = write_config(
         tmp.path(),
         &src,
         &target.url(),
         "package_bytes = 131072\nwindow = 1",
     );
-    let source = spawn_source(tmp.path(), &config);
-    let dash = spawn_env(
-        "mirrorctl",
-        &[
+    let source = App::source(tmp.path(), &config).spawn();
+    let dash = App::new("mirrorctl", tmp.path())
+        .args(&[
             "--source",
             &source.url(),
             "dashboard",
             "--listen",
             "127.0.0.1:0",
-        ],
-        &tmp.path().join("dashboard.log"),
-        &[],
-    );
+        ])
+        .spawn();
 
     // Bad input first: unknown jobs are 404 pages and 404 answers, not crashes.
     let (code, body) = http_get(&dash.addr, "/jobs/4c0ffee0-0000-4000-8000-000000000000");
@@ -310,37 +304,27 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
         .await
         .unwrap();
     click(&c, "#start-site").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let second = loop {
+    let second = wait_for(Duration::from_secs(60), || async {
         let s = page_state(&c).await;
-        if let (Some(job), Some(started)) = (s["cancel"].as_str(), s["started"].as_str())
-            && job == started
-            && !s["bars"].as_array().unwrap().is_empty()
-        {
-            break job.to_string();
+        match (s["cancel"].as_str(), s["started"].as_str()) {
+            (Some(job), Some(started))
+                if job == started && !s["bars"].as_array().unwrap().is_empty() =>
+            {
+                Ok(job.to_string())
+            }
+            _ => Err(format!("the second job never showed as running: {s}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the second job never showed as running: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    };
+    })
+    .await;
     click(&c, &format!("#running button.cancel[data-job='{second}']")).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_for(Duration::from_secs(60), || async {
         let s = page_state(&c).await;
-        let row = s["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["job"] == second.as_str())
-            .cloned();
-        if row.is_some_and(|r| r["state"] == "cancelled") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the cancel never showed: {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let rows = s["rows"].as_array().unwrap();
+        let row = rows.iter().find(|r| r["job"] == second.as_str());
+        let shown = row.is_some_and(|r| r["state"] == "cancelled");
+        ready(shown, || format!("the cancel never showed: {s}"))
+    })
+    .await;
     assert_eq!(show_job(&source.url(), &second)["state"], "cancelled");
     c.close().await.unwrap();
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -83,7 +83,7 @@ fn a_mirror_completes_through_a_connection_cut_every_n_packages() {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         make_many(&src, 2000);
-        let target = spawn_target(tmp.path(), &dst);
+        let target = App::target(tmp.path()).site(&dst).spawn();
         let package = 32 * 1024u64;
         let proxy = cut_proxy(target.addr.clone(), n * package, 6);
         let window = 4u64;
@@ -93,7 +93,7 @@ fn a_mirror_completes_through_a_connection_cut_every_n_packages() {
             &proxy.addr,
             &format!("package_bytes = {package}\nwindow = {window}\nretry_budget = 20"),
         );
-        let source = spawn_source(tmp.path(), &config);
+        let source = App::source(tmp.path(), &config).spawn();
         let (code, job) = run_job(&source.url(), &[]);
         assert_eq!(code, 0, "N={n}: {job:#}");
         assert_same_tree(&src, &dst);
@@ -147,19 +147,17 @@ fn show(source_url: &str, job: &str) -> serde_json::Value {
 
 /// Waits until the job's first target acknowledged at least `n` packages.
 fn wait_acked(source_url: &str, job: &str, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    wait_until(Duration::from_secs(60), || {
         let j = show(source_url, job);
-        if j["targets"][0]["packages_acked"].as_u64().unwrap_or(0) >= n {
-            return;
-        }
         assert!(
             j["state"] != "succeeded" && j["state"] != "failed",
             "job ended too early: {j:#}"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("job {job} did not get {n} acks");
+        let acked = j["targets"][0]["packages_acked"].as_u64().unwrap_or(0);
+        ready(acked >= n, || {
+            format!("job {job} has {acked} acks, not {n}")
+        })
+    })
 }
 
 #[test]
@@ -167,7 +165,7 @@ fn kill_9_of_the_target_at_random_points() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_many(&src, 3000);
-    let mut target = spawn_target(tmp.path(), &dst);
+    let mut target = App::target(tmp.path()).site(&dst).spawn();
     let addr = target.addr.clone();
     let config = write_config(
         tmp.path(),
@@ -175,7 +173,7 @@ fn kill_9_of_the_target_at_random_points() {
         &target.url(),
         "package_bytes = 16384\nretry_budget = 30",
     );
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
     let mut rng = fastrand::Rng::with_seed(7);
     let mut acked = 2;
@@ -184,7 +182,7 @@ fn kill_9_of_the_target_at_random_points() {
         std::thread::sleep(Duration::from_millis(rng.u64(0..200)));
         target.kill9();
         std::thread::sleep(Duration::from_millis(rng.u64(50..300)));
-        target = spawn_target_at(tmp.path(), &dst, &addr);
+        target = App::target(tmp.path()).site(&dst).listen(&addr).spawn();
         acked = show(&source.url(), &job)["targets"][0]["packages_acked"]
             .as_u64()
             .unwrap()
@@ -210,7 +208,7 @@ fn kill_9_of_the_target_inside_bodies_written_with_direct_io() {
         write(&src, &format!("media/v{i}.bin"), &bytes(100 + i, size));
     }
     let tm = free_addr();
-    let mut target = spawn_target(tmp.path(), &dst);
+    let mut target = App::target(tmp.path()).site(&dst).spawn();
     let addr = target.addr.clone();
     let config = write_config(
         tmp.path(),
@@ -218,14 +216,18 @@ fn kill_9_of_the_target_inside_bodies_written_with_direct_io() {
         &target.url(),
         "package_bytes = 262144\nwindow = 2\nretry_budget = 30",
     );
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
     let mut acked = 3;
     for _ in 0..2 {
         wait_acked(&source.url(), &job, acked);
         target.kill9();
         std::thread::sleep(Duration::from_millis(100));
-        target = spawn_target_with(tmp.path(), &dst, &addr, &["--metrics-listen", &tm], &[]);
+        target = App::target(tmp.path())
+            .site(&dst)
+            .listen(&addr)
+            .args(&["--metrics-listen", &tm])
+            .spawn();
         acked = show(&source.url(), &job)["targets"][0]["packages_acked"]
             .as_u64()
             .unwrap()
@@ -249,14 +251,14 @@ fn kill_9_of_the_source_resumes_from_its_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_many(&src, 3000);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(
         tmp.path(),
         &src,
         &target.url(),
         "package_bytes = 16384\nwindow = 2",
     );
-    let mut source = spawn_source(tmp.path(), &config);
+    let mut source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
     wait_acked(&source.url(), &job, 10);
     source.kill9();
@@ -276,7 +278,7 @@ fn kill_9_of_the_source_resumes_from_its_checkpoint() {
             .checkpoint_seq as u64
     });
     assert!(checkpoint >= 10);
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     assert_eq!(wait_for_job(&source.url(), &job), 0);
     assert_same_tree(&src, &dst);
     // The new instance resumed right after the checkpoint: no acknowledged package again.
@@ -304,13 +306,11 @@ fn a_corrupted_package_is_detected_and_sent_again() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source_env(
-        tmp.path(),
-        &config,
-        &[("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "2")],
-    );
+    let source = App::source(tmp.path(), &config)
+        .envs(&[("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "2")])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     assert_eq!(job["targets"][0]["packages_retried"], 1, "{job:#}");
@@ -438,9 +438,9 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     media_files(&src);
     let disk = SmallDisk::mount(&dst);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     // The default, on_disk_full = "fail": the job fails and says why.
     assert_eq!(code, 2, "{job:#}");
@@ -472,16 +472,12 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
 
 /// Waits until the job's target waits for space (the job running all along).
 fn wait_for_space_wait(source_url: &str, job: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until(Duration::from_secs(60), || {
         let j = show(source_url, job);
-        if j["targets"][0]["state"] == "waiting_for_space" {
-            return;
-        }
         assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
-        assert!(Instant::now() < deadline, "never waited for space: {j:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let waiting = j["targets"][0]["state"] == "waiting_for_space";
+        ready(waiting, || format!("never waited for space: {j:#}"))
+    })
 }
 
 #[test]
@@ -491,9 +487,9 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     media_files(&src);
     let disk = SmallDisk::mount(&dst);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "on_disk_full = \"wait\"");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
     wait_for_space_wait(&source.url(), &job);
     assert_nothing_partial(&src, &dst);
@@ -516,14 +512,14 @@ fn a_full_disk_under_a_large_body_waits_for_space_then_completes() {
     write(&src, "media/large.bin", &bytes(7, 3_000_000));
     write(&src, "media/small.txt", b"beside it");
     let disk = SmallDisk::mount(&dst);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(
         tmp.path(),
         &src,
         &target.url(),
         "on_disk_full = \"wait\"\npackage_bytes = 262144\nwindow = 4",
     );
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
     wait_for_space_wait(&source.url(), &job);
     assert_nothing_partial(&src, &dst);
@@ -543,16 +539,14 @@ fn a_package_that_always_fails_its_checksum_gives_its_items_up_and_the_job_goes_
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_many(&src, 300);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 16384");
-    let source = spawn_source_env(
-        tmp.path(),
-        &config,
-        &[
+    let source = App::source(tmp.path(), &config)
+        .envs(&[
             ("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "3"),
             ("CMS_MIRROR_FAILPOINT_CORRUPT_TIMES", "5"),
-        ],
-    );
+        ])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 1, "{job:#}");
     assert_eq!(job["state"], "completed_with_errors", "{job:#}");
@@ -583,7 +577,7 @@ fn a_package_that_always_fails_its_checksum_gives_its_items_up_and_the_job_goes_
     // A later job sends them again.
     let source = {
         drop(source);
-        spawn_source(tmp.path(), &config)
+        App::source(tmp.path(), &config).spawn()
     };
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
@@ -595,14 +589,12 @@ fn a_file_changed_while_read_is_read_again() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
     // media/big.bin spans several packages; it grows while its first read is under way.
-    let source = spawn_source_env(
-        tmp.path(),
-        &config,
-        &[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1")],
-    );
+    let source = App::source(tmp.path(), &config)
+        .envs(&[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1")])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     assert_eq!(
@@ -617,19 +609,17 @@ fn a_file_that_keeps_changing_is_reported_and_the_target_keeps_its_old_version()
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     assert_eq!(run_job(&source.url(), &[]).0, 0);
     drop(source);
     let old = std::fs::read(dst.join("media/big.bin")).unwrap();
     write(&src, "media/big.bin", &bytes(99, 300_000));
     write(&src, "index.html", b"<h1>new home</h1>");
-    let source = spawn_source_env(
-        tmp.path(),
-        &config,
-        &[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1000")],
-    );
+    let source = App::source(tmp.path(), &config)
+        .envs(&[("CMS_MIRROR_FAILPOINT_CHANGE", "media/big.bin:1000")])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 1, "{job:#}");
     let errs = job["item_errors"].as_array().unwrap();
@@ -663,9 +653,9 @@ fn max_errors_turns_too_many_item_errors_into_a_failed_job() {
                 .success()
         );
     }
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "max_errors = 2");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 2, "{job:#}");
     assert_eq!(job["state"], "failed");
@@ -705,18 +695,13 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
         )
     };
     signal("-STOP");
-    let stopped = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(15), || {
         let j = show(&source.url(), &job);
-        if j["targets"][0]["reconnects"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        assert!(
-            stopped.elapsed() < Duration::from_secs(15),
-            "a stopped target went unnoticed: {j:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let noticed = j["targets"][0]["reconnects"].as_u64().unwrap_or(0) >= 1;
+        ready(noticed, || {
+            format!("a stopped target went unnoticed: {j:#}")
+        })
+    });
     std::thread::sleep(Duration::from_secs(1));
     signal("-CONT");
     assert_succeeds(&source.url(), &job);

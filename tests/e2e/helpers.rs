@@ -64,67 +64,132 @@ impl Drop for Proc {
     }
 }
 
-/// Starts a binary that prints "... listening on ADDR" on stdout and waits for it.
-pub fn spawn_env(bin: &str, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(bin_dir().join(bin))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.split("listening on ").nth(1) {
-                let _ = tx.send(a.trim().to_string());
-            }
+/// A service process to start, zero2prod's `spawn_app` as a builder: every test starts
+/// its processes with it and sets only what it is about, e.g.
+/// `App::target(dir).site(&dst).spawn()` or
+/// `App::source(dir, &config).env("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "2").spawn()`.
+/// The process's log goes to a fresh file in `dir`; `spawn` waits until it listens.
+pub struct App {
+    bin: &'static str,
+    dir: PathBuf,
+    listen: Option<String>,
+    durability: Option<&'static str>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl App {
+    /// Any of the binaries, with only the arguments given.
+    pub fn new(bin: &'static str, dir: &Path) -> App {
+        App {
+            bin,
+            dir: dir.to_path_buf(),
+            listen: None,
+            durability: None,
+            args: Vec::new(),
+            env: Vec::new(),
         }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            panic!(
-                "{bin} did not start: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
+    }
+
+    /// mirror-target on a free port, its data in `dir/target-data`, with `fsync`
+    /// durability (the same guarantees as `syncfs`, cheaper for the tests' small trees).
+    pub fn target(dir: &Path) -> App {
+        let mut app = App::new("mirror-target", dir);
+        app.listen = Some("127.0.0.1:0".into());
+        app.durability = Some("fsync");
+        app.arg("--data-dir").arg(dir.join("target-data"))
+    }
+
+    /// mirror-source on a free port with `config`, its data in `dir/source-data`, and a
+    /// 3-second job lease (so that tests of a lost instance end quickly).
+    pub fn source(dir: &Path, config: &Path) -> App {
+        let mut app = App::new("mirror-source", dir);
+        app.listen = Some("127.0.0.1:0".into());
+        app.args(&["--config", path_str(config)])
+            .arg("--data-dir")
+            .arg(dir.join("source-data"))
+            .args(&["--lease-secs", "3"])
+    }
+
+    /// The target's site `main`, served from `root`.
+    pub fn site(self, root: &Path) -> App {
+        self.arg(format!("--site=main={}", root.display()))
+    }
+
+    /// The target's sites from a `target.toml` (hooks, pushes, base URLs), with the
+    /// service's default durability.
+    pub fn config(mut self, toml: &Path) -> App {
+        self.durability = None;
+        self.args(&["--config", path_str(toml)])
+    }
+
+    /// Listen on `addr` instead of a free port (a restart on the port it had).
+    pub fn listen(mut self, addr: &str) -> App {
+        self.listen = Some(addr.into());
+        self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> App {
+        self.args
+            .push(arg.as_ref().to_str().expect("UTF-8 argument").into());
+        self
+    }
+
+    pub fn args(self, args: &[&str]) -> App {
+        args.iter().fold(self, |app, a| app.arg(a))
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> App {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn envs(self, env: &[(&str, &str)]) -> App {
+        env.iter().fold(self, |app, (k, v)| app.env(k, v))
+    }
+
+    /// Starts the process and waits until it prints "... listening on ADDR".
+    pub fn spawn(self) -> Proc {
+        let role = self.bin.trim_start_matches("mirror-");
+        let log = self.dir.join(format!("{role}-{}.log", stamp()));
+        let mut cmd = Command::new(bin_dir().join(self.bin));
+        if let Some(listen) = &self.listen {
+            cmd.args(["--listen", listen]);
+        }
+        if let Some(durability) = self.durability {
+            cmd.args(["--durability", durability]);
+        }
+        let mut child = cmd
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
         });
-    Proc { child, addr }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not start: {}",
+                    self.bin,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        Proc { child, addr }
+    }
 }
 
-pub fn spawn_target(dir: &Path, site_root: &Path) -> Proc {
-    spawn_target_at(dir, site_root, "127.0.0.1:0")
-}
-
-/// A target on a given address (a restart on the port it had).
-pub fn spawn_target_at(dir: &Path, site_root: &Path, listen: &str) -> Proc {
-    spawn_target_with(dir, site_root, listen, &[], &[])
-}
-
-/// A target with extra arguments and environment variables.
-pub fn spawn_target_with(
-    dir: &Path,
-    site_root: &Path,
-    listen: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
-    let site = format!("main={}", site_root.display());
-    let data = dir.join("target-data");
-    let log = dir.join(format!("target-{}.log", stamp()));
-    let mut args = vec![
-        "--listen",
-        listen,
-        "--site",
-        &site,
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--durability",
-        "fsync",
-    ];
-    args.extend_from_slice(extra);
-    spawn_env("mirror-target", &args, &log, env)
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
 }
 
 fn stamp() -> u128 {
@@ -134,47 +199,42 @@ fn stamp() -> u128 {
         .as_nanos()
 }
 
-pub fn spawn_source(dir: &Path, config: &Path) -> Proc {
-    spawn_source_env(dir, config, &[])
+/// Polls `probe` every 20 ms until it returns `Ok`: tests wait for a state, never for
+/// a fixed time. `Err` says what is still missing; when `timeout` passes first, the test
+/// fails with the last such message.
+pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("still not there after {timeout:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
-pub fn spawn_source_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proc {
-    spawn_source_with(dir, config, &[], env)
+/// [`wait_until`] for a probe that is async.
+pub async fn wait_for<T, F>(timeout: Duration, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("still not there after {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
-/// A source with extra arguments and environment variables.
-pub fn spawn_source_with(dir: &Path, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let data = dir.join("source-data");
-    let log = dir.join(format!("source-{}.log", stamp()));
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--lease-secs",
-        "3",
-    ];
-    args.extend_from_slice(extra);
-    spawn_env("mirror-source", &args, &log, env)
-}
-
-/// A target whose sites come from a `target.toml` (hooks, pushes, base URLs).
-pub fn spawn_target_config(dir: &Path, toml: &Path) -> Proc {
-    spawn_env(
-        "mirror-target",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            toml.to_str().unwrap(),
-            "--data-dir",
-            dir.join("target-data").to_str().unwrap(),
-        ],
-        &dir.join(format!("target-{}.log", stamp())),
-        &[],
-    )
+/// `Ok(())` when `cond` holds, else `Err(why)`: a probe for [`wait_until`].
+pub fn ready(cond: bool, why: impl FnOnce() -> String) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(why()) }
 }
 
 /// A job's stored events, as `mirrorctl watch JOB --json` replays them.
@@ -453,9 +513,9 @@ impl Mirror {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fill(&src);
-        let target = spawn_target(tmp.path(), &dst);
+        let target = App::target(tmp.path()).site(&dst).spawn();
         let config = write_config(tmp.path(), &src, &target.url(), extra);
-        let source = spawn_source(tmp.path(), &config);
+        let source = App::source(tmp.path(), &config).spawn();
         Mirror {
             tmp,
             src,

@@ -136,14 +136,14 @@ fn last_patterns_land_after_the_rest_of_the_content() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
     write(&src, "sitemap.xml", b"<urlset/>");
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(
         tmp.path(),
         &src,
         &target.url(),
         "last = [\"sitemap.xml\", \"index.html\"]",
     );
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &["--dry-run"]);
     assert_eq!(code, 0);
     let out = mirrorctl(

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -33,7 +33,9 @@ fn two_sources(dir: &Path, config: &Path, db: &str) -> (Proc, Proc) {
     let one = |name: &str| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        spawn_source_with(&d, config, &["--db", db, "--instance-name", name], &[])
+        App::source(&d, config)
+            .args(&["--db", db, "--instance-name", name])
+            .spawn()
     };
     (one("a"), one("b"))
 }
@@ -49,15 +51,13 @@ fn runs_of(source: &str, id: &str) -> Vec<String> {
 }
 
 fn wait_finished(source: &str, id: &str, secs: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
+    wait_until(Duration::from_secs(secs), || {
         let j = show_job(source, id);
-        if !matches!(j["state"].as_str(), Some("queued" | "running")) {
-            return j;
+        match j["state"].as_str() {
+            Some("queued" | "running") => Err(format!("job {id} did not finish: {j}")),
+            _ => Ok(j),
         }
-        assert!(Instant::now() < deadline, "job {id} did not finish: {j}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,17 +83,12 @@ async fn ten_jobs_on_two_instances_each_run_exactly_once() {
             src.display()
         ));
     }
-    let mut extra: Vec<&str> = Vec::new();
-    for s in &sites {
-        extra.extend(["--site", s]);
-    }
-    let target = spawn_target_with(
-        tmp.path(),
-        &tmp.path().join("unused"),
-        "127.0.0.1:0",
-        &extra,
-        &[],
-    );
+    let target = sites
+        .iter()
+        .fold(App::target(tmp.path()), |app, s| {
+            app.arg(format!("--site={s}"))
+        })
+        .spawn();
     let mut config = String::new();
     for (i, chunk) in toml.split("\n\n").filter(|c| !c.is_empty()).enumerate() {
         config.push_str(&format!(
@@ -152,13 +147,10 @@ fn slow_setup(
     for i in 0..30 {
         write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 100_000));
     }
-    let target = spawn_target_with(
-        tmp,
-        &dst,
-        "127.0.0.1:0",
-        &[],
-        &[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")],
-    );
+    let target = App::target(tmp)
+        .site(&dst)
+        .envs(&[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")])
+        .spawn();
     let config = write_config(
         tmp,
         &src,
@@ -172,15 +164,11 @@ fn slow_setup(
 async fn start_in_flight(via: &str, min_acked: u64) -> (String, String) {
     let out = mirrorctl(via, &["start", "site"]);
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until(Duration::from_secs(60), || {
         let j = show_job(via, &id);
-        if j["targets"][0]["packages_acked"].as_u64().unwrap_or(0) >= min_acked {
-            break;
-        }
-        assert!(Instant::now() < deadline, "job never got going: {j}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let acked = j["targets"][0]["packages_acked"].as_u64().unwrap_or(0);
+        ready(acked >= min_acked, || format!("job never got going: {j}"))
+    });
     // The `started` event names the instance; read the replay only that far.
     let mut c =
         cms_mirror::pb::source_service_client::SourceServiceClient::connect(via.to_string())
@@ -299,7 +287,9 @@ async fn losing_the_database_mid_job_pauses_it_and_nothing_is_counted_twice() {
     let name = db.rsplit('/').next().unwrap().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let (_target, config, src, dst) = slow_setup(tmp.path());
-    let source = spawn_source_with(tmp.path(), &config, &["--db", &db], &[]);
+    let source = App::source(tmp.path(), &config)
+        .args(&["--db", &db])
+        .spawn();
     let (id, _) = start_in_flight(&source.url(), 3).await;
 
     // The database goes away: no new connections, the open ones cut.

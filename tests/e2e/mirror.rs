@@ -101,7 +101,7 @@ fn one_job_fans_out_to_several_targets() {
         .map(|(i, d)| {
             let td = tmp.path().join(format!("tdata{i}"));
             std::fs::create_dir_all(&td).unwrap();
-            spawn_target(&td, d)
+            App::target(&td).site(d).spawn()
         })
         .collect();
     let mut cfg = format!(
@@ -116,7 +116,7 @@ fn one_job_fans_out_to_several_targets() {
     }
     let config = tmp.path().join("mirror.toml");
     std::fs::write(&config, cfg).unwrap();
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     let states: BTreeMap<String, String> = job["targets"]
@@ -150,9 +150,9 @@ fn special_files_are_item_errors_and_the_job_goes_on() {
             .unwrap()
             .success()
     );
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 1, "completed_with_errors exits 1: {job:#}");
     assert_eq!(job["state"], "completed_with_errors");
@@ -199,9 +199,9 @@ fn bad_input_gives_one_clear_error() {
     );
 
     // An unknown channel: NOT_FOUND from StartJob, non-zero exit, no job.
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let out = mirrorctl(&source.url(), &["start", "nope", "--wait"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown channel \"nope\""));
@@ -213,7 +213,7 @@ fn bad_input_gives_one_clear_error() {
     let dead_url = format!("http://{}", free.local_addr().unwrap());
     drop(free);
     let cfg2 = write_config(&dir2, &src, &dead_url, "");
-    let source2 = spawn_source(&dir2, &cfg2);
+    let source2 = App::source(&dir2, &cfg2).spawn();
     let (code, job) = run_job(&source2.url(), &[]);
     assert_eq!(code, 2);
     assert_eq!(job["state"], "failed");
@@ -227,7 +227,7 @@ fn bad_input_gives_one_clear_error() {
     std::fs::create_dir_all(&dir3).unwrap();
     let missing = tmp.path().join("does-not-exist");
     let cfg3 = write_config(&dir3, &missing, &target.url(), "");
-    let source3 = spawn_source(&dir3, &cfg3);
+    let source3 = App::source(&dir3, &cfg3).spawn();
     let (code, job) = run_job(&source3.url(), &[]);
     assert_eq!(code, 2);
     assert!(

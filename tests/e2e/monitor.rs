@@ -23,16 +23,12 @@ fn a_watch_started_mid_job_is_one_gap_free_sequence_to_finished() {
     let out = mirrorctl(&source.url(), &["start", "site"]);
     let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
     // Wait until the job is under way, so the watch sees a replay and then live events.
-    loop {
-        let j: serde_json::Value =
-            serde_json::from_slice(&mirrorctl(&source.url(), &["show", &job, "--json"]).stdout)
-                .unwrap();
-        if j["targets"][0]["packages_acked"].as_u64().unwrap_or(0) >= 2 {
-            assert_eq!(j["state"], "running");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let j = wait_until(Duration::from_secs(60), || {
+        let j = show_job(&source.url(), &job);
+        let acked = j["targets"][0]["packages_acked"].as_u64().unwrap_or(0);
+        ready(acked >= 2, || format!("job not under way: {j:#}")).map(|()| j)
+    });
+    assert_eq!(j["state"], "running");
     let out = mirrorctl(&source.url(), &["watch", &job, "--json"]);
     assert_eq!(out.status.code(), Some(0));
     let evs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
@@ -94,23 +90,20 @@ fn a_stalled_subscriber_does_not_hold_the_job_back() {
             .unwrap()
             .into_inner()
             .job_id;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let j = c
-                .get_job(pb::GetJobRequest { job_id: id.clone() })
-                .await
-                .unwrap()
-                .into_inner();
-            if !j.finished_at.is_empty() {
-                assert_eq!(j.state, pb::JobState::Succeeded as i32);
-                break;
+        let j = wait_for(Duration::from_secs(120), || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                let j = c.get_job(pb::GetJobRequest { job_id: id }).await.unwrap();
+                let j = j.into_inner();
+                ready(!j.finished_at.is_empty(), || {
+                    "the job did not finish while a subscriber stalled".to_string()
+                })
+                .map(|()| j)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the job did not finish while a subscriber stalled"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        assert_eq!(j.state, pb::JobState::Succeeded as i32);
         // Now the subscriber reads: it ends with the job's final state.
         let mut last = None;
         while let Ok(Ok(Some(e))) =

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -114,9 +114,9 @@ fn one_trace_spans_mirrorctl_source_and_target() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &[], &env);
+    let target = App::target(tmp.path()).site(&dst).envs(&env).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source_env(tmp.path(), &config, &env);
+    let source = App::source(tmp.path(), &config).envs(&env).spawn();
     let out = std::process::Command::new(bin_dir().join("mirrorctl"))
         .args(["--source", &source.url(), "start", "site", "--wait"])
         .envs(env)
@@ -133,8 +133,7 @@ fn one_trace_spans_mirrorctl_source_and_target() {
     // exported when it ends, so a parent (a stream's RPC span) can arrive in a later
     // batch than its children: wait until every span of the trace links to a parent in
     // the trace (the root excepted).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let spans = loop {
+    let spans = wait_until(Duration::from_secs(20), || {
         let spans = collector.0.lock().unwrap().clone();
         let has = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
         let orphans = orphans(&spans);
@@ -144,14 +143,12 @@ fn one_trace_spans_mirrorctl_source_and_target() {
             && has("mirror-target", "apply_package")
             && orphans.is_empty()
         {
-            break spans;
+            return Ok(spans);
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "spans missing, or with a parent outside the trace: {orphans:#?}\nall spans: {spans:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        ))
+    });
     let root = spans
         .iter()
         .find(|s| s.service == "mirrorctl" && s.name == "mirrorctl")
@@ -209,15 +206,12 @@ fn large_bodies_are_written_past_the_page_cache() {
     write(&src, "media/big.bin", &bytes(3, size));
     write(&src, "index.html", b"<a href=media/big.bin>big</a>");
     let tm = free_addr();
-    let target = spawn_target_with(
-        tmp.path(),
-        &dst,
-        "127.0.0.1:0",
-        &["--metrics-listen", &tm],
-        &[],
-    );
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--metrics-listen", &tm])
+        .spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 262144");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     assert_same_tree(&src, &dst);
@@ -239,13 +233,10 @@ fn metrics_count_a_jobs_packages_and_bytes() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_many(&src, 400);
     let (tm, sm) = (free_addr(), free_addr());
-    let target = spawn_target_with(
-        tmp.path(),
-        &dst,
-        "127.0.0.1:0",
-        &["--metrics-listen", &tm],
-        &[],
-    );
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--metrics-listen", &tm])
+        .spawn();
     // One package in flight: package 5 goes out after package 4's checkpoint, so when
     // it is refused once (failpoint) the rewind ends a stream with a sending no
     // checkpoint stored; it is stored at the stream's end and must count too.
@@ -256,15 +247,13 @@ fn metrics_count_a_jobs_packages_and_bytes() {
         "package_bytes = 16384\nwindow = 1",
     );
     // A malformed OTLP endpoint is a warning; the service runs on without export.
-    let source = spawn_source_with(
-        tmp.path(),
-        &config,
-        &["--metrics-listen", &sm],
-        &[
+    let source = App::source(tmp.path(), &config)
+        .args(&["--metrics-listen", &sm])
+        .envs(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url"),
             ("CMS_MIRROR_FAILPOINT_CORRUPT_SEQ", "5"),
-        ],
-    );
+        ])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     let t = &job["targets"][0];
@@ -360,27 +349,21 @@ fn health_is_serving_and_not_serving_once_the_database_is_gone() {
     .unwrap();
     let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
     let tmp = tempfile::tempdir().unwrap();
-    let target = spawn_target_with(
-        tmp.path(),
-        &tmp.path().join("dst"),
-        "127.0.0.1:0",
-        &["--db", &url],
-        &[],
-    );
+    let target = App::target(tmp.path())
+        .site(&tmp.path().join("dst"))
+        .args(&["--db", &url])
+        .spawn();
     let svc = "cmsmirror.v1.TargetService";
     const SERVING: i32 = 1;
     const NOT_SERVING: i32 = 2;
     let wait_for = |want: i32| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        wait_until(Duration::from_secs(15), || {
             let got = rt.block_on(health(&target.url(), svc));
-            if got.as_ref().ok() == Some(&want) {
-                assert_eq!(rt.block_on(health(&target.url(), "")).unwrap(), want);
-                return;
-            }
-            assert!(Instant::now() < deadline, "health {got:?}, want {want}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            ready(got.as_ref().ok() == Some(&want), || {
+                format!("health {got:?}, want {want}")
+            })
+        });
+        assert_eq!(rt.block_on(health(&target.url(), "")).unwrap(), want);
     };
     wait_for(SERVING);
     rt.block_on(
@@ -502,16 +485,15 @@ fn metrics_are_pushed_over_otlp_when_configured() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &[], &env);
+    let target = App::target(tmp.path()).site(&dst).envs(&env).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = spawn_source_env(tmp.path(), &config, &env);
+    let source = App::source(tmp.path(), &config).envs(&env).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0);
     let bytes = job["targets"][0]["bytes_done"].as_f64().unwrap();
     let packages = job["targets"][0]["packages_acked"].as_f64().unwrap();
     assert!(bytes > 0.0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until(Duration::from_secs(20), || {
         let got = collector.0.lock().unwrap().clone();
         let latest = |svc: &str, name: &str| {
             got.iter()
@@ -519,16 +501,11 @@ fn metrics_are_pushed_over_otlp_when_configured() {
                 .find(|(s, n, a, _)| s.contains(svc) && n == name && a.contains("web1"))
                 .map(|p| p.3)
         };
-        if latest("mirror-source", "mirror_bytes_acked") == Some(bytes)
+        let exported = latest("mirror-source", "mirror_bytes_acked") == Some(bytes)
             && latest("mirror-source", "mirror_packages_acked") == Some(packages)
-            && got.iter().any(|(s, _, _, _)| s.contains("mirror-target"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job's {bytes} bytes / {packages} packages not exported: {got:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            && got.iter().any(|(s, _, _, _)| s.contains("mirror-target"));
+        ready(exported, || {
+            format!("job's {bytes} bytes / {packages} packages not exported: {got:#?}")
+        })
+    });
 }

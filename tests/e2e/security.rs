@@ -1,6 +1,7 @@
 //! Issue 8: bearer tokens (with rotation) and TLS / mutual TLS, with real processes.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
@@ -13,7 +14,7 @@ async fn open_session(url: &str, auth: &ClientAuth) -> Result<(), tonic::Status>
     let ch = auth
         .connect(url)
         .await
-        .map_err(tonic::Status::unavailable)?;
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     TargetServiceClient::new(ch)
         .open_session(pb::OpenSessionRequest {
             job_id: "direct".into(),
@@ -60,18 +61,18 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
     std::fs::write(&target_tokens, format!("{OLD}\n{NEW}\n")).unwrap();
     std::fs::write(&source_token, format!("{OLD}\n")).unwrap();
     let tt = target_tokens.to_str().unwrap();
-    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &["--auth-tokens", tt], &[]);
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--auth-tokens", tt])
+        .spawn();
     let extra = format!("token_file = \"{}\"", source_token.display());
     let config = write_config(tmp.path(), &src, &target.url(), "");
     // The token file belongs to the target entry.
     let text = std::fs::read_to_string(&config).unwrap() + &format!("  {extra}\n");
     std::fs::write(&config, text).unwrap();
-    let source = spawn_source_with(
-        tmp.path(),
-        &config,
-        &["--auth-tokens", admin_file.to_str().unwrap()],
-        &[],
-    );
+    let source = App::source(tmp.path(), &config)
+        .args(&["--auth-tokens", admin_file.to_str().unwrap()])
+        .spawn();
     let url = source.url();
 
     // Admin API: no token, a wrong token, the source-to-target token: all refused.
@@ -123,8 +124,13 @@ async fn tokens_gate_every_rpc_and_rotate_without_a_failed_job() {
 
     // The overlap ends (no restart): the old token is refused, the new one works.
     std::fs::write(&target_tokens, format!("{NEW}\n")).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1300));
-    let e = open_session(&turl, &token_auth(OLD)).await.unwrap_err();
+    let e = wait_for(Duration::from_secs(10), || async {
+        match open_session(&turl, &token_auth(OLD)).await {
+            Ok(_) => Err("the old token is still accepted".to_string()),
+            Err(e) => Ok(e),
+        }
+    })
+    .await;
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     assert!(e.message().contains("invalid bearer token"), "{e:?}");
     open_session(&turl, &token_auth(NEW)).await.unwrap();
@@ -209,7 +215,10 @@ async fn tls_and_mutual_tls_between_all_parts() {
     let mut target_args: Vec<&str> = tls.iter().map(String::as_str).collect();
     let ca = s(&pki.ca);
     target_args.extend(["--tls-client-ca", &ca]);
-    let target = spawn_target_with(tmp.path(), &dst, "127.0.0.1:0", &target_args, &[]);
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&target_args)
+        .spawn();
     let turl = format!("https://{}", target.addr);
     let config = write_config(tmp.path(), &src, &turl, "");
     let text = std::fs::read_to_string(&config).unwrap()
@@ -221,7 +230,7 @@ async fn tls_and_mutual_tls_between_all_parts() {
         );
     std::fs::write(&config, text).unwrap();
     let source_args: Vec<&str> = tls.iter().map(String::as_str).collect();
-    let source = spawn_source_with(tmp.path(), &config, &source_args, &[]);
+    let source = App::source(tmp.path(), &config).args(&source_args).spawn();
     let url = format!("https://{}", source.addr);
 
     // mirrorctl over TLS, trusting the test CA: a whole job, source -> target over mTLS.
@@ -309,13 +318,10 @@ async fn an_oversized_message_and_a_compression_bomb_are_refused_within_the_limi
     write(&dst, "keep.html", b"the site as it was");
     let before = snapshot(&dst);
     const LIMIT: usize = 4 << 20;
-    let target = spawn_target_with(
-        tmp.path(),
-        &dst,
-        "127.0.0.1:0",
-        &["--max-package-bytes", &LIMIT.to_string()],
-        &[],
-    );
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--max-package-bytes", &LIMIT.to_string()])
+        .spawn();
     let url = target.url();
     let file = |data: Vec<u8>| pb::PackagePayload {
         entries: vec![

@@ -81,9 +81,9 @@ fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
         ),
     )
     .unwrap();
-    let target = spawn_target_config(tmp.path(), &toml);
+    let target = App::target(tmp.path()).config(&toml).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "delete = true");
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "a failing hook does not fail the job: {job:#}");
     assert_same_tree(&src, &dst);
@@ -207,18 +207,10 @@ fn a_trigger_during_a_running_job_yields_exactly_one_follow_up_job() {
     let first = start();
     let first_id = first["job_id"].as_str().unwrap().to_string();
     // Wait until it runs, then trigger three times.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let j: serde_json::Value = serde_json::from_slice(
-            &mirrorctl(&source.url(), &["show", &first_id, "--json"]).stdout,
-        )
-        .unwrap();
-        if j["state"] == "running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{j:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(30), || {
+        let j = show_job(&source.url(), &first_id);
+        ready(j["state"] == "running", || format!("{j:#}"))
+    });
     let a = start();
     let b = start();
     let c = start();
@@ -276,15 +268,21 @@ fn a_schedule_runs_at_its_offset_times_never_overlaps_and_keeps_its_offset() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_many(&src, 300);
-    let target = spawn_target(tmp.path(), &dst);
+    let target = App::target(tmp.path()).site(&dst).spawn();
     let config = write_config(
         tmp.path(),
         &src,
         &target.url(),
         "schedule = \"*/3 * * * * *\"\nschedule_spread_secs = 2\npackage_bytes = 16384\nwindow = 1",
     );
-    let mut source = spawn_source(tmp.path(), &config);
-    std::thread::sleep(Duration::from_millis(10_500));
+    let mut source = App::source(tmp.path(), &config).spawn();
+    let finished = |j: &serde_json::Value| j["finished_at"].as_str().is_some_and(|s| !s.is_empty());
+    // Three slots' worth: at least two jobs run to their end.
+    let first = wait_until(Duration::from_secs(20), || {
+        let list = jobs(&source.url());
+        let done = list.iter().filter(|j| finished(j)).count();
+        ready(list.len() >= 3 && done >= 2, || format!("{list:#?}")).map(|()| list)
+    });
     let seed = stored_seed(tmp.path());
     let offset = SPREAD * seed as i64 / 1_000_000;
     let check = |list: &[serde_json::Value]| {
@@ -298,13 +296,11 @@ fn a_schedule_runs_at_its_offset_times_never_overlaps_and_keeps_its_offset() {
             );
         }
     };
-    let first = jobs(&source.url());
-    assert!(first.len() >= 2, "{first:#?}");
     check(&first);
     // Never two at once: each job starts after the one before it finished.
     let mut runs: Vec<(i64, i64)> = first
         .iter()
-        .filter(|j| j["finished_at"].as_str().is_some_and(|s| !s.is_empty()))
+        .filter(|j| finished(j))
         .map(|j| (ms(&j["started_at"]), ms(&j["finished_at"])))
         .collect();
     runs.sort();
@@ -318,15 +314,18 @@ fn a_schedule_runs_at_its_offset_times_never_overlaps_and_keeps_its_offset() {
     std::thread::sleep(Duration::from_millis(7_000));
     let before = first.len();
     let restarted = chrono::Utc::now().timestamp_millis();
-    let source = spawn_source(tmp.path(), &config);
+    let source = App::source(tmp.path(), &config).spawn();
     assert_eq!(stored_seed(tmp.path()), seed, "the offset was drawn again");
-    std::thread::sleep(Duration::from_millis(7_500));
-    let all = jobs(&source.url());
-    let after: Vec<serde_json::Value> = all
-        .iter()
-        .filter(|j| ms(&j["created_at"]) >= restarted)
-        .cloned()
-        .collect();
+    // The missed slot's job and two regular ones after it.
+    let (all, after) = wait_until(Duration::from_secs(20), || {
+        let all = jobs(&source.url());
+        let after: Vec<serde_json::Value> = all
+            .iter()
+            .filter(|j| ms(&j["created_at"]) >= restarted)
+            .cloned()
+            .collect();
+        ready(after.len() >= 3, || format!("{after:#?}")).map(|()| (all, after))
+    });
     let summary: Vec<(i64, i64, String)> = after
         .iter()
         .map(|j| {
@@ -377,16 +376,13 @@ fn writing_into_the_source_starts_one_job_after_the_quiet_period() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let wrote = t0.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let job = loop {
+    let job = wait_until(Duration::from_secs(20), || {
         let list = jobs(&source.url());
-        if let Some(j) = list.first() {
-            assert_eq!(list.len(), 1, "{list:#?}");
-            break j.clone();
-        }
-        assert!(Instant::now() < deadline, "no job was started");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        assert!(list.len() <= 1, "{list:#?}");
+        list.first()
+            .cloned()
+            .ok_or_else(|| "no job was started".to_string())
+    });
     // Not before the writes were over and quiet for the period.
     assert!(
         t0.elapsed() >= wrote + Duration::from_millis(600),
@@ -417,9 +413,9 @@ fn a_tier_one_target_pushes_to_tier_two_after_its_import() {
     make_tree(&src);
     std::fs::create_dir_all(&mid).unwrap();
     // Tier 2: a source mirroring the tier-1 site to its own target.
-    let t2 = spawn_target(&b, &dst);
+    let t2 = App::target(&b).site(&dst).spawn();
     let b_config = write_config(&b, &mid, &t2.url(), "");
-    let source_b = spawn_source(&b, &b_config);
+    let source_b = App::source(&b, &b_config).spawn();
     // Tier 1: its target pushes channel "site" of tier 2's source after each import.
     let toml = a.join("target.toml");
     std::fs::write(
@@ -431,9 +427,9 @@ fn a_tier_one_target_pushes_to_tier_two_after_its_import() {
         ),
     )
     .unwrap();
-    let t1 = spawn_target_config(&a, &toml);
+    let t1 = App::target(&a).config(&toml).spawn();
     let a_config = write_config(&a, &src, &t1.url(), "");
-    let source_a = spawn_source(&a, &a_config);
+    let source_a = App::source(&a, &a_config).spawn();
     let (code, job) = run_job(&source_a.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     let ev = events(&source_a.url(), job["id"].as_str().unwrap());
@@ -443,17 +439,12 @@ fn a_tier_one_target_pushes_to_tier_two_after_its_import() {
         .unwrap_or_else(|| panic!("no push result: {ev:#?}"));
     assert_eq!(push["data"]["ok"], true, "{push:#}");
     // Tier 2 ran because of the push and ends identical to the origin.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let j2 = loop {
-        if let Some(j) = jobs(&source_b.url()).first().cloned()
-            && j["state"] != "queued"
-            && j["state"] != "running"
-        {
-            break j;
+    let j2 = wait_until(Duration::from_secs(30), || {
+        match jobs(&source_b.url()).first() {
+            Some(j) if j["state"] != "queued" && j["state"] != "running" => Ok(j.clone()),
+            j => Err(format!("tier 2 did not run: {j:?}")),
         }
-        assert!(Instant::now() < deadline, "tier 2 did not run");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert_eq!(j2["state"], "succeeded", "{j2:#}");
     assert_eq!(j2["trigger"], "api");
     assert!(

@@ -51,14 +51,16 @@ pub enum Durability {
 }
 
 impl std::str::FromStr for Durability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = cms_mirror::model::UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "syncfs" => Ok(Durability::Syncfs),
             "fsync" => Ok(Durability::Fsync),
             "none" => Ok(Durability::None),
-            o => Err(format!(
-                "unknown durability {o:?} (expected syncfs, fsync or none)"
+            o => Err(cms_mirror::model::UnknownName::new(
+                "durability",
+                o,
+                "syncfs, fsync or none",
             )),
         }
     }

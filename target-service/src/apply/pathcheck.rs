@@ -10,8 +10,30 @@ use std::sync::Arc;
 
 use cms_mirror::model::parent;
 
+/// Why an item's path is refused on this target.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PathRefused {
+    #[error("refusing to write through symlink {0:?}")]
+    ThroughSymlink(String),
+    #[error("{0:?} is not a directory")]
+    NotADirectory(String),
+    #[error("parent {path:?}: {source}")]
+    Parent { path: String, source: io::Error },
+    #[error("differs from {0:?} in the same package only by Unicode normalisation")]
+    TwinInPackage(String),
+    #[error("differs from the existing {0:?} only by Unicode normalisation")]
+    TwinOnDisk(String),
+}
+
+impl PathRefused {
+    /// An ancestor does not exist (so neither does the item).
+    pub(super) fn parent_missing(&self) -> bool {
+        matches!(self, PathRefused::Parent { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 /// Checks that every ancestor of `rel` under `root` is a real directory (not a symlink).
-pub(super) fn check_parents(root: &Path, rel: &str) -> Result<(), String> {
+pub(super) fn check_parents(root: &Path, rel: &str) -> Result<(), PathRefused> {
     check_parents_cached(root, rel, &mut HashSet::new())
 }
 
@@ -21,7 +43,7 @@ pub(super) fn check_parents_cached(
     root: &Path,
     rel: &str,
     ok: &mut HashSet<String>,
-) -> Result<(), String> {
+) -> Result<(), PathRefused> {
     let parent_rel = parent(rel);
     if parent_rel.is_empty() || ok.contains(parent_rel) {
         return Ok(());
@@ -33,16 +55,17 @@ pub(super) fn check_parents_cached(
         if ok.contains(&comps[..=i].join("/")) {
             continue;
         }
+        let path = || comps[..=i].join("/");
         match fs::symlink_metadata(&cur) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(format!(
-                    "refusing to write through symlink {:?}",
-                    comps[..=i].join("/")
-                ));
+                return Err(PathRefused::ThroughSymlink(path()));
             }
             Ok(md) if md.is_dir() => {}
-            Ok(_) => return Err(format!("{:?} is not a directory", comps[..=i].join("/"))),
-            Err(e) => return Err(format!("parent {:?}: {e}", comps[..=i].join("/"))),
+            Ok(_) => return Err(PathRefused::NotADirectory(path())),
+            Err(source) => {
+                let path = path();
+                return Err(PathRefused::Parent { path, source });
+            }
         }
     }
     ok.insert(parent_rel.to_string());
@@ -63,16 +86,14 @@ pub(super) struct Normalisation {
 }
 
 impl Normalisation {
-    pub(super) fn check(&mut self, root: &Path, rel: &str) -> Result<(), String> {
+    pub(super) fn check(&mut self, root: &Path, rel: &str) -> Result<(), PathRefused> {
         use unicode_normalization::UnicodeNormalization;
         if rel.is_ascii() {
             return Ok(());
         }
         let nfc: String = rel.nfc().collect();
         if let Some(other) = self.in_package.get(&nfc).filter(|o| *o != rel) {
-            return Err(format!(
-                "differs from {other:?} in the same package only by Unicode normalisation"
-            ));
+            return Err(PathRefused::TwinInPackage(other.clone()));
         }
         self.in_package.insert(nfc, rel.to_string());
         let mut dir = root.to_path_buf();
@@ -91,10 +112,8 @@ impl Normalisation {
                 let want: String = c.nfc().collect();
                 if let Some(existing) = names.get(&want).filter(|n| *n != c) {
                     let at = dir.join(existing);
-                    return Err(format!(
-                        "differs from the existing {:?} only by Unicode normalisation",
-                        at.strip_prefix(root).unwrap_or(&at).display()
-                    ));
+                    let rel = at.strip_prefix(root).unwrap_or(&at);
+                    return Err(PathRefused::TwinOnDisk(rel.display().to_string()));
                 }
             }
             dir.push(c);

@@ -67,8 +67,12 @@ pub fn publish(site: &SiteFs, staged: Staged, durability: Durability) -> Applied
     let mut recheck = false;
     for p in publish {
         if recheck && let Err(m) = check_parents(&site.root, &p.item.path) {
-            out.errors
-                .push(item_error(&p.item.path, ErrorCode::InvalidPath, m, false));
+            out.errors.push(item_error(
+                &p.item.path,
+                ErrorCode::InvalidPath,
+                m.to_string(),
+                false,
+            ));
             p.body.remove();
             continue;
         }

@@ -173,7 +173,7 @@ impl Stager<'_> {
         if let Err(m) = check_parents_cached(root, &path, &mut self.parents_ok)
             .and_then(|()| self.normalised.check(root, &path))
         {
-            self.refuse(path, ErrorCode::InvalidPath, m);
+            self.refuse(path, ErrorCode::InvalidPath, m.to_string());
             return None;
         }
         self.sess.failed.remove(&path);
@@ -340,8 +340,8 @@ impl Stager<'_> {
         }
         if let Err(m) = check_parents(root, &path) {
             // A missing parent means the item is already gone.
-            if !m.contains("No such file") {
-                let err = item_error(&path, ErrorCode::InvalidPath, m, false);
+            if !m.parent_missing() {
+                let err = item_error(&path, ErrorCode::InvalidPath, m.to_string(), false);
                 self.out.errors.push(err);
                 return;
             }
