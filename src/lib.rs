@@ -17,6 +17,7 @@
 pub use prost;
 pub use tonic;
 
+pub mod bounds;
 pub mod config;
 pub mod db;
 pub mod fswalk;

@@ -28,6 +28,9 @@ pub struct Limits {
     pub max_entries: usize,
     /// Longest relative path, in bytes.
     pub max_path_bytes: usize,
+    /// Decoded payloads held at once by all streams together, from decoding until the
+    /// package is staged; a stream waits for room (at least `max_payload_bytes`).
+    pub max_decoded_bytes: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +40,7 @@ impl Default for Limits {
             max_payload_bytes: 64 * 1024 * 1024,
             max_entries: 10_000,
             max_path_bytes: 4096,
+            max_decoded_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -382,6 +386,15 @@ fn decompress(pkg: &pb::Package, limit: usize) -> Result<bytes::Bytes, PackageEr
     }
 }
 
+/// Bytes a package takes once decoded, as far as its header tells (a package that
+/// claims more than `limit` is refused before it is decoded).
+pub fn decoded_size(pkg: &pb::Package, limit: usize) -> usize {
+    match pb::Compression::try_from(pkg.compression) {
+        Ok(pb::Compression::Zstd) => pkg.uncompressed_size.min(limit as u64) as usize,
+        _ => pkg.payload.len().min(limit),
+    }
+}
+
 /// Verifies a package against its checksum and the limits, then decodes it.
 pub fn open(pkg: &pb::Package, limits: &Limits) -> Result<pb::PackagePayload, PackageError> {
     let seq = pkg.seq;
@@ -416,18 +429,52 @@ pub fn open(pkg: &pb::Package, limits: &Limits) -> Result<pb::PackagePayload, Pa
             });
         }
     };
-    let payload = pb::PackagePayload::decode(bytes).map_err(|e| PackageError::Decode {
-        seq,
-        message: e.to_string(),
-    })?;
-    if payload.entries.len() > limits.max_entries {
+    let count = count_entries(&bytes, seq)?;
+    if count > limits.max_entries {
         return Err(PackageError::TooManyEntries {
             seq,
-            count: payload.entries.len(),
+            count,
             limit: limits.max_entries,
         });
     }
-    Ok(payload)
+    pb::PackagePayload::decode(bytes).map_err(|e| PackageError::Decode {
+        seq,
+        message: e.to_string(),
+    })
+}
+
+/// Counts a payload's entries on the wire, before anything is decoded: an empty entry
+/// is two bytes there and hundreds in memory, so the limit must hold before decoding.
+/// Walks the top-level fields only (no allocation); refuses bytes that are not a
+/// protobuf message.
+fn count_entries(mut buf: &[u8], seq: u64) -> Result<usize, PackageError> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    const ENTRIES: u32 = 1;
+    let broken = |message: String| PackageError::Decode { seq, message };
+    let mut count = 0;
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).map_err(|e| broken(e.to_string()))?;
+        let skip = match wire {
+            WireType::Varint => decode_varint(&mut buf).map(|_| 0),
+            WireType::LengthDelimited => decode_varint(&mut buf),
+            WireType::SixtyFourBit => Ok(8),
+            WireType::ThirtyTwoBit => Ok(4),
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(broken(format!(
+                    "field {tag}: groups are not part of a package"
+                )));
+            }
+        }
+        .map_err(|e| broken(e.to_string()))?;
+        if skip > buf.len() as u64 {
+            return Err(broken(format!(
+                "field {tag} runs past the end of the payload"
+            )));
+        }
+        buf = &buf[skip as usize..];
+        count += usize::from(tag == ENTRIES);
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -587,6 +634,33 @@ mod tests {
             open(&pkg, &small),
             Err(PackageError::TooLarge { .. })
         ));
+    }
+
+    /// Millions of empty entries are counted on the wire and refused before any is
+    /// decoded (decoding them all would take gigabytes).
+    #[test]
+    fn an_entry_count_bomb_is_refused_before_decoding() {
+        let entries = 4 * 1024 * 1024;
+        let raw = b"\x0a\x00".repeat(entries);
+        let mut pkg = seal(1, pb::Phase::Content, &payload(), pb::Compression::Zstd);
+        pkg.payload = zstd::bulk::compress(&raw, 3).unwrap().into();
+        pkg.uncompressed_size = raw.len() as u64;
+        pkg.checksum = checksum(pb::ChecksumKind::Blake3, &pkg.payload);
+        pkg.checksum_kind = pb::ChecksumKind::Blake3 as i32;
+        let limit = Limits::default().max_entries;
+        assert_eq!(
+            open(&pkg, &Limits::default()),
+            Err(PackageError::TooManyEntries {
+                seq: 1,
+                count: entries,
+                limit
+            })
+        );
+        let cut = [&raw[..], b"\x0a\x05ab"].concat();
+        assert_eq!(
+            count_entries(&cut, 1).unwrap_err().to_string(),
+            "package 1: payload does not decode: field 1 runs past the end of the payload"
+        );
     }
 
     #[test]

@@ -81,7 +81,14 @@ fn request_span(req: &axum::http::Request<()>) -> tracing::Span {
     if path.starts_with("/grpc.health") || path.starts_with("/grpc.reflection") {
         return tracing::Span::none();
     }
-    let span = tracing::info_span!("rpc", otel.name = %path.trim_start_matches('/'), rpc = %path);
+    let peer = req
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|c| c.remote_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let span =
+        tracing::info_span!("rpc", otel.name = %path.trim_start_matches('/'), rpc = %path, %peer);
     let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
     crate::telemetry::follow(&span, &md);
     span
@@ -119,14 +126,37 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = Encoder<T>;
-    type Decoder = tonic_prost::ProstDecoder<U>;
+    type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         Encoder(tonic_prost::ProstEncoder::default())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+        Decoder(tonic_prost::ProstDecoder::default())
+    }
+}
+
+/// The decoder of [`Codec`]: `ProstDecoder`, except that bytes that are not the expected
+/// message are the sender's fault, INVALID_ARGUMENT (tonic answers INTERNAL), and are
+/// logged in the call's span, which names the peer.
+#[derive(Debug)]
+pub struct Decoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<U>, Self::Error> {
+        U::decode(buf).map(Some).map_err(|e| {
+            let message = std::any::type_name::<U>().rsplit("::").next().unwrap_or("");
+            tracing::warn!(error = %e, message, "malformed message refused");
+            tonic::Status::invalid_argument(format!("malformed {message} message: {e}"))
+        })
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }
 

@@ -14,6 +14,8 @@ pub enum SourceError {
     InvalidPath(String),
     #[error("job {0} not found")]
     JobNotFound(String),
+    #[error(transparent)]
+    OverBound(#[from] cms_mirror::bounds::OverBound),
     #[error("job store unavailable; retry later")]
     Store(#[source] StoreError),
 }
@@ -32,7 +34,9 @@ impl From<SourceError> for Status {
         let msg = e.to_string();
         match e {
             SourceError::UnknownChannel(_) | SourceError::JobNotFound(_) => Status::not_found(msg),
-            SourceError::InvalidPath(_) => Status::invalid_argument(msg),
+            SourceError::InvalidPath(_) | SourceError::OverBound(_) => {
+                Status::invalid_argument(msg)
+            }
             SourceError::Store(ref db) => {
                 tracing::error!(error = %db, "job store error");
                 Status::unavailable(msg)

@@ -232,6 +232,11 @@ impl SourceService {
         &self,
         req: pb::StartJobRequest,
     ) -> Result<pb::StartJobResponse, SourceError> {
+        use cms_mirror::bounds::{self, MAX_LINEAGE, MAX_NAME_BYTES, MAX_PATHS, MAX_TEXT_BYTES};
+        bounds::text("channel", &req.channel, MAX_NAME_BYTES)?;
+        bounds::text("requested_by", &req.requested_by, MAX_TEXT_BYTES)?;
+        bounds::list("lineage", &req.lineage, MAX_LINEAGE, MAX_NAME_BYTES)?;
+        bounds::list("paths", &req.paths, MAX_PATHS, usize::MAX)?;
         let Some(ch) = self.app.config.channel(&req.channel) else {
             return Err(SourceError::UnknownChannel(req.channel));
         };
@@ -670,14 +675,21 @@ pub async fn start(
         app.store.db().clone(),
     )
     .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    // Both versions of reflection: grpcurl speaks v1, older clients (grpcui, Postman,
+    // Python's grpcio-reflection) only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("descriptor set is valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("descriptor set is valid");
     let mut server = server;
     let res = server
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             SourceServiceServer::new(SourceService::new(app)),
             security.auth,

@@ -13,6 +13,8 @@ pub enum StartError {
     },
     #[error("no site configured (use --site NAME=DIR or a target.toml)")]
     NoSites,
+    #[error("--max-decoded-bytes {decoded} is less than --max-package-bytes {package}")]
+    DecodeBudget { decoded: usize, package: usize },
     #[error("cannot read the ledger: {0}")]
     Ledger(#[from] sqlx::Error),
 }
@@ -23,6 +25,8 @@ pub enum StartError {
 pub enum TargetError {
     #[error("{0}")]
     InvalidArgument(String),
+    #[error(transparent)]
+    OverBound(#[from] cms_mirror::bounds::OverBound),
     #[error(
         "protocol version {got} is not supported by this target (it speaks {min} to {max}); upgrade the older side"
     )]
@@ -71,7 +75,9 @@ impl From<TargetError> for Status {
     fn from(e: TargetError) -> Status {
         let msg = e.to_string();
         match e {
-            TargetError::InvalidArgument(_) => Status::invalid_argument(msg),
+            TargetError::InvalidArgument(_) | TargetError::OverBound(_) => {
+                Status::invalid_argument(msg)
+            }
             TargetError::ProtocolVersion { .. } => Status::failed_precondition(msg),
             TargetError::UnknownSite(_) | TargetError::UnknownSession(_) => Status::not_found(msg),
             TargetError::AlreadyCommitted(_)

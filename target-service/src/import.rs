@@ -7,9 +7,10 @@
 //! package while the current one is staged.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
@@ -29,6 +30,32 @@ pub const IMPORT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// chunks, publishing or recording (one at a time per step, in order). Each holds its
 /// payload, so this also bounds the memory of a stream.
 const PENDING_MAX: usize = 3;
+
+/// Room for decoded packages, shared by all Import streams and counted in KiB: a
+/// package is decoded only once its decoded size fits, and gives the room back when it
+/// is staged, so many streams at once cannot hold more than the budget.
+#[derive(Clone)]
+pub(crate) struct DecodeBudget(Arc<Semaphore>);
+
+impl DecodeBudget {
+    pub(crate) fn new(bytes: usize) -> DecodeBudget {
+        DecodeBudget(Arc::new(Semaphore::new(kib(bytes))))
+    }
+
+    /// Waits until `bytes` fit in the budget.
+    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let n = u32::try_from(kib(bytes).max(1)).unwrap_or(u32::MAX);
+        self.0
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("the budget is never closed")
+    }
+}
+
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS)
+}
 
 type Reply = Result<pb::PackageAck, TargetError>;
 type Outbound = mpsc::Sender<Result<pb::ImportResponse, Status>>;
@@ -341,13 +368,18 @@ struct ImportStream {
 
 impl ImportStream {
     async fn run(&mut self, inbound: Streaming<pb::ImportRequest>) {
-        let (mut incoming, _reader) = read_ahead(inbound, self.svc.inner.settings.limits.clone());
+        let inner = &self.svc.inner;
+        let (mut incoming, _reader) = read_ahead(
+            inbound,
+            inner.settings.limits.clone(),
+            inner.decode_budget.clone(),
+        );
         loop {
             let Some(next) = self.next_inbound(&mut incoming).await else {
                 return;
             };
             let flow = match next {
-                Inbound::Package { pkg, opened } => self.take(pkg, opened).await,
+                Inbound::Package { pkg, opened, room } => self.take(pkg, opened, room).await,
                 Inbound::End => break,
                 Inbound::Failed(status) => {
                     // A message over the size limit arrives here: the peer is told, then
@@ -401,6 +433,7 @@ impl ImportStream {
         &mut self,
         pkg: pb::Package,
         opened: Result<pb::PackagePayload, package::PackageError>,
+        room: OwnedSemaphorePermit,
     ) -> Flow {
         let started = Instant::now();
         #[cfg(feature = "failpoints")]
@@ -439,6 +472,8 @@ impl ImportStream {
             .stage(&self.session.id, &self.session.site, payload)
             .instrument(span.clone())
             .await;
+        // Staged: the payload is gone (its bodies are in staging files).
+        drop(room);
         self.hand_over(pkg, staged, started, span).await
     }
 
@@ -536,6 +571,8 @@ enum Inbound {
     Package {
         pkg: pb::Package,
         opened: Result<pb::PackagePayload, package::PackageError>,
+        /// Its room in the [`DecodeBudget`], held until it is staged.
+        room: OwnedSemaphorePermit,
     },
     NotAPackage,
     End,
@@ -562,6 +599,7 @@ impl Drop for AbortOnDrop {
 fn read_ahead(
     mut inbound: Streaming<pb::ImportRequest>,
     limits: Limits,
+    budget: DecodeBudget,
 ) -> (mpsc::Receiver<Inbound>, AbortOnDrop) {
     let (tx, rx) = mpsc::channel(1);
     let task = tokio::spawn(async move {
@@ -570,8 +608,10 @@ fn read_ahead(
                 Ok(Some(pb::ImportRequest {
                     msg: Some(pb::import_request::Msg::Package(pkg)),
                 })) => {
+                    let size = package::decoded_size(&pkg, limits.max_payload_bytes);
+                    let room = budget.reserve(size).await;
                     let opened = package::open(&pkg, &limits);
-                    Inbound::Package { pkg, opened }
+                    Inbound::Package { pkg, opened, room }
                 }
                 Ok(Some(_)) => Inbound::NotAPackage,
                 Ok(None) => Inbound::End,

@@ -46,6 +46,10 @@ struct Args {
     /// Largest package payload accepted, in bytes.
     #[arg(long, env = "MIRROR_MAX_PACKAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     max_package_bytes: usize,
+    /// Decoded packages held at once by all import streams together, in bytes (at
+    /// least --max-package-bytes): bounds the memory of many concurrent streams.
+    #[arg(long, env = "MIRROR_MAX_DECODED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    max_decoded_bytes: usize,
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
@@ -74,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     for s in &args.sites {
         sites.push(SiteConfig::from_flag(s).map_err(|e| anyhow::anyhow!("--site {e}"))?);
     }
-    let security = args.security.load().map_err(anyhow::Error::msg)?;
+    let security = args.security.load()?;
     let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "target.db");
     let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Target).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -86,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = Limits {
         max_payload_bytes: args.max_package_bytes,
         max_message_bytes: args.max_package_bytes.saturating_add(1 << 20),
+        max_decoded_bytes: args.max_decoded_bytes,
         ..Limits::default()
     };
     let settings = TargetSettings {

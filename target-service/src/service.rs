@@ -14,6 +14,7 @@ use cms_mirror::pb::target_service_server::TargetService as TargetApi;
 
 use crate::apply::{self, Durability, SessionFiles, SiteFs};
 use crate::error::{StartError, TargetError};
+use crate::import::DecodeBudget;
 use crate::ledger::{Ledger, SessionStatus};
 use crate::session::SessionState;
 use crate::{TargetSettings, metrics};
@@ -33,6 +34,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: metrics::Metrics,
     /// Lineage of each open session (passed on by tier pushes).
     pub(crate) lineages: Mutex<HashMap<String, Vec<String>>>,
+    /// Room for decoded packages, shared by all streams ([`Limits::max_decoded_bytes`]).
+    pub(crate) decode_budget: DecodeBudget,
 }
 
 /// The gRPC target service.
@@ -50,6 +53,14 @@ impl TargetService {
         if settings.sites.is_empty() {
             return Err(StartError::NoSites);
         }
+        let limits = &settings.limits;
+        if limits.max_decoded_bytes < limits.max_payload_bytes {
+            return Err(StartError::DecodeBudget {
+                decoded: limits.max_decoded_bytes,
+                package: limits.max_payload_bytes,
+            });
+        }
+        let decode_budget = DecodeBudget::new(limits.max_decoded_bytes);
         let open: Vec<String> = ledger
             .open_sessions()
             .await?
@@ -81,6 +92,7 @@ impl TargetService {
                 sessions: Mutex::new(HashMap::new()),
                 metrics: metrics::Metrics::new(),
                 lineages: Mutex::new(HashMap::new()),
+                decode_budget,
             }),
         })
     }
@@ -169,6 +181,15 @@ impl TargetService {
         }
         if r.job_id.is_empty() {
             return Err(TargetError::InvalidArgument("job_id is required".into()));
+        }
+        {
+            use cms_mirror::bounds::{self, MAX_LINEAGE, MAX_NAME_BYTES};
+            let name = |field, v: &str| bounds::text(field, v, MAX_NAME_BYTES);
+            name("job_id", &r.job_id)?;
+            name("site", &r.site)?;
+            name("channel", &r.channel)?;
+            name("source_id", &r.source_id)?;
+            bounds::list("lineage", &r.lineage, MAX_LINEAGE, MAX_NAME_BYTES)?;
         }
         self.site(&r.site)?;
         let me = &self.inner.settings.target_id;

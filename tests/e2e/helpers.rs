@@ -541,3 +541,21 @@ pub fn direct_bytes(metrics_addr: &str) -> (f64, String) {
     let n = metric(&page, "mirror_target_bytes_direct_total{site=\"main\"}").unwrap_or(0.0);
     (n, page)
 }
+
+/// Everything the processes of `role` ("source", "target", "mirrorctl") started in
+/// `dir` logged so far.
+pub fn logs(dir: &Path, role: &str) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&format!("{role}-")) && name.ends_with(".log")
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
+}

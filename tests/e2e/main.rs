@@ -4,6 +4,7 @@
 mod dashboard;
 mod faults;
 mod helpers;
+mod hostile;
 mod incremental;
 mod instances;
 mod mirror;

@@ -305,12 +305,7 @@ fn metrics_count_a_jobs_packages_and_bytes() {
     );
     assert_eq!(http_get(&tm, "/nope").0, 404);
 
-    let log: String = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("source-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let log = logs(tmp.path(), "source");
     assert!(
         log.contains("OTEL_EXPORTER_OTLP_ENDPOINT=\"not a url\" is not an http:// or https:// URL"),
         "{log}"
@@ -374,44 +369,56 @@ fn health_is_serving_and_not_serving_once_the_database_is_gone() {
     )
     .unwrap();
     wait_for(NOT_SERVING);
-    // Reflection is on as well: grpcurl can list the services.
-    let services = rt
-        .block_on(reflection_services(&target.url()))
-        .expect("reflection answers");
-    assert!(services.iter().any(|s| s == svc), "{services:?}");
 }
 
-/// The services a server lists through gRPC reflection (v1).
-async fn reflection_services(url: &str) -> Result<Vec<String>, String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut c = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = c
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
-    let msg = resp
-        .message()
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("no answer")?;
-    match msg.message_response {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            Ok(l.service.into_iter().map(|s| s.name).collect())
+/// The services a server lists through gRPC reflection, version `$v` (v1 or v1alpha).
+macro_rules! reflection_services {
+    ($v:ident, $url:expr) => {{
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        let ch = tonic::transport::Endpoint::from_shared($url.to_string()).unwrap();
+        let mut c = ServerReflectionClient::new(ch.connect().await.unwrap());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = c
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        match resp
+            .message()
+            .await
+            .unwrap()
+            .expect("an answer")
+            .message_response
+        {
+            Some(MessageResponse::ListServicesResponse(l)) => l
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected answer {other:?}"),
         }
-        other => Err(format!("unexpected answer {other:?}")),
+    }};
+}
+
+/// Both reflection versions list a service's API (grpcurl speaks v1; grpcui, Postman
+/// and Python's grpcio-reflection v1alpha).
+#[tokio::test]
+async fn both_services_answer_reflection_v1_and_v1alpha() {
+    let m = Mirror::start(|src| write(src, "a", b"a"), "");
+    for (url, svc) in [
+        (m.target.url(), "cmsmirror.v1.TargetService"),
+        (m.source.url(), "cmsmirror.v1.SourceService"),
+    ] {
+        let v1 = reflection_services!(v1, url);
+        let v1alpha = reflection_services!(v1alpha, url);
+        assert!(v1.iter().any(|s| s == svc), "{v1:?}");
+        assert!(v1alpha.iter().any(|s| s == svc), "{v1alpha:?}");
     }
 }
 

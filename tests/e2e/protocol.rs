@@ -87,7 +87,7 @@ fn pkg(seq: u64, entries: Vec<pb::Entry>) -> pb::Package {
 }
 
 /// Opens a session and an Import stream; returns the sender and the ack stream.
-async fn session(
+pub(crate) async fn session(
     url: &str,
     job: &str,
 ) -> (
@@ -122,7 +122,7 @@ async fn session(
     (tx, acks, s.session_id)
 }
 
-async fn send(
+pub(crate) async fn send(
     tx: &tokio::sync::mpsc::Sender<pb::ImportRequest>,
     acks: &mut tonic::Streaming<pb::ImportResponse>,
     p: pb::Package,
@@ -138,7 +138,7 @@ async fn send(
     }
 }
 
-fn status(a: &pb::PackageAck) -> pb::AckStatus {
+pub(crate) fn status(a: &pb::PackageAck) -> pb::AckStatus {
     pb::AckStatus::try_from(a.status).unwrap()
 }
 
