@@ -47,6 +47,11 @@ pub enum Invalid {
         lo: String,
         hi: String,
     },
+    #[error("{value:?} is not {expected}")]
+    NotAmong {
+        value: String,
+        expected: &'static str,
+    },
     #[error("{value:?} is not {first:?} or {second:?}")]
     NotOneOf {
         value: String,
@@ -469,6 +474,7 @@ struct RawSite {
     name: String,
     root: PathBuf,
     base_url: Option<String>,
+    links: Option<String>,
     #[serde(default)]
     hook: Vec<RawHook>,
     #[serde(default)]
@@ -545,8 +551,37 @@ pub struct SiteConfig {
     pub name: String,
     pub root: PathBuf,
     pub base_url: Option<String>,
+    pub links: Links,
     pub hooks: Vec<Hook>,
     pub push: Vec<Push>,
+}
+
+/// What a target does with a symbolic link whose target leaves the site (absolute, or
+/// climbing above the root with `..`), as rsync's `--safe-links` decides: the target
+/// never follows links, but a web server in front of the site may.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Links {
+    /// Refused, an item error naming the link (the default).
+    #[default]
+    Safe,
+    /// Created as sent.
+    Copy,
+    /// Left out without an error.
+    Skip,
+}
+
+impl Links {
+    fn parse(s: Option<&str>) -> Result<Links, Invalid> {
+        match s {
+            None | Some("safe") => Ok(Links::Safe),
+            Some("copy") => Ok(Links::Copy),
+            Some("skip") => Ok(Links::Skip),
+            Some(v) => Err(Invalid::NotAmong {
+                value: v.into(),
+                expected: "\"safe\", \"copy\" or \"skip\"",
+            }),
+        }
+    }
 }
 
 impl SiteConfig {
@@ -560,6 +595,7 @@ impl SiteConfig {
             name: name.into(),
             root: dir.into(),
             base_url: None,
+            links: Links::default(),
             hooks: Vec::new(),
             push: Vec::new(),
         })
@@ -589,10 +625,12 @@ impl SiteConfig {
                 let hooks = hooks.collect::<Result<Vec<_>, _>>().map_err(err)?;
                 let push = s.push.into_iter().map(|p| push_config(p, base));
                 let push = push.collect::<Result<Vec<_>, _>>().map_err(err)?;
+                let links = Links::parse(s.links.as_deref()).map_err(|e| err(("links", e)))?;
                 Ok(SiteConfig {
                     root: base.join(&s.root),
                     name: s.name.clone(),
                     base_url: s.base_url.clone(),
+                    links,
                     hooks,
                     push,
                 })

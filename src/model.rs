@@ -173,6 +173,8 @@ pub enum ErrorCode {
     ChecksumMismatch,
     /// The target's disk (or quota) is full.
     NoSpace,
+    /// A symbolic link that leaves the site, refused by the site's `links = "safe"`.
+    UnsafeLink,
     Io,
 }
 
@@ -188,6 +190,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::NoSpace => "no_space",
+            ErrorCode::UnsafeLink => "unsafe_link",
             ErrorCode::Io => "io",
         }
     }

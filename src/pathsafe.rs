@@ -61,9 +61,52 @@ pub fn validate(path: &str, max_len: usize) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Whether a symbolic link at `path` (relative to the root) with `target` leaves the
+/// root, read as rsync's `--safe-links` reads it: an absolute (or empty) target always
+/// does, a relative one when its `..` climb above the root. Lexical: links among the
+/// target's own components are not followed (the target never follows links anyway).
+pub fn link_leaves_root(path: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') {
+        return true;
+    }
+    let mut depth = path.matches('/').count();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." if depth == 0 => return true,
+            ".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_that_climb_out_of_the_root_are_told_apart() {
+        for (path, target) in [
+            ("a", "/etc/passwd"),
+            ("a", ".."),
+            ("a", "../x"),
+            ("d/a", "../../x"),
+            ("d/a", "x/../../../y"),
+            ("d/a", ""),
+        ] {
+            assert!(link_leaves_root(path, target), "{path} -> {target}");
+        }
+        for (path, target) in [
+            ("a", "b"),
+            ("d/a", "../b"),
+            ("d/e/a", "../../b/c"),
+            ("d/a", "x/../y"),
+            ("d/a", "./b"),
+        ] {
+            assert!(!link_leaves_root(path, target), "{path} -> {target}");
+        }
+    }
 
     #[test]
     fn refuses_hostile_paths() {

@@ -76,7 +76,10 @@ impl TargetService {
             };
             std::fs::create_dir_all(&s.root).map_err(|e| err(e.to_string()))?;
             let root = s.root.canonicalize().map_err(|e| err(e.to_string()))?;
-            let fs = SiteFs { root };
+            let fs = SiteFs {
+                root,
+                links: s.links,
+            };
             let removed = apply::clean_staging(&fs, &open)
                 .map_err(|e| err(format!("cannot clean staging: {e}")))?;
             if removed > 0 {

@@ -48,7 +48,7 @@ impl TargetService {
                     applied: s.last_seq,
                 });
             }
-            self.finalize(&s, site).await?;
+            self.finalize(&s, site, r.root.as_ref()).await?;
         }
         let lineage = self
             .inner
@@ -104,14 +104,26 @@ impl TargetService {
 
     /// Restores the times of the directories the session touched and removes its
     /// staging directory (and the site's, once nothing is in progress).
-    async fn finalize(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
+    async fn finalize(
+        &self,
+        s: &SessionRow,
+        site: &Site,
+        root: Option<&pb::ItemMeta>,
+    ) -> Result<(), TargetError> {
         let dirs = self.inner.ledger.touched_dirs(&s.id, &s.site).await?;
         let fs = site.fs.clone();
         let sdir = fs.session_dir(&s.id);
+        let root = root.map(|r| (r.mode, r.mtime_ns));
         tokio::task::spawn_blocking(move || {
             apply::restore_dir_times(&fs.root, &dirs);
             let _ = std::fs::remove_dir_all(sdir);
             let _ = std::fs::remove_dir(fs.staging());
+            // Last: removing the staging directory moved the root's time.
+            if let Some((mode, mtime_ns)) = root
+                && let Err(e) = apply::set_root_meta(&fs.root, mode, mtime_ns)
+            {
+                tracing::warn!(root = %fs.root.display(), error = %e, "cannot set the site root's mode and time");
+            }
         })
         .await
         .map_err(TargetError::task("commit"))?;

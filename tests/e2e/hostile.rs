@@ -240,3 +240,73 @@ async fn free_text_and_lists_from_clients_are_bounded() {
         "{e:?}"
     );
 }
+
+/// A target site whose `links` setting is `links` (None: the default), and a source
+/// tree with links inside and outside the site.
+fn links_setup(tmp: &std::path::Path, links: Option<&str>) -> (Proc, Proc, std::path::PathBuf) {
+    let (src, dst) = (tmp.join("src"), tmp.join("dst"));
+    write(&src, "index.html", b"<h1>site</h1>");
+    write(&src, "d/page.html", b"page");
+    std::os::unix::fs::symlink("../index.html", src.join("d/home")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", src.join("passwd")).unwrap();
+    std::os::unix::fs::symlink("../../etc", src.join("d/etc")).unwrap();
+    let toml = tmp.join("target.toml");
+    let setting = links
+        .map(|l| format!("links = \"{l}\"\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\n{setting}",
+            dst.display()
+        ),
+    )
+    .unwrap();
+    let target = App::target(tmp).config(&toml).spawn();
+    let config = write_config(tmp, &src, &target.url(), "");
+    let source = App::source(tmp, &config).spawn();
+    (target, source, dst)
+}
+
+#[test]
+fn links_that_leave_the_site_are_refused_by_default_skipped_or_copied_as_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_t, source, dst) = links_setup(tmp.path(), None);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 1, "{job:#}");
+    let mut errors: Vec<(String, String)> = job["item_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().into(),
+                e["code"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    errors.sort();
+    let unsafe_link = |p: &str| (p.to_string(), "unsafe_link".to_string());
+    assert_eq!(
+        errors,
+        [unsafe_link("d/etc"), unsafe_link("passwd")],
+        "{job:#}"
+    );
+    let message = job["item_errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("leaves the site"), "{message}");
+    assert!(
+        dst.join("d/home").is_symlink(),
+        "a link inside the site is mirrored"
+    );
+    assert!(!dst.join("passwd").exists() && !dst.join("d/etc").is_symlink());
+
+    for (links, kept) in [("skip", false), ("copy", true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_t, source, dst) = links_setup(tmp.path(), Some(links));
+        let (code, job) = run_job(&source.url(), &[]);
+        assert_eq!(code, 0, "{links}: {job:#}");
+        assert_eq!(dst.join("passwd").is_symlink(), kept, "{links}");
+        assert_eq!(dst.join("d/etc").is_symlink(), kept, "{links}");
+        assert!(dst.join("d/home").is_symlink(), "{links}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Issue 2: a whole job between two real processes, its record, and bad input.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use crate::helpers::*;
 
@@ -20,10 +21,16 @@ fn full_mirror_is_identical_and_the_job_record_is_true() {
         },
         "delete = true",
     );
+    // The root's own mode and time are mirrored too (rsync -a does).
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    set_mtime(&src, 1_500_000_000, 123_456_789);
 
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "exit code of start --wait: {job:#}");
     assert_same_tree(&src, &dst);
+    let (s, d) = (src.metadata().unwrap(), dst.metadata().unwrap());
+    assert_eq!(d.permissions().mode() & 0o7777, 0o750);
+    assert_eq!((d.mtime(), d.mtime_nsec()), (s.mtime(), s.mtime_nsec()));
     // Both services turn transparent huge pages off for themselves (memory and CPU).
     for p in [&source, &target] {
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).unwrap();

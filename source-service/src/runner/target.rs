@@ -508,6 +508,7 @@ impl<'a> TargetRun<'a> {
             last_seq,
             run_hooks: true,
             abort: false,
+            root: root_meta(&self.ch.source),
         };
         let client = &self.client;
         // All content has landed: the commit is tried within the budget even if the job
@@ -568,4 +569,17 @@ impl<'a> TargetRun<'a> {
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.commit(req)).await;
     }
+}
+
+/// The source root's mode and mtime, for the target's site root; `None` when it cannot
+/// be read (the site root is then left as it is).
+fn root_meta(root: &std::path::Path) -> Option<pb::ItemMeta> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(root).ok()?;
+    Some(pb::ItemMeta {
+        kind: pb::ItemKind::Directory as i32,
+        mode: md.mode() & 0o7777,
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ..Default::default()
+    })
 }

@@ -35,7 +35,7 @@ use writer::FileWrites;
 use crate::ledger::PackageChanges;
 
 pub use body::SessionFiles;
-pub use publish::{discard, publish, restore_dir_times, uncache};
+pub use publish::{discard, publish, restore_dir_times, set_root_meta, uncache};
 pub use stage::{Staged, abort_session, clean_staging, stage};
 pub use writer::write_deferred;
 
@@ -70,6 +70,8 @@ impl std::str::FromStr for Durability {
 #[derive(Clone, Debug)]
 pub struct SiteFs {
     pub root: PathBuf,
+    /// What to do with a symbolic link that leaves the site.
+    pub links: cms_mirror::config::Links,
 }
 
 impl SiteFs {

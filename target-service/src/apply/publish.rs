@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
@@ -321,6 +322,15 @@ pub(super) fn sync_batch(
 }
 
 /// Restores the recorded mtime of directories (deepest first), at commit.
+/// Gives the site root the source root's mode and mtime (after everything inside it
+/// changed, as its mtime would move otherwise).
+pub fn set_root_meta(root: &Path, mode: u32, mtime_ns: i64) -> io::Result<()> {
+    if mode != 0 {
+        fs::set_permissions(root, fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    set_mtime(root, mtime_ns)
+}
+
 pub fn restore_dir_times(root: &Path, dirs: &[Item]) {
     for d in dirs {
         if check_parents(root, &d.path).is_err() {

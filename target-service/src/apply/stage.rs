@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use cms_mirror::config::Links;
 use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, parent};
 use cms_mirror::pathsafe;
 use cms_mirror::pb;
@@ -168,6 +169,23 @@ impl Stager<'_> {
             let why = format!("mode {:o} out of range", item.mode);
             self.refuse(path, ErrorCode::InvalidArgument, why);
             return None;
+        }
+        if item.kind == Kind::Symlink && pathsafe::link_leaves_root(&path, &item.link) {
+            match self.site.links {
+                Links::Copy => {}
+                Links::Skip => {
+                    tracing::debug!(%path, link = %item.link, "link leaving the site skipped");
+                    return None;
+                }
+                Links::Safe => {
+                    let why = format!(
+                        "symbolic link to {:?} leaves the site (the site's links = \"safe\"; \"copy\" mirrors it, \"skip\" leaves it out)",
+                        item.link
+                    );
+                    self.refuse(path, ErrorCode::UnsafeLink, why);
+                    return None;
+                }
+            }
         }
         let root = &self.site.root;
         if let Err(m) = check_parents_cached(root, &path, &mut self.parents_ok)

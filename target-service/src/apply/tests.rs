@@ -1,6 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use cms_mirror::config::Links;
 use cms_mirror::model::Kind;
 
 use super::body::*;
@@ -99,9 +100,7 @@ fn file_item(path: &str, size: usize, mtime_ns: i64) -> Item {
 #[test]
 fn whole_files_written_in_parallel_are_checked_one_by_one() {
     let root = tempfile::tempdir().unwrap();
-    let site = SiteFs {
-        root: root.path().to_path_buf(),
-    };
+    let site = site_in(&root);
     let mut entries = vec![put_entry(&Item {
         kind: Kind::Dir,
         mode: 0o755,
@@ -190,9 +189,7 @@ fn whole_files_written_in_parallel_are_checked_one_by_one() {
 #[test]
 fn large_chunks_hashed_beside_their_write_are_checked() {
     let root = tempfile::tempdir().unwrap();
-    let site = SiteFs {
-        root: root.path().to_path_buf(),
-    };
+    let site = site_in(&root);
     let a = body(2 * HASH_BESIDE_MIN + HASH_BESIDE_MIN / 2);
     let mut b = body(2 * HASH_BESIDE_MIN + 1);
     let b_hash = blake3::hash(&b);
@@ -250,9 +247,7 @@ fn large_chunks_hashed_beside_their_write_are_checked() {
 #[test]
 fn a_resent_last_chunk_finds_only_its_own_published_file() {
     let root = tempfile::tempdir().unwrap();
-    let site = SiteFs {
-        root: root.path().to_path_buf(),
-    };
+    let site = site_in(&root);
     let data = body(10_000);
     fs::create_dir(root.path().join("d")).unwrap();
     fs::write(root.path().join("d/f"), &data).unwrap();
@@ -282,6 +277,7 @@ fn a_resent_last_chunk_finds_only_its_own_published_file() {
 fn site_in(root: &tempfile::TempDir) -> SiteFs {
     SiteFs {
         root: root.path().to_path_buf(),
+        links: Links::Safe,
     }
 }
 
