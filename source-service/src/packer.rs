@@ -32,10 +32,25 @@ pub struct Built {
     /// Where the plan stands once this package is applied.
     pub cursor_after: Cursor,
     pub items: u64,
+    /// File data in this package (what crossed: rates and metrics).
     pub bytes: u64,
+    /// Files whose body ends in this package, with their sizes: what the job counts as
+    /// mirrored once the package is applied (less any the target reports an error for).
+    pub completed: Vec<(String, u64)>,
     pub deletes: u64,
     /// Items the source could not send (vanished, unreadable, changed while read).
     pub errors: Vec<NewItemError>,
+}
+
+impl Built {
+    /// Bytes of the files completed here, leaving out the paths in `failed`.
+    pub fn completed_bytes(completed: &[(String, u64)], failed: &[&str]) -> u64 {
+        completed
+            .iter()
+            .filter(|(p, _)| !failed.contains(&p.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 struct Current {
@@ -173,6 +188,7 @@ impl Packer {
             phase: self.current.as_ref().map(|c| c.phase),
             items: 0,
             bytes: 0,
+            completed: Vec::new(),
             deletes: 0,
             errors: Vec::new(),
         };
@@ -220,6 +236,7 @@ impl Packer {
             cursor_after: self.cursor_now(),
             items: f.items,
             bytes: f.bytes,
+            completed: f.completed,
             deletes: f.deletes,
             errors: f.errors,
         }))
@@ -293,7 +310,8 @@ impl Packer {
         f.bytes += want as u64;
         if last {
             f.items += 1;
-            self.current = None;
+            let done = self.current.take().expect("current file").item;
+            f.completed.push((done.path, done.size));
         }
     }
 
@@ -349,6 +367,7 @@ struct Filling {
     phase: Option<PhaseName>,
     items: u64,
     bytes: u64,
+    completed: Vec<(String, u64)>,
     deletes: u64,
     errors: Vec<NewItemError>,
 }

@@ -439,7 +439,8 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     media_files(&src);
     let disk = SmallDisk::mount(&dst);
     let target = App::target(tmp.path()).site(&dst).spawn();
-    let config = write_config(tmp.path(), &src, &target.url(), "");
+    // Files span packages: chunks of a file that then finds no room were acknowledged.
+    let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 65536");
     let source = App::source(tmp.path(), &config).spawn();
     let (code, job) = run_job(&source.url(), &[]);
     // The default, on_disk_full = "fail": the job fails and says why.
@@ -462,6 +463,20 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
         !dst.join(".cms-mirror-staging").exists(),
         "the failed session's staged files remain"
     );
+    // One source of truth: the summary says what the target line says, and that is
+    // what landed (a file discarded for want of space is not counted).
+    let t = &job["targets"][0];
+    let landed = snapshot(&dst);
+    let files_landed = landed.values().filter(|n| n.kind == "file").count() as u64;
+    let bytes_landed: u64 = landed.values().map(|n| n.size).sum();
+    assert_eq!(t["bytes_done"].as_u64().unwrap(), bytes_landed, "{job:#}");
+    assert!(t["items_done"].as_u64().unwrap() >= files_landed, "{job:#}");
+    let summary = job["summary"].as_str().unwrap();
+    let expected = format!(
+        "mirrored {} items ({} bytes)",
+        t["items_done"], t["bytes_done"]
+    );
+    assert!(summary.starts_with(&expected), "{summary} / {expected}");
     // Space freed: the next job completes and the trees are identical.
     disk.grow();
     let (code, job) = run_job(&source.url(), &[]);

@@ -56,6 +56,7 @@ struct InFlight {
     cursor_after: Cursor,
     items: u64,
     bytes: u64,
+    completed: Vec<(String, u64)>,
     deletes: u64,
     errors: Vec<NewItemError>,
 }
@@ -357,12 +358,14 @@ impl Stream<'_> {
         let f = self.inflight.pop_front().expect("front exists");
         let mut errs = f.errors;
         let target_errs = ack.item_errors.len() as u64;
+        let failed: Vec<&str> = ack.item_errors.iter().map(|e| e.path.as_str()).collect();
+        let bytes_done = Built::completed_bytes(&f.completed, &failed);
         errs.extend(ack.item_errors.into_iter().map(pb_item_error));
         record_item_errors(self.app, self.jid, &self.ch.name, self.tname, &errs).await;
         self.item_errors += errs.len() as u64;
         let p = Progress {
             items: f.items.saturating_sub(target_errs) as i64,
-            bytes: f.bytes as i64,
+            bytes: bytes_done as i64,
             deletes: f.deletes as i64,
             packages_acked: 1,
             item_errors: errs.len() as i64,
@@ -517,6 +520,7 @@ impl Stream<'_> {
             cursor_after: b.cursor_after,
             items: b.items,
             bytes: b.bytes,
+            completed: b.completed,
             deletes: b.deletes,
             errors: b.errors,
         });
@@ -601,6 +605,7 @@ fn give_up_package(b: &mut Built) {
     );
     b.items = dirs;
     b.bytes = 0;
+    b.completed.clear();
     b.deletes = 0;
     b.errors.extend(paths.into_iter().map(|path| NewItemError {
         path,

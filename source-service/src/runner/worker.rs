@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use cms_mirror::config::ChannelConfig;
-use cms_mirror::jobstore::{JobRow, JobState, TargetState};
+use cms_mirror::jobstore::{JobRow, JobState, TargetRow, TargetState};
 
 use super::target::{TargetOutcome, run_target};
 use crate::App;
@@ -73,7 +73,14 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
                     .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
             });
             let outcomes = futures::future::join_all(futs).await;
-            aggregate(&ch, &outcomes, *cancel_rx.borrow(), job.options().dry_run)
+            let rows = app.store.targets(&job.id).await.unwrap_or_default();
+            aggregate(
+                &ch,
+                &outcomes,
+                &rows,
+                *cancel_rx.borrow(),
+                job.options().dry_run,
+            )
         }
     };
     keeper.abort();
@@ -154,18 +161,12 @@ async fn finish(
 fn aggregate(
     ch: &ChannelConfig,
     outcomes: &[TargetOutcome],
+    rows: &[TargetRow],
     cancelled: bool,
     dry_run: bool,
 ) -> (JobState, Option<String>, String) {
-    let items: u64 = outcomes.iter().map(|o| o.items).sum();
-    let bytes: u64 = outcomes.iter().map(|o| o.bytes).sum();
-    let deletes: u64 = outcomes.iter().map(|o| o.deletes).sum();
+    let summary = summary(ch, outcomes, rows, dry_run);
     let errors: u64 = outcomes.iter().map(|o| o.item_errors).sum();
-    let verb = if dry_run { "would mirror" } else { "mirrored" };
-    let summary = format!(
-        "{verb} {items} items ({bytes} bytes) and {deletes} deletes to {} target(s); {errors} item error(s)",
-        outcomes.len()
-    );
     let failed: Vec<String> = ch
         .targets
         .iter()
@@ -183,4 +184,48 @@ fn aggregate(
         return (JobState::CompletedWithErrors, None, summary);
     }
     (JobState::Succeeded, None, summary)
+}
+
+/// What the job did, from the stored target rows: the counters `show` and the dashboard
+/// print too (a dry run: what the plans would do). One line when every target got the
+/// same, else one part per target.
+fn summary(
+    ch: &ChannelConfig,
+    outcomes: &[TargetOutcome],
+    rows: &[TargetRow],
+    dry_run: bool,
+) -> String {
+    let counts: Vec<(u64, u64, u64)> = ch
+        .targets
+        .iter()
+        .zip(outcomes)
+        .map(|(t, o)| match rows.iter().find(|r| r.target == t.name) {
+            _ if dry_run => (o.items, o.bytes, o.deletes),
+            Some(r) => {
+                let n = |v: i64| v.max(0) as u64;
+                (n(r.items_done), n(r.bytes_done), n(r.deletes_done))
+            }
+            None => (0, 0, 0),
+        })
+        .collect();
+    let errors: u64 = outcomes.iter().map(|o| o.item_errors).sum();
+    let verb = if dry_run { "would mirror" } else { "mirrored" };
+    let n = counts.len();
+    let what = |(i, b, d): (u64, u64, u64)| format!("{i} items ({b} bytes) and {d} deletes");
+    let body = match counts.first() {
+        Some(first) if counts.iter().all(|c| c == first) => {
+            let each = if n > 1 { " each" } else { "" };
+            format!("{verb} {} to {n} target(s){each}", what(*first))
+        }
+        _ => {
+            let parts: Vec<String> = ch
+                .targets
+                .iter()
+                .zip(&counts)
+                .map(|(t, c)| format!("{}: {}", t.name, what(*c)))
+                .collect();
+            format!("{verb} to {n} targets: {}", parts.join("; "))
+        }
+    };
+    format!("{body}; {errors} item error(s)")
 }
