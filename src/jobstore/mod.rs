@@ -88,6 +88,8 @@ pub struct TargetRow {
     pub packages_sent: i64,
     pub packages_acked: i64,
     pub packages_retried: i64,
+    /// The highest package number sent so far (a lower or equal one is sent again).
+    pub max_sent_seq: i64,
     pub bytes_on_wire: i64,
     pub item_errors: i64,
     pub reconnects: i64,
@@ -144,10 +146,21 @@ pub struct Progress {
     pub deletes: i64,
     pub packages_acked: i64,
     pub item_errors: i64,
-    /// Packages sent and their bytes on the wire since the last checkpoint (stored with
-    /// it, so sending a package costs no write of its own).
-    pub packages_sent: i64,
+    /// What was sent since the last checkpoint (stored with it, so sending a package
+    /// costs no write of its own).
+    pub sent: Sent,
+}
+
+/// Packages sent, and what happened to the connection, since they were last stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub packages: i64,
     pub wire_bytes: i64,
+    /// Of `packages`, those sent again (after a reconnect, a rewind or a restart).
+    pub retried: i64,
+    /// The highest package number sent.
+    pub max_seq: i64,
+    pub reconnects: i64,
 }
 
 /// Item error to record.
@@ -390,7 +403,7 @@ impl JobStore {
         Ok(sqlx::query_as(
             "SELECT job_id, target, url, site, state, planned, items_total, bytes_total, deletes_total, \
              items_done, bytes_done, deletes_done, packages_sent, packages_acked, packages_retried, \
-             bytes_on_wire, item_errors, reconnects, checkpoint_seq, checkpoint_json, error \
+             max_sent_seq, bytes_on_wire, item_errors, reconnects, checkpoint_seq, checkpoint_json, error \
              FROM job_targets WHERE job_id = $1 ORDER BY target",
         )
         .bind(job)
@@ -493,8 +506,10 @@ impl JobStore {
             "UPDATE job_targets SET checkpoint_seq = $1, checkpoint_json = $2, \
              items_done = items_done + $3, bytes_done = bytes_done + $4, deletes_done = deletes_done + $5, \
              packages_acked = packages_acked + $6, item_errors = item_errors + $7, \
-             packages_sent = packages_sent + $8, bytes_on_wire = bytes_on_wire + $9 \
-             WHERE job_id = $10 AND target = $11",
+             packages_sent = packages_sent + $8, bytes_on_wire = bytes_on_wire + $9, \
+             packages_retried = packages_retried + $10, \
+             max_sent_seq = CASE WHEN max_sent_seq > $11 THEN max_sent_seq ELSE $11 END \
+             WHERE job_id = $12 AND target = $13",
         )
         .bind(seq)
         .bind(cursor_json)
@@ -503,8 +518,10 @@ impl JobStore {
         .bind(p.deletes)
         .bind(p.packages_acked)
         .bind(p.item_errors)
-        .bind(p.packages_sent)
-        .bind(p.wire_bytes)
+        .bind(p.sent.packages)
+        .bind(p.sent.wire_bytes)
+        .bind(p.sent.retried)
+        .bind(p.sent.max_seq)
         .bind(job)
         .bind(target)
         .execute(&self.db.pool)
@@ -513,24 +530,18 @@ impl JobStore {
     }
 
     /// Adds to the transport counters of a target.
-    pub async fn add_sent(
-        &self,
-        job: &str,
-        target: &str,
-        packages: i64,
-        wire_bytes: i64,
-        retried: i64,
-        reconnects: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn add_sent(&self, job: &str, target: &str, s: &Sent) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE job_targets SET packages_sent = packages_sent + $1, bytes_on_wire = bytes_on_wire + $2, \
-             packages_retried = packages_retried + $3, reconnects = reconnects + $4 \
-             WHERE job_id = $5 AND target = $6",
+             packages_retried = packages_retried + $3, reconnects = reconnects + $4, \
+             max_sent_seq = CASE WHEN max_sent_seq > $5 THEN max_sent_seq ELSE $5 END \
+             WHERE job_id = $6 AND target = $7",
         )
-        .bind(packages)
-        .bind(wire_bytes)
-        .bind(retried)
-        .bind(reconnects)
+        .bind(s.packages)
+        .bind(s.wire_bytes)
+        .bind(s.retried)
+        .bind(s.reconnects)
+        .bind(s.max_seq)
         .bind(job)
         .bind(target)
         .execute(&self.db.pool)

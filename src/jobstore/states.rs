@@ -51,6 +51,9 @@ pub enum TargetState {
     /// Planned in a dry run: nothing is sent.
     Planned,
     Sending,
+    /// Packages are in flight and the target has not answered for a while (stopped,
+    /// overloaded, or behind a broken route); back to `Sending` at its next answer.
+    Stalled,
     /// The target's disk is full and the channel waits for space.
     WaitingForSpace,
     Committed,
@@ -67,6 +70,7 @@ impl TargetState {
             TargetState::Planning => "planning",
             TargetState::Planned => "planned",
             TargetState::Sending => "sending",
+            TargetState::Stalled => "stalled",
             TargetState::WaitingForSpace => "waiting_for_space",
             TargetState::Committed => "committed",
             TargetState::CompletedWithErrors => "completed_with_errors",

@@ -710,6 +710,12 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
         )
     };
     signal("-STOP");
+    // Within a second (half the ack timeout) the target shows as stalled, not sending.
+    wait_until(Duration::from_secs(10), || {
+        let j = show(&source.url(), &job);
+        let state = &j["targets"][0]["state"];
+        ready(state == "stalled", || format!("state {state}, not stalled"))
+    });
     wait_until(Duration::from_secs(15), || {
         let j = show(&source.url(), &job);
         let noticed = j["targets"][0]["reconnects"].as_u64().unwrap_or(0) >= 1;
@@ -729,5 +735,16 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
                 .unwrap_or("")
                 .contains("no acknowledgement")),
         "{ev:#?}"
+    );
+    assert!(ev.iter().any(|e| e["kind"] == "stalled"), "{ev:#?}");
+    // The counters tell what happened: every package sent was acknowledged once, or
+    // sent again (those in flight when the target stopped).
+    let t = &show(&source.url(), &job)["targets"][0];
+    let n = |k: &str| t[k].as_u64().unwrap();
+    assert!(n("packages_retried") >= 1, "{t:#}");
+    assert_eq!(
+        n("packages_sent"),
+        n("packages_acked") + n("packages_retried"),
+        "{t:#}"
     );
 }

@@ -2,7 +2,7 @@
 //! CI sets it), one named test per backend. Every test gets its own database.
 
 use cms_mirror::db::{self, Db, Schema};
-use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress};
+use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress, Sent};
 use cms_mirror::model::{ChangeAction, Item, Kind};
 use mirror_target::ledger::{Ledger, PackageChanges, SessionStatus};
 
@@ -191,8 +191,12 @@ async fn checkpoints_counters_events_and_item_errors(b: Backend) {
             deletes: 0,
             packages_acked: 1,
             item_errors: 1,
-            packages_sent: 1,
-            wire_bytes: 450,
+            sent: Sent {
+                packages: 1,
+                wire_bytes: 450,
+                max_seq: 3,
+                ..Sent::default()
+            },
         };
         s.checkpoint(&a.id, "web1", 1, r#"{"pos":10}"#, &p)
             .await
@@ -200,7 +204,14 @@ async fn checkpoints_counters_events_and_item_errors(b: Backend) {
         s.checkpoint(&a.id, "web1", 2, r#"{"pos":20}"#, &p)
             .await
             .unwrap();
-        s.add_sent(&a.id, "web1", 2, 900, 1, 1).await.unwrap();
+        let resent = Sent {
+            packages: 2,
+            wire_bytes: 900,
+            retried: 1,
+            max_seq: 2,
+            reconnects: 1,
+        };
+        s.add_sent(&a.id, "web1", &resent).await.unwrap();
         let t = s
             .targets(&a.id)
             .await
@@ -227,6 +238,12 @@ async fn checkpoints_counters_events_and_item_errors(b: Backend) {
                 t.bytes_on_wire
             ),
             (2, r#"{"pos":20}"#, 4, 1800)
+        );
+        // The highest package number sent stays the highest (3, not the later 2).
+        assert_eq!(
+            (t.packages_retried, t.max_sent_seq, t.reconnects),
+            (1, 3, 1),
+            "{backend}"
         );
         s.add_item_errors(
             &a.id,

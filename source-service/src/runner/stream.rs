@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use cms_mirror::config::{ChannelConfig, OnDiskFull, TargetConfig};
-use cms_mirror::jobstore::{NewItemError, Progress};
+use cms_mirror::jobstore::{NewItemError, Progress, Sent, TargetState};
 use cms_mirror::model::ErrorCode;
 use cms_mirror::observe::TargetLabels;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
@@ -28,6 +28,10 @@ use crate::metrics::Metrics;
 use crate::packer::{Built, Packer};
 use crate::plan::{Cursor, PhaseName};
 
+/// Packages in flight and no answer for this long (or half the ack timeout, if less):
+/// the target shows as `stalled` until it answers again.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
 /// Why a stream attempt ended.
 pub(super) enum StreamEnd {
     Done {
@@ -40,14 +44,6 @@ pub(super) enum StreamEnd {
     Disconnected(String, bool),
     Cancelled,
     Fatal(String),
-}
-
-/// Packages sent (and their wire bytes) not yet in the store: they go with the next
-/// checkpoint, or at the end of the stream.
-#[derive(Default)]
-struct Sent {
-    packages: i64,
-    wire: i64,
 }
 
 /// A package sent and not yet acknowledged.
@@ -139,6 +135,7 @@ pub(super) async fn stream_once(
         attempts,
         inflight: VecDeque::new(),
         unrecorded: Sent::default(),
+        max_sent_seq: row.max_sent_seq as u64,
         held: None,
         packer_done: false,
         skip_deletes: false,
@@ -184,7 +181,12 @@ struct Stream<'a> {
     /// Sends per package that failed its checksum, across the streams of this target.
     attempts: &'a mut HashMap<u64, u32>,
     inflight: VecDeque<InFlight>,
+    /// Packages sent and not yet in the store: they go with the next checkpoint, or at
+    /// the end of the stream.
     unrecorded: Sent,
+    /// The highest package number ever sent to this target: one not above it is a
+    /// package sent again.
+    max_sent_seq: u64,
     /// A delete-phase package waiting until all content is acknowledged.
     held: Option<Built>,
     packer_done: bool,
@@ -209,10 +211,13 @@ impl Stream<'_> {
         // while the connection may look alive: no ack for `ack_timeout` with packages in
         // flight is a disconnect. Every ack restarts the clock.
         let mut ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
+        let stall_after = STALLED_AFTER.min(self.ch.ack_timeout / 2);
+        let mut stalled = false;
         loop {
             if self.inflight.is_empty() {
                 ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
             }
+            let stall_at = ack_deadline - self.ch.ack_timeout + stall_after;
             if let Err(e) = self.release_deletes().await {
                 return e;
             }
@@ -229,6 +234,13 @@ impl Stream<'_> {
                     if *cancel.borrow() { Err(StreamEnd::Cancelled) } else { Ok(()) }
                 }
                 b = brx.recv(), if room => self.on_built(b).await,
+                _ = tokio::time::sleep_until(stall_at), if !self.inflight.is_empty() && !stalled => {
+                    stalled = true;
+                    self.set_state(TargetState::Stalled).await;
+                    let data = json!({"seconds": stall_after.as_secs_f64(), "in_flight": self.inflight.len()});
+                    self.app.bus.emit(self.jid, "stalled", self.tname, data).await;
+                    Ok(())
+                }
                 _ = tokio::time::sleep_until(ack_deadline), if !self.inflight.is_empty() => {
                     Err(StreamEnd::Disconnected(
                         format!("no acknowledgement for {}s with {} package(s) in flight; the target seems hung", self.ch.ack_timeout.as_secs(), self.inflight.len()),
@@ -237,6 +249,9 @@ impl Stream<'_> {
                 }
                 a = acks.message() => {
                     ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
+                    if std::mem::take(&mut stalled) {
+                        self.set_state(TargetState::Sending).await;
+                    }
                     self.on_message(a, cancel).await
                 }
             };
@@ -369,8 +384,7 @@ impl Stream<'_> {
             deletes: f.deletes as i64,
             packages_acked: 1,
             item_errors: errs.len() as i64,
-            packages_sent: self.unrecorded.packages,
-            wire_bytes: self.unrecorded.wire,
+            sent: self.unrecorded,
         };
         let cursor_json = serde_json::to_string(&f.cursor_after).unwrap_or_default();
         self.checkpoint(f.seq, &cursor_json, &p, cancel).await?;
@@ -397,6 +411,15 @@ impl Stream<'_> {
             self.progress().await;
         }
         Ok(())
+    }
+
+    async fn set_state(&self, state: TargetState) {
+        let r = self
+            .app
+            .store
+            .set_target_state(self.jid, self.tname, state, None)
+            .await;
+        logged(r, self.jid, "target state");
     }
 
     /// Announces the target's progress (counters from the store, this stream's rate).
@@ -470,19 +493,6 @@ impl Stream<'_> {
         let n = self.attempts.entry(ack.seq).or_insert(0);
         *n += 1;
         let n = *n;
-        logged(
-            self.app
-                .store
-                .add_sent(self.jid, self.tname, 0, 0, 1, 0)
-                .await,
-            self.jid,
-            "retry count",
-        );
-        self.app
-            .metrics
-            .packages_retried
-            .get_or_create(&self.lbl)
-            .inc();
         if n >= 2 * MAX_PACKAGE_ATTEMPTS {
             return StreamEnd::Fatal(format!(
                 "package {} refused {n} times, even after giving its items up: {}",
@@ -525,7 +535,18 @@ impl Stream<'_> {
             errors: b.errors,
         });
         self.unrecorded.packages += 1;
-        self.unrecorded.wire += wire;
+        self.unrecorded.wire_bytes += wire;
+        self.unrecorded.max_seq = self.unrecorded.max_seq.max(seq as i64);
+        if seq <= self.max_sent_seq {
+            // After a reconnect, a rewind or a restart of the source.
+            self.unrecorded.retried += 1;
+            self.app
+                .metrics
+                .packages_retried
+                .get_or_create(&self.lbl)
+                .inc();
+        }
+        self.max_sent_seq = self.max_sent_seq.max(seq);
         self.app
             .metrics
             .packages_sent
@@ -551,14 +572,7 @@ impl Stream<'_> {
             let r = self
                 .app
                 .store
-                .add_sent(
-                    self.jid,
-                    self.tname,
-                    self.unrecorded.packages,
-                    self.unrecorded.wire,
-                    0,
-                    0,
-                )
+                .add_sent(self.jid, self.tname, &self.unrecorded)
                 .await;
             logged(r, self.jid, "sent-package counts");
         }

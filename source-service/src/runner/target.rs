@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use cms_mirror::config::{ChannelConfig, TargetConfig};
-use cms_mirror::jobstore::{JobOptions, JobRow, TargetRow, TargetState};
+use cms_mirror::jobstore::{JobOptions, JobRow, Sent, TargetRow, TargetState};
 use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::security::AuthChannel;
@@ -471,7 +471,17 @@ impl<'a> TargetRun<'a> {
     async fn reconnect(&mut self, failures: u32, why: String) -> Result<(), Stop> {
         let (jid, tname) = (self.jid, self.tname());
         logged(
-            self.app.store.add_sent(jid, tname, 0, 0, 0, 1).await,
+            self.app
+                .store
+                .add_sent(
+                    jid,
+                    tname,
+                    &Sent {
+                        reconnects: 1,
+                        ..Sent::default()
+                    },
+                )
+                .await,
             jid,
             "reconnect count",
         );
