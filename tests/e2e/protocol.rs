@@ -25,9 +25,13 @@ async fn start_target(dir: &Path) -> InProc {
     .await
     .unwrap();
     let settings = TargetSettings {
-        sites: vec![
-            cms_mirror::config::SiteConfig::from_flag(&format!("main={}", root.display())).unwrap(),
-        ],
+        sites: vec![cms_mirror::config::SiteConfig {
+            // Links that leave the site are let through here, to test the defences
+            // behind that setting: nothing is ever written through a link.
+            links: cms_mirror::config::Links::Copy,
+            ..cms_mirror::config::SiteConfig::from_flag(&format!("main={}", root.display()))
+                .unwrap()
+        }],
         limits: Default::default(),
         durability: Durability::Fsync,
         direct_io: true,
