@@ -28,6 +28,26 @@ pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transpor
         .keep_alive_while_idle(true))
 }
 
+/// gRPC reflection for the project's services: v1 (grpcurl) and v1alpha (grpcui,
+/// Postman, Python's grpcio-reflection), both to be served.
+pub fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+    };
+    (
+        builder().build_v1().expect("descriptor set is valid"),
+        builder().build_v1alpha().expect("descriptor set is valid"),
+    )
+}
+
 /// Why a service stopped serving, or could not start to.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -675,16 +675,7 @@ pub async fn start(
         app.store.db().clone(),
     )
     .await;
-    // Both versions of reflection: grpcurl speaks v1, older clients (grpcui, Postman,
-    // Python's grpcio-reflection) only v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cms_mirror::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1().expect("descriptor set is valid");
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .expect("descriptor set is valid");
+    let (reflection_v1, reflection_v1alpha) = cms_mirror::transport::reflection();
     let mut server = server;
     let res = server
         .add_service(health)

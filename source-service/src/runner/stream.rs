@@ -87,25 +87,9 @@ pub(super) async fn stream_once(
     if let Some(e) = too_many_errors(ch, item_errors) {
         return e;
     }
-    let mut phases = vec![PhaseName::Content, PhaseName::Last];
-    if ch.delete {
-        phases.push(PhaseName::Delete);
-    }
-    let packer = match Packer::new(
-        plan_dir,
-        ch.source.clone(),
-        &cursor,
-        phases,
-        last_acked + 1,
-        ch.package_bytes,
-    ) {
-        Ok(p) => p.with_compression(ch.compression),
-        Err(e) => {
-            return StreamEnd::Fatal(format!(
-                "cannot read the plan in {}: {e}",
-                plan_dir.display()
-            ));
-        }
+    let packer = match packer_at(ch, plan_dir, &cursor, last_acked + 1) {
+        Ok(p) => p,
+        Err(e) => return e,
     };
     let (brx, producer) = produce(packer);
     let (otx, orx) = mpsc::channel::<pb::ImportRequest>(ch.window as usize + 2);
@@ -149,6 +133,27 @@ pub(super) async fn stream_once(
     let end = s.pump(brx, acks, cancel).await;
     producer.abort();
     s.finish(end).await
+}
+
+/// A packer for the channel's plan from `cursor`, numbering packages from `seq`.
+fn packer_at(
+    ch: &ChannelConfig,
+    plan_dir: &Path,
+    cursor: &Cursor,
+    seq: u64,
+) -> Result<Packer, StreamEnd> {
+    let mut phases = vec![PhaseName::Content, PhaseName::Last];
+    if ch.delete {
+        phases.push(PhaseName::Delete);
+    }
+    let source = ch.source.clone();
+    match Packer::new(plan_dir, source, cursor, phases, seq, ch.package_bytes) {
+        Ok(p) => Ok(p.with_compression(ch.compression)),
+        Err(e) => Err(StreamEnd::Fatal(format!(
+            "cannot read the plan in {}: {e}",
+            plan_dir.display()
+        ))),
+    }
 }
 
 /// Packs on a blocking thread, at most two packages ahead of the stream.
