@@ -48,16 +48,7 @@ pub enum Invalid {
         hi: String,
     },
     #[error("{value:?} is not {expected}")]
-    NotAmong {
-        value: String,
-        expected: &'static str,
-    },
-    #[error("{value:?} is not {first:?} or {second:?}")]
-    NotOneOf {
-        value: String,
-        first: &'static str,
-        second: &'static str,
-    },
+    NotAmong { value: String, expected: String },
     #[error("{0:?} is not a number or a percentage")]
     NotCountOrPercent(String),
     #[error("{0:?} is not between 0% and 100%")]
@@ -317,16 +308,9 @@ fn one_of<T: Copy>(
             .find(|(w, _)| *w == v)
             .map(|(_, t)| *t)
             .ok_or_else(|| {
-                let (first, second) = (words[0].0, words[1].0);
                 let value = v.to_string();
-                (
-                    key,
-                    Invalid::NotOneOf {
-                        value,
-                        first,
-                        second,
-                    },
-                )
+                let expected = format!("{:?} or {:?}", words[0].0, words[1].0);
+                (key, Invalid::NotAmong { value, expected })
             }),
     }
 }
@@ -578,7 +562,7 @@ impl Links {
             Some("skip") => Ok(Links::Skip),
             Some(v) => Err(Invalid::NotAmong {
                 value: v.into(),
-                expected: "\"safe\", \"copy\" or \"skip\"",
+                expected: r#""safe", "copy" or "skip""#.into(),
             }),
         }
     }

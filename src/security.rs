@@ -37,10 +37,10 @@ pub enum SecurityError {
     #[error("token file {} lists no token", path.display())]
     NoToken { path: PathBuf },
     #[error(
-        "token file {}: token {line} is shorter than 16 characters or not printable ASCII",
+        "token file {}: token {number} is shorter than 16 characters or not printable ASCII",
         path.display()
     )]
-    BadToken { path: PathBuf, line: usize },
+    BadToken { path: PathBuf, number: usize },
     #[error("the token is not printable ASCII")]
     TokenNotAscii,
     #[error("invalid URL {url:?}: {reason}")]
@@ -92,7 +92,7 @@ fn read_tokens(path: &Path) -> Result<Vec<blake3::Hash>, SecurityError> {
     {
         return Err(SecurityError::BadToken {
             path: path.to_path_buf(),
-            line: bad + 1,
+            number: bad + 1,
         });
     }
     Ok(tokens.iter().map(|t| blake3::hash(t.as_bytes())).collect())
@@ -204,7 +204,7 @@ impl Bearer {
         let first = &read_token_file(path)?[0];
         Bearer::new(Some(first)).map_err(|_| SecurityError::BadToken {
             path: path.to_path_buf(),
-            line: 1,
+            number: 1,
         })
     }
 }
@@ -376,7 +376,10 @@ mod tests {
 
         std::fs::write(&f, "short\n").unwrap();
         let e = Tokens::load(&f).unwrap_err();
-        assert!(matches!(e, SecurityError::BadToken { line: 1, .. }), "{e}");
+        assert!(
+            matches!(e, SecurityError::BadToken { number: 1, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("shorter than 16"), "{e}");
         std::fs::write(&f, "# nothing\n").unwrap();
         let e = Tokens::load(&f).unwrap_err();

@@ -42,17 +42,6 @@ pub struct Built {
     pub errors: Vec<NewItemError>,
 }
 
-impl Built {
-    /// Bytes of the files completed here, leaving out the paths in `failed`.
-    pub fn completed_bytes(completed: &[(String, u64)], failed: &[&str]) -> u64 {
-        completed
-            .iter()
-            .filter(|(p, _)| !failed.contains(&p.as_str()))
-            .map(|(_, n)| n)
-            .sum()
-    }
-}
-
 struct Current {
     item: Item,
     file: File,

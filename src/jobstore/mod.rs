@@ -507,9 +507,9 @@ impl JobStore {
              items_done = items_done + $3, bytes_done = bytes_done + $4, deletes_done = deletes_done + $5, \
              packages_acked = packages_acked + $6, item_errors = item_errors + $7, \
              packages_sent = packages_sent + $8, bytes_on_wire = bytes_on_wire + $9, \
-             packages_retried = packages_retried + $10, \
-             max_sent_seq = CASE WHEN max_sent_seq > $11 THEN max_sent_seq ELSE $11 END \
-             WHERE job_id = $12 AND target = $13",
+             packages_retried = packages_retried + $10, reconnects = reconnects + $11, \
+             max_sent_seq = CASE WHEN max_sent_seq > $12 THEN max_sent_seq ELSE $12 END \
+             WHERE job_id = $13 AND target = $14",
         )
         .bind(seq)
         .bind(cursor_json)
@@ -521,6 +521,7 @@ impl JobStore {
         .bind(p.sent.packages)
         .bind(p.sent.wire_bytes)
         .bind(p.sent.retried)
+        .bind(p.sent.reconnects)
         .bind(p.sent.max_seq)
         .bind(job)
         .bind(target)

@@ -35,17 +35,29 @@ const PENDING_MAX: usize = 3;
 /// package is decoded only once its decoded size fits, and gives the room back when it
 /// is staged, so many streams at once cannot hold more than the budget.
 #[derive(Clone)]
-pub(crate) struct DecodeBudget(Arc<Semaphore>);
+pub(crate) struct DecodeBudget {
+    room: Arc<Semaphore>,
+    /// Counts the packages that had to wait.
+    waits: prometheus_client::metrics::counter::Counter,
+}
 
 impl DecodeBudget {
-    pub(crate) fn new(bytes: usize) -> DecodeBudget {
-        DecodeBudget(Arc::new(Semaphore::new(kib(bytes))))
+    pub(crate) fn new(
+        bytes: usize,
+        waits: prometheus_client::metrics::counter::Counter,
+    ) -> DecodeBudget {
+        let room = Arc::new(Semaphore::new(kib(bytes)));
+        DecodeBudget { room, waits }
     }
 
     /// Waits until `bytes` fit in the budget.
     async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
         let n = u32::try_from(kib(bytes).max(1)).unwrap_or(u32::MAX);
-        self.0
+        if let Ok(p) = self.room.clone().try_acquire_many_owned(n) {
+            return p;
+        }
+        self.waits.inc();
+        self.room
             .clone()
             .acquire_many_owned(n)
             .await

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub item_errors: Counters,
     pub apply_seconds: Histograms,
     pub sessions_committed: Counters,
+    /// Packages that waited for room in the decode budget (all sites together).
+    pub decode_waits: Counter,
 }
 
 impl Default for Metrics {
@@ -44,6 +46,7 @@ impl Metrics {
             item_errors: Counters::default(),
             apply_seconds: Histograms::new_with_constructor(apply_buckets),
             sessions_committed: Counters::default(),
+            decode_waits: Counter::default(),
         };
         registry.register(
             "packages_applied",
@@ -79,6 +82,11 @@ impl Metrics {
             "sessions_committed",
             "Committed sessions (jobs imported)",
             m.sessions_committed.clone(),
+        );
+        registry.register(
+            "decode_waits",
+            "Packages that waited for room in --max-decoded-bytes before they were decoded",
+            m.decode_waits.clone(),
         );
         Metrics { registry, ..m }
     }

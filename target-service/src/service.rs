@@ -60,7 +60,9 @@ impl TargetService {
                 package: limits.max_payload_bytes,
             });
         }
-        let decode_budget = DecodeBudget::new(limits.max_decoded_bytes);
+        let metrics = metrics::Metrics::new();
+        let decode_budget =
+            DecodeBudget::new(limits.max_decoded_bytes, metrics.decode_waits.clone());
         let open: Vec<String> = ledger
             .open_sessions()
             .await?
@@ -93,7 +95,7 @@ impl TargetService {
                 ledger,
                 settings,
                 sessions: Mutex::new(HashMap::new()),
-                metrics: metrics::Metrics::new(),
+                metrics,
                 lineages: Mutex::new(HashMap::new()),
                 decode_budget,
             }),

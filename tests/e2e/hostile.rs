@@ -38,8 +38,19 @@ fn entry_bomb(seq: u64) -> pb::Package {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_count_bomb_is_refused_before_it_is_decoded_even_three_at_once() {
     let tmp = tempfile::tempdir().unwrap();
+    // Room for one decoded package at a time, each held 300 ms before it is answered:
+    // the three bombs are decoded in turn.
+    let metrics = free_addr();
     let target = App::target(tmp.path())
         .site(&tmp.path().join("dst"))
+        .args(&[
+            "--max-package-bytes",
+            "33554432",
+            "--max-decoded-bytes",
+            "33554432",
+        ])
+        .args(&["--metrics-listen", &metrics])
+        .env("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "300")
         .spawn();
     let pid = target.child.id();
     let before = peak_rss_mib(pid);
@@ -64,9 +75,15 @@ async fn an_entry_count_bomb_is_refused_before_it_is_decoded_even_three_at_once(
             "{status:?}"
         );
     }
-    // Decoding them would have taken gigabytes; the decompressed bytes are all it costs.
+    let (_, page) = http_get(&metrics, "/metrics");
+    let waits = metric(&page, "mirror_target_decode_waits_total").unwrap_or(0.0);
+    assert!(
+        waits >= 1.0,
+        "no bomb waited for the decode budget:\n{page}"
+    );
+    // Decoding them would have taken gigabytes; the decompressed bytes are all they
+    // cost (what the allocator keeps of them included).
     let peak = peak_rss_mib(pid);
-    eprintln!("peak RSS {peak} MiB (at start {before} MiB)");
     assert!(
         peak < before + 3 * 32 + 64,
         "peak RSS {peak} MiB (at start {before} MiB)"

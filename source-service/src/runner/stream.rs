@@ -57,6 +57,17 @@ struct InFlight {
     errors: Vec<NewItemError>,
 }
 
+impl InFlight {
+    /// Bytes of the files completed in this package, leaving out the paths in `failed`.
+    fn bytes_landed(&self, failed: &[&str]) -> u64 {
+        self.completed
+            .iter()
+            .filter(|(p, _)| !failed.contains(&p.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
 /// The end of a target's job once its item errors exceed the channel's `max_errors`.
 fn too_many_errors(ch: &ChannelConfig, item_errors: u64) -> Option<StreamEnd> {
     let max = ch.max_errors?;
@@ -376,10 +387,10 @@ impl Stream<'_> {
         cancel: &mut watch::Receiver<bool>,
     ) -> Result<(), StreamEnd> {
         let f = self.inflight.pop_front().expect("front exists");
-        let mut errs = f.errors;
         let target_errs = ack.item_errors.len() as u64;
         let failed: Vec<&str> = ack.item_errors.iter().map(|e| e.path.as_str()).collect();
-        let bytes_done = Built::completed_bytes(&f.completed, &failed);
+        let bytes_done = f.bytes_landed(&failed);
+        let mut errs = f.errors;
         errs.extend(ack.item_errors.into_iter().map(pb_item_error));
         record_item_errors(self.app, self.jid, &self.ch.name, self.tname, &errs).await;
         self.item_errors += errs.len() as u64;

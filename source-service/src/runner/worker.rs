@@ -57,7 +57,7 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
         .emit(&id, kind, "", json!({"instance": app.instance_id}))
         .await;
     let keeper = spawn_keeper(app.clone(), id.clone(), cancel_tx);
-    let (state, error, summary) = match app.config.channel(&job.channel) {
+    let (state, error, summary, rows) = match app.config.channel(&job.channel) {
         None => (
             JobState::Failed,
             Some(format!(
@@ -65,6 +65,7 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
                 job.channel
             )),
             String::new(),
+            app.store.targets(&job.id).await.unwrap_or_default(),
         ),
         Some(ch) => {
             let ch = ch.clone();
@@ -74,18 +75,15 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
             });
             let outcomes = futures::future::join_all(futs).await;
             let rows = app.store.targets(&job.id).await.unwrap_or_default();
-            aggregate(
-                &ch,
-                &outcomes,
-                &rows,
-                *cancel_rx.borrow(),
-                job.options().dry_run,
-            )
+            let dry_run = job.options().dry_run;
+            let (state, error, summary) =
+                aggregate(&ch, &outcomes, &rows, *cancel_rx.borrow(), dry_run);
+            (state, error, summary, rows)
         }
     };
     keeper.abort();
     app.running.lock().expect("running lock").remove(&id);
-    finish(&app, &job, state, error, summary).await;
+    finish(&app, &job, state, error, summary, rows).await;
 }
 
 /// Renews the job's lease and polls for a cancel (which may arrive through another
@@ -121,13 +119,15 @@ fn spawn_keeper(
     })
 }
 
-/// Records the job's outcome, counts it and tells the watchers.
+/// Records the job's outcome, counts it and tells the watchers (with its target rows,
+/// as read once the targets were done).
 async fn finish(
     app: &Arc<App>,
     job: &JobRow,
     state: JobState,
     error: Option<String>,
     summary: String,
+    targets: Vec<TargetRow>,
 ) {
     let id = job.id.as_str();
     // A job whose lease was taken over is finished by its new owner.
@@ -151,7 +151,6 @@ async fn finish(
             ("outcome", state.as_str()),
         ]))
         .inc();
-    let targets = app.store.targets(id).await.unwrap_or_default();
     app.bus
         .emit(id, "finished", "", json!({"state": state.as_str(), "error": error, "summary": summary, "targets": targets}))
         .await;
@@ -199,13 +198,16 @@ fn summary(
         .targets
         .iter()
         .zip(outcomes)
-        .map(|(t, o)| match rows.iter().find(|r| r.target == t.name) {
-            _ if dry_run => (o.items, o.bytes, o.deletes),
-            Some(r) => {
-                let n = |v: i64| v.max(0) as u64;
-                (n(r.items_done), n(r.bytes_done), n(r.deletes_done))
+        .map(|(t, o)| {
+            if dry_run {
+                return (o.items, o.bytes, o.deletes);
             }
-            None => (0, 0, 0),
+            let n = |v: i64| v.max(0) as u64;
+            rows.iter()
+                .find(|r| r.target == t.name)
+                .map_or((0, 0, 0), |r| {
+                    (n(r.items_done), n(r.bytes_done), n(r.deletes_done))
+                })
         })
         .collect();
     let errors: u64 = outcomes.iter().map(|o| o.item_errors).sum();

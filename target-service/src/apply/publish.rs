@@ -321,7 +321,6 @@ pub(super) fn sync_batch(
     }
 }
 
-/// Restores the recorded mtime of directories (deepest first), at commit.
 /// Gives the site root the source root's mode and mtime (after everything inside it
 /// changed, as its mtime would move otherwise).
 pub fn set_root_meta(root: &Path, mode: u32, mtime_ns: i64) -> io::Result<()> {
@@ -331,6 +330,7 @@ pub fn set_root_meta(root: &Path, mode: u32, mtime_ns: i64) -> io::Result<()> {
     set_mtime(root, mtime_ns)
 }
 
+/// Restores the recorded mtime of directories (deepest first), at commit.
 pub fn restore_dir_times(root: &Path, dirs: &[Item]) {
     for d in dirs {
         if check_parents(root, &d.path).is_err() {
