@@ -475,11 +475,11 @@ impl JobStore {
         sqlx::query(if keep_done {
             "UPDATE job_targets SET planned = 1, items_total = items_done + $1, \
              bytes_total = bytes_done + $2, deletes_total = deletes_done + $3, \
-             checkpoint_json = '', checkpoint_seq = $6 WHERE job_id = $4 AND target = $5"
+             checkpoint_json = '', checkpoint_seq = $6, max_sent_seq = $6 WHERE job_id = $4 AND target = $5"
         } else {
             "UPDATE job_targets SET planned = 1, items_total = $1, bytes_total = $2, deletes_total = $3, \
-             items_done = 0, bytes_done = 0, deletes_done = 0, checkpoint_json = '', checkpoint_seq = $6 \
-             WHERE job_id = $4 AND target = $5"
+             items_done = 0, bytes_done = 0, deletes_done = 0, checkpoint_json = '', checkpoint_seq = $6, \
+             max_sent_seq = $6 WHERE job_id = $4 AND target = $5"
         })
         .bind(items)
         .bind(bytes)

@@ -39,6 +39,8 @@ pub enum TargetError {
     AlreadyCommitted(String),
     #[error("session {0} was aborted")]
     SessionAborted(String),
+    #[error("session {0} expired (idle past the target's session expiry); open it again")]
+    SessionExpired(String),
     #[error("job {job} already passed through target {target} (lineage loop)")]
     LineageLoop { job: String, target: String },
     #[error("commit of session {session} at package {asked} but {applied} applied")]
@@ -82,6 +84,7 @@ impl From<TargetError> for Status {
             TargetError::UnknownSite(_) | TargetError::UnknownSession(_) => Status::not_found(msg),
             TargetError::AlreadyCommitted(_)
             | TargetError::SessionAborted(_)
+            | TargetError::SessionExpired(_)
             | TargetError::LineageLoop { .. }
             | TargetError::CommitMismatch { .. } => Status::failed_precondition(msg),
             TargetError::OverLimit(_) => Status::out_of_range(msg),

@@ -343,6 +343,7 @@ impl TargetService {
         session: SessionRow,
         inbound: Streaming<pb::ImportRequest>,
         tx: Outbound,
+        _counted: crate::session::StreamGuard,
     ) {
         let last = session.last_seq as u64;
         let mut s = ImportStream {

@@ -26,6 +26,9 @@ pub enum SessionStatus {
     Committed,
     /// Given up by its source; what was applied stays applied.
     Aborted,
+    /// Idle past the target's session expiry: its staging is gone and it starts again
+    /// from package 1 when its job comes back; what was applied stays applied.
+    Expired,
 }
 
 impl SessionStatus {
@@ -34,6 +37,7 @@ impl SessionStatus {
             SessionStatus::Open => "open",
             SessionStatus::Committed => "committed",
             SessionStatus::Aborted => "aborted",
+            SessionStatus::Expired => "expired",
         }
     }
 }
@@ -45,10 +49,11 @@ impl TryFrom<String> for SessionStatus {
             "open" => Ok(SessionStatus::Open),
             "committed" => Ok(SessionStatus::Committed),
             "aborted" => Ok(SessionStatus::Aborted),
+            "expired" => Ok(SessionStatus::Expired),
             o => Err(cms_mirror::model::UnknownName::new(
                 "session state",
                 o,
-                "open, committed or aborted",
+                "open, committed, aborted or expired",
             )),
         }
     }
@@ -184,6 +189,24 @@ fn placeholders(backend: Backend, rows: usize, cols: usize) -> String {
         .join(", ")
 }
 
+/// The directories a session touched, deepest first (their times are restored in that
+/// order). Without statistics SQLite would walk the site's whole primary key for this
+/// (it prefers the key's order to the partial index) at every commit; the index holds
+/// only open sessions' directories.
+fn touched_dirs_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => {
+            "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
+             INDEXED BY entries_touched_idx \
+             WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
+        }
+        Backend::Postgres => {
+            "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
+             WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
+        }
+    }
+}
+
 pub fn session_id(job: &str, site: &str) -> String {
     format!("{job}/{site}")
 }
@@ -197,26 +220,97 @@ impl Ledger {
         &self.db
     }
 
-    /// Opens a session or returns the existing one (resume).
+    /// Opens a session or returns the existing one (resume). An expired session opens
+    /// again from package 1; the flag says so.
     pub async fn open_session(
         &self,
         job: &str,
         site: &str,
         channel: &str,
-    ) -> Result<SessionRow, sqlx::Error> {
+    ) -> Result<(SessionRow, bool), sqlx::Error> {
         let id = session_id(job, site);
+        let now = now_ms();
         sqlx::query(
-            "INSERT INTO sessions (id, job_id, site, channel, state, created_at) VALUES ($1, $2, $3, $4, 'open', $5) \
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO sessions (id, job_id, site, channel, state, created_at, active_at) \
+             VALUES ($1, $2, $3, $4, 'open', $5, $5) \
+             ON CONFLICT (id) DO UPDATE SET active_at = excluded.active_at WHERE sessions.state = 'open'",
         )
         .bind(&id)
         .bind(job)
         .bind(site)
         .bind(channel)
-        .bind(now_ms())
+        .bind(now)
         .execute(&self.db.pool)
         .await?;
-        self.session(&id).await?.ok_or(sqlx::Error::RowNotFound)
+        let reopened = sqlx::query(
+            "UPDATE sessions SET state = 'open', last_seq = 0, active_at = $2 WHERE id = $1 AND state = 'expired'",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&self.db.pool)
+        .await?
+        .rows_affected()
+            > 0;
+        let row = self.session(&id).await?.ok_or(sqlx::Error::RowNotFound)?;
+        Ok((row, reopened))
+    }
+
+    /// Open sessions with no activity since `before` (ms since the epoch).
+    pub async fn idle_sessions(&self, before: i64) -> Result<Vec<SessionRow>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT id, job_id, site, channel, last_seq, state FROM sessions \
+             WHERE state = 'open' AND active_at < $1",
+        )
+        .bind(before)
+        .fetch_all(&self.db.pool)
+        .await
+    }
+
+    /// Expires a session still idle since `before`: its applied packages are forgotten
+    /// (it starts again from package 1) and its directories released, which are
+    /// returned so that their times can be restored. A session that changed nothing is
+    /// removed whole. `None`: it was active again, or not open.
+    pub async fn expire_session(
+        &self,
+        s: &SessionRow,
+        before: i64,
+    ) -> Result<Option<Vec<Item>>, sqlx::Error> {
+        let mut tx = self.db.pool.begin().await?;
+        let expired = sqlx::query(
+            "UPDATE sessions SET state = 'expired' WHERE id = $1 AND state = 'open' AND active_at < $2",
+        )
+        .bind(&s.id)
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        if expired.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let dirs: Vec<EntryRow> = sqlx::query_as(touched_dirs_sql(self.db.backend))
+            .bind(&s.site)
+            .bind(&s.id)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE entries SET touched_session = NULL WHERE site = $1 AND touched_session = $2",
+        )
+        .bind(&s.site)
+        .bind(&s.id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM applied_packages WHERE session_id = $1")
+            .bind(&s.id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "DELETE FROM sessions WHERE id = $1 AND last_seq = 0 \
+             AND NOT EXISTS (SELECT 1 FROM session_changes WHERE session_id = $1)",
+        )
+        .bind(&s.id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(dirs.into_iter().map(EntryRow::item).collect()))
     }
 
     pub async fn session(&self, id: &str) -> Result<Option<SessionRow>, sqlx::Error> {
@@ -278,11 +372,15 @@ impl Ledger {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE sessions SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
-            .bind(seq as i64)
-            .bind(session)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE sessions SET last_seq = CASE WHEN last_seq < $1 THEN $1 ELSE last_seq END, \
+             active_at = $3 WHERE id = $2",
+        )
+        .bind(seq as i64)
+        .bind(session)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await
     }
 
@@ -452,21 +550,7 @@ impl Ledger {
 
     /// Directories touched by a session, with the mtime the source gave them.
     pub async fn touched_dirs(&self, session: &str, site: &str) -> Result<Vec<Item>, sqlx::Error> {
-        // Without statistics SQLite walks the site's whole primary key for this (it
-        // prefers the key's order to the partial index), at every commit: 3 ms on 20,000
-        // items, growing with the site. The index holds only open sessions' directories.
-        let sql = match self.db.backend {
-            Backend::Sqlite => {
-                "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
-                 INDEXED BY entries_touched_idx \
-                 WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
-            }
-            Backend::Postgres => {
-                "SELECT path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
-                 WHERE site = $1 AND touched_session = $2 ORDER BY sort_key DESC"
-            }
-        };
-        let rows: Vec<EntryRow> = sqlx::query_as(sql)
+        let rows: Vec<EntryRow> = sqlx::query_as(touched_dirs_sql(self.db.backend))
             .bind(site)
             .bind(session)
             .fetch_all(&self.db.pool)

@@ -45,7 +45,14 @@ pub struct TargetSettings {
     pub direct_io: bool,
     /// Identifies this target in lineages (loop prevention in tier chains).
     pub target_id: String,
+    /// Open sessions idle this long are expired: their staging is removed and their job,
+    /// if it comes back, plans again.
+    pub session_expiry: std::time::Duration,
 }
+
+/// The default [`TargetSettings::session_expiry`]: a day, longer than any retry budget
+/// and than a source's restart.
+pub const DEFAULT_SESSION_EXPIRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Serves the target service, gRPC health and reflection on `listener` until `shutdown`.
 pub async fn run(
@@ -64,7 +71,8 @@ pub async fn run(
     .await;
     let (reflection_v1, reflection_v1alpha) = cms_mirror::transport::reflection();
     let max = service.settings().limits.max_message_bytes;
-    server
+    let sweeper = service.spawn_expiry();
+    let served = server
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -76,5 +84,7 @@ pub async fn run(
         ))
         .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
-        .map_err(|e| ServeError::transport(&e))
+        .map_err(|e| ServeError::transport(&e));
+    sweeper.abort();
+    served
 }

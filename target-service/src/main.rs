@@ -50,6 +50,11 @@ struct Args {
     /// least --max-package-bytes): bounds the memory of many concurrent streams.
     #[arg(long, env = "MIRROR_MAX_DECODED_BYTES", default_value_t = 256 * 1024 * 1024)]
     max_decoded_bytes: usize,
+    /// Seconds after which an open session with no activity (its job cancelled without
+    /// an abort, or its source gone) is expired and its staging removed; a job that comes
+    /// back later plans again.
+    #[arg(long, env = "MIRROR_SESSION_EXPIRY_SECS", default_value_t = mirror_target::DEFAULT_SESSION_EXPIRY.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    session_expiry_secs: u64,
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
@@ -99,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         durability: args.durability,
         direct_io: args.direct_io,
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
+        session_expiry: std::time::Duration::from_secs(args.session_expiry_secs),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;
     {

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub item_errors: Counters,
     pub apply_seconds: Histograms,
     pub sessions_committed: Counters,
+    pub sessions_expired: Counters,
     /// Packages that waited for room in the decode budget (all sites together).
     pub decode_waits: Counter,
 }
@@ -46,6 +47,7 @@ impl Metrics {
             item_errors: Counters::default(),
             apply_seconds: Histograms::new_with_constructor(apply_buckets),
             sessions_committed: Counters::default(),
+            sessions_expired: Counters::default(),
             decode_waits: Counter::default(),
         };
         registry.register(
@@ -82,6 +84,11 @@ impl Metrics {
             "sessions_committed",
             "Committed sessions (jobs imported)",
             m.sessions_committed.clone(),
+        );
+        registry.register(
+            "sessions_expired",
+            "Open sessions closed after being idle past the session expiry",
+            m.sessions_expired.clone(),
         );
         registry.register(
             "decode_waits",

@@ -16,7 +16,7 @@ use crate::apply::{self, Durability, SessionFiles, SiteFs};
 use crate::error::{StartError, TargetError};
 use crate::import::DecodeBudget;
 use crate::ledger::{Ledger, SessionStatus};
-use crate::session::SessionState;
+use crate::session::{SessionState, StreamGuard};
 use crate::{TargetSettings, metrics};
 
 /// A site the target serves.
@@ -128,6 +128,7 @@ impl TargetService {
                             && self.inner.settings.durability != Durability::None,
                     )),
                     publishing: Mutex::new(false),
+                    streams: Default::default(),
                 })
             })
             .clone()
@@ -204,11 +205,14 @@ impl TargetService {
                 target: me.clone(),
             });
         }
-        let s = self
+        let (s, expired) = self
             .inner
             .ledger
             .open_session(&r.job_id, &r.site, &r.channel)
             .await?;
+        if expired {
+            tracing::info!(session = %s.id, "expired session opened again; its job plans again");
+        }
         self.inner
             .lineages
             .lock()
@@ -224,6 +228,7 @@ impl TargetService {
             max_entries_per_package: limits.max_entries as u32,
             target_id: me.clone(),
             protocol_version: cms_mirror::PROTOCOL_VERSION,
+            expired,
         })
     }
 
@@ -288,13 +293,20 @@ impl TargetService {
             .await
             .map_err(TargetError::from)?
             .ok_or_else(|| TargetError::UnknownSession(header.session_id.clone()))?;
-        if session.state == SessionStatus::Committed {
-            return Err(TargetError::AlreadyCommitted(session.id).into());
+        match session.state {
+            SessionStatus::Open => {}
+            SessionStatus::Committed => {
+                return Err(TargetError::AlreadyCommitted(session.id).into());
+            }
+            SessionStatus::Aborted => return Err(TargetError::SessionAborted(session.id).into()),
+            SessionStatus::Expired => return Err(TargetError::SessionExpired(session.id).into()),
         }
+        let fs = &self.site(&session.site)?.fs;
+        let guard = StreamGuard::new(self.session_state(&session.id, fs));
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(
             self.clone()
-                .handle_import(session, inbound, tx)
+                .handle_import(session, inbound, tx, guard)
                 .in_current_span(),
         );
         Ok(Box::pin(ReceiverStream::new(rx)))

@@ -1,7 +1,9 @@
 //! The end of a session: commit (directory times, counts, hooks, tier push) or abort
 //! (staged files dropped; what was applied stays applied).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cms_mirror::config::SiteConfig;
 use cms_mirror::model::ChangeAction;
@@ -19,6 +21,24 @@ use crate::{TargetService, hooks, metrics};
 pub(crate) struct SessionState {
     pub(crate) files: Mutex<SessionFiles>,
     pub(crate) publishing: Mutex<bool>,
+    /// Import streams of the session in progress: a session with one is not idle.
+    pub(crate) streams: AtomicUsize,
+}
+
+/// Counts an Import stream of a session while it lives.
+pub(crate) struct StreamGuard(Arc<SessionState>);
+
+impl StreamGuard {
+    pub(crate) fn new(state: Arc<SessionState>) -> StreamGuard {
+        state.streams.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(state)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl TargetService {
@@ -82,6 +102,20 @@ impl TargetService {
     /// Drops a session's staged files, under its locks: an apply still running for a
     /// dropped stream finishes first, and no later package of this session is applied.
     async fn abort(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
+        self.drop_staging(s, site).await?;
+        self.inner.ledger.abort_session(&s.id).await?;
+        // Its state stays in memory, marked aborted, so that a package of a stream still
+        // running is not applied after the abort.
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .remove(&s.id);
+        tracing::info!(session = %s.id, "session aborted");
+        Ok(())
+    }
+
+    async fn drop_staging(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
         let state = self.session_state(&s.id, &site.fs);
         let fs = site.fs.clone();
         tokio::task::spawn_blocking(move || {
@@ -92,14 +126,77 @@ impl TargetService {
         })
         .await
         .map_err(TargetError::task("abort"))?;
-        self.inner.ledger.abort_session(&s.id).await?;
-        self.inner
-            .lineages
-            .lock()
-            .expect("lineages lock")
-            .remove(&s.id);
-        tracing::info!(session = %s.id, "session aborted");
         Ok(())
+    }
+
+    /// Expires the open sessions idle past the session expiry (none with an Import
+    /// stream in progress): staging removed, the times of the directories they touched
+    /// restored. Returns how many expired.
+    pub(crate) async fn expire_idle(&self) -> Result<usize, TargetError> {
+        let expiry = self.inner.settings.session_expiry;
+        let before = cms_mirror::now_ms() - expiry.as_millis() as i64;
+        let mut n = 0;
+        for s in self.inner.ledger.idle_sessions(before).await? {
+            let streaming = self
+                .inner
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&s.id)
+                .is_some_and(|st| st.streams.load(Ordering::SeqCst) > 0);
+            let Ok(site) = self.site(&s.site) else {
+                continue; // a site no longer served: its session waits for it
+            };
+            if streaming {
+                continue;
+            }
+            let Some(dirs) = self.inner.ledger.expire_session(&s, before).await? else {
+                continue;
+            };
+            self.drop_staging(&s, site).await?;
+            // No stream runs (and none can start on an expired session): a reopened
+            // session starts with fresh state.
+            self.inner
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .remove(&s.id);
+            self.inner
+                .lineages
+                .lock()
+                .expect("lineages lock")
+                .remove(&s.id);
+            let root = site.fs.root.clone();
+            tokio::task::spawn_blocking(move || apply::restore_dir_times(&root, &dirs))
+                .await
+                .map_err(TargetError::task("expire"))?;
+            self.inner
+                .metrics
+                .sessions_expired
+                .get_or_create(&metrics::Metrics::site(&s.site))
+                .inc();
+            tracing::info!(session = %s.id, job = %s.job_id, site = %s.site, idle_secs = expiry.as_secs(), "session expired");
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Runs [`Self::expire_idle`] now (sessions left by a target that was down) and then
+    /// every quarter of the expiry (at most every minute).
+    pub(crate) fn spawn_expiry(&self) -> tokio::task::JoinHandle<()> {
+        let svc = self.clone();
+        let every = (svc.inner.settings.session_expiry / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = svc.expire_idle().await {
+                    tracing::warn!(error = %e, "cannot expire idle sessions");
+                }
+            }
+        })
     }
 
     /// Restores the times of the directories the session touched and removes its

@@ -115,51 +115,6 @@ fn a_mirror_completes_through_a_connection_cut_every_n_packages() {
     }
 }
 
-fn wait_for_job(source_url: &str, job: &str) -> i32 {
-    let out = mirrorctl(source_url, &["watch", job]);
-    out.status.code().unwrap_or(-1)
-}
-
-/// Waits for the job to end and asserts it succeeded (showing the job when not).
-fn assert_succeeds(source_url: &str, job: &str) {
-    assert_eq!(
-        wait_for_job(source_url, job),
-        0,
-        "{:#}",
-        show(source_url, job)
-    );
-}
-
-fn start_job(source_url: &str) -> String {
-    let out = mirrorctl(source_url, &["start", "site"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn show(source_url: &str, job: &str) -> serde_json::Value {
-    let out = mirrorctl(source_url, &["show", job, "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-/// Waits until the job's first target acknowledged at least `n` packages.
-fn wait_acked(source_url: &str, job: &str, n: u64) {
-    wait_until(Duration::from_secs(60), || {
-        let j = show(source_url, job);
-        assert!(
-            j["state"] != "succeeded" && j["state"] != "failed",
-            "job ended too early: {j:#}"
-        );
-        let acked = j["targets"][0]["packages_acked"].as_u64().unwrap_or(0);
-        ready(acked >= n, || {
-            format!("job {job} has {acked} acks, not {n}")
-        })
-    })
-}
-
 #[test]
 fn kill_9_of_the_target_at_random_points() {
     let tmp = tempfile::tempdir().unwrap();
@@ -183,7 +138,7 @@ fn kill_9_of_the_target_at_random_points() {
         target.kill9();
         std::thread::sleep(Duration::from_millis(rng.u64(50..300)));
         target = App::target(tmp.path()).site(&dst).listen(&addr).spawn();
-        acked = show(&source.url(), &job)["targets"][0]["packages_acked"]
+        acked = show_job(&source.url(), &job)["targets"][0]["packages_acked"]
             .as_u64()
             .unwrap()
             + 5;
@@ -228,7 +183,7 @@ fn kill_9_of_the_target_inside_bodies_written_with_direct_io() {
             .listen(&addr)
             .args(&["--metrics-listen", &tm])
             .spawn();
-        acked = show(&source.url(), &job)["targets"][0]["packages_acked"]
+        acked = show_job(&source.url(), &job)["targets"][0]["packages_acked"]
             .as_u64()
             .unwrap()
             + 8;
@@ -292,7 +247,7 @@ fn kill_9_of_the_source_resumes_from_its_checkpoint() {
         Some(&(checkpoint + 1)),
         "resume points: {resumed:?}"
     );
-    let j = show(&source.url(), &job);
+    let j = show_job(&source.url(), &job);
     let t = &j["targets"][0];
     assert_eq!(j["state"], "succeeded");
     assert!(
@@ -353,7 +308,7 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(wait_for_job(&source.url(), &job), 2);
-    let j = show(&source.url(), &job);
+    let j = show_job(&source.url(), &job);
     assert_eq!(j["state"], "cancelled", "{j:#}");
     assert_eq!(j["targets"][0]["state"], "cancelled");
     let acked_at_end = j["targets"][0]["packages_acked"].as_u64().unwrap();
@@ -377,7 +332,7 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        show(&source.url(), &job)["targets"][0]["packages_acked"]
+        show_job(&source.url(), &job)["targets"][0]["packages_acked"]
             .as_u64()
             .unwrap(),
         acked_at_end,
@@ -502,7 +457,7 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
 /// Waits until the job's target waits for space (the job running all along).
 fn wait_for_space_wait(source_url: &str, job: &str) {
     wait_until(Duration::from_secs(60), || {
-        let j = show(source_url, job);
+        let j = show_job(source_url, job);
         assert!(j["state"] == "running" || j["state"] == "queued", "{j:#}");
         let waiting = j["targets"][0]["state"] == "waiting_for_space";
         ready(waiting, || format!("never waited for space: {j:#}"))
@@ -524,7 +479,7 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     assert_nothing_partial(&src, &dst);
     disk.grow();
     assert_succeeds(&source.url(), &job);
-    let j = show(&source.url(), &job);
+    let j = show_job(&source.url(), &job);
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert_eq!(j["item_errors"].as_array().map(Vec::len), Some(0), "{j:#}");
     assert_same_tree(&src, &dst);
@@ -555,7 +510,7 @@ fn a_full_disk_under_a_large_body_waits_for_space_then_completes() {
     assert!(!dst.join("media/large.bin").exists());
     disk.grow();
     assert_succeeds(&source.url(), &job);
-    let j = show(&source.url(), &job);
+    let j = show_job(&source.url(), &job);
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert_eq!(j["item_errors"].as_array().map(Vec::len), Some(0), "{j:#}");
     // Every refusal was "disk full" (waited for), none a plain "send again"; what was
@@ -736,12 +691,12 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
     signal("-STOP");
     // Within a second (half the ack timeout) the target shows as stalled, not sending.
     wait_until(Duration::from_secs(10), || {
-        let j = show(&source.url(), &job);
+        let j = show_job(&source.url(), &job);
         let state = &j["targets"][0]["state"];
         ready(state == "stalled", || format!("state {state}, not stalled"))
     });
     wait_until(Duration::from_secs(15), || {
-        let j = show(&source.url(), &job);
+        let j = show_job(&source.url(), &job);
         let noticed = j["targets"][0]["reconnects"].as_u64().unwrap_or(0) >= 1;
         ready(noticed, || {
             format!("a stopped target went unnoticed: {j:#}")
@@ -763,7 +718,7 @@ fn a_stopped_target_is_detected_as_hung_and_the_job_resumes_when_it_continues() 
     assert!(ev.iter().any(|e| e["kind"] == "stalled"), "{ev:#?}");
     // The counters tell what happened: every package sent was acknowledged once, or
     // sent again (those in flight when the target stopped).
-    let t = &show(&source.url(), &job)["targets"][0];
+    let t = &show_job(&source.url(), &job)["targets"][0];
     let n = |k: &str| t[k].as_u64().unwrap();
     assert!(n("packages_retried") >= 1, "{t:#}");
     assert_eq!(

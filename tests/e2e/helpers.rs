@@ -322,6 +322,46 @@ pub fn show_job(source_url: &str, job: &str) -> serde_json::Value {
         .expect("job JSON")
 }
 
+pub fn wait_for_job(source_url: &str, job: &str) -> i32 {
+    let out = mirrorctl(source_url, &["watch", job]);
+    out.status.code().unwrap_or(-1)
+}
+
+/// Waits for the job to end and asserts it succeeded (showing the job when not).
+pub fn assert_succeeds(source_url: &str, job: &str) {
+    assert_eq!(
+        wait_for_job(source_url, job),
+        0,
+        "{:#}",
+        show_job(source_url, job)
+    );
+}
+
+pub fn start_job(source_url: &str) -> String {
+    let out = mirrorctl(source_url, &["start", "site"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the job's first target acknowledged at least `n` packages.
+pub fn wait_acked(source_url: &str, job: &str, n: u64) {
+    wait_until(Duration::from_secs(60), || {
+        let j = show_job(source_url, job);
+        assert!(
+            j["state"] != "succeeded" && j["state"] != "failed",
+            "job ended too early: {j:#}"
+        );
+        let acked = j["targets"][0]["packages_acked"].as_u64().unwrap_or(0);
+        ready(acked >= n, || {
+            format!("job {job} has {acked} acks, not {n}")
+        })
+    })
+}
+
 /// Starts a job and waits for it; returns (exit code, the job as JSON).
 pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
     let mut args = vec!["start", "site", "--wait", "--json"];

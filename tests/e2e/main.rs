@@ -2,6 +2,7 @@
 //! protocol tests) on ephemeral loopback ports.
 
 mod dashboard;
+mod expiry;
 mod faults;
 mod helpers;
 mod hostile;

@@ -36,6 +36,7 @@ async fn start_target(dir: &Path) -> InProc {
         durability: Durability::Fsync,
         direct_io: true,
         target_id: "t1".into(),
+        session_expiry: mirror_target::DEFAULT_SESSION_EXPIRY,
     };
     let svc = TargetService::new(settings, Ledger::new(db)).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

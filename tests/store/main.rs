@@ -46,6 +46,7 @@ on_every_backend!(
     an_expired_lease_is_taken_over_and_cancel_works,
     checkpoints_counters_events_and_item_errors,
     the_target_ledger_and_manifest_index,
+    idle_sessions_expire_and_open_again_from_the_start,
     a_ledger_of_the_first_schema_is_carried_over,
 );
 
@@ -322,8 +323,8 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
     let (backend, db, _keep) = database(b, Schema::Target).await;
     {
         let l = Ledger::new(db);
-        let s = l.open_session("job1", "main", "site").await.unwrap();
-        assert_eq!((s.last_seq, s.state.as_str()), (0, "open"));
+        let (s, expired) = l.open_session("job1", "main", "site").await.unwrap();
+        assert_eq!((s.last_seq, s.state.as_str(), expired), (0, "open", false));
         let ch = PackageChanges {
             upserts: vec![
                 item("a", Kind::Dir),
@@ -349,6 +350,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             l.open_session("job1", "main", "site")
                 .await
                 .unwrap()
+                .0
                 .last_seq,
             1,
             "{backend}: resume point"
@@ -433,6 +435,93 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
     }
 }
 
+/// An idle session expires: its applied packages are forgotten and its directories
+/// released (and returned), what it applied stays in the index; opened again it starts
+/// from package 1 and says so. A session that changed nothing leaves no row.
+async fn idle_sessions_expire_and_open_again_from_the_start(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Target).await;
+    let l = Ledger::new(db);
+    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let ch = PackageChanges {
+        upserts: vec![item("d", Kind::Dir), item("d/f", Kind::File)],
+        touched_dirs: vec!["d".into()],
+        changes: vec![("d/f".into(), ChangeAction::Created)],
+        ..Default::default()
+    };
+    l.record_package(&s.id, "main", 1, b"sum1", &ch)
+        .await
+        .unwrap();
+    let (empty, _) = l.open_session("job2", "main", "").await.unwrap();
+    let now = cms_mirror::now_ms();
+    // Active since `now - 1`: not idle before then.
+    assert!(
+        l.idle_sessions(now - 60_000).await.unwrap().is_empty(),
+        "{backend}"
+    );
+    let idle = l.idle_sessions(now + 1).await.unwrap();
+    assert_eq!(idle.len(), 2, "{backend}: {idle:?}");
+    assert_eq!(
+        l.expire_session(&s, now - 60_000).await.unwrap(),
+        None,
+        "{backend}: still active then"
+    );
+    let dirs = l
+        .expire_session(&s, now + 1)
+        .await
+        .unwrap()
+        .expect("expired");
+    assert_eq!(
+        dirs.iter().map(|d| d.path.as_str()).collect::<Vec<_>>(),
+        ["d"],
+        "{backend}"
+    );
+    assert_eq!(
+        l.expire_session(&s, now + 1).await.unwrap(),
+        None,
+        "{backend}: once"
+    );
+    assert_eq!(
+        l.session(&s.id).await.unwrap().unwrap().state,
+        SessionStatus::Expired
+    );
+    assert!(
+        l.touched_dirs(&s.id, "main").await.unwrap().is_empty(),
+        "{backend}"
+    );
+    assert_eq!(
+        l.applied_checksum(&s.id, 1).await.unwrap(),
+        None,
+        "{backend}"
+    );
+    assert_eq!(
+        l.manifest_page("main", &[], 10).await.unwrap().len(),
+        2,
+        "{backend}: applied stays"
+    );
+    l.expire_session(&empty, now + 1)
+        .await
+        .unwrap()
+        .expect("expired");
+    assert!(
+        l.session(&empty.id).await.unwrap().is_none(),
+        "{backend}: nothing to keep"
+    );
+    let (again, expired) = l.open_session("job1", "main", "").await.unwrap();
+    assert_eq!(
+        (again.last_seq, again.state, expired),
+        (0, SessionStatus::Open, true),
+        "{backend}"
+    );
+    let (again, expired) = l.open_session("job1", "main", "").await.unwrap();
+    assert_eq!((again.last_seq, expired), (0, false), "{backend}: once");
+    // What it changed before it expired is still reported at its commit.
+    assert_eq!(
+        l.commit_session(&s.id, "main").await.unwrap(),
+        (1, 0, 0),
+        "{backend}"
+    );
+}
+
 /// A ledger written by the first schema keeps its sessions, index and changes through
 /// the later migrations (SQLite rebuilds two tables), and the touched-directories
 /// index only holds rows of open sessions.
@@ -474,7 +563,7 @@ async fn a_ledger_of_the_first_schema_is_carried_over(b: Backend) {
 
         let l = Ledger::new(db::connect(&url, Schema::Target).await.unwrap());
         assert_eq!(
-            l.open_session("j", "main", "").await.unwrap().last_seq,
+            l.open_session("j", "main", "").await.unwrap().0.last_seq,
             7,
             "{backend}"
         );

@@ -43,6 +43,8 @@ pub(super) enum StreamEnd {
     /// The stream broke; `progressed` when packages were acknowledged on it.
     Disconnected(String, bool),
     Cancelled,
+    /// The target refused the session (expired, aborted or committed).
+    SessionClosed(String),
     Fatal(String),
 }
 
@@ -113,6 +115,9 @@ pub(super) async fn stream_once(
     let acks = match client.import(traced(ReceiverStream::new(orx))).await {
         Ok(r) => r.into_inner(),
         Err(s) if retryable(&s) => return StreamEnd::Disconnected(status_text(&s), false),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            return StreamEnd::SessionClosed(format!("import refused: {}", status_text(&s)));
+        }
         Err(s) => return StreamEnd::Fatal(format!("import refused: {}", status_text(&s))),
     };
     if cursor != Cursor::default() || last_acked > 0 {

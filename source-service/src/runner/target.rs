@@ -52,6 +52,9 @@ enum Stop {
     /// The target failed: the message, and the item errors counted so far.
     Failed(String, u64),
     Cancelled,
+    /// The target no longer takes packages in the session (expired, aborted or
+    /// committed): open it again to learn why.
+    SessionClosed(String),
 }
 
 /// Runs one target of a job to its outcome.
@@ -70,6 +73,7 @@ pub(super) async fn run_target(
     match run.run().await {
         Ok(outcome) => outcome,
         Err(Stop::Failed(msg, errors)) => fail(app, &job.id, &t.name, msg, errors).await,
+        Err(Stop::SessionClosed(msg)) => fail(app, &job.id, &t.name, msg, 0).await,
         Err(Stop::Cancelled) => {
             let state = TargetState::Cancelled;
             logged(
@@ -177,24 +181,8 @@ impl<'a> TargetRun<'a> {
     }
 
     async fn run(&mut self) -> Result<TargetOutcome, Stop> {
-        let session = if self.opts.dry_run {
-            None
-        } else {
-            Some(self.connect().await?)
-        };
-        let resume_seq = session.as_ref().map_or(0, |s| s.last_applied_seq);
-        let totals = match self.plan(resume_seq).await {
-            Ok(t) => t,
-            Err(Stop::Cancelled) => {
-                // Cancelled while the plan waited to retry: the open session ends too.
-                if let Some(s) = &session {
-                    self.abort_session(&s.session_id).await;
-                }
-                return Err(Stop::Cancelled);
-            }
-            Err(e) => return Err(e),
-        };
-        let Some(session) = session else {
+        if self.opts.dry_run {
+            let totals = self.plan(0, false).await?;
             self.set_state(TargetState::Planned).await;
             return Ok(TargetOutcome {
                 state: TargetState::Planned,
@@ -204,7 +192,49 @@ impl<'a> TargetRun<'a> {
                 item_errors: 0,
                 error: None,
             });
-        };
+        }
+        let mut session = self.connect().await?;
+        // A session the target expired while this job was away is opened again from
+        // package 1: the job plans again against what the target holds now. Bounded, so
+        // that a target expiring sessions faster than they are sent ends the job.
+        for round in 0.. {
+            match self.run_session(&session).await {
+                Err(Stop::SessionClosed(why)) if round < 3 => {
+                    session = self.connect().await?;
+                    if !session.expired && !session.committed {
+                        return Err(Stop::Failed(format!("{}: {why}", target_label(self.t)), 0));
+                    }
+                }
+                Err(Stop::SessionClosed(why)) => {
+                    return Err(Stop::Failed(format!("{}: {why}", target_label(self.t)), 0));
+                }
+                end => return end,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Plans (or takes the stored plan), sends and commits one opened session.
+    async fn run_session(
+        &mut self,
+        session: &pb::OpenSessionResponse,
+    ) -> Result<TargetOutcome, Stop> {
+        if session.expired {
+            tracing::warn!(
+                job = self.jid,
+                target = self.tname(),
+                "the target expired this job's session (idle past its session expiry); planning again"
+            );
+            self.emit("session_expired", json!({"site": self.t.site}))
+                .await;
+        }
+        let totals = self.plan(session.last_applied_seq, session.expired).await;
+        if let Err(Stop::Cancelled) = totals {
+            // Cancelled while the plan waited to retry: the open session ends too.
+            self.abort_session(&session.session_id).await;
+            return Err(Stop::Cancelled);
+        }
+        totals?;
         if session.committed {
             self.set_state(TargetState::Committed).await;
             let r = current_row(self.app, self.jid, self.tname()).await;
@@ -276,9 +306,10 @@ impl<'a> TargetRun<'a> {
         Ok(s)
     }
 
-    /// Plans, unless a stored plan of this job exists (resume); checks `max_delete`
-    /// and announces the totals. `resume_seq` is the last package the target applied.
-    async fn plan(&mut self, resume_seq: u64) -> Result<plan::Totals, Stop> {
+    /// Plans, unless a stored plan of this job exists (resume) and the target kept its
+    /// session (not `expired`); checks `max_delete` and announces the totals.
+    /// `resume_seq` is the last package the target applied.
+    async fn plan(&mut self, resume_seq: u64, expired: bool) -> Result<plan::Totals, Stop> {
         let plan_dir = self.app.plan_dir(self.jid, self.tname());
         let row = self
             .app
@@ -288,15 +319,17 @@ impl<'a> TargetRun<'a> {
             .ok()
             .and_then(|v| v.into_iter().find(|r| r.target == self.tname()));
         let planned_before = row.as_ref().is_some_and(|r| r.planned == 1);
-        if let Some(totals) = plan::load_totals(&plan_dir).filter(|_| planned_before) {
+        let stored = plan::load_totals(&plan_dir).filter(|_| planned_before && !expired);
+        if let Some(totals) = stored {
             self.check_max_delete(&totals)?;
             return Ok(totals);
         }
         self.set_state(TargetState::Planning).await;
         let totals = self.make_plan(&plan_dir).await?;
         self.check_max_delete(&totals)?;
-        // Planned before, but the plan is not here: another instance ran this job (or the
-        // data directory was lost). The new plan holds only what is left.
+        // Planned before, but the plan is not here (another instance ran this job, or the
+        // data directory was lost) or no longer fits the target's session (expired): the
+        // new plan holds only what is left.
         let replanned = row.filter(|_| planned_before);
         self.store_totals(&totals, resume_seq as i64, replanned.as_ref())
             .await?;
@@ -436,6 +469,7 @@ impl<'a> TargetRun<'a> {
                         errs as u64,
                     ));
                 }
+                StreamEnd::SessionClosed(why) => return Err(Stop::SessionClosed(why)),
                 StreamEnd::Rewind(why) => self.emit("rewind", json!({"reason": why})).await,
                 StreamEnd::WaitForSpace(why) => {
                     space_waits += 1;
