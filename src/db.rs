@@ -102,28 +102,71 @@ pub async fn connect_raw(url: &str) -> Result<AnyPool, DbError> {
         })
 }
 
+/// The backend of a URL, and the URL with SQLite's open mode (`mode`, unless the URL
+/// sets its own options).
+fn backend_of(url: &str, mode: &str) -> Result<(Backend, String), DbError> {
+    if let Some(rest) = url.strip_prefix("sqlite://") {
+        let u = if rest.contains('?') {
+            url.to_string()
+        } else {
+            format!("{url}?mode={mode}")
+        };
+        Ok((Backend::Sqlite, u))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok((Backend::Postgres, url.to_string()))
+    } else {
+        Err(DbError::Scheme(redact(url)))
+    }
+}
+
+/// Opens another application's database (a CMS's) read-only and as it is: SQLite in
+/// `mode=ro` with nothing changed (not even its journal mode), PostgreSQL sessions
+/// with read-only transactions.
+pub async fn connect_read_only(url: &str) -> Result<Db, DbError> {
+    install_default_drivers();
+    let redacted_url = redact(url);
+    let (backend, url) = backend_of(url, "ro")?;
+    let pool = AnyPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                match backend {
+                    Backend::Sqlite => conn.execute("PRAGMA busy_timeout = 10000").await?,
+                    Backend::Postgres => {
+                        conn.execute("SET default_transaction_read_only = on")
+                            .await?
+                    }
+                };
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: redacted_url.clone(),
+            source,
+        })?;
+    Ok(Db {
+        pool,
+        backend,
+        redacted_url,
+        url: SecretUrl(url),
+    })
+}
+
 /// Opens (creating a SQLite file if missing) and migrates a database.
 pub async fn connect(url: &str, schema: Schema) -> Result<Db, DbError> {
     install_default_drivers();
     let redacted_url = redact(url);
-    let (backend, url) = if let Some(rest) = url.strip_prefix("sqlite://") {
-        if let Some(parent) = std::path::Path::new(rest.split('?').next().unwrap_or(rest))
+    let (backend, url) = backend_of(url, "rwc")?;
+    if let Some(rest) = url.strip_prefix("sqlite://")
+        && let Some(parent) = std::path::Path::new(rest.split('?').next().unwrap_or(rest))
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-        {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let u = if rest.contains('?') {
-            url.to_string()
-        } else {
-            format!("{url}?mode=rwc")
-        };
-        (Backend::Sqlite, u)
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        (Backend::Postgres, url.to_string())
-    } else {
-        return Err(DbError::Scheme(redacted_url));
-    };
+    {
+        let _ = std::fs::create_dir_all(parent);
+    }
     let opts = AnyPoolOptions::new()
         .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
         .acquire_timeout(Duration::from_secs(10))

@@ -5,6 +5,8 @@
 //! - [`model`]: the content model (items, kinds, tree order) and its protocol conversions.
 //! - [`fswalk`]: the `fs` content provider's reader, a sorted depth-first walk with memory
 //!   bounded by the depth and width of the tree, never by its size.
+//! - [`wagtail`]: the `wagtail` content provider's reader, a subtree of a Wagtail site's
+//!   live pages read from its database, with their references.
 //! - [`package`]: sealing and opening packages (checksum, limits).
 //! - [`pathsafe`]: validation of the relative paths a target receives.
 //! - [`db`]: database connection by URL scheme, migrations, URL redaction.
@@ -29,6 +31,7 @@ pub mod pathsafe;
 pub mod security;
 pub mod telemetry;
 pub mod transport;
+pub mod wagtail;
 
 /// The generated protocol, package `cmsmirror.v1`.
 pub mod pb {

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Django's command line for the test CMS (migrate, runserver, shell)."""
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cmsite.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
