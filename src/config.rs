@@ -71,6 +71,18 @@ pub enum Invalid {
     SiteFlag(String),
     #[error("{name}: {problem}")]
     InTarget { name: String, problem: Box<Invalid> },
+    #[error("is required with source = \"wagtail+...\" (Wagtail's MEDIA_ROOT)")]
+    MediaRootNeeded,
+    #[error(
+        "is required with source = \"wagtail+...\" (the url_path or id of the subtree's root page, e.g. \"/home/news/\")"
+    )]
+    RootPageNeeded,
+    #[error(
+        "belongs to a wagtail source (source = \"wagtail+sqlite://...\" or \"wagtail+postgres://...\")"
+    )]
+    OnlyForPages,
+    #[error("{0:?} is not wagtail+sqlite://PATH or wagtail+postgres://...")]
+    PagesUrl(String),
 }
 
 /// A key of a table that is wrong, and why.
@@ -153,6 +165,10 @@ struct RawChannel {
     #[serde(default)]
     watch: bool,
     watch_quiet_ms: Option<u64>,
+    media_root: Option<String>,
+    root_page: Option<String>,
+    include_root: Option<bool>,
+    languages: Option<Vec<String>>,
     #[serde(default)]
     target: Vec<RawTarget>,
 }
@@ -189,8 +205,11 @@ pub const DEFAULT_WINDOW: u32 = 8;
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
     pub name: String,
-    /// Source directory (the `fs` provider).
+    /// Source directory of the channel's files: the `fs` provider's tree, or a wagtail
+    /// source's `media_root` (its original images and documents).
     pub source: PathBuf,
+    /// The CMS pages of a `wagtail+...` source.
+    pub pages: Option<PagesConfig>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     pub filter: Filter,
@@ -221,6 +240,19 @@ pub struct ChannelConfig {
     pub watch_quiet: std::time::Duration,
     pub targets: Vec<TargetConfig>,
 }
+
+/// Where a channel's CMS pages come from.
+#[derive(Clone, Debug)]
+pub struct PagesConfig {
+    /// The CMS database (`sqlite://...` or `postgres://...`, without `wagtail+`); may
+    /// hold a password.
+    pub url: crate::db::SecretUrl,
+    pub subtree: crate::wagtail::Subtree,
+}
+
+/// Files of a Wagtail site a channel mirrors unless it says otherwise: the originals of
+/// images and documents (renditions are made by the CMS, not mirrored).
+pub const WAGTAIL_MEDIA: [&str; 2] = ["original_images/**", "documents/**"];
 
 /// What a job does when a target runs out of space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -315,8 +347,59 @@ fn one_of<T: Copy>(
     }
 }
 
+/// The pages source of a channel and the directory of its files: `source` itself for
+/// the `fs` provider, `media_root` for a wagtail source.
+fn pages_config(
+    c: &mut RawChannel,
+    base: &Path,
+) -> Result<(Option<PagesConfig>, PathBuf), KeyError> {
+    let Some(url) = c.source.strip_prefix("wagtail+") else {
+        for (key, set) in [
+            ("media_root", c.media_root.is_some()),
+            ("root_page", c.root_page.is_some()),
+            ("include_root", c.include_root.is_some()),
+            ("languages", c.languages.is_some()),
+        ] {
+            if set {
+                return Err((key, Invalid::OnlyForPages));
+            }
+        }
+        return Ok((None, base.join(&c.source)));
+    };
+    let url = match url.strip_prefix("sqlite://") {
+        // A relative SQLite path is relative to the config file, as source directories are.
+        Some(path) if !path.starts_with('/') => format!("sqlite://{}", base.join(path).display()),
+        Some(_) => url.to_string(),
+        None if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            url.to_string()
+        }
+        None => return Err(("source", Invalid::PagesUrl(crate::db::redact(&c.source)))),
+    };
+    let media_root = c
+        .media_root
+        .as_ref()
+        .ok_or(("media_root", Invalid::MediaRootNeeded))?;
+    if c.include.is_empty() {
+        c.include = WAGTAIL_MEDIA.iter().map(|s| s.to_string()).collect();
+    }
+    let subtree = crate::wagtail::Subtree {
+        root: c
+            .root_page
+            .clone()
+            .ok_or(("root_page", Invalid::RootPageNeeded))?,
+        include_root: c.include_root.unwrap_or(true),
+        languages: c.languages.clone().unwrap_or_default(),
+    };
+    let pages = PagesConfig {
+        url: crate::db::SecretUrl::new(url),
+        subtree,
+    };
+    Ok((Some(pages), base.join(media_root)))
+}
+
 /// Checks one `[[channel]]` table; relative paths are resolved against `base`.
-fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyError> {
+fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyError> {
+    let (pages, source) = pages_config(&mut c, base)?;
     let pat =
         |key, p: &[String]| Patterns::new(p).map_err(|e| (key, Invalid::Pattern(e.to_string())));
     let (include, exclude, last) = (
@@ -361,7 +444,8 @@ fn channel_config(c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyError>
     let targets = targets_config(c.target, base)?;
     Ok(ChannelConfig {
         name: c.name,
-        source: base.join(&c.source),
+        source,
+        pages,
         include: c.include,
         exclude: c.exclude,
         filter: Filter::new(include, exclude),

@@ -59,6 +59,10 @@ pub struct Db {
 pub struct SecretUrl(String);
 
 impl SecretUrl {
+    pub fn new(url: String) -> SecretUrl {
+        SecretUrl(url)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -5,6 +5,8 @@
 //! - [`model`]: the content model (items, kinds, tree order) and its protocol conversions.
 //! - [`fswalk`]: the `fs` content provider's reader, a sorted depth-first walk with memory
 //!   bounded by the depth and width of the tree, never by its size.
+//! - [`page`]: the page document every CMS provider reads and a target's page store
+//!   keeps.
 //! - [`wagtail`]: the `wagtail` content provider's reader, a subtree of a Wagtail site's
 //!   live pages read from its database, with their references.
 //! - [`package`]: sealing and opening packages (checksum, limits).
@@ -27,6 +29,7 @@ pub mod jobstore;
 pub mod model;
 pub mod observe;
 pub mod package;
+pub mod page;
 pub mod pathsafe;
 pub mod security;
 pub mod telemetry;

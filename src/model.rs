@@ -12,6 +12,9 @@ pub enum Kind {
     Dir,
     File,
     Symlink,
+    /// A CMS page: its key is under [`crate::pathsafe::PAGES_DIR`], its content a JSON
+    /// document that goes to the target's page store, never to its file tree.
+    Page,
 }
 
 impl Kind {
@@ -20,6 +23,7 @@ impl Kind {
             Kind::Dir => "dir",
             Kind::File => "file",
             Kind::Symlink => "symlink",
+            Kind::Page => "page",
         }
     }
     pub fn to_pb(self) -> pb::ItemKind {
@@ -27,12 +31,14 @@ impl Kind {
             Kind::Dir => pb::ItemKind::Directory,
             Kind::File => pb::ItemKind::File,
             Kind::Symlink => pb::ItemKind::Symlink,
+            Kind::Page => pb::ItemKind::Page,
         }
     }
     pub fn from_pb(k: i32) -> Option<Kind> {
         match pb::ItemKind::try_from(k).ok()? {
             pb::ItemKind::Directory => Some(Kind::Dir),
-            pb::ItemKind::File | pb::ItemKind::Page => Some(Kind::File),
+            pb::ItemKind::File => Some(Kind::File),
+            pb::ItemKind::Page => Some(Kind::Page),
             pb::ItemKind::Symlink => Some(Kind::Symlink),
             pb::ItemKind::Unspecified => None,
         }
@@ -93,7 +99,8 @@ impl Item {
     }
 
     /// Quick check (rsync's default): same kind, and for files same size and mtime,
-    /// for symlinks same target. Directories are equal when their mode and mtime are.
+    /// for symlinks same target. Directories are equal when their mode and mtime are,
+    /// pages when their documents are (same size and BLAKE3).
     pub fn same_quick(&self, other: &Item) -> bool {
         self.kind == other.kind
             && match self.kind {
@@ -104,6 +111,9 @@ impl Item {
                 }
                 Kind::Symlink => self.link == other.link && self.mtime_ns == other.mtime_ns,
                 Kind::Dir => self.mode == other.mode && self.mtime_ns == other.mtime_ns,
+                Kind::Page => {
+                    self.size == other.size && self.hash.is_some() && self.hash == other.hash
+                }
             }
     }
 }

@@ -20,11 +20,24 @@ pub enum PathError {
     NameTooLong(String),
     #[error("path {0:?} is reserved for the target's staging area")]
     Reserved(String),
+    #[error("path {0:?} is reserved for CMS pages")]
+    ReservedForPages(String),
 }
 
 /// Name of the directory under each site root where the target stages incoming files
 /// (same filesystem as the site, so a rename publishes atomically).
 pub const STAGING_DIR: &str = ".cms-mirror-staging";
+
+/// Where the keys of CMS pages live among a site's items (`.cms-mirror-pages/<locale>/
+/// <translation key>`): no file may be written below it, and a page's key is always
+/// below it.
+pub const PAGES_DIR: &str = ".cms-mirror-pages";
+
+/// Whether `path` is below [`PAGES_DIR`].
+pub fn is_page_key(path: &str) -> bool {
+    path.strip_prefix(PAGES_DIR)
+        .is_some_and(|rest| rest.starts_with('/'))
+}
 
 /// Checks that `path` is a safe relative path: '/'-separated plain names, none empty,
 /// "." or "..", no NUL, no backslash, within the length limits.
@@ -57,6 +70,15 @@ pub fn validate(path: &str, max_len: usize) -> Result<(), PathError> {
     }
     if path == STAGING_DIR || path.starts_with(&format!("{STAGING_DIR}/")) {
         return Err(PathError::Reserved(path.into()));
+    }
+    Ok(())
+}
+
+/// Checks a path for a file, directory or link: safe, and not where pages live.
+pub fn validate_file(path: &str, max_len: usize) -> Result<(), PathError> {
+    validate(path, max_len)?;
+    if path == PAGES_DIR || is_page_key(path) {
+        return Err(PathError::ReservedForPages(path.into()));
     }
     Ok(())
 }

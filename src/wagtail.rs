@@ -18,14 +18,13 @@
 //! [`BATCH`] by keyset, each its own statement: memory stays flat in the size of the
 //! tree, and a SQLite CMS is never locked out of its database for longer than a batch.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::db::{Backend, Db};
+use crate::page::{PageDoc, RefKind, Reference};
 
 /// Pages read per statement.
 pub const BATCH: i64 = 1000;
@@ -56,70 +55,10 @@ pub enum WagtailError {
     Page {
         id: i64,
         url_path: String,
+        /// The page's key, when it could be read.
+        key: String,
         problem: String,
     },
-}
-
-/// What a reference points at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RefKind {
-    Page,
-    Image,
-    Document,
-}
-
-/// One reference of a page, where it sits in the page's fields.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Reference {
-    /// Wagtail's content path: a field name, then block ids and struct children
-    /// (`body.8f0c….link`); rich text holds all its links at the field's path.
-    pub path: String,
-    pub kind: RefKind,
-    /// The id the source's fields use.
-    pub id: i64,
-    /// The page's key, or the file's path under the media root; empty when the object
-    /// is gone (a broken link).
-    pub to: String,
-    /// The image's or document's title.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub title: String,
-}
-
-/// A live page as it is mirrored: the JSON document a page item carries.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PageRecord {
-    /// `<locale>/<translation key>`, unique in the site.
-    pub key: String,
-    pub locale: String,
-    /// The parent's key; `None` at the destination root.
-    pub parent: Option<String>,
-    /// Place among the siblings (treebeard step; siblings sort by it).
-    pub position: String,
-    /// `app_label.ModelName`.
-    #[serde(rename = "type")]
-    pub page_type: String,
-    pub slug: String,
-    pub title: String,
-    pub seo_title: String,
-    pub search_description: String,
-    pub show_in_menus: bool,
-    pub first_published_at: Option<String>,
-    pub last_published_at: Option<String>,
-    /// The page type's own fields (StreamFields as their block lists).
-    pub fields: BTreeMap<String, Value>,
-    pub references: Vec<Reference>,
-    /// The source's id and url_path, for messages only.
-    pub source_id: i64,
-    pub source_url_path: String,
-}
-
-impl PageRecord {
-    /// The document sent for the page. Serialised fields are sorted, so equal pages
-    /// give equal bytes.
-    pub fn document(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a page record serialises")
-    }
 }
 
 /// Fields of a revision's content that the page table (or the tree) already gives, or
@@ -206,12 +145,13 @@ impl WagtailDb {
         })
     }
 
-    /// Reads the subtree's live pages, locale by locale in key order, into `tx`; stops
-    /// at the first error (sent last) or when the receiver is gone.
+    /// Reads the subtree's live pages, locale by locale in key order, into `tx`. A page
+    /// that cannot be read is sent as its error ([`WagtailError::Page`]) and the walk
+    /// goes on; any other error ends it (sent last). Stops when the receiver is gone.
     pub async fn walk(
         &self,
         s: &Subtree,
-        tx: tokio::sync::mpsc::Sender<Result<PageRecord, WagtailError>>,
+        tx: tokio::sync::mpsc::Sender<Result<PageDoc, WagtailError>>,
     ) {
         if let Err(e) = self.walk_inner(s, &tx).await {
             let _ = tx.send(Err(e)).await;
@@ -221,14 +161,14 @@ impl WagtailDb {
     async fn walk_inner(
         &self,
         s: &Subtree,
-        tx: &tokio::sync::mpsc::Sender<Result<PageRecord, WagtailError>>,
+        tx: &tokio::sync::mpsc::Sender<Result<PageDoc, WagtailError>>,
     ) -> Result<(), WagtailError> {
         for root in self.roots(s).await? {
             let hidden = self.hidden(&root).await?;
             let mut after: Option<String> = None;
             while let Some((pages, last)) = self.batch(&root, s, &hidden, after.as_deref()).await? {
                 for p in pages {
-                    if tx.send(Ok(p)).await.is_err() {
+                    if tx.send(p).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -327,15 +267,15 @@ impl WagtailDb {
     }
 
     /// The next batch of live pages of `root`'s subtree after the translation key
-    /// `after`, in key order; pages under `hidden` paths are left out (the batch may
-    /// then be shorter than [`BATCH`]; `None` means the end).
+    /// `after`, in key order, each read or its error; pages under `hidden` paths are
+    /// left out (the batch may then be shorter than [`BATCH`]; `None` means the end).
     pub async fn batch(
         &self,
         root: &Root,
         s: &Subtree,
         hidden: &[String],
         after: Option<&str>,
-    ) -> Result<Option<(Vec<PageRecord>, String)>, WagtailError> {
+    ) -> Result<Option<(Vec<Result<PageDoc, WagtailError>>, String)>, WagtailError> {
         let sql = self.batch_sql(after.is_some());
         let min_depth = if s.include_root {
             root.depth
@@ -360,7 +300,7 @@ impl WagtailDb {
             if hidden.iter().any(|h| path.starts_with(h.as_str())) {
                 continue;
             }
-            out.push(self.record(r, root, s)?);
+            out.push(self.record(r, root, s));
         }
         Ok(Some((out, last_key)))
     }
@@ -425,12 +365,14 @@ impl WagtailDb {
         )
     }
 
-    fn record(&self, r: &AnyRow, root: &Root, s: &Subtree) -> Result<PageRecord, WagtailError> {
+    fn record(&self, r: &AnyRow, root: &Root, s: &Subtree) -> Result<PageDoc, WagtailError> {
         let id: i64 = r.get("id");
         let url_path: String = r.get("url_path");
+        let tkey: String = r.get("tkey");
         let problem = |problem: String| WagtailError::Page {
             id,
             url_path: url_path.clone(),
+            key: format!("{}/{tkey}", root.locale),
             problem,
         };
         let content: Option<String> = r.get("content");
@@ -451,8 +393,8 @@ impl WagtailDb {
         let parent: Option<String> = r.get("parent_tkey");
         let path: String = r.get("path");
         let refs: Option<String> = r.get("refs");
-        Ok(PageRecord {
-            key: key(r.get("tkey")),
+        Ok(PageDoc {
+            key: key(tkey.clone()),
             locale: root.locale.clone(),
             parent: parent.filter(|_| !at_root).map(key),
             position: path[path.len().saturating_sub(4)..].to_string(),

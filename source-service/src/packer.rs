@@ -208,6 +208,18 @@ impl Packer {
                 f.deletes += 1;
                 continue;
             }
+            if e.i.kind == Kind::Page {
+                // A page's document travels whole in its put.
+                let doc = e.doc.unwrap_or_default();
+                f.size += doc.len();
+                let mut meta = e.i.to_pb();
+                meta.properties_json = doc;
+                f.out.push(&pb::Entry {
+                    op: Some(pb::entry::Op::Put(meta)),
+                });
+                f.items += 1;
+                continue;
+            }
             let marks = (f.out.mark(), f.size, f.bytes);
             if self.begin(e.i, pos, ph, 0, marks, &mut f.out, &mut f.errors) {
                 f.items += 1;

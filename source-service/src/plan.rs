@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 
 use cms_mirror::fswalk::{Filter, Patterns, WalkError, Walker};
 use cms_mirror::model::{Item, Kind, tree_key};
+use cms_mirror::page::PageDoc;
+use cms_mirror::pathsafe::PAGES_DIR;
+use cms_mirror::wagtail::WagtailError;
 
 /// What to do with one item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +42,9 @@ impl Action {
 pub struct PlanEntry {
     pub a: Action,
     pub i: Item,
+    /// A page's document, as read when planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
 }
 
 /// The phases of a plan, in apply order.
@@ -136,11 +142,90 @@ fn fatal(what: String) -> PlanError {
     PlanError::Fatal(what)
 }
 
-/// Writes the plan for one target into `dir`, merging the source walk with `manifest`
-/// (the target's items in tree order). Walk errors are returned for the job record.
+/// A channel's CMS pages as its provider reads them, in key order.
+pub type PageFeed = mpsc::Receiver<Result<PageDoc, WagtailError>>;
+
+/// A source item, with its document when it is a page.
+type SourceItem = (Item, Option<String>);
+
+/// The source's items in tree order: the walked files merged with the CMS pages (whose
+/// keys are below [`PAGES_DIR`], in key order, which is their tree order).
+struct Sources {
+    walker: std::iter::Peekable<Walker>,
+    pages: Option<PageFeed>,
+    next_page: Option<SourceItem>,
+}
+
+impl Sources {
+    fn new(
+        walker: Walker,
+        mut pages: Option<PageFeed>,
+        errors: &mut Vec<WalkError>,
+    ) -> Result<Sources, PlanError> {
+        let next_page = next_page(&mut pages, errors)?;
+        Ok(Sources {
+            walker: walker.peekable(),
+            pages,
+            next_page,
+        })
+    }
+
+    /// The next item (walk errors and unreadable pages recorded and skipped).
+    fn next(&mut self, errors: &mut Vec<WalkError>) -> Result<Option<SourceItem>, PlanError> {
+        let file = next_source(&mut self.walker, errors);
+        let page_first = match (&file, &self.next_page) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(f), Some((p, _))) => tree_key(&p.path) < tree_key(&f.path),
+        };
+        if page_first {
+            let page = self.next_page.take();
+            self.next_page = next_page(&mut self.pages, errors)?;
+            return Ok(page);
+        }
+        if file.is_some() {
+            self.walker.next();
+        }
+        Ok(file.map(|f| (f, None)))
+    }
+}
+
+/// The next readable page of the feed as an item with its document.
+fn next_page(
+    feed: &mut Option<PageFeed>,
+    errors: &mut Vec<WalkError>,
+) -> Result<Option<SourceItem>, PlanError> {
+    let Some(rx) = feed else { return Ok(None) };
+    loop {
+        match rx.blocking_recv() {
+            None => return Ok(None),
+            Some(Ok(p)) => {
+                let doc = String::from_utf8(p.document()).expect("JSON is UTF-8");
+                return Ok(Some((p.item(doc.as_bytes()), Some(doc))));
+            }
+            Some(Err(WagtailError::Page {
+                key,
+                id,
+                url_path,
+                problem,
+            })) => errors.push(WalkError {
+                path: format!("{PAGES_DIR}/{key}"),
+                code: "unreadable",
+                message: format!("page {id} ({url_path}): {problem}"),
+                retryable: false,
+            }),
+            Some(Err(e)) => return Err(fatal(format!("cannot read the CMS: {e}"))),
+        }
+    }
+}
+
+/// Writes the plan for one target into `dir`, merging the source walk (and `pages`)
+/// with `manifest` (the target's items in tree order). Walk errors are returned for the
+/// job record.
 pub fn build(
     spec: &PlanSpec,
     manifest: &mut mpsc::Receiver<ManifestItem>,
+    pages: Option<PageFeed>,
     dir: &Path,
 ) -> Result<(Totals, Vec<WalkError>), PlanError> {
     let mut out = PlanFiles::create(dir)?;
@@ -152,31 +237,33 @@ pub fn build(
             spec.source.display()
         )));
     }
-    let mut walker = Walker::new(&spec.source, spec.filter.clone()).peekable();
     let mut m = Merge {
         spec,
         totals: Totals::default(),
         errors: Vec::new(),
     };
+    let walker = Walker::new(&spec.source, spec.filter.clone());
+    let mut sources = Sources::new(walker, pages, &mut m.errors)?;
     let mut next_target = || manifest.blocking_recv().transpose();
+    let mut src = sources.next(&mut m.errors)?;
     let mut tgt = next_target()?;
     loop {
-        let src = next_source(&mut walker, &mut m.errors);
         let order = match (&src, &tgt) {
             (None, None) => break,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(s), Some(t)) => tree_key(&s.path).cmp(&tree_key(&t.path)),
+            (Some((s, _)), Some(t)) => tree_key(&s.path).cmp(&tree_key(&t.path)),
         };
-        let src = src.filter(|_| order != std::cmp::Ordering::Greater);
-        if src.is_some() {
-            walker.next();
-        }
+        let s = if order == std::cmp::Ordering::Greater {
+            None
+        } else {
+            std::mem::replace(&mut src, sources.next(&mut m.errors)?)
+        };
         let t = match order {
             std::cmp::Ordering::Less => None,
             _ => std::mem::replace(&mut tgt, next_target()?),
         };
-        m.merge(src, t, &mut out)?;
+        m.merge(s, t, &mut out)?;
     }
     out.finish(dir, &m.totals)?;
     Ok((m.totals, m.errors))
@@ -266,10 +353,14 @@ impl Merge<'_> {
     /// on both (update unless unchanged).
     fn merge(
         &mut self,
-        src: Option<Item>,
+        src: Option<SourceItem>,
         tgt: Option<Item>,
         out: &mut PlanFiles,
     ) -> Result<(), PlanError> {
+        let (src, doc) = match src {
+            Some((s, doc)) => (Some(s), doc),
+            None => (None, None),
+        };
         let spec = self.spec;
         if tgt.is_some() {
             self.totals.target_items += 1;
@@ -277,7 +368,7 @@ impl Merge<'_> {
         match (src, tgt) {
             (Some(mut s), None) if within(&spec.paths, &s.path) => {
                 hash_if_needed(spec, &mut s, &mut self.errors);
-                self.add(Action::Create, s, out)
+                self.add(Action::Create, s, doc, out)
             }
             (None, Some(t))
                 if spec.delete
@@ -288,6 +379,7 @@ impl Merge<'_> {
                 let e = PlanEntry {
                     a: Action::Delete,
                     i: t,
+                    doc: None,
                 };
                 out.write(PhaseName::Delete, &e)
             }
@@ -296,7 +388,7 @@ impl Merge<'_> {
                     self.totals.unchanged += 1;
                     return Ok(());
                 }
-                self.add(Action::Update, s, out)
+                self.add(Action::Update, s, doc, out)
             }
             _ => Ok(()),
         }
@@ -322,7 +414,13 @@ impl Merge<'_> {
         }
     }
 
-    fn add(&mut self, a: Action, i: Item, out: &mut PlanFiles) -> Result<(), PlanError> {
+    fn add(
+        &mut self,
+        a: Action,
+        i: Item,
+        doc: Option<String>,
+        out: &mut PlanFiles,
+    ) -> Result<(), PlanError> {
         match a {
             Action::Create => self.totals.creates += 1,
             _ => self.totals.updates += 1,
@@ -335,7 +433,7 @@ impl Merge<'_> {
         } else {
             PhaseName::Content
         };
-        out.write(ph, &PlanEntry { a, i })
+        out.write(ph, &PlanEntry { a, i, doc })
     }
 }
 

@@ -6,6 +6,7 @@ use sqlx::FromRow;
 use cms_mirror::db::{Backend, Db};
 use cms_mirror::model::{ChangeAction, Item, Kind, hex, tree_key};
 use cms_mirror::now_ms;
+use cms_mirror::pathsafe::is_page_key;
 
 #[derive(Clone, Debug, FromRow)]
 pub struct SessionRow {
@@ -117,6 +118,8 @@ pub struct PackageChanges {
     pub touched_dirs: Vec<String>,
     /// (path, "created" | "updated" | "deleted")
     pub changes: Vec<(String, ChangeAction)>,
+    /// CMS pages put by the package (their index rows are in `upserts`).
+    pub pages: Vec<crate::pagestore::PageRow>,
 }
 
 #[derive(Clone, Debug)]
@@ -362,6 +365,11 @@ impl Ledger {
         self.touch_dirs(&mut tx, session, site, &ch.touched_dirs)
             .await?;
         self.record_changes(&mut tx, session, &ch.changes).await?;
+        if !ch.pages.is_empty() || ch.deletes.iter().any(|p| is_page_key(p)) {
+            let pages =
+                crate::pagestore::record(&mut tx, site, &ch.pages, &ch.deletes, now_ms()).await?;
+            self.record_changes(&mut tx, session, &pages).await?;
+        }
         sqlx::query(
             "INSERT INTO applied_packages (session_id, seq, checksum, applied_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (session_id, seq) DO UPDATE SET checksum = excluded.checksum, applied_at = excluded.applied_at",

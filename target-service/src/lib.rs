@@ -6,6 +6,7 @@
 //!   published and N-1 recorded, answering in package order.
 //! - [`session`]: commit and abort of a session (directory times, hooks, tier push).
 //! - [`apply`]: durable, path-safe application of package entries to a site directory.
+//! - [`pagestore`]: the CMS pages of each site, written with their package.
 //! - [`ledger`]: sessions, applied packages and the manifest index, in the target's own
 //!   database (SQLite by default).
 //! - [`error`]: the target's errors and their one mapping to gRPC status codes.
@@ -20,6 +21,7 @@ pub mod hooks;
 mod import;
 pub mod ledger;
 pub mod metrics;
+pub mod pagestore;
 mod service;
 mod session;
 

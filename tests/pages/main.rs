@@ -2,4 +2,8 @@
 //! scripts/wagtail-env.sh) on SQLite and on PostgreSQL.
 
 mod cms;
+#[allow(dead_code)]
+#[path = "../e2e/helpers.rs"]
+mod helpers;
+mod mirror;
 mod reader;

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use cms_mirror::db::Backend;
-use cms_mirror::wagtail::{PageRecord, RefKind, Subtree, WagtailDb, WagtailError};
+use cms_mirror::page::{PageDoc, RefKind};
+use cms_mirror::wagtail::{Subtree, WagtailDb, WagtailError};
 
 use crate::cms::Cms;
 
@@ -18,7 +19,7 @@ fn subtree(languages: &[&str], include_root: bool) -> Subtree {
     }
 }
 
-async fn read(w: &WagtailDb, s: &Subtree) -> Result<Vec<PageRecord>, WagtailError> {
+async fn read(w: &WagtailDb, s: &Subtree) -> Result<Vec<PageDoc>, WagtailError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let walk = w.walk(s, tx);
     let collect = async {
@@ -63,7 +64,7 @@ async fn the_reader_reads_what_wagtails_api_serves(backend: Backend) {
     let keys: Vec<&str> = pages.iter().map(|p| p.key.as_str()).collect();
     assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
 
-    let by_id: HashMap<i64, &PageRecord> = pages.iter().map(|p| (p.source_id, p)).collect();
+    let by_id: HashMap<i64, &PageDoc> = pages.iter().map(|p| (p.source_id, p)).collect();
     for a in &api {
         let id = a["id"].as_i64().unwrap();
         let p = by_id
@@ -97,7 +98,7 @@ async fn the_reader_reads_what_wagtails_api_serves(backend: Backend) {
 }
 
 /// One page as read against Wagtail's API answer for it.
-fn same_page(a: &Value, p: &PageRecord, by_id: &HashMap<i64, &PageRecord>) {
+fn same_page(a: &Value, p: &PageDoc, by_id: &HashMap<i64, &PageDoc>) {
     let m = &a["meta"];
     let id = p.source_id;
     assert_eq!(a["title"], p.title, "{id}");
@@ -138,7 +139,7 @@ fn same_page(a: &Value, p: &PageRecord, by_id: &HashMap<i64, &PageRecord>) {
 }
 
 /// Every kind of reference is listed where it sits, resolved to what it points at.
-fn references(pages: &[PageRecord], cms: &Cms) {
+fn references(pages: &[PageDoc], cms: &Cms) {
     let about = cms.made["about"].as_i64().unwrap();
     let first = pages
         .iter()

@@ -47,6 +47,7 @@ on_every_backend!(
     checkpoints_counters_events_and_item_errors,
     the_target_ledger_and_manifest_index,
     idle_sessions_expire_and_open_again_from_the_start,
+    pages_are_stored_with_their_package,
     a_ledger_of_the_first_schema_is_carried_over,
 );
 
@@ -338,6 +339,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
                 ("a".into(), ChangeAction::Created),
                 ("a/b".into(), ChangeAction::Created),
             ],
+            ..Default::default()
         };
         l.record_package(&s.id, "main", 1, b"sum1", &ch)
             .await
@@ -519,6 +521,71 @@ async fn idle_sessions_expire_and_open_again_from_the_start(b: Backend) {
         l.commit_session(&s.id, "main").await.unwrap(),
         (1, 0, 0),
         "{backend}"
+    );
+}
+
+/// A page lands in the page store and the manifest index with its package, once however
+/// often the package is recorded, and goes with a delete of its key.
+async fn pages_are_stored_with_their_package(b: Backend) {
+    use cms_mirror::page::PageDoc;
+    use mirror_target::pagestore::{self, PageRow};
+    let (backend, db, _keep) = database(b, Schema::Target).await;
+    let l = Ledger::new(db.clone());
+    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let page = |title: &str| {
+        let p: PageDoc = serde_json::from_value(serde_json::json!({
+            "key": "en/abc", "locale": "en", "parent": null, "position": "0001",
+            "type": "testsite.articlepage", "slug": "news", "title": title, "seo_title": "",
+            "search_description": "", "show_in_menus": false, "first_published_at": null,
+            "last_published_at": null, "fields": {"body": "<p>x</p>"}, "references": [],
+            "source_id": 5, "source_url_path": "/home/news/"
+        }))
+        .unwrap();
+        let doc = String::from_utf8(p.document()).unwrap();
+        PackageChanges {
+            upserts: vec![p.item(doc.as_bytes())],
+            pages: vec![PageRow::new(p, doc)],
+            ..Default::default()
+        }
+    };
+    for seq in [1, 1, 2] {
+        l.record_package(&s.id, "main", seq, b"sum", &page("News"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(pagestore::count(&db, "main").await.unwrap(), 1, "{backend}");
+    let index = l.manifest_page("main", &[], 10).await.unwrap();
+    assert_eq!(index.len(), 1, "{backend}");
+    assert_eq!(
+        (index[0].path.as_str(), index[0].kind),
+        (".cms-mirror-pages/en/abc", Kind::Page)
+    );
+    l.record_package(&s.id, "main", 3, b"sum", &page("All the news"))
+        .await
+        .unwrap();
+    let title: (String,) = sqlx::query_as("SELECT title FROM pages WHERE page_key = 'en/abc'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(title.0, "All the news", "{backend}");
+    let gone = ".cms-mirror-pages/en/abc".to_string();
+    let del = PackageChanges {
+        deletes: vec![gone.clone()],
+        changes: vec![(gone, ChangeAction::Deleted)],
+        ..Default::default()
+    };
+    l.record_package(&s.id, "main", 4, b"sum", &del)
+        .await
+        .unwrap();
+    assert_eq!(pagestore::count(&db, "main").await.unwrap(), 0, "{backend}");
+    assert!(
+        l.manifest_page("main", &[], 10).await.unwrap().is_empty(),
+        "{backend}"
+    );
+    assert_eq!(
+        l.commit_session(&s.id, "main").await.unwrap(),
+        (0, 0, 1),
+        "{backend}: created, then deleted"
     );
 }
 

@@ -4,6 +4,7 @@ would be): build a site, change it, and dump Wagtail's API v2 for a subtree.
     python cms.py generate [--sections 3 --topics 2 --articles 3 --images 4 --docs 2]
     python cms.py mutate
     python cms.py api-dump --root /home/news/
+    python cms.py retitle --id 12 --title "New title"
 
 The database and media directory come from CMS_DB and CMS_MEDIA_ROOT (see
 cmsite/settings.py). `generate` migrates first and prints a JSON summary of what it
@@ -236,6 +237,13 @@ def api_dump(a):
     print()
 
 
+def retitle(a):
+    """Publishes a new title for page `--id`, as an editor would."""
+    page = Page.objects.get(id=a.id).specific
+    page.title = a.title
+    publish(page)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -247,8 +255,11 @@ def main():
     g.add_argument("--docs", type=int, default=2)
     d = sub.add_parser("api-dump")
     d.add_argument("--root", default="/home/news/")
+    r = sub.add_parser("retitle")
+    r.add_argument("--id", type=int, required=True)
+    r.add_argument("--title", required=True)
     a = ap.parse_args()
-    {"generate": generate, "api-dump": api_dump}[a.cmd](a)
+    {"generate": generate, "api-dump": api_dump, "retitle": retitle}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ async fn feed_manifest(
     }
 }
 
+/// Reads a channel's CMS pages into `tx` (an error to open the CMS database is sent as
+/// the feed's first and last message).
+async fn read_pages(
+    p: cms_mirror::config::PagesConfig,
+    tx: mpsc::Sender<Result<cms_mirror::page::PageDoc, cms_mirror::wagtail::WagtailError>>,
+) {
+    match cms_mirror::wagtail::WagtailDb::open(p.url.expose()).await {
+        Ok(w) => w.walk(&p.subtree, tx).await,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+}
+
 /// What the plan of one target compares and covers.
 fn spec(ch: &ChannelConfig, opts: &JobOptions) -> PlanSpec {
     PlanSpec {
@@ -103,10 +117,22 @@ pub(super) async fn make_plan(
         .into_inner();
     let (mtx, mut mrx) = mpsc::channel::<ManifestItem>(4096);
     let feeder = tokio::spawn(feed_manifest(stream, mtx, target_label(t), ch.ack_timeout));
+    let (pages, reader) = match &ch.pages {
+        None => (None, None),
+        Some(p) => {
+            let (ptx, prx) = mpsc::channel(256);
+            let reader = tokio::spawn(read_pages(p.clone(), ptx));
+            (Some(prx), Some(reader))
+        }
+    };
     let spec = spec(ch, opts);
     let dir = plan_dir.to_path_buf();
-    let built = tokio::task::spawn_blocking(move || plan::build(&spec, &mut mrx, &dir)).await;
+    let built =
+        tokio::task::spawn_blocking(move || plan::build(&spec, &mut mrx, pages, &dir)).await;
     feeder.abort();
+    if let Some(r) = reader {
+        r.abort();
+    }
     let (totals, walk_errors) =
         built.map_err(|e| PlanError::Fatal(format!("planner failed: {e}")))??;
     if !walk_errors.is_empty() {

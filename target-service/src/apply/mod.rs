@@ -13,6 +13,7 @@
 //! target or created by an earlier entry) refuses the item.
 
 mod body;
+mod page;
 mod pathcheck;
 mod publish;
 mod stage;

@@ -148,7 +148,7 @@ impl Stager<'_> {
     /// Checks a put's path and metadata: the item, or `None` once refused.
     fn checked(&mut self, meta: &pb::ItemMeta) -> Option<Item> {
         let path = meta.path.clone();
-        if let Err(e) = pathsafe::validate(&path, self.max_path) {
+        if let Err(e) = pathsafe::validate_file(&path, self.max_path) {
             self.refuse(path, ErrorCode::InvalidPath, e.to_string());
             return None;
         }
@@ -203,6 +203,9 @@ impl Stager<'_> {
         meta: pb::ItemMeta,
         entries: &mut std::iter::Peekable<impl Iterator<Item = pb::Entry>>,
     ) {
+        if meta.kind == pb::ItemKind::Page as i32 {
+            return self.put_page(&meta);
+        }
         let Some(item) = self.checked(&meta) else {
             return;
         };
@@ -218,6 +221,7 @@ impl Stager<'_> {
             Kind::Dir => self.put_dir(item),
             Kind::Symlink => self.put_symlink(item),
             Kind::File => self.put_file(item),
+            Kind::Page => unreachable!("pages are put by put_page"),
         };
         if let Err(e) = put {
             let err = io_item_error(&path, "cannot write", &e);
@@ -225,6 +229,26 @@ impl Stager<'_> {
             self.out.errors.push(err);
             if !self.out.no_space {
                 self.sess.failed.insert(path);
+            }
+        }
+    }
+
+    /// A page goes to the page store with the package's ledger row.
+    fn put_page(&mut self, meta: &pb::ItemMeta) {
+        let path = meta.path.clone();
+        match super::page::checked(meta, self.max_path) {
+            Err((code, why)) => self.refuse(path, code, why),
+            Ok(_) if !self.seen.insert(path.clone()) => {
+                self.refuse(
+                    path,
+                    ErrorCode::InvalidPath,
+                    "duplicate path in one package",
+                );
+            }
+            Ok((item, row)) => {
+                self.out.changes.upserts.push(item);
+                self.out.changes.pages.push(row);
+                self.out.items += 1;
             }
         }
     }
@@ -354,6 +378,13 @@ impl Stager<'_> {
         if let Err(e) = pathsafe::validate(&path, self.max_path) {
             let err = item_error(&path, ErrorCode::InvalidPath, e.to_string(), false);
             self.out.errors.push(err);
+            return;
+        }
+        if pathsafe::is_page_key(&path) {
+            // The page store drops it with the package's ledger row.
+            self.out.changes.deletes.push(path.clone());
+            self.out.changes.changes.push((path, ChangeAction::Deleted));
+            self.out.items += 1;
             return;
         }
         if let Err(m) = check_parents(root, &path) {
