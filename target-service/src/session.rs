@@ -252,6 +252,10 @@ impl TargetService {
                 deleted: Vec::new(),
             };
             for (path, action) in self.inner.ledger.changes(&s.id).await? {
+                // Pages are not files of the site: no file URL names them.
+                if cms_mirror::pathsafe::is_page_key(&path) {
+                    continue;
+                }
                 match action {
                     ChangeAction::Created => ch.created.push(path),
                     ChangeAction::Updated => ch.updated.push(path),

@@ -45,7 +45,19 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
     let cms = rt.block_on(Cms::generate(Backend::Sqlite));
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("dst");
-    let target = App::target(tmp.path()).site(&dst).spawn();
+    let hook_out = tmp.path().join("hook.json");
+    let toml = tmp.path().join("target.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"https://www.example.com/\"\n\n\
+             [[site.hook]]\ncommand = [\"sh\", \"-c\", \"cat > {}\"]\n",
+            dst.display(),
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let target = App::target(tmp.path()).config(&toml).spawn();
     let config = wagtail_config(tmp.path(), &cms, &target.url());
     let source = App::source(tmp.path(), &config).spawn();
 
