@@ -123,25 +123,27 @@ fn backend_of(url: &str, mode: &str) -> Result<(Backend, String), DbError> {
     }
 }
 
-/// Opens another application's database (a CMS's) read-only and as it is: SQLite in
-/// `mode=ro` with nothing changed (not even its journal mode), PostgreSQL sessions
-/// with read-only transactions.
-pub async fn connect_read_only(url: &str) -> Result<Db, DbError> {
+/// How a pool opens its connections: SQLite's open mode, its size, and the statements
+/// each new connection runs first.
+struct PoolSpec {
+    mode: &'static str,
+    max: fn(Backend) -> u32,
+    setup: fn(Backend) -> &'static [&'static str],
+}
+
+async fn open_pool(url: &str, spec: PoolSpec) -> Result<Db, DbError> {
     install_default_drivers();
     let redacted_url = redact(url);
-    let (backend, url) = backend_of(url, "ro")?;
+    let (backend, url) = backend_of(url, spec.mode)?;
+    let setup = (spec.setup)(backend);
     let pool = AnyPoolOptions::new()
-        .max_connections(2)
+        .max_connections((spec.max)(backend))
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(move |conn, _| {
             Box::pin(async move {
-                match backend {
-                    Backend::Sqlite => conn.execute("PRAGMA busy_timeout = 10000").await?,
-                    Backend::Postgres => {
-                        conn.execute("SET default_transaction_read_only = on")
-                            .await?
-                    }
-                };
+                for stmt in setup {
+                    conn.execute(*stmt).await?;
+                }
                 Ok(())
             })
         })
@@ -159,11 +161,23 @@ pub async fn connect_read_only(url: &str) -> Result<Db, DbError> {
     })
 }
 
+/// Opens another application's database (a CMS's) read-only and as it is: SQLite in
+/// `mode=ro` with nothing changed (not even its journal mode), PostgreSQL sessions
+/// with read-only transactions.
+pub async fn connect_read_only(url: &str) -> Result<Db, DbError> {
+    let spec = PoolSpec {
+        mode: "ro",
+        max: |_| 2,
+        setup: |b| match b {
+            Backend::Sqlite => &["PRAGMA busy_timeout = 10000"],
+            Backend::Postgres => &["SET default_transaction_read_only = on"],
+        },
+    };
+    open_pool(url, spec).await
+}
+
 /// Opens (creating a SQLite file if missing) and migrates a database.
 pub async fn connect(url: &str, schema: Schema) -> Result<Db, DbError> {
-    install_default_drivers();
-    let redacted_url = redact(url);
-    let (backend, url) = backend_of(url, "rwc")?;
     if let Some(rest) = url.strip_prefix("sqlite://")
         && let Some(parent) = std::path::Path::new(rest.split('?').next().unwrap_or(rest))
             .parent()
@@ -171,29 +185,23 @@ pub async fn connect(url: &str, schema: Schema) -> Result<Db, DbError> {
     {
         let _ = std::fs::create_dir_all(parent);
     }
-    let opts = AnyPoolOptions::new()
-        .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
-        .acquire_timeout(Duration::from_secs(10))
-        .after_connect(move |conn, _| {
-            Box::pin(async move {
-                if backend == Backend::Sqlite {
-                    // WAL for concurrent readers; FULL so a committed ledger row (and
-                    // the ack that follows it) survives a power cut.
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA synchronous = FULL").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    conn.execute("PRAGMA foreign_keys = ON").await?;
-                }
-                Ok(())
-            })
-        });
-    let pool = opts
-        .connect(&url)
-        .await
-        .map_err(|source| DbError::Connect {
-            url: redacted_url.clone(),
-            source,
-        })?;
+    let spec = PoolSpec {
+        mode: "rwc",
+        max: |b| if b == Backend::Sqlite { 4 } else { 8 },
+        // WAL for concurrent readers; FULL so a committed ledger row (and the ack that
+        // follows it) survives a power cut.
+        setup: |b| match b {
+            Backend::Sqlite => &[
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = FULL",
+                "PRAGMA busy_timeout = 10000",
+                "PRAGMA foreign_keys = ON",
+            ],
+            Backend::Postgres => &[],
+        },
+    };
+    let db = open_pool(url, spec).await?;
+    let (pool, backend, redacted_url) = (&db.pool, db.backend, &db.redacted_url);
     let migrator = match (schema, backend) {
         (Schema::Source, Backend::Sqlite) => &SOURCE_SQLITE,
         (Schema::Source, Backend::Postgres) => &SOURCE_POSTGRES,
@@ -201,18 +209,13 @@ pub async fn connect(url: &str, schema: Schema) -> Result<Db, DbError> {
         (Schema::Target, Backend::Postgres) => &TARGET_POSTGRES,
     };
     migrator
-        .run(&pool)
+        .run(pool)
         .await
         .map_err(|source| DbError::Migrate {
             url: redacted_url.clone(),
             source,
         })?;
-    Ok(Db {
-        pool,
-        backend,
-        redacted_url,
-        url: SecretUrl(url),
-    })
+    Ok(db)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-use cms_mirror::db::{self, Backend};
+use cms_mirror::db::Backend;
 
 fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,7 +46,7 @@ impl Cms {
         let dir = tempfile::tempdir().unwrap();
         let db_url = match backend {
             Backend::Sqlite => format!("sqlite://{}", dir.path().join("cms.sqlite3").display()),
-            Backend::Postgres => fresh_postgres().await,
+            Backend::Postgres => crate::postgres::fresh_database().await,
         };
         let media_root = dir.path().join("media");
         let mut cms = Cms {
@@ -82,22 +82,4 @@ impl Cms {
     pub fn api_dump(&self, root: &str) -> Vec<Value> {
         serde_json::from_str(&self.run(&["api-dump", "--root", root])).expect("API dump")
     }
-}
-
-/// A fresh database on the PostgreSQL server of TEST_DATABASE_URL.
-async fn fresh_postgres() -> String {
-    let base = std::env::var("TEST_DATABASE_URL")
-        .expect("TEST_DATABASE_URL must name a PostgreSQL server for this test");
-    let admin = db::connect_raw(&base)
-        .await
-        .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"));
-    let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let (prefix, _) = base
-        .rsplit_once('/')
-        .expect("database URL ends with /DBNAME");
-    format!("{prefix}/{name}")
 }

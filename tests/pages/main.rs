@@ -6,4 +6,6 @@ mod cms;
 #[path = "../e2e/helpers.rs"]
 mod helpers;
 mod mirror;
+#[path = "../common/postgres.rs"]
+mod postgres;
 mod reader;

@@ -1,6 +1,9 @@
 //! The store suite: the same tests on SQLite and on PostgreSQL (`TEST_DATABASE_URL`;
 //! CI sets it), one named test per backend. Every test gets its own database.
 
+#[path = "../common/postgres.rs"]
+mod test_postgres;
+
 use cms_mirror::db::{self, Db, Schema};
 use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress, Sent};
 use cms_mirror::model::{ChangeAction, Item, Kind};
@@ -66,22 +69,11 @@ async fn empty_database(backend: Backend) -> (String, String, Option<tempfile::T
             let url = format!("sqlite://{}", dir.path().join("store.db").display());
             ("sqlite".to_string(), url, Some(dir))
         }
-        Backend::Postgres => {
-            let base = std::env::var("TEST_DATABASE_URL")
-                .expect("TEST_DATABASE_URL must name a PostgreSQL server for this test");
-            let admin = db::connect_raw(&base)
-                .await
-                .unwrap_or_else(|e| panic!("TEST_DATABASE_URL: {e}"));
-            let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&admin)
-                .await
-                .unwrap();
-            let (prefix, _) = base
-                .rsplit_once('/')
-                .expect("database URL ends with /DBNAME");
-            ("postgres".to_string(), format!("{prefix}/{name}"), None)
-        }
+        Backend::Postgres => (
+            "postgres".to_string(),
+            test_postgres::fresh_database().await,
+            None,
+        ),
     }
 }
 
