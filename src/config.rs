@@ -543,6 +543,7 @@ struct RawSite {
     root: PathBuf,
     base_url: Option<String>,
     links: Option<String>,
+    pages_root: Option<String>,
     #[serde(default)]
     hook: Vec<RawHook>,
     #[serde(default)]
@@ -620,8 +621,28 @@ pub struct SiteConfig {
     pub root: PathBuf,
     pub base_url: Option<String>,
     pub links: Links,
+    /// The URL path under which the site's CMS pages are served (`/` by default;
+    /// always starting and ending with `/`).
+    pub pages_root: String,
     pub hooks: Vec<Hook>,
     pub push: Vec<Push>,
+}
+
+/// `pages_root` as a path that starts and ends with `/`.
+fn pages_root(v: Option<&str>) -> Result<String, Invalid> {
+    let v = v.unwrap_or("/");
+    let inner = v.trim_matches('/');
+    if inner.split('/').any(|c| c == "." || c == "..") || v.contains(['?', '#', '\\']) {
+        return Err(Invalid::NotAmong {
+            value: v.into(),
+            expected: "a URL path such as \"/\" or \"/archive/\"".into(),
+        });
+    }
+    Ok(if inner.is_empty() {
+        "/".into()
+    } else {
+        format!("/{inner}/")
+    })
 }
 
 /// What a target does with a symbolic link whose target leaves the site (absolute, or
@@ -664,6 +685,7 @@ impl SiteConfig {
             root: dir.into(),
             base_url: None,
             links: Links::default(),
+            pages_root: "/".into(),
             hooks: Vec::new(),
             push: Vec::new(),
         })
@@ -694,11 +716,14 @@ impl SiteConfig {
                 let push = s.push.into_iter().map(|p| push_config(p, base));
                 let push = push.collect::<Result<Vec<_>, _>>().map_err(err)?;
                 let links = Links::parse(s.links.as_deref()).map_err(|e| err(("links", e)))?;
+                let pages_root =
+                    pages_root(s.pages_root.as_deref()).map_err(|e| err(("pages_root", e)))?;
                 Ok(SiteConfig {
                     root: base.join(&s.root),
                     name: s.name.clone(),
                     base_url: s.base_url.clone(),
                     links,
+                    pages_root,
                     hooks,
                     push,
                 })

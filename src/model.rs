@@ -185,6 +185,12 @@ pub enum ErrorCode {
     NoSpace,
     /// A symbolic link that leaves the site, refused by the site's `links = "safe"`.
     UnsafeLink,
+    /// A page links to a page that is not mirrored (outside the subtree, or deleted).
+    BrokenLink,
+    /// A page whose parent is not mirrored: it has no URL.
+    MissingParent,
+    /// A page whose URL another page already has.
+    SlugCollision,
     Io,
 }
 
@@ -201,6 +207,9 @@ impl ErrorCode {
             ErrorCode::ChecksumMismatch => "checksum_mismatch",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::UnsafeLink => "unsafe_link",
+            ErrorCode::BrokenLink => "broken_link",
+            ErrorCode::MissingParent => "missing_parent",
+            ErrorCode::SlugCollision => "slug_collision",
             ErrorCode::Io => "io",
         }
     }

@@ -581,6 +581,23 @@ impl JobStore {
         Ok(())
     }
 
+    /// Counts `n` more item errors for a target (those recorded outside a checkpoint,
+    /// e.g. reported by its commit).
+    pub async fn count_item_errors(
+        &self,
+        job: &str,
+        target: &str,
+        n: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE job_targets SET item_errors = item_errors + $1 WHERE job_id = $2 AND target = $3")
+            .bind(n)
+            .bind(job)
+            .bind(target)
+            .execute(&self.db.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn item_errors(&self, job: &str) -> Result<Vec<ItemErrorRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT target, path, code, message, retryable, at FROM job_item_errors \

@@ -2,9 +2,14 @@
 //! transaction of the package that brought them (so a package applied twice changes
 //! nothing), with their index rows in `entries` (kind page) like any other item.
 
-use cms_mirror::model::ChangeAction;
-use cms_mirror::page::PageDoc;
+use std::collections::HashMap;
+
+use sqlx::Row;
+
+use cms_mirror::model::{ChangeAction, ErrorCode};
+use cms_mirror::page::{PageDoc, RefKind};
 use cms_mirror::pathsafe::{PAGES_DIR, is_page_key};
+use cms_mirror::pb;
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
 
@@ -20,12 +25,23 @@ pub struct PageRow {
     pub title: String,
     pub doc: String,
     pub hash: Vec<u8>,
+    /// Keys of the pages it links to ("" for a page gone from the CMS).
+    pub links: Vec<String>,
 }
 
 impl PageRow {
     /// The row of a checked page document (`doc` its exact bytes).
     pub fn new(p: PageDoc, doc: String) -> PageRow {
+        let mut links: Vec<String> = p
+            .references
+            .iter()
+            .filter(|r| r.kind == RefKind::Page)
+            .map(|r| r.to.clone())
+            .collect();
+        links.sort();
+        links.dedup();
         PageRow {
+            links,
             hash: blake3::hash(doc.as_bytes()).as_bytes().to_vec(),
             key: p.key,
             locale: p.locale,
@@ -40,7 +56,7 @@ impl PageRow {
 
     /// The page's item path (below [`PAGES_DIR`]).
     pub fn path(&self) -> String {
-        format!("{PAGES_DIR}/{}", self.key)
+        item_path(&self.key)
     }
 }
 
@@ -98,24 +114,269 @@ pub(crate) async fn record(
             ChangeAction::Created
         };
         changes.push((p.path(), action));
+        sqlx::query("DELETE FROM page_links WHERE site = $1 AND from_key = $2")
+            .bind(site)
+            .bind(&p.key)
+            .execute(&mut **tx)
+            .await?;
+        for to in &p.links {
+            sqlx::query(
+                "INSERT INTO page_links (site, from_key, to_key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(site)
+            .bind(&p.key)
+            .bind(to)
+            .execute(&mut **tx)
+            .await?;
+        }
     }
     for path in deletes.iter().filter(|p| is_page_key(p)) {
         let key = &path[PAGES_DIR.len() + 1..];
-        sqlx::query("DELETE FROM pages WHERE site = $1 AND page_key = $2")
-            .bind(site)
-            .bind(key)
-            .execute(&mut **tx)
-            .await?;
+        for sql in [
+            "DELETE FROM pages WHERE site = $1 AND page_key = $2",
+            "DELETE FROM page_links WHERE site = $1 AND from_key = $2",
+        ] {
+            sqlx::query(sql)
+                .bind(site)
+                .bind(key)
+                .execute(&mut **tx)
+                .await?;
+        }
     }
     Ok(changes)
 }
 
 /// How many pages a site's store holds.
 pub async fn count(db: &cms_mirror::db::Db, site: &str) -> Result<i64, sqlx::Error> {
-    use sqlx::Row;
     let r = sqlx::query("SELECT COUNT(*) FROM pages WHERE site = $1")
         .bind(site)
         .fetch_one(&db.pool)
         .await?;
     Ok(r.get::<i64, _>(0))
+}
+
+/// A page's item path from its key.
+fn item_path(key: &str) -> String {
+    format!("{PAGES_DIR}/{key}")
+}
+
+fn page_error(key: &str, code: ErrorCode, message: String) -> pb::ItemError {
+    pb::ItemError {
+        path: item_path(key),
+        code: code.as_str().into(),
+        message,
+        retryable: false,
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Place {
+    locale: String,
+    parent_key: Option<String>,
+    slug: String,
+    url_path: Option<String>,
+}
+
+async fn place(tx: &mut Tx<'_>, site: &str, key: &str) -> Result<Option<Place>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT locale, parent_key, slug, url_path FROM pages WHERE site = $1 AND page_key = $2",
+    )
+    .bind(site)
+    .bind(key)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Pages deeper than this are taken for a cycle of parents.
+const MAX_DEPTH: usize = 512;
+
+/// What a session changed in a site's pages, resolved once all its packages are in.
+pub struct Resolver<'a> {
+    pub site: &'a str,
+    /// The site's `pages_root` (starts and ends with `/`).
+    pub root: &'a str,
+    /// Keys of the pages the session put.
+    pub put: &'a std::collections::HashSet<String>,
+    /// Keys of the pages it deleted.
+    pub deleted: &'a [String],
+}
+
+impl Resolver<'_> {
+    /// Gives each page put its URL path (its pages_root, locale and slugs; a moved or
+    /// renamed page's descendants follow it) and reports what cannot be served as it
+    /// is: a missing parent, a URL another page has, a link to a page not mirrored.
+    pub async fn resolve(
+        &self,
+        db: &cms_mirror::db::Db,
+    ) -> Result<Vec<pb::ItemError>, sqlx::Error> {
+        let mut tx = db.pool.begin().await?;
+        let mut memo: HashMap<String, Option<String>> = HashMap::new();
+        let mut errors = Vec::new();
+        let mut put: Vec<(String, Option<String>)> = Vec::with_capacity(self.put.len());
+        for key in self.put {
+            let url = self.url_of(&mut tx, key, &mut memo).await?;
+            put.push((key.clone(), url));
+        }
+        // Shallow pages first, so a moved page's descendants follow it before their own
+        // (equal) paths are written.
+        put.sort_by_key(|(_, u)| u.as_ref().map_or(usize::MAX, |u| u.matches('/').count()));
+        for (key, url) in &put {
+            let url = match url {
+                None => {
+                    let why = "its parent page is not mirrored, so it has no URL".to_string();
+                    errors.push(page_error(key, ErrorCode::MissingParent, why));
+                    None
+                }
+                Some(u) => match self.taken(&mut tx, key, u).await? {
+                    Some(other) => {
+                        let why = format!(
+                            "its URL {u} is already page {other}'s; it is not served until its slug changes"
+                        );
+                        errors.push(page_error(key, ErrorCode::SlugCollision, why));
+                        None
+                    }
+                    None => Some(u.clone()),
+                },
+            };
+            self.set_url(&mut tx, key, url.as_deref()).await?;
+        }
+        self.broken_links(&mut tx, &mut errors).await?;
+        tx.commit().await?;
+        Ok(errors)
+    }
+
+    /// The URL path a page gets: up its parents to one this session did not put (or
+    /// the top of the mirror), then down again.
+    async fn url_of(
+        &self,
+        tx: &mut Tx<'_>,
+        key: &str,
+        memo: &mut HashMap<String, Option<String>>,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let mut chain: Vec<(String, String)> = Vec::new();
+        let mut cur = key.to_string();
+        let base = loop {
+            if let Some(u) = memo.get(&cur) {
+                break u.clone();
+            }
+            if chain.len() > MAX_DEPTH {
+                break None;
+            }
+            let Some(p) = place(tx, self.site, &cur).await? else {
+                break None;
+            };
+            if !self.put.contains(&cur) {
+                break p.url_path;
+            }
+            chain.push((cur.clone(), p.slug));
+            match p.parent_key {
+                None => break Some(format!("{}{}/", self.root, p.locale)),
+                Some(parent) => cur = parent,
+            }
+        };
+        let mut url = base;
+        for (k, slug) in chain.into_iter().rev() {
+            url = url.map(|u| format!("{u}{slug}/"));
+            memo.insert(k, url.clone());
+        }
+        Ok(url)
+    }
+
+    /// Another page that has URL path `url`.
+    async fn taken(
+        &self,
+        tx: &mut Tx<'_>,
+        key: &str,
+        url: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let r = sqlx::query(
+            "SELECT page_key FROM pages WHERE site = $1 AND url_path = $2 AND page_key <> $3",
+        )
+        .bind(self.site)
+        .bind(url)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(r.map(|r| r.get::<String, _>(0)))
+    }
+
+    /// Writes a page's URL path; the pages below a page whose path changed move with it.
+    async fn set_url(
+        &self,
+        tx: &mut Tx<'_>,
+        key: &str,
+        url: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let old = place(tx, self.site, key).await?.and_then(|p| p.url_path);
+        if old.as_deref() == url {
+            return Ok(());
+        }
+        sqlx::query("UPDATE pages SET url_path = $1 WHERE site = $2 AND page_key = $3")
+            .bind(url)
+            .bind(self.site)
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+        if let (Some(old), Some(new)) = (old, url) {
+            sqlx::query(
+                "UPDATE pages SET url_path = $1 || SUBSTR(url_path, CAST($2 AS INTEGER)) \
+                 WHERE site = $3 AND SUBSTR(url_path, 1, CAST($4 AS INTEGER)) = $5 AND page_key <> $6",
+            )
+            .bind(new)
+            .bind(old.len() as i64 + 1)
+            .bind(self.site)
+            .bind(old.len() as i64)
+            .bind(&old)
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Links of the pages put that lead to no mirrored page, and links of other pages
+    /// to the pages deleted.
+    async fn broken_links(
+        &self,
+        tx: &mut Tx<'_>,
+        errors: &mut Vec<pb::ItemError>,
+    ) -> Result<(), sqlx::Error> {
+        let mut found: Vec<(String, String)> = Vec::new();
+        for key in self.put {
+            let rows = sqlx::query(
+                "SELECT l.to_key FROM page_links l LEFT JOIN pages p ON p.site = l.site AND p.page_key = l.to_key \
+                 WHERE l.site = $1 AND l.from_key = $2 AND p.page_key IS NULL",
+            )
+            .bind(self.site)
+            .bind(key)
+            .fetch_all(&mut **tx)
+            .await?;
+            found.extend(rows.iter().map(|r| (key.clone(), r.get::<String, _>(0))));
+        }
+        for gone in self.deleted {
+            let rows =
+                sqlx::query("SELECT from_key FROM page_links WHERE site = $1 AND to_key = $2")
+                    .bind(self.site)
+                    .bind(gone)
+                    .fetch_all(&mut **tx)
+                    .await?;
+            for r in rows {
+                let from: String = r.get(0);
+                if !self.put.contains(&from) {
+                    found.push((from, gone.clone()));
+                }
+            }
+        }
+        for (from, to) in found {
+            let why = if to.is_empty() {
+                "it links to a page that no longer exists in the CMS".to_string()
+            } else {
+                format!(
+                    "it links to page {to}, which is not mirrored (outside the subtree, unpublished or deleted)"
+                )
+            };
+            errors.push(page_error(&from, ErrorCode::BrokenLink, why));
+        }
+        Ok(())
+    }
 }

@@ -77,6 +77,11 @@ impl TargetService {
             .expect("lineages lock")
             .remove(&s.id)
             .unwrap_or_default();
+        let item_errors = if first_commit {
+            self.resolve_pages(&s).await?
+        } else {
+            Vec::new()
+        };
         let (created, updated, deleted) = self.inner.ledger.commit_session(&s.id, &s.site).await?;
         tracing::info!(session = %s.id, created, updated, deleted, "session committed");
         let mut hooks = Vec::new();
@@ -96,7 +101,49 @@ impl TargetService {
             items_updated: updated,
             items_deleted: deleted,
             hooks,
+            item_errors,
         })
+    }
+
+    /// Resolves the pages the session put and deleted (URLs, links); the problems found.
+    async fn resolve_pages(&self, s: &SessionRow) -> Result<Vec<pb::ItemError>, TargetError> {
+        let mut put = std::collections::HashSet::new();
+        let mut deleted = Vec::new();
+        for (path, action) in self.inner.ledger.changes(&s.id).await? {
+            let Some(key) = path
+                .strip_prefix(cms_mirror::pathsafe::PAGES_DIR)
+                .and_then(|k| k.strip_prefix('/'))
+            else {
+                continue;
+            };
+            match action {
+                ChangeAction::Deleted => deleted.push(key.to_string()),
+                _ => {
+                    put.insert(key.to_string());
+                }
+            }
+        }
+        if put.is_empty() && deleted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let root = self
+            .inner
+            .settings
+            .sites
+            .iter()
+            .find(|c| c.name == s.site)
+            .map_or("/", |c| c.pages_root.as_str());
+        let r = crate::pagestore::Resolver {
+            site: &s.site,
+            root,
+            put: &put,
+            deleted: &deleted,
+        };
+        let errors = r.resolve(self.inner.ledger.db()).await?;
+        if !errors.is_empty() {
+            tracing::warn!(session = %s.id, errors = errors.len(), "pages that cannot be served as they are");
+        }
+        Ok(errors)
     }
 
     /// Drops a session's staged files, under its locks: an apply still running for a

@@ -10,17 +10,26 @@ use cms_mirror::db::Backend;
 use crate::cms::Cms;
 use crate::helpers::*;
 
-/// The target's page store: (key, title) of each page of site `main`.
-fn replica(dir: &Path) -> Vec<(String, String)> {
+/// The target's page store: (key, title, URL path, source id) of each page of site
+/// `main`.
+fn replica(dir: &Path) -> Vec<(String, String, Option<String>, i64)> {
     let url = format!("sqlite://{}", dir.join("target-data/target.db").display());
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let db = cms_mirror::db::connect(&url, cms_mirror::db::Schema::Target)
             .await
             .unwrap();
-        sqlx::query_as("SELECT page_key, title FROM pages WHERE site = 'main' ORDER BY page_key")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
+        let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+            "SELECT page_key, title, url_path, doc FROM pages WHERE site = 'main' ORDER BY page_key",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(k, t, u, doc)| {
+                let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+                (k, t, u, doc["source_id"].as_i64().unwrap())
+            })
+            .collect()
     })
 }
 
@@ -61,16 +70,42 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
     let config = wagtail_config(tmp.path(), &cms, &target.url());
     let source = App::source(tmp.path(), &config).spawn();
 
+    // Links to `about` (outside the subtree) and to the unpublished page are broken on
+    // the replica: item errors naming both pages, and the job goes on.
     let (code, job) = run_job(&source.url(), &[]);
-    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(code, 1, "{job:#}");
+    let errors = job["item_errors"].as_array().unwrap();
+    assert!(
+        errors.iter().all(|e| e["code"] == "broken_link"),
+        "{errors:#?}"
+    );
     let pages = replica(tmp.path());
+    let key_of = |id: i64| pages.iter().find(|p| p.3 == id).map(|p| p.0.clone());
+    // The first article links to `about`.
+    let first = key_of(cms.made["first_article"].as_i64().unwrap()).unwrap();
+    let about = cms.made["about"].as_i64().unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e["path"].as_str().unwrap().ends_with(&first)
+                && e["message"].as_str().unwrap().contains("is not mirrored")),
+        "no broken link from {first} (to about, page {about}): {errors:#?}"
+    );
     let live = cms.made["live_in_news"].as_u64().unwrap() as usize;
     assert_eq!(pages.len(), live, "{pages:#?}");
     assert!(
         pages
             .iter()
-            .any(|(k, t)| k.starts_with("de/") && t == "Nachrichten")
+            .any(|p| p.0.starts_with("de/") && p.1 == "Nachrichten")
     );
+    // Every page's URL on the replica is the one Wagtail gives it (pages_root "/").
+    for a in cms.api_dump("/home/news/") {
+        let id = a["id"].as_i64().unwrap();
+        let html = a["meta"]["html_url"].as_str().unwrap();
+        let path = html.strip_prefix("http://cms.test").unwrap();
+        let p = pages.iter().find(|p| p.3 == id).unwrap();
+        assert_eq!(p.2.as_deref(), Some(path), "page {id}");
+    }
     // Images and documents land as files, renditions do not.
     for f in cms.made["images"]
         .as_array()
@@ -106,5 +141,5 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
     assert_eq!(t["items_total"], 1, "{t:#}");
     let pages = replica(tmp.path());
     assert_eq!(pages.len(), live);
-    assert!(pages.iter().any(|(_, t)| t == "All the news"), "{pages:#?}");
+    assert!(pages.iter().any(|p| p.1 == "All the news"), "{pages:#?}");
 }

@@ -51,6 +51,7 @@ on_every_backend!(
     the_target_ledger_and_manifest_index,
     idle_sessions_expire_and_open_again_from_the_start,
     pages_are_stored_with_their_package,
+    page_urls_follow_moves_and_problems_are_reported,
     a_ledger_of_the_first_schema_is_carried_over,
 );
 
@@ -579,6 +580,163 @@ async fn pages_are_stored_with_their_package(b: Backend) {
         (0, 0, 1),
         "{backend}: created, then deleted"
     );
+}
+
+/// A test page `key` under `parent` with `slug`, linking to `links`.
+fn test_page(
+    key: &str,
+    parent: Option<&str>,
+    slug: &str,
+    links: &[&str],
+) -> mirror_target::pagestore::PageRow {
+    let refs: Vec<serde_json::Value> = links
+        .iter()
+        .map(|to| serde_json::json!({"path": "body", "kind": "page", "id": 1, "to": to}))
+        .collect();
+    let p: cms_mirror::page::PageDoc = serde_json::from_value(serde_json::json!({
+        "key": key, "locale": "en", "parent": parent, "position": "0001",
+        "type": "testsite.articlepage", "slug": slug, "title": slug, "seo_title": "",
+        "search_description": "", "show_in_menus": false, "first_published_at": null,
+        "last_published_at": null, "fields": {}, "references": refs,
+        "source_id": 1, "source_url_path": "/"
+    }))
+    .unwrap();
+    let doc = String::from_utf8(p.document()).unwrap();
+    mirror_target::pagestore::PageRow::new(p, doc)
+}
+
+/// URL paths come from pages_root, locale and slugs, and follow a renamed page to its
+/// descendants; a colliding URL, a missing parent and links to pages not mirrored (or
+/// deleted) are reported, each naming the page.
+async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
+    use mirror_target::pagestore::Resolver;
+    use std::collections::HashSet;
+    let (backend, db, _keep) = database(b, Schema::Target).await;
+    let l = Ledger::new(db.clone());
+    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let mut seq = 0;
+    let mut put = |pages: Vec<mirror_target::pagestore::PageRow>, deletes: Vec<String>| {
+        seq += 1;
+        let ch = PackageChanges {
+            upserts: pages
+                .iter()
+                .map(|p| Item {
+                    kind: Kind::Page,
+                    ..item(&p.path(), Kind::File)
+                })
+                .collect(),
+            pages,
+            deletes,
+            ..Default::default()
+        };
+        (seq, ch)
+    };
+    let resolve = |keys: &[&str], deleted: &[&str]| {
+        let put: HashSet<String> = keys.iter().map(|k| k.to_string()).collect();
+        let deleted: Vec<String> = deleted.iter().map(|k| k.to_string()).collect();
+        let db = db.clone();
+        async move {
+            Resolver {
+                site: "main",
+                root: "/site/",
+                put: &put,
+                deleted: &deleted,
+            }
+            .resolve(&db)
+            .await
+            .unwrap()
+        }
+    };
+    let urls = || {
+        let db = db.clone();
+        async move {
+            let rows: Vec<(String, Option<String>)> =
+                sqlx::query_as("SELECT page_key, url_path FROM pages ORDER BY page_key")
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            rows
+        }
+    };
+    let (n, ch) = put(
+        vec![
+            test_page("en/c", Some("en/b"), "c", &[]),
+            test_page("en/b", Some("en/a"), "b", &["en/a"]),
+            test_page("en/a", None, "news", &[]),
+        ],
+        vec![],
+    );
+    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    assert!(resolve(&["en/a", "en/b", "en/c"], &[]).await.is_empty());
+    let want = |a: &str, b: &str, c: &str| {
+        vec![
+            ("en/a".to_string(), Some(a.to_string())),
+            ("en/b".to_string(), Some(b.to_string())),
+            ("en/c".to_string(), Some(c.to_string())),
+        ]
+    };
+    assert_eq!(
+        urls().await,
+        want("/site/en/news/", "/site/en/news/b/", "/site/en/news/b/c/"),
+        "{backend}"
+    );
+    // A renamed page takes its descendants along.
+    let (n, ch) = put(vec![test_page("en/a", None, "latest", &[])], vec![]);
+    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    assert!(resolve(&["en/a"], &[]).await.is_empty());
+    assert_eq!(
+        urls().await,
+        want(
+            "/site/en/latest/",
+            "/site/en/latest/b/",
+            "/site/en/latest/b/c/"
+        ),
+        "{backend}"
+    );
+    // A second page at that URL, an orphan, a link to nowhere.
+    let (n, ch) = put(
+        vec![
+            test_page("en/d", None, "latest", &[]),
+            test_page("en/e", Some("en/zzz"), "e", &[]),
+            test_page("en/f", None, "f", &["en/nope"]),
+        ],
+        vec![],
+    );
+    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    let mut errors: Vec<(String, String)> = resolve(&["en/d", "en/e", "en/f"], &[])
+        .await
+        .into_iter()
+        .map(|e| (e.path, e.code))
+        .collect();
+    errors.sort();
+    assert_eq!(
+        errors,
+        [
+            (
+                ".cms-mirror-pages/en/d".to_string(),
+                "slug_collision".to_string()
+            ),
+            (
+                ".cms-mirror-pages/en/e".to_string(),
+                "missing_parent".to_string()
+            ),
+            (
+                ".cms-mirror-pages/en/f".to_string(),
+                "broken_link".to_string()
+            ),
+        ],
+        "{backend}"
+    );
+    // A deleted page leaves the pages linking to it with a broken link.
+    let (n, ch) = put(vec![], vec![".cms-mirror-pages/en/a".into()]);
+    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    let errors = resolve(&[], &["en/a"]).await;
+    assert_eq!(errors.len(), 1, "{backend}: {errors:?}");
+    assert_eq!(
+        (errors[0].path.as_str(), errors[0].code.as_str()),
+        (".cms-mirror-pages/en/b", "broken_link")
+    );
+    assert!(errors[0].message.contains("en/a"), "{}", errors[0].message);
 }
 
 /// A ledger written by the first schema keeps its sessions, index and changes through

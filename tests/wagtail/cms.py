@@ -206,6 +206,7 @@ def build(a):
         "home": home.id,
         "about": about.id,
         "news": news.id,
+        "first_article": articles[0].id,
         "draft": draft.id,
         "unpublished": articles[2].id,
         "pages": Page.objects.filter(depth__gt=1).count(),

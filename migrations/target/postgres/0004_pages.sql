@@ -14,8 +14,22 @@ CREATE TABLE pages (
     title TEXT NOT NULL,
     doc TEXT NOT NULL,
     hash BYTEA NOT NULL,
+    -- The page's path in the site (pages_root, locale, slugs), set at commit; NULL
+    -- while its parent is missing or its path collides with another page's.
+    url_path TEXT,
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (site, page_key)
 );
 CREATE UNIQUE INDEX pages_id_idx ON pages (id);
 CREATE INDEX pages_children_idx ON pages (site, parent_key, position);
+CREATE INDEX pages_url_idx ON pages (site, url_path);
+
+-- Links between pages (from each page's references), to find the pages a deleted or
+-- missing page leaves with a broken link.
+CREATE TABLE page_links (
+    site TEXT NOT NULL,
+    from_key TEXT NOT NULL,
+    to_key TEXT NOT NULL,
+    PRIMARY KEY (site, from_key, to_key)
+);
+CREATE INDEX page_links_to_idx ON page_links (site, to_key);

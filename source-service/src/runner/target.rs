@@ -569,7 +569,6 @@ impl<'a> TargetRun<'a> {
             |_, _| Box::pin(async {}),
         )
         .await;
-        let row = current_row(self.app, self.jid, self.tname()).await;
         let r = match committed {
             Ok(r) => r.into_inner(),
             Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
@@ -579,9 +578,12 @@ impl<'a> TargetRun<'a> {
                     target_label(self.t),
                     status_text(&s)
                 );
+                let row = current_row(self.app, self.jid, self.tname()).await;
                 return Err(Stop::Failed(msg, row.item_errors as u64));
             }
         };
+        self.record_commit_errors(&r.item_errors).await;
+        let row = current_row(self.app, self.jid, self.tname()).await;
         for h in &r.hooks {
             self.emit("hook_result", json!({"hook": h.hook, "ok": h.ok, "status": h.status, "error": h.error, "attempts": h.attempts, "duration_ms": h.duration_ms})).await;
         }
@@ -602,6 +604,31 @@ impl<'a> TargetRun<'a> {
         self.emit("committed", json!({"created": r.items_created, "updated": r.items_updated, "deleted": r.items_deleted}))
             .await;
         Ok(TargetOutcome::from_row(TargetState::Committed, &row))
+    }
+
+    /// Records the problems the target found once the session was complete (pages
+    /// with broken links, missing parents, colliding URLs) as the job's item errors.
+    async fn record_commit_errors(&self, errors: &[pb::ItemError]) {
+        if errors.is_empty() {
+            return;
+        }
+        let errs: Vec<cms_mirror::jobstore::NewItemError> = errors
+            .iter()
+            .map(|e| cms_mirror::jobstore::NewItemError {
+                path: e.path.clone(),
+                code: e.code.clone(),
+                message: e.message.clone(),
+                retryable: e.retryable,
+            })
+            .collect();
+        super::record_item_errors(self.app, self.jid, &self.ch.name, self.tname(), &errs).await;
+        let n = errs.len() as i64;
+        let counted = self
+            .app
+            .store
+            .count_item_errors(self.jid, self.tname(), n)
+            .await;
+        logged(counted, self.jid, "commit item errors");
     }
 
     /// Tells the target to drop a session's staged files (best effort, bounded).
