@@ -110,6 +110,8 @@ pub struct Root {
 /// A Wagtail site's database, opened read-only.
 pub struct WagtailDb {
     db: Db,
+    /// Pages read per statement ([`BATCH`]).
+    batch: i64,
     page_ct: i64,
     image_ct: i64,
     document_ct: i64,
@@ -139,6 +141,7 @@ impl WagtailDb {
         let document_ct = ct("wagtaildocs", "document").await?;
         Ok(WagtailDb {
             db,
+            batch: BATCH,
             page_ct,
             image_ct,
             document_ct,
@@ -176,6 +179,12 @@ impl WagtailDb {
             }
         }
         Ok(())
+    }
+
+    /// Reads `n` pages per statement instead of [`BATCH`].
+    pub fn with_batch(mut self, n: i64) -> WagtailDb {
+        self.batch = n.max(1);
+        self
     }
 
     fn backend(&self) -> Backend {
@@ -358,7 +367,8 @@ impl WagtailDb {
              LEFT JOIN wagtailcore_page pp ON pp.path = SUBSTR(p.path, 1, LENGTH(p.path) - 4) \
              LEFT JOIN wagtailcore_revision r ON r.id = p.live_revision_id \
              WHERE p.locale_id = $1 AND p.path LIKE $2 AND p.depth >= $3 {after_cond} \
-             ORDER BY p.translation_key LIMIT {BATCH}",
+             ORDER BY p.translation_key LIMIT {batch}",
+            batch = self.batch,
             menus = boolean("show_in_menus"),
             first = time("first_published_at"),
             last = time("last_published_at"),

@@ -95,6 +95,16 @@ async fn the_reader_reads_what_wagtails_api_serves(backend: Backend) {
     }
     references(&pages, &cms);
     options(&w).await;
+    // Read in statements of 7 pages, the same pages in the same order.
+    let small = WagtailDb::open(&format!("wagtail+{}", cms.db_url))
+        .await
+        .unwrap()
+        .with_batch(7);
+    assert_eq!(
+        read(&small, &subtree(&[], true)).await.unwrap(),
+        pages,
+        "{backend:?}"
+    );
 }
 
 /// One page as read against Wagtail's API answer for it.
