@@ -11,7 +11,7 @@ use crate::model::{Item, Kind};
 use crate::pathsafe::PAGES_DIR;
 
 /// What a reference points at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RefKind {
     Page,

@@ -6,6 +6,7 @@
 //!   published and N-1 recorded, answering in package order.
 //! - [`session`]: commit and abort of a session (directory times, hooks, tier push).
 //! - [`apply`]: durable, path-safe application of package entries to a site directory.
+//! - [`delivery`]: the page store served read-only, shaped like Wagtail's API v2.
 //! - [`pagestore`]: the CMS pages of each site, written with their package.
 //! - [`ledger`]: sessions, applied packages and the manifest index, in the target's own
 //!   database (SQLite by default).
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod delivery;
 pub mod error;
 #[cfg(feature = "failpoints")]
 mod failpoints;

@@ -58,6 +58,10 @@ struct Args {
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
+    /// Serve the sites' CMS pages read-only at http://ADDR/api/v2/pages/ (shaped like
+    /// Wagtail's API v2).
+    #[arg(long, env = "MIRROR_DELIVERY_LISTEN")]
+    delivery_listen: Option<String>,
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
     #[arg(long, env = "MIRROR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -123,6 +127,17 @@ async fn main() -> anyhow::Result<()> {
             let svc = svc.clone();
             async move { svc.render_metrics() }
         }));
+    }
+    if let Some(addr) = &args.delivery_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--delivery-listen)"))?;
+        println!("delivery API on http://{}/api/v2/pages/", l.local_addr()?);
+        let d = mirror_target::delivery::Delivery::new(
+            service.ledger().db().clone(),
+            service.settings().sites.clone(),
+        );
+        tokio::spawn(mirror_target::delivery::serve(l, d));
     }
     // The bound address on stdout, for scripts and tests that listen on port 0.
     println!("mirror-target listening on {addr}");

@@ -2,6 +2,7 @@
 //! scripts/wagtail-env.sh) on SQLite and on PostgreSQL.
 
 mod cms;
+mod delivery;
 #[allow(dead_code)]
 #[path = "../e2e/helpers.rs"]
 mod helpers;

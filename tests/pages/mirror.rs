@@ -33,7 +33,7 @@ fn replica(dir: &Path) -> Vec<(String, String, Option<String>, i64)> {
     })
 }
 
-fn wagtail_config(dir: &Path, cms: &Cms, target_url: &str) -> std::path::PathBuf {
+pub(crate) fn wagtail_config(dir: &Path, cms: &Cms, target_url: &str) -> std::path::PathBuf {
     let p = dir.join("mirror.toml");
     std::fs::write(
         &p,
