@@ -31,7 +31,8 @@ pub struct Reference {
     /// The page's key, or the file's path under the media root; empty when the object
     /// is gone (a broken link).
     pub to: String,
-    /// The image's or document's title.
+    /// The image's or document's title; for a page, its URL path in the source CMS
+    /// (for messages: a link to a page that is not mirrored names it so).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub title: String,
 }

@@ -341,7 +341,7 @@ impl WagtailDb {
         // Every reference of the page, resolved to what it points at.
         let refs = format!(
             "(SELECT CAST({agg}({object}('path', ri.content_path, 'ct', CAST(ri.to_content_type_id AS BIGINT), \
-               'id', ri.to_object_id, 'page', {to_page}, 'page_locale', tl.language_code, \
+               'id', ri.to_object_id, 'page', {to_page}, 'page_locale', tl.language_code, 'page_url', tp.url_path, \
                'image', im.file, 'image_title', im.title, 'doc', dd.file, 'doc_title', dd.title)) AS TEXT) \
              FROM wagtailcore_referenceindex ri \
              LEFT JOIN wagtailcore_page tp ON ri.to_content_type_id = {page} AND CAST(tp.id AS TEXT) = ri.to_object_id \
@@ -432,6 +432,7 @@ impl WagtailDb {
             id: String,
             page: Option<String>,
             page_locale: Option<String>,
+            page_url: Option<String>,
             image: Option<String>,
             image_title: Option<String>,
             doc: Option<String>,
@@ -450,7 +451,7 @@ impl WagtailDb {
                     .page
                     .zip(r.page_locale)
                     .map(|(k, l)| format!("{l}/{}", k.replace('-', "")));
-                (RefKind::Page, to, None)
+                (RefKind::Page, to, r.page_url)
             } else if r.ct == self.image_ct {
                 (RefKind::Image, r.image, r.image_title)
             } else if r.ct == self.document_ct {

@@ -25,21 +25,22 @@ pub struct PageRow {
     pub title: String,
     pub doc: String,
     pub hash: Vec<u8>,
-    /// Keys of the pages it links to ("" for a page gone from the CMS).
-    pub links: Vec<String>,
+    /// The pages it links to: key ("" for a page gone from the CMS) and the page's URL
+    /// path in the source, for messages.
+    pub links: Vec<(String, String)>,
 }
 
 impl PageRow {
     /// The row of a checked page document (`doc` its exact bytes).
     pub fn new(p: PageDoc, doc: String) -> PageRow {
-        let mut links: Vec<String> = p
+        let mut links: Vec<(String, String)> = p
             .references
             .iter()
             .filter(|r| r.kind == RefKind::Page)
-            .map(|r| r.to.clone())
+            .map(|r| (r.to.clone(), r.title.clone()))
             .collect();
         links.sort();
-        links.dedup();
+        links.dedup_by(|a, b| a.0 == b.0);
         PageRow {
             links,
             hash: blake3::hash(doc.as_bytes()).as_bytes().to_vec(),
@@ -119,13 +120,15 @@ pub(crate) async fn record(
             .bind(&p.key)
             .execute(&mut **tx)
             .await?;
-        for to in &p.links {
+        for (to, hint) in &p.links {
             sqlx::query(
-                "INSERT INTO page_links (site, from_key, to_key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                "INSERT INTO page_links (site, from_key, to_key, to_hint) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
             )
             .bind(site)
             .bind(&p.key)
             .bind(to)
+            .bind(hint)
             .execute(&mut **tx)
             .await?;
         }
@@ -282,6 +285,25 @@ impl Resolver<'_> {
         Ok(url)
     }
 
+    /// A page as messages name it: its title and URL path.
+    async fn describe(&self, tx: &mut Tx<'_>, key: &str) -> Result<String, sqlx::Error> {
+        let r = sqlx::query("SELECT title, url_path FROM pages WHERE site = $1 AND page_key = $2")
+            .bind(self.site)
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(match r {
+            Some(r) => {
+                let (title, url): (String, Option<String>) = (r.get(0), r.get(1));
+                format!(
+                    "page {title:?} ({})",
+                    url.unwrap_or_else(|| key.to_string())
+                )
+            }
+            None => format!("page {key}"),
+        })
+    }
+
     /// Another page that has URL path `url`.
     async fn taken(
         &self,
@@ -335,44 +357,53 @@ impl Resolver<'_> {
     }
 
     /// Links of the pages put that lead to no mirrored page, and links of other pages
-    /// to the pages deleted.
+    /// to the pages deleted; each error names both pages.
     async fn broken_links(
         &self,
         tx: &mut Tx<'_>,
         errors: &mut Vec<pb::ItemError>,
     ) -> Result<(), sqlx::Error> {
-        let mut found: Vec<(String, String)> = Vec::new();
+        // (from, to, the linked page's source URL path)
+        let mut found: Vec<(String, String, String)> = Vec::new();
         for key in self.put {
             let rows = sqlx::query(
-                "SELECT l.to_key FROM page_links l LEFT JOIN pages p ON p.site = l.site AND p.page_key = l.to_key \
+                "SELECT l.to_key, l.to_hint FROM page_links l \
+                 LEFT JOIN pages p ON p.site = l.site AND p.page_key = l.to_key \
                  WHERE l.site = $1 AND l.from_key = $2 AND p.page_key IS NULL",
             )
             .bind(self.site)
             .bind(key)
             .fetch_all(&mut **tx)
             .await?;
-            found.extend(rows.iter().map(|r| (key.clone(), r.get::<String, _>(0))));
+            found.extend(rows.iter().map(|r| (key.clone(), r.get(0), r.get(1))));
         }
         for gone in self.deleted {
-            let rows =
-                sqlx::query("SELECT from_key FROM page_links WHERE site = $1 AND to_key = $2")
-                    .bind(self.site)
-                    .bind(gone)
-                    .fetch_all(&mut **tx)
-                    .await?;
+            let rows = sqlx::query(
+                "SELECT from_key, to_hint FROM page_links WHERE site = $1 AND to_key = $2",
+            )
+            .bind(self.site)
+            .bind(gone)
+            .fetch_all(&mut **tx)
+            .await?;
             for r in rows {
                 let from: String = r.get(0);
                 if !self.put.contains(&from) {
-                    found.push((from, gone.clone()));
+                    found.push((from, gone.clone(), r.get(1)));
                 }
             }
         }
-        for (from, to) in found {
+        for (from, to, hint) in found {
+            let page = self.describe(tx, &from).await?;
             let why = if to.is_empty() {
-                "it links to a page that no longer exists in the CMS".to_string()
+                format!("{page} links to a page that no longer exists in the CMS")
             } else {
+                let target = if hint.is_empty() {
+                    to
+                } else {
+                    format!("{hint} ({to})")
+                };
                 format!(
-                    "it links to page {to}, which is not mirrored (outside the subtree, unpublished or deleted)"
+                    "{page} links to {target}, which is not mirrored (outside the subtree, unpublished or deleted)"
                 )
             };
             errors.push(page_error(&from, ErrorCode::BrokenLink, why));

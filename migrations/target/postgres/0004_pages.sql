@@ -30,6 +30,8 @@ CREATE TABLE page_links (
     site TEXT NOT NULL,
     from_key TEXT NOT NULL,
     to_key TEXT NOT NULL,
+    -- The linked page's URL path in the source, to name it when the link breaks.
+    to_hint TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (site, from_key, to_key)
 );
 CREATE INDEX page_links_to_idx ON page_links (site, to_key);
