@@ -31,8 +31,8 @@ pub struct Reference {
     /// The page's key, or the file's path under the media root; empty when the object
     /// is gone (a broken link).
     pub to: String,
-    /// The image's or document's title; for a page, its URL path in the source CMS
-    /// (for messages: a link to a page that is not mirrored names it so).
+    /// The image's or document's title; for a page outside the subtree, its URL path
+    /// in the source CMS (a link to it is broken on the mirror; messages name it so).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub title: String,
 }
@@ -60,9 +60,8 @@ pub struct PageDoc {
     /// The page type's own fields (StreamFields as their block lists).
     pub fields: BTreeMap<String, Value>,
     pub references: Vec<Reference>,
-    /// The source's id and url_path, for messages only.
+    /// The source's id, for messages and tests (stable: not the page's place).
     pub source_id: i64,
-    pub source_url_path: String,
 }
 
 impl PageDoc {

@@ -166,10 +166,15 @@ impl WagtailDb {
         s: &Subtree,
         tx: &tokio::sync::mpsc::Sender<Result<PageDoc, WagtailError>>,
     ) -> Result<(), WagtailError> {
-        for root in self.roots(s).await? {
-            let hidden = self.hidden(&root).await?;
+        let roots = self.roots(s).await?;
+        let inside = inside_any(&roots);
+        for root in &roots {
+            let hidden = self.hidden(root).await?;
             let mut after: Option<String> = None;
-            while let Some((pages, last)) = self.batch(&root, s, &hidden, after.as_deref()).await? {
+            while let Some((pages, last)) = self
+                .batch(root, s, &hidden, &inside, after.as_deref())
+                .await?
+            {
                 for p in pages {
                     if tx.send(p).await.is_err() {
                         return Ok(());
@@ -278,14 +283,16 @@ impl WagtailDb {
     /// The next batch of live pages of `root`'s subtree after the translation key
     /// `after`, in key order, each read or its error; pages under `hidden` paths are
     /// left out (the batch may then be shorter than [`BATCH`]; `None` means the end).
-    pub async fn batch(
+    /// `inside` tells a linked page (`tp`) in any locale's subtree ([`inside_any`]).
+    async fn batch(
         &self,
         root: &Root,
         s: &Subtree,
         hidden: &[String],
+        inside: &str,
         after: Option<&str>,
     ) -> Result<Option<(Vec<Result<PageDoc, WagtailError>>, String)>, WagtailError> {
-        let sql = self.batch_sql(after.is_some());
+        let sql = self.batch_sql(after.is_some(), inside);
         let min_depth = if s.include_root {
             root.depth
         } else {
@@ -314,7 +321,7 @@ impl WagtailDb {
         Ok(Some((out, last_key)))
     }
 
-    fn batch_sql(&self, after: bool) -> String {
+    fn batch_sql(&self, after: bool, inside: &str) -> String {
         let pg = self.backend() == Backend::Postgres;
         let tkey = if pg {
             "REPLACE(CAST(p.translation_key AS TEXT), '-', '')"
@@ -338,10 +345,14 @@ impl WagtailDb {
         };
         let agg = if pg { "json_agg" } else { "json_group_array" };
         let to_page = tkey.replace("p.", "tp.");
-        // Every reference of the page, resolved to what it points at.
+        // Every reference of the page, resolved to what it points at. A linked page
+        // outside the subtree (in every locale) is named by its URL path too (a link to
+        // it is broken on the mirror, and the message names it); inside, it is not, so
+        // that moving a page does not change the documents of the pages linking to it.
         let refs = format!(
             "(SELECT CAST({agg}({object}('path', ri.content_path, 'ct', CAST(ri.to_content_type_id AS BIGINT), \
-               'id', ri.to_object_id, 'page', {to_page}, 'page_locale', tl.language_code, 'page_url', tp.url_path, \
+               'id', ri.to_object_id, 'page', {to_page}, 'page_locale', tl.language_code, \
+               'page_url', CASE WHEN {inside} THEN NULL ELSE tp.url_path END, \
                'image', im.file, 'image_title', im.title, 'doc', dd.file, 'doc_title', dd.title)) AS TEXT) \
              FROM wagtailcore_referenceindex ri \
              LEFT JOIN wagtailcore_page tp ON ri.to_content_type_id = {page} AND CAST(tp.id AS TEXT) = ri.to_object_id \
@@ -419,7 +430,6 @@ impl WagtailDb {
             fields,
             references: self.references(refs.as_deref()).map_err(problem)?,
             source_id: id,
-            source_url_path: url_path.clone(),
         })
     }
 
@@ -472,6 +482,21 @@ impl WagtailDb {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+}
+
+/// An SQL condition: the linked page `tp` is in the subtree of one of `roots` (their
+/// treebeard paths are digits and capitals, written into the statement).
+fn inside_any(roots: &[Root]) -> String {
+    let conds: Vec<String> = roots
+        .iter()
+        .filter(|r| r.path.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(|r| format!("tp.path LIKE '{}%'", r.path))
+        .collect();
+    if conds.is_empty() {
+        "1 = 0".into()
+    } else {
+        format!("({})", conds.join(" OR "))
     }
 }
 

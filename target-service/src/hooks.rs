@@ -43,6 +43,10 @@ pub struct Changes {
     pub created: Vec<String>,
     pub updated: Vec<String>,
     pub deleted: Vec<String>,
+    /// CMS pages created, updated, moved or deleted, with their old and new URL paths.
+    pub pages: Vec<crate::pagestore::PageChange>,
+    /// URL paths of the pages whose lists of children changed.
+    pub parents: Vec<String>,
 }
 
 impl Changes {
@@ -55,6 +59,28 @@ impl Changes {
             "updated": self.updated,
             "deleted": self.deleted,
         });
+        if !self.pages.is_empty() {
+            // Page URLs are paths of the site; full URLs when it has a base_url.
+            let full = |u: &Option<String>| -> Value {
+                match (u, &self.base_url) {
+                    (Some(u), Some(b)) => json!(format!("{}{u}", b.trim_end_matches('/'))),
+                    (u, _) => json!(u),
+                }
+            };
+            v["pages"] = self
+                .pages
+                .iter()
+                .map(|p| {
+                    json!({"key": p.key, "locale": p.locale, "action": p.action,
+                           "old_url": full(&p.old_url), "new_url": full(&p.new_url)})
+                })
+                .collect();
+            v["parents"] = self
+                .parents
+                .iter()
+                .map(|u| full(&Some(u.clone())))
+                .collect();
+        }
         if let Some(base) = &self.base_url {
             let url = |p: &String| format!("{}/{}", base.trim_end_matches('/'), encode_path(p));
             v["urls"] = json!({

@@ -367,7 +367,8 @@ impl Ledger {
         self.record_changes(&mut tx, session, &ch.changes).await?;
         if !ch.pages.is_empty() || ch.deletes.iter().any(|p| is_page_key(p)) {
             let pages =
-                crate::pagestore::record(&mut tx, site, &ch.pages, &ch.deletes, now_ms()).await?;
+                crate::pagestore::record(&mut tx, site, session, &ch.pages, &ch.deletes, now_ms())
+                    .await?;
             self.record_changes(&mut tx, session, &pages).await?;
         }
         sqlx::query(

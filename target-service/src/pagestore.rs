@@ -75,18 +75,14 @@ pub fn page_id(site: &str, key: &str) -> i64 {
 pub(crate) async fn record(
     tx: &mut Tx<'_>,
     site: &str,
+    session: &str,
     pages: &[PageRow],
     deletes: &[String],
     now: i64,
 ) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
     let mut changes = Vec::with_capacity(pages.len());
     for p in pages {
-        let existed = sqlx::query("SELECT 1 FROM pages WHERE site = $1 AND page_key = $2")
-            .bind(site)
-            .bind(&p.key)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some();
+        let existed = remember(tx, site, session, &p.key, &p.locale).await?;
         sqlx::query(
             "INSERT INTO pages (site, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
@@ -135,6 +131,8 @@ pub(crate) async fn record(
     }
     for path in deletes.iter().filter(|p| is_page_key(p)) {
         let key = &path[PAGES_DIR.len() + 1..];
+        let locale = key.split('/').next().unwrap_or_default();
+        remember(tx, site, session, key, locale).await?;
         for sql in [
             "DELETE FROM pages WHERE site = $1 AND page_key = $2",
             "DELETE FROM page_links WHERE site = $1 AND from_key = $2",
@@ -147,6 +145,109 @@ pub(crate) async fn record(
         }
     }
     Ok(changes)
+}
+
+/// Keeps a page's state from before the session first touched it (for the hooks);
+/// whether the page exists now.
+async fn remember(
+    tx: &mut Tx<'_>,
+    site: &str,
+    session: &str,
+    key: &str,
+    locale: &str,
+) -> Result<bool, sqlx::Error> {
+    let before =
+        sqlx::query("SELECT url_path, parent_key FROM pages WHERE site = $1 AND page_key = $2")
+            .bind(site)
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let existed = before.is_some();
+    let (old_url, old_parent): (Option<String>, Option<String>) =
+        before.map_or((None, None), |r| (r.get(0), r.get(1)));
+    sqlx::query(
+        "INSERT INTO session_pages (session_id, page_key, existed, locale, old_url, old_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id, page_key) DO NOTHING",
+    )
+    .bind(session)
+    .bind(key)
+    .bind(existed as i64)
+    .bind(locale)
+    .bind(old_url)
+    .bind(old_parent)
+    .execute(&mut **tx)
+    .await?;
+    Ok(existed)
+}
+
+/// A page a session changed, as hooks are told.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PageChange {
+    pub key: String,
+    pub locale: String,
+    /// `created`, `updated`, `moved` (its URL changed) or `deleted`.
+    pub action: &'static str,
+    pub old_url: Option<String>,
+    pub new_url: Option<String>,
+}
+
+/// What a session did to a site's pages (once resolved), and the URLs of the parent
+/// pages whose lists of children changed (a child created, changed, moved or deleted).
+pub async fn session_changes(
+    db: &cms_mirror::db::Db,
+    site: &str,
+    session: &str,
+) -> Result<(Vec<PageChange>, Vec<String>), sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT s.page_key, s.locale, s.existed, s.old_url, s.old_parent, p.page_key, p.url_path, p.parent_key, s.direct \
+         FROM session_pages s LEFT JOIN pages p ON p.site = $1 AND p.page_key = s.page_key \
+         WHERE s.session_id = $2 ORDER BY s.page_key",
+    )
+    .bind(site)
+    .bind(session)
+    .fetch_all(&db.pool)
+    .await?;
+    let mut changes = Vec::new();
+    let mut parents: Vec<String> = Vec::new();
+    for r in rows {
+        let (existed, now): (bool, Option<String>) = (r.get::<i64, _>(2) != 0, r.get(5));
+        let (old_url, new_url): (Option<String>, Option<String>) = (r.get(3), r.get(6));
+        let (old_parent, new_parent): (Option<String>, Option<String>) = (r.get(4), r.get(7));
+        let action = match (existed, now.is_some()) {
+            (false, false) => continue, // created and deleted within the session
+            (false, true) => "created",
+            (true, false) => "deleted",
+            (true, true) if old_url != new_url => "moved",
+            (true, true) => "updated",
+        };
+        // A parent lists its children (their titles, URLs, order): any change of a
+        // child the session put or deleted changes it. Pages that moved along with a
+        // page above them leave their parents' lists as they were.
+        if r.get::<i64, _>(8) != 0 {
+            parents.extend(old_parent.filter(|_| existed));
+            parents.extend(new_parent.filter(|_| now.is_some()));
+        }
+        changes.push(PageChange {
+            key: r.get(0),
+            locale: r.get(1),
+            action,
+            old_url,
+            new_url,
+        });
+    }
+    parents.sort();
+    parents.dedup();
+    let mut parent_urls = Vec::new();
+    for key in parents {
+        let url: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT url_path FROM pages WHERE site = $1 AND page_key = $2")
+                .bind(site)
+                .bind(&key)
+                .fetch_optional(&db.pool)
+                .await?;
+        parent_urls.extend(url.and_then(|u| u.0));
+    }
+    Ok((changes, parent_urls))
 }
 
 /// How many pages a site's store holds.
@@ -196,6 +297,7 @@ const MAX_DEPTH: usize = 512;
 /// What a session changed in a site's pages, resolved once all its packages are in.
 pub struct Resolver<'a> {
     pub site: &'a str,
+    pub session: &'a str,
     /// The site's `pages_root` (starts and ends with `/`).
     pub root: &'a str,
     /// Keys of the pages the session put.
@@ -340,6 +442,20 @@ impl Resolver<'_> {
             .execute(&mut **tx)
             .await?;
         if let (Some(old), Some(new)) = (old, url) {
+            // The pages below move with it: the hooks hear of them as moved.
+            sqlx::query(
+                "INSERT INTO session_pages (session_id, page_key, existed, locale, old_url, old_parent, direct) \
+                 SELECT $1, page_key, 1, locale, url_path, parent_key, 0 FROM pages \
+                 WHERE site = $2 AND SUBSTR(url_path, 1, CAST($3 AS INTEGER)) = $4 AND page_key <> $5 \
+                 ON CONFLICT (session_id, page_key) DO NOTHING",
+            )
+            .bind(self.session)
+            .bind(self.site)
+            .bind(old.len() as i64)
+            .bind(&old)
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
             sqlx::query(
                 "UPDATE pages SET url_path = $1 || SUBSTR(url_path, CAST($2 AS INTEGER)) \
                  WHERE site = $3 AND SUBSTR(url_path, 1, CAST($4 AS INTEGER)) = $5 AND page_key <> $6",

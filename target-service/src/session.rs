@@ -135,6 +135,7 @@ impl TargetService {
             .map_or("/", |c| c.pages_root.as_str());
         let r = crate::pagestore::Resolver {
             site: &s.site,
+            session: &s.id,
             root,
             put: &put,
             deleted: &deleted,
@@ -297,7 +298,11 @@ impl TargetService {
                 created: Vec::new(),
                 updated: Vec::new(),
                 deleted: Vec::new(),
+                pages: Vec::new(),
+                parents: Vec::new(),
             };
+            (ch.pages, ch.parents) =
+                crate::pagestore::session_changes(self.inner.ledger.db(), &s.site, &s.id).await?;
             for (path, action) in self.inner.ledger.changes(&s.id).await? {
                 // Pages are not files of the site: no file URL names them.
                 if cms_mirror::pathsafe::is_page_key(&path) {

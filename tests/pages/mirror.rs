@@ -33,6 +33,10 @@ fn replica(dir: &Path) -> Vec<(String, String, Option<String>, i64)> {
     })
 }
 
+fn read_hook(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
 pub(crate) fn wagtail_config(dir: &Path, cms: &Cms, target_url: &str) -> std::path::PathBuf {
     let p = dir.join("mirror.toml");
     std::fs::write(
@@ -88,8 +92,14 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
         errors
             .iter()
             .any(|e| e["path"].as_str().unwrap().ends_with(&first)
-                && e["message"].as_str().unwrap().starts_with("page \"Article 0.0.0\" (/en/news/")
-                && e["message"].as_str().unwrap().contains("links to /home/about/ (en/")),
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("page \"Article 0.0.0\" (/en/news/")
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("links to /home/about/ (en/")),
         "no broken link from {first} (to about, page {about}): {errors:#?}"
     );
     let live = cms.made["live_in_news"].as_u64().unwrap() as usize;
@@ -126,6 +136,35 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
         !dst.join(".cms-mirror-pages").exists(),
         "pages must not touch the site's files"
     );
+    // The hook hears of the files by their URLs, and of every page with its locale and
+    // its new URL (full, as the site has a base_url); no file URL names a page.
+    let hook = read_hook(&hook_out);
+    let created = hook["created"].as_array().unwrap();
+    assert!(
+        created
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("original_images/")),
+        "{hook:#}"
+    );
+    assert!(
+        !hook["urls"].to_string().contains(".cms-mirror-pages"),
+        "{hook:#}"
+    );
+    assert!(
+        !hook["created"].to_string().contains(".cms-mirror-pages"),
+        "{hook:#}"
+    );
+    let hooked = hook["pages"].as_array().unwrap();
+    assert_eq!(hooked.len(), live, "{hook:#}");
+    let news = hooked
+        .iter()
+        .find(|p| p["new_url"] == "https://www.example.com/en/news/")
+        .unwrap_or_else(|| panic!("{hook:#}"));
+    assert_eq!(
+        (news["action"].as_str(), news["locale"].as_str()),
+        (Some("created"), Some("en"))
+    );
+    assert_eq!(news["old_url"], serde_json::Value::Null);
 
     // Nothing changed: nothing sent.
     let (code, job) = run_job(&source.url(), &[]);
@@ -143,4 +182,54 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
     let pages = replica(tmp.path());
     assert_eq!(pages.len(), live);
     assert!(pages.iter().any(|p| p.1 == "All the news"), "{pages:#?}");
+    let hook = read_hook(&hook_out);
+    let hooked = hook["pages"].as_array().unwrap();
+    assert_eq!(hooked.len(), 1, "{hook:#}");
+    assert_eq!(hooked[0]["action"], "updated");
+    assert_eq!(hooked[0]["new_url"], "https://www.example.com/en/news/");
+    assert_eq!(hook["parents"], serde_json::json!([]), "{hook:#}");
+
+    // A section renamed: it and everything below it move, the hook hears of each with
+    // its old and new URL, and of the parent whose list of children changed.
+    let id = cms.made["section_0"].as_i64().unwrap().to_string();
+    cms.run(&["reslug", "--id", &id, "--slug", "world"]);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(
+        job["targets"][0]["items_total"], 1,
+        "one page sent: {job:#}"
+    );
+    let pages = replica(tmp.path());
+    let below = pages
+        .iter()
+        .filter(|p| {
+            p.2.as_deref()
+                .is_some_and(|u| u.starts_with("/en/news/world/"))
+        })
+        .count();
+    assert!(below > 1, "{pages:#?}");
+    assert!(!pages.iter().any(|p| {
+        p.2.as_deref()
+            .is_some_and(|u| u.starts_with("/en/news/section-0/"))
+    }));
+    let hook = read_hook(&hook_out);
+    let hooked = hook["pages"].as_array().unwrap();
+    assert_eq!(hooked.len(), below, "{hook:#}");
+    for h in hooked {
+        assert_eq!(h["action"], "moved", "{h}");
+        let (old, new) = (
+            h["old_url"].as_str().unwrap(),
+            h["new_url"].as_str().unwrap(),
+        );
+        assert_eq!(
+            old.replace("/en/news/section-0/", "/en/news/world/"),
+            new,
+            "{h}"
+        );
+    }
+    assert_eq!(
+        hook["parents"],
+        serde_json::json!(["https://www.example.com/en/news/"]),
+        "{hook:#}"
+    );
 }

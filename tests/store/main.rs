@@ -531,7 +531,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
             "type": "testsite.articlepage", "slug": "news", "title": title, "seo_title": "",
             "search_description": "", "show_in_menus": false, "first_published_at": null,
             "last_published_at": null, "fields": {"body": "<p>x</p>"}, "references": [],
-            "source_id": 5, "source_url_path": "/home/news/"
+            "source_id": 5
         }))
         .unwrap();
         let doc = String::from_utf8(p.document()).unwrap();
@@ -598,7 +598,7 @@ fn test_page(
         "type": "testsite.articlepage", "slug": slug, "title": slug, "seo_title": "",
         "search_description": "", "show_in_menus": false, "first_published_at": null,
         "last_published_at": null, "fields": {}, "references": refs,
-        "source_id": 1, "source_url_path": "/"
+        "source_id": 1
     }))
     .unwrap();
     let doc = String::from_utf8(p.document()).unwrap();
@@ -638,6 +638,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
         async move {
             Resolver {
                 site: "main",
+                session: "job1",
                 root: "/site/",
                 put: &put,
                 deleted: &deleted,

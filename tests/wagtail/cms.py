@@ -5,6 +5,7 @@ would be): build a site, change it, and dump Wagtail's API v2 for a subtree.
     python cms.py mutate
     python cms.py api-dump --root /home/news/
     python cms.py retitle --id 12 --title "New title"
+    python cms.py reslug --id 6 --slug new-slug
 
 The database and media directory come from CMS_DB and CMS_MEDIA_ROOT (see
 cmsite/settings.py). `generate` migrates first and prints a JSON summary of what it
@@ -206,6 +207,7 @@ def build(a):
         "home": home.id,
         "about": about.id,
         "news": news.id,
+        "section_0": sections[0].id,
         "first_article": articles[0].id,
         "draft": draft.id,
         "unpublished": articles[2].id,
@@ -245,6 +247,13 @@ def retitle(a):
     publish(page)
 
 
+def reslug(a):
+    """Publishes a new slug for page `--id` (its URL and its descendants' change)."""
+    page = Page.objects.get(id=a.id).specific
+    page.slug = a.slug
+    publish(page)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -259,8 +268,11 @@ def main():
     r = sub.add_parser("retitle")
     r.add_argument("--id", type=int, required=True)
     r.add_argument("--title", required=True)
+    r = sub.add_parser("reslug")
+    r.add_argument("--id", type=int, required=True)
+    r.add_argument("--slug", required=True)
     a = ap.parse_args()
-    {"generate": generate, "api-dump": api_dump, "retitle": retitle}[a.cmd](a)
+    {"generate": generate, "api-dump": api_dump, "retitle": retitle, "reslug": reslug}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,17 @@ CREATE TABLE page_links (
     PRIMARY KEY (site, from_key, to_key)
 );
 CREATE INDEX page_links_to_idx ON page_links (site, to_key);
+
+-- Each page a session put or deleted, as it was before the session first touched it:
+-- what the hooks are told (created, updated, moved, deleted; old and new URL).
+CREATE TABLE session_pages (
+    session_id TEXT NOT NULL,
+    page_key TEXT NOT NULL,
+    existed BIGINT NOT NULL,
+    locale TEXT NOT NULL,
+    old_url TEXT,
+    old_parent TEXT,
+    -- 1: put or deleted by the session; 0: moved along with a page above it.
+    direct BIGINT NOT NULL DEFAULT 1,
+    PRIMARY KEY (session_id, page_key)
+);
