@@ -8,6 +8,9 @@
 //! its `translation_key` and locale, which neither side's integer ids decide; its parent
 //! is named the same way, its place among its siblings by its treebeard step.
 //!
+//! Foreign keys are taken from the page type's own table, which Django clears when the
+//! object behind one is deleted (`on_delete=SET_NULL`) while the revision keeps the id.
+//!
 //! References (to pages, images and documents, in rich text, StreamField blocks and
 //! foreign keys) come from Wagtail's reference index, each with the content path where
 //! it sits, the source's id and the identity it resolves to (a page's key, a file's
@@ -22,6 +25,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::any::AnyRow;
+
+use std::collections::HashMap;
 
 use crate::db::{Backend, Db};
 use crate::page::{PageDoc, RefKind, Reference};
@@ -110,6 +115,8 @@ pub struct Root {
 /// A Wagtail site's database, opened read-only.
 pub struct WagtailDb {
     db: Db,
+    /// Foreign-key columns of each page type's own table, as found.
+    fk_columns: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
     /// Pages read per statement ([`BATCH`]).
     batch: i64,
     page_ct: i64,
@@ -141,6 +148,7 @@ impl WagtailDb {
         let document_ct = ct("wagtaildocs", "document").await?;
         Ok(WagtailDb {
             db,
+            fk_columns: Default::default(),
             batch: BATCH,
             page_ct,
             image_ct,
@@ -310,15 +318,112 @@ impl WagtailDb {
             return Ok(None);
         };
         let last_key: String = last.get("tkey");
+        let fks = self.live_foreign_keys(&rows).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let path: String = r.get("path");
             if hidden.iter().any(|h| path.starts_with(h.as_str())) {
                 continue;
             }
-            out.push(self.record(r, root, s));
+            let mut page = self.record(r, root, s);
+            if let Ok(p) = &mut page
+                && let Some(live) = fks.get(&p.source_id)
+            {
+                for (field, value) in live {
+                    if p.fields.contains_key(field) {
+                        p.fields
+                            .insert(field.clone(), value.map_or(Value::Null, Value::from));
+                    }
+                }
+            }
+            out.push(page);
         }
         Ok(Some((out, last_key)))
+    }
+
+    /// The foreign keys of the pages' own tables as they are now. A revision keeps the
+    /// ids it was published with; when the object behind one is deleted, Django clears
+    /// the column (`on_delete=SET_NULL`) but not the revision, and Wagtail serves the
+    /// column. By page id: (field, id).
+    async fn live_foreign_keys(
+        &self,
+        rows: &[AnyRow],
+    ) -> Result<HashMap<i64, Vec<(String, Option<i64>)>>, WagtailError> {
+        let mut by_table: HashMap<String, Vec<i64>> = HashMap::new();
+        for r in rows {
+            let table = format!(
+                "{}_{}",
+                r.get::<String, _>("app_label"),
+                r.get::<String, _>("model")
+            );
+            by_table.entry(table).or_default().push(r.get("id"));
+        }
+        let mut out: HashMap<i64, Vec<(String, Option<i64>)>> = HashMap::new();
+        for (table, ids) in by_table {
+            let cols = self.fk_columns_of(&table).await?;
+            if cols.is_empty() {
+                continue;
+            }
+            let select: Vec<String> = cols
+                .iter()
+                .map(|c| format!("CAST({c} AS BIGINT)"))
+                .collect();
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            let sql = format!(
+                "SELECT CAST(page_ptr_id AS BIGINT), {} FROM {table} WHERE page_ptr_id IN ({})",
+                select.join(", "),
+                ids.join(", ")
+            );
+            for r in sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&self.db.pool)
+                .await?
+            {
+                let id: i64 = r.get(0);
+                let live = cols.iter().enumerate().map(|(i, c)| {
+                    let field = c.strip_suffix("_id").unwrap_or(c).to_string();
+                    (field, r.get::<Option<i64>, _>(i + 1))
+                });
+                out.entry(id).or_default().extend(live);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Columns of a page type's table that hold foreign keys (`*_id`, other than the
+    /// link to its page row); none when the table does not exist under Django's default
+    /// name. Names that are not plain identifiers are left out.
+    async fn fk_columns_of(&self, table: &str) -> Result<Vec<String>, WagtailError> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !plain(table) {
+            return Ok(Vec::new());
+        }
+        if let Some(c) = self.fk_columns.lock().await.get(table) {
+            return Ok(c.clone());
+        }
+        let sql = match self.backend() {
+            Backend::Sqlite => "SELECT name FROM pragma_table_info($1)",
+            Backend::Postgres => {
+                "SELECT CAST(column_name AS TEXT) FROM information_schema.columns \
+                 WHERE table_name = $1 AND table_schema = current_schema()"
+            }
+        };
+        let cols: Vec<String> = sqlx::query(sql)
+            .bind(table)
+            .fetch_all(&self.db.pool)
+            .await?
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .filter(|c| c.ends_with("_id") && c != "page_ptr_id" && plain(c))
+            .collect();
+        self.fk_columns
+            .lock()
+            .await
+            .insert(table.to_string(), cols.clone());
+        Ok(cols)
     }
 
     fn batch_sql(&self, after: bool, inside: &str) -> String {

@@ -3,6 +3,7 @@
 
 mod cms;
 mod delivery;
+mod edits;
 #[allow(dead_code)]
 #[path = "../e2e/helpers.rs"]
 mod helpers;

@@ -33,17 +33,28 @@ fn replica(dir: &Path) -> Vec<(String, String, Option<String>, i64)> {
     })
 }
 
-fn read_hook(path: &Path) -> serde_json::Value {
+pub(crate) fn read_hook(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 pub(crate) fn wagtail_config(dir: &Path, cms: &Cms, target_url: &str) -> std::path::PathBuf {
+    wagtail_config_with(dir, cms, target_url, "")
+}
+
+/// A mirror.toml with channel `site` of the CMS's `/home/news/` subtree (deletes on),
+/// `extra` channel keys added.
+pub(crate) fn wagtail_config_with(
+    dir: &Path,
+    cms: &Cms,
+    target_url: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let p = dir.join("mirror.toml");
     std::fs::write(
         &p,
         format!(
             "[[channel]]\nname = \"site\"\nsource = \"wagtail+{}\"\nmedia_root = \"{}\"\n\
-             root_page = \"/home/news/\"\ndelete = true\n\n  [[channel.target]]\n  name = \"web1\"\n  url = \"{target_url}\"\n  site = \"main\"\n",
+             root_page = \"/home/news/\"\ndelete = true\n{extra}\n\n  [[channel.target]]\n  name = \"web1\"\n  url = \"{target_url}\"\n  site = \"main\"\n",
             cms.db_url,
             cms.media_root.display()
         ),

@@ -6,6 +6,7 @@ would be): build a site, change it, and dump Wagtail's API v2 for a subtree.
     python cms.py api-dump --root /home/news/
     python cms.py retitle --id 12 --title "New title"
     python cms.py reslug --id 6 --slug new-slug
+    python cms.py mutate
 
 The database and media directory come from CMS_DB and CMS_MEDIA_ROOT (see
 cmsite/settings.py). `generate` migrates first and prints a JSON summary of what it
@@ -254,6 +255,47 @@ def reslug(a):
     publish(page)
 
 
+@transaction.atomic
+def mutate(a):
+    """An editor's day: a subtree moved, a slug renamed, siblings reordered, a page
+    deleted, one unpublished, the draft published, an image replaced. Prints what was
+    done (ids)."""
+    en = Locale.objects.get(language_code="en")
+    news = Page.objects.get(url_path="/home/news/", locale=en)
+    s1 = news.get_children().get(slug="section-1")
+    s2 = news.get_children().get(slug="section-2")
+    moved = s1.get_children().get(slug="topic-1-0")
+    moved.move(s2, pos="last-child")
+    renamed = s2.get_children().get(slug="topic-2-1").specific
+    renamed.slug = "renamed-topic"
+    publish(renamed)
+    s2 = Page.objects.get(id=s2.id)
+    s2.move(news, pos="first-child")
+    deleted = Page.objects.get(url_path="/home/news/section-0/topic-0-1/article-0-1-1/")
+    deleted_id = deleted.id
+    deleted.delete()
+    unpublished = Page.objects.get(url_path="/home/news/section-1/topic-1-1/article-1-1-1/")
+    unpublished.unpublish()
+    draft = Page.objects.get(url_path="/home/news/section-0/topic-0-0/article-0-0-1/")
+    draft.get_latest_revision().publish()
+    image = Image.objects.get(title="picture 1")
+    image.file = ContentFile(png(99), name="picture-1-replaced.png")
+    image.save()
+    json.dump(
+        {
+            "moved": moved.id,
+            "renamed": renamed.id,
+            "reordered": s2.id,
+            "deleted": deleted_id,
+            "unpublished": unpublished.id,
+            "published_draft": draft.id,
+            "image": image.file.name,
+        },
+        sys.stdout,
+    )
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -271,8 +313,10 @@ def main():
     r = sub.add_parser("reslug")
     r.add_argument("--id", type=int, required=True)
     r.add_argument("--slug", required=True)
+    sub.add_parser("mutate")
     a = ap.parse_args()
-    {"generate": generate, "api-dump": api_dump, "retitle": retitle, "reslug": reslug}[a.cmd](a)
+    commands = {"generate": generate, "api-dump": api_dump, "retitle": retitle, "reslug": reslug, "mutate": mutate}
+    commands[a.cmd](a)
 
 
 if __name__ == "__main__":
