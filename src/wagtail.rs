@@ -194,6 +194,27 @@ impl WagtailDb {
         Ok(())
     }
 
+    /// A cheap fingerprint of the CMS's pages: it changes when a page is published,
+    /// unpublished, moved, reordered, created or deleted (Wagtail logs each action, and
+    /// every publish writes a revision).
+    pub async fn fingerprint(&self) -> Result<String, WagtailError> {
+        let live = match self.backend() {
+            Backend::Sqlite => "live",
+            Backend::Postgres => "CASE WHEN live THEN 1 ELSE 0 END",
+        };
+        let sql = format!(
+            "SELECT (SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM wagtailcore_pagelogentry), \
+             (SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM wagtailcore_revision), \
+             (SELECT CAST(COUNT(*) AS BIGINT) FROM wagtailcore_page), \
+             (SELECT CAST(COALESCE(SUM({live}), 0) AS BIGINT) FROM wagtailcore_page)"
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.db.pool)
+            .await?;
+        let v: Vec<i64> = (0..4).map(|i| r.get::<i64, _>(i)).collect();
+        Ok(format!("{v:?}"))
+    }
+
     /// Reads `n` pages per statement instead of [`BATCH`].
     pub fn with_batch(mut self, n: i64) -> WagtailDb {
         self.batch = n.max(1);

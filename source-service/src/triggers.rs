@@ -1,6 +1,7 @@
 //! Jobs that start by themselves: a channel's cron schedule (offset by a delay chosen
-//! once per installation and stored), and the watch trigger of fs channels (a change
-//! under the source directory starts an incremental job after a quiet period).
+//! once per installation and stored), and the watch trigger (a change under an fs
+//! channel's source directory, or a publish, unpublish, move or delete in a wagtail
+//! channel's CMS, starts an incremental job after a quiet period).
 //!
 //! A schedule slot fires once across every instance sharing the store: the instance
 //! that advances the channel's stored last slot (compare-and-set) queues the job. A
@@ -53,7 +54,9 @@ pub async fn start(app: Arc<App>, shutdown: watch::Receiver<bool>) {
                 shutdown.clone(),
             ));
         }
-        if ch.watch {
+        if ch.watch && ch.pages.is_some() {
+            tokio::spawn(cms_watch_loop(app.clone(), ch.clone(), shutdown.clone()));
+        } else if ch.watch {
             tokio::spawn(watch_loop(app.clone(), ch.clone(), shutdown.clone()));
         }
     }
@@ -182,6 +185,65 @@ async fn fire(
             tracing::error!(channel = %ch.name, error = %e, "cannot claim a schedule slot");
             false
         }
+    }
+}
+
+/// The watch trigger of a wagtail channel: the CMS's database is polled (a few
+/// aggregate queries, [`cms_mirror::wagtail::WagtailDb::fingerprint`]) and once it has
+/// changed and then stayed the same for `watch_quiet`, an incremental job is queued.
+/// No plugin in the CMS.
+async fn cms_watch_loop(app: Arc<App>, ch: ChannelConfig, mut shutdown: watch::Receiver<bool>) {
+    let Some(pages) = ch.pages.clone() else {
+        return;
+    };
+    let poll = (ch.watch_quiet / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut cms: Option<cms_mirror::wagtail::WagtailDb> = None;
+    let mut seen: Option<String> = None;
+    let mut changed = false;
+    tracing::info!(channel = %ch.name, poll_ms = poll.as_millis() as u64, quiet_ms = ch.watch_quiet.as_millis() as u64, "watching the CMS for publishes");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {},
+            _ = shutdown.changed() => return,
+        }
+        if cms.is_none() {
+            match cms_mirror::wagtail::WagtailDb::open(pages.url.expose()).await {
+                Ok(w) => cms = Some(w),
+                Err(e) => {
+                    tracing::warn!(channel = %ch.name, error = %e, "cannot watch the CMS; trying again");
+                    continue;
+                }
+            }
+        }
+        let now = match cms.as_ref().expect("opened").fingerprint().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(channel = %ch.name, error = %e, "cannot read the CMS's state");
+                cms = None;
+                continue;
+            }
+        };
+        match &seen {
+            None => {}
+            Some(before) if *before != now => changed = true,
+            Some(_) if changed => {
+                // The same for a poll after a change: quiet once it stays so.
+                tokio::time::sleep(ch.watch_quiet.saturating_sub(poll)).await;
+                match cms.as_ref().expect("opened").fingerprint().await {
+                    Ok(again) if again == now => {
+                        changed = false;
+                        queue(&app, &ch, pb::Trigger::Watch, "watch".into()).await;
+                    }
+                    Ok(again) => {
+                        seen = Some(again);
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            Some(_) => {}
+        }
+        seen = Some(now);
     }
 }
 

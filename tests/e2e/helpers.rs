@@ -385,6 +385,16 @@ pub fn wait_acked(source_url: &str, job: &str, n: u64) {
     })
 }
 
+/// `mirrorctl jobs --json`: the jobs, newest first.
+pub fn jobs(source_url: &str) -> Vec<serde_json::Value> {
+    let out = mirrorctl(source_url, &["jobs", "--json", "--limit", "100"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 /// Starts a job and waits for it; returns (exit code, the job as JSON).
 pub fn run_job(source_url: &str, extra: &[&str]) -> (i32, serde_json::Value) {
     let mut args = vec!["start", "site", "--wait", "--json"];

@@ -230,15 +230,6 @@ fn a_trigger_during_a_running_job_yields_exactly_one_follow_up_job() {
     assert_same_tree(&src, &dst);
 }
 
-fn jobs(source_url: &str) -> Vec<serde_json::Value> {
-    let out = mirrorctl(source_url, &["jobs", "--json", "--limit", "100"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 fn ms(v: &serde_json::Value) -> i64 {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
         .unwrap_or_else(|e| panic!("{v}: {e}"))

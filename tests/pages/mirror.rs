@@ -244,3 +244,50 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
         "{hook:#}"
     );
 }
+
+/// A publish in the CMS starts an incremental job on its own (no plugin in the CMS):
+/// the watch notices it in the CMS's database once it has been quiet for a moment.
+#[test]
+fn a_publish_in_the_cms_starts_a_job_that_brings_it() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cms = rt.block_on(Cms::generate(Backend::Sqlite));
+    let tmp = tempfile::tempdir().unwrap();
+    let target = App::target(tmp.path())
+        .site(&tmp.path().join("dst"))
+        .spawn();
+    let config = wagtail_config_with(
+        tmp.path(),
+        &cms,
+        &target.url(),
+        "watch = true\nwatch_quiet_ms = 300",
+    );
+    let source = App::source(tmp.path(), &config).spawn();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert!(
+        jobs(&source.url()).is_empty(),
+        "a job with nothing published"
+    );
+    let id = cms.made["news"].as_i64().unwrap().to_string();
+    cms.run(&["retitle", "--id", &id, "--title", "Published in the CMS"]);
+    let job = wait_until(std::time::Duration::from_secs(30), || {
+        let list = jobs(&source.url());
+        assert!(list.len() <= 1, "one publish, one job: {list:#?}");
+        list.first()
+            .cloned()
+            .ok_or_else(|| "no job was started".to_string())
+    });
+    assert_eq!(job["trigger"], "watch", "{job:#}");
+    let code = wait_for_job(&source.url(), job["id"].as_str().unwrap());
+    assert!(code <= 1, "{job:#}");
+    assert!(
+        replica(tmp.path())
+            .iter()
+            .any(|p| p.1 == "Published in the CMS")
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        jobs(&source.url()).len(),
+        1,
+        "nothing published since: no job"
+    );
+}
