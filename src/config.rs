@@ -389,6 +389,7 @@ fn pages_config(
             .ok_or(("root_page", Invalid::RootPageNeeded))?,
         include_root: c.include_root.unwrap_or(true),
         languages: c.languages.clone().unwrap_or_default(),
+        only: Vec::new(),
     };
     let pages = PagesConfig {
         url: crate::db::SecretUrl::new(url),

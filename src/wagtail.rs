@@ -42,6 +42,9 @@ pub struct Subtree {
     pub include_root: bool,
     /// Locale codes to read; empty: every locale the root is translated into.
     pub languages: Vec<String>,
+    /// Read only these pages and their subtrees (Wagtail url_paths, inside the
+    /// subtree); empty: the whole subtree.
+    pub only: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,10 @@ pub enum WagtailError {
     NoRoot(String),
     #[error("root page {root:?} is not translated into {missing}")]
     NoLocale { root: String, missing: String },
+    #[error(
+        "page {0:?} is not a page of the channel's subtree (a Wagtail url_path such as /home/news/section-0/)"
+    )]
+    NotInSubtree(String),
     #[error("root page {0:?} is behind a view restriction: private pages are never mirrored")]
     Private(String),
     #[error("page {id} ({url_path}): {problem}")]
@@ -176,11 +183,13 @@ impl WagtailDb {
     ) -> Result<(), WagtailError> {
         let roots = self.roots(s).await?;
         let inside = inside_any(&roots);
-        for root in &roots {
+        let scopes = self.scopes(s, &roots).await?;
+        for (root, scope) in roots.iter().zip(scopes) {
+            let Some(scope) = scope else { continue };
             let hidden = self.hidden(root).await?;
             let mut after: Option<String> = None;
             while let Some((pages, last)) = self
-                .batch(root, s, &hidden, &inside, after.as_deref())
+                .batch(root, s, &scope, &hidden, &inside, after.as_deref())
                 .await?
             {
                 for p in pages {
@@ -192,6 +201,49 @@ impl WagtailDb {
             }
         }
         Ok(())
+    }
+
+    /// The SQL condition of the pages to read under each root (treebeard paths are
+    /// digits and capitals, written into the statement): its whole subtree, or the
+    /// subtrees of the pages `only` names in its locale (`None`: none there).
+    async fn scopes(
+        &self,
+        s: &Subtree,
+        roots: &[Root],
+    ) -> Result<Vec<Option<String>>, WagtailError> {
+        let top = |r: &Root| if s.include_root { r.depth } else { r.depth + 1 };
+        let alnum = |p: &str| p.bytes().all(|b| b.is_ascii_alphanumeric());
+        if s.only.is_empty() {
+            return Ok(roots
+                .iter()
+                .map(|r| {
+                    alnum(&r.path)
+                        .then(|| format!("p.path LIKE '{}%' AND p.depth >= {}", r.path, top(r)))
+                })
+                .collect());
+        }
+        let mut by_root: Vec<Vec<String>> = vec![Vec::new(); roots.len()];
+        for url_path in &s.only {
+            let row = sqlx::query("SELECT path, CAST(depth AS BIGINT), CAST(locale_id AS BIGINT) FROM wagtailcore_page WHERE url_path = $1")
+                .bind(url_path)
+                .fetch_optional(&self.db.pool)
+                .await?;
+            let Some(row) = row else {
+                return Err(WagtailError::NotInSubtree(url_path.clone()));
+            };
+            let (path, depth, locale): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            let root = roots.iter().position(|r| {
+                r.locale_id == locale && path.starts_with(&r.path) && depth >= top(r)
+            });
+            match root {
+                Some(i) if alnum(&path) => by_root[i].push(format!("p.path LIKE '{path}%'")),
+                _ => return Err(WagtailError::NotInSubtree(url_path.clone())),
+            }
+        }
+        Ok(by_root
+            .into_iter()
+            .map(|c| (!c.is_empty()).then(|| format!("({})", c.join(" OR "))))
+            .collect())
     }
 
     /// A cheap fingerprint of the CMS's pages: it changes when a page is published,
@@ -313,24 +365,18 @@ impl WagtailDb {
     /// `after`, in key order, each read or its error; pages under `hidden` paths are
     /// left out (the batch may then be shorter than [`BATCH`]; `None` means the end).
     /// `inside` tells a linked page (`tp`) in any locale's subtree ([`inside_any`]).
+    #[allow(clippy::too_many_arguments)]
     async fn batch(
         &self,
         root: &Root,
         s: &Subtree,
+        scope: &str,
         hidden: &[String],
         inside: &str,
         after: Option<&str>,
     ) -> Result<Option<(Vec<Result<PageDoc, WagtailError>>, String)>, WagtailError> {
-        let sql = self.batch_sql(after.is_some(), inside);
-        let min_depth = if s.include_root {
-            root.depth
-        } else {
-            root.depth + 1
-        };
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(root.locale_id)
-            .bind(format!("{}%", root.path))
-            .bind(min_depth);
+        let sql = self.batch_sql(after.is_some(), scope, inside);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(root.locale_id);
         if let Some(a) = after {
             q = q.bind(a);
         }
@@ -447,7 +493,7 @@ impl WagtailDb {
         Ok(cols)
     }
 
-    fn batch_sql(&self, after: bool, inside: &str) -> String {
+    fn batch_sql(&self, after: bool, scope: &str, inside: &str) -> String {
         let pg = self.backend() == Backend::Postgres;
         let tkey = if pg {
             "REPLACE(CAST(p.translation_key AS TEXT), '-', '')"
@@ -489,8 +535,8 @@ impl WagtailDb {
         );
         let after_cond = match (after, pg) {
             (false, _) => String::new(),
-            (true, true) => "AND p.translation_key > CAST($4 AS uuid)".into(),
-            (true, false) => "AND p.translation_key > $4".into(),
+            (true, true) => "AND p.translation_key > CAST($2 AS uuid)".into(),
+            (true, false) => "AND p.translation_key > $2".into(),
         };
         format!(
             "SELECT CAST(p.id AS BIGINT) AS id, p.path AS path, {tkey} AS tkey, p.url_path AS url_path, \
@@ -503,7 +549,7 @@ impl WagtailDb {
              JOIN django_content_type ct ON ct.id = p.content_type_id \
              LEFT JOIN wagtailcore_page pp ON pp.path = SUBSTR(p.path, 1, LENGTH(p.path) - 4) \
              LEFT JOIN wagtailcore_revision r ON r.id = p.live_revision_id \
-             WHERE p.locale_id = $1 AND p.path LIKE $2 AND p.depth >= $3 {after_cond} \
+             WHERE p.locale_id = $1 AND {scope} {after_cond} \
              ORDER BY p.translation_key LIMIT {batch}",
             batch = self.batch,
             menus = boolean("show_in_menus"),

@@ -241,8 +241,18 @@ impl SourceService {
             return Err(SourceError::UnknownChannel(req.channel));
         };
         for p in &req.paths {
-            cms_mirror::pathsafe::validate(p, 4096)
-                .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
+            // A wagtail channel also takes pages by their URL path (`/home/news/`).
+            let page = ch.pages.is_some() && p.starts_with('/');
+            if page {
+                if p.len() > 4096 || p.split('/').any(|c| c == "..") || p.contains('\0') {
+                    return Err(SourceError::InvalidPath(format!(
+                        "{p:?} is not a page URL path"
+                    )));
+                }
+            } else {
+                cms_mirror::pathsafe::validate(p, 4096)
+                    .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
+            }
         }
         let new = NewJob {
             channel: ch.name.clone(),

@@ -116,11 +116,21 @@ pub struct PlanSpec {
     pub paths: Vec<String>,
 }
 
-fn within(paths: &[String], p: &str) -> bool {
-    paths.is_empty()
-        || paths
-            .iter()
-            .any(|x| p == x || p.starts_with(&format!("{x}/")) || x.starts_with(&format!("{p}/")))
+/// Whether a job restricted to `paths` covers item `p`. File paths are relative;
+/// CMS pages are named by their URL paths (starting with `/`): a job naming pages reads
+/// only those pages and their subtrees, so it creates and updates the pages it reads and
+/// deletes none (a later job of the whole channel does).
+fn within(paths: &[String], p: &str, delete: bool) -> bool {
+    if paths.is_empty() {
+        return true;
+    }
+    if cms_mirror::pathsafe::is_page_key(p) {
+        return !delete && paths.iter().any(|x| x.starts_with('/'));
+    }
+    paths
+        .iter()
+        .filter(|x| !x.starts_with('/'))
+        .any(|x| p == x || p.starts_with(&format!("{x}/")) || x.starts_with(&format!("{p}/")))
 }
 
 /// Why a plan could not be made.
@@ -366,13 +376,13 @@ impl Merge<'_> {
             self.totals.target_items += 1;
         }
         match (src, tgt) {
-            (Some(mut s), None) if within(&spec.paths, &s.path) => {
+            (Some(mut s), None) if within(&spec.paths, &s.path, false) => {
                 hash_if_needed(spec, &mut s, &mut self.errors);
                 self.add(Action::Create, s, doc, out)
             }
             (None, Some(t))
                 if spec.delete
-                    && within(&spec.paths, &t.path)
+                    && within(&spec.paths, &t.path, true)
                     && !spec.filter.excludes_with_ancestors(&t.path, t.kind) =>
             {
                 self.totals.deletes += 1;
@@ -383,7 +393,7 @@ impl Merge<'_> {
                 };
                 out.write(PhaseName::Delete, &e)
             }
-            (Some(mut s), Some(t)) if within(&spec.paths, &s.path) => {
+            (Some(mut s), Some(t)) if within(&spec.paths, &s.path, false) => {
                 if self.unchanged(&mut s, &t) {
                     self.totals.unchanged += 1;
                     return Ok(());

@@ -291,3 +291,38 @@ fn a_publish_in_the_cms_starts_a_job_that_brings_it() {
         "nothing published since: no job"
     );
 }
+
+/// StartJob `paths` on a wagtail channel take page URL paths: a job mirrors those pages
+/// and their subtrees, and nothing else changed in the CMS.
+#[test]
+fn a_job_of_page_paths_brings_those_pages_and_nothing_else() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cms = rt.block_on(Cms::generate(Backend::Sqlite));
+    let tmp = tempfile::tempdir().unwrap();
+    let target = App::target(tmp.path())
+        .site(&tmp.path().join("dst"))
+        .spawn();
+    let config = wagtail_config(tmp.path(), &cms, &target.url());
+    let source = App::source(tmp.path(), &config).spawn();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 1, "broken links only: {job:#}");
+    for (id, title) in [("section_0", "Section zero"), ("news", "Not asked for")] {
+        let id = cms.made[id].as_i64().unwrap().to_string();
+        cms.run(&["retitle", "--id", &id, "--title", title]);
+    }
+    let (code, job) = run_job(&source.url(), &["--path", "/home/news/section-0/"]);
+    assert!(code <= 1, "{job:#}");
+    assert_eq!(job["targets"][0]["items_total"], 1, "{job:#}");
+    assert_eq!(job["targets"][0]["deletes_total"], 0, "{job:#}");
+    let titles: Vec<String> = replica(tmp.path()).into_iter().map(|p| p.1).collect();
+    assert!(titles.contains(&"Section zero".to_string()), "{titles:?}");
+    assert!(!titles.contains(&"Not asked for".to_string()), "{titles:?}");
+    // A page outside the channel's subtree is a clear error.
+    let (code, job) = run_job(&source.url(), &["--path", "/home/about/"]);
+    assert_eq!(code, 2, "{job:#}");
+    let error = job["targets"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"/home/about/\" is not a page of the channel's subtree"),
+        "{error}"
+    );
+}

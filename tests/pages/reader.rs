@@ -16,6 +16,7 @@ fn subtree(languages: &[&str], include_root: bool) -> Subtree {
         root: "/home/news/".into(),
         include_root,
         languages: languages.iter().map(|l| l.to_string()).collect(),
+        only: Vec::new(),
     }
 }
 

@@ -117,13 +117,23 @@ pub(super) async fn make_plan(
         .into_inner();
     let (mtx, mut mrx) = mpsc::channel::<ManifestItem>(4096);
     let feeder = tokio::spawn(feed_manifest(stream, mtx, target_label(t), ch.ack_timeout));
+    // A job naming paths reads only the pages it names (URL paths), if any.
+    let page_paths: Vec<String> = opts
+        .paths
+        .iter()
+        .filter(|p| p.starts_with('/'))
+        .cloned()
+        .collect();
+    let read = opts.paths.is_empty() || !page_paths.is_empty();
     let (pages, reader) = match &ch.pages {
-        None => (None, None),
-        Some(p) => {
+        Some(p) if read => {
+            let mut p = p.clone();
+            p.subtree.only = page_paths;
             let (ptx, prx) = mpsc::channel(256);
-            let reader = tokio::spawn(read_pages(p.clone(), ptx));
+            let reader = tokio::spawn(read_pages(p, ptx));
             (Some(prx), Some(reader))
         }
+        _ => (None, None),
     };
     let spec = spec(ch, opts);
     let dir = plan_dir.to_path_buf();
