@@ -3,10 +3,12 @@ would be): build a site, change it, and dump Wagtail's API v2 for a subtree.
 
     python cms.py generate [--sections 3 --topics 2 --articles 3 --images 4 --docs 2]
     python cms.py mutate
+    python cms.py edit --percent 1
     python cms.py api-dump --root /home/news/
     python cms.py retitle --id 12 --title "New title"
     python cms.py reslug --id 6 --slug new-slug
     python cms.py mutate
+    python cms.py edit --percent 1
 
 The database and media directory come from CMS_DB and CMS_MEDIA_ROOT (see
 cmsite/settings.py). `generate` migrates first and prints a JSON summary of what it
@@ -296,6 +298,20 @@ def mutate(a):
     print()
 
 
+@transaction.atomic
+def edit(a):
+    """Publishes a new title for `--percent` of the live articles of the news subtrees
+    (every n-th), as a day's edits would; prints how many."""
+    arts = list(ArticlePage.objects.live().filter(url_path__contains="/news/").order_by("path"))
+    step = max(1, round(100 / a.percent))
+    done = 0
+    for art in arts[::step]:
+        art.title = f"{art.title} (edited)"
+        publish(art)
+        done += 1
+    print(done)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -314,8 +330,17 @@ def main():
     r.add_argument("--id", type=int, required=True)
     r.add_argument("--slug", required=True)
     sub.add_parser("mutate")
+    e = sub.add_parser("edit")
+    e.add_argument("--percent", type=float, default=1.0)
     a = ap.parse_args()
-    commands = {"generate": generate, "api-dump": api_dump, "retitle": retitle, "reslug": reslug, "mutate": mutate}
+    commands = {
+        "generate": generate,
+        "api-dump": api_dump,
+        "retitle": retitle,
+        "reslug": reslug,
+        "mutate": mutate,
+        "edit": edit,
+    }
     commands[a.cmd](a)
 
 
