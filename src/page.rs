@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{Item, Kind};
-use crate::pathsafe::PAGES_DIR;
+use crate::pathsafe::page_path;
 
 /// What a reference points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -67,17 +67,15 @@ pub struct PageDoc {
 impl PageDoc {
     /// The document sent for the page. Serialised fields are sorted, so equal pages
     /// give equal bytes.
-    pub fn document(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a page record serialises")
+    pub fn document(&self) -> String {
+        serde_json::to_string(self).expect("a page record serialises")
     }
-}
 
-impl PageDoc {
-    /// The page as a site item: its key below [`PAGES_DIR`], the size and BLAKE3 of its
+    /// The page as a site item: its key below [`crate::pathsafe::PAGES_DIR`], the size and BLAKE3 of its
     /// document (a page is unchanged exactly when its document is).
     pub fn item(&self, doc: &[u8]) -> Item {
         Item {
-            path: format!("{PAGES_DIR}/{}", self.key),
+            path: page_path(&self.key),
             kind: Kind::Page,
             size: doc.len() as u64,
             mtime_ns: 0,

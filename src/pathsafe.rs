@@ -33,10 +33,20 @@ pub const STAGING_DIR: &str = ".cms-mirror-staging";
 /// below it.
 pub const PAGES_DIR: &str = ".cms-mirror-pages";
 
+/// The page key of an item path below [`PAGES_DIR`] (`.cms-mirror-pages/en/abc` is
+/// `en/abc`); `None` for any other path.
+pub fn page_key(path: &str) -> Option<&str> {
+    path.strip_prefix(PAGES_DIR)?.strip_prefix('/')
+}
+
 /// Whether `path` is below [`PAGES_DIR`].
 pub fn is_page_key(path: &str) -> bool {
-    path.strip_prefix(PAGES_DIR)
-        .is_some_and(|rest| rest.starts_with('/'))
+    page_key(path).is_some()
+}
+
+/// The item path of a page key (the inverse of [`page_key`]).
+pub fn page_path(key: &str) -> String {
+    format!("{PAGES_DIR}/{key}")
 }
 
 /// Checks that `path` is a safe relative path: '/'-separated plain names, none empty,

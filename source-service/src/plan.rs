@@ -16,7 +16,6 @@ use tokio::sync::mpsc;
 use cms_mirror::fswalk::{Filter, Patterns, WalkError, Walker};
 use cms_mirror::model::{Item, Kind, tree_key};
 use cms_mirror::page::PageDoc;
-use cms_mirror::pathsafe::PAGES_DIR;
 use cms_mirror::wagtail::WagtailError;
 
 /// What to do with one item.
@@ -159,7 +158,7 @@ pub type PageFeed = mpsc::Receiver<Result<PageDoc, WagtailError>>;
 type SourceItem = (Item, Option<String>);
 
 /// The source's items in tree order: the walked files merged with the CMS pages (whose
-/// keys are below [`PAGES_DIR`], in key order, which is their tree order).
+/// keys are below [`cms_mirror::pathsafe::PAGES_DIR`], in key order, which is their tree order).
 struct Sources {
     walker: std::iter::Peekable<Walker>,
     pages: Option<PageFeed>,
@@ -210,7 +209,7 @@ fn next_page(
         match rx.blocking_recv() {
             None => return Ok(None),
             Some(Ok(p)) => {
-                let doc = String::from_utf8(p.document()).expect("JSON is UTF-8");
+                let doc = p.document();
                 return Ok(Some((p.item(doc.as_bytes()), Some(doc))));
             }
             Some(Err(WagtailError::Page {
@@ -219,7 +218,7 @@ fn next_page(
                 url_path,
                 problem,
             })) => errors.push(WalkError {
-                path: format!("{PAGES_DIR}/{key}"),
+                path: cms_mirror::pathsafe::page_path(&key),
                 code: "unreadable",
                 message: format!("page {id} ({url_path}): {problem}"),
                 retryable: false,

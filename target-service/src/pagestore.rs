@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use cms_mirror::model::{ChangeAction, ErrorCode};
 use cms_mirror::page::{PageDoc, RefKind};
-use cms_mirror::pathsafe::{PAGES_DIR, is_page_key};
+use cms_mirror::pathsafe::{page_key, page_path};
 use cms_mirror::pb;
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
@@ -55,9 +55,9 @@ impl PageRow {
         }
     }
 
-    /// The page's item path (below [`PAGES_DIR`]).
+    /// The page's item path (below [`cms_mirror::pathsafe::PAGES_DIR`]).
     pub fn path(&self) -> String {
-        item_path(&self.key)
+        page_path(&self.key)
     }
 }
 
@@ -129,8 +129,7 @@ pub(crate) async fn record(
             .await?;
         }
     }
-    for path in deletes.iter().filter(|p| is_page_key(p)) {
-        let key = &path[PAGES_DIR.len() + 1..];
+    for key in deletes.iter().filter_map(|p| page_key(p)) {
         let locale = key.split('/').next().unwrap_or_default();
         remember(tx, site, session, key, locale).await?;
         for sql in [
@@ -259,14 +258,9 @@ pub async fn count(db: &cms_mirror::db::Db, site: &str) -> Result<i64, sqlx::Err
     Ok(r.get::<i64, _>(0))
 }
 
-/// A page's item path from its key.
-fn item_path(key: &str) -> String {
-    format!("{PAGES_DIR}/{key}")
-}
-
 fn page_error(key: &str, code: ErrorCode, message: String) -> pb::ItemError {
     pb::ItemError {
-        path: item_path(key),
+        path: page_path(key),
         code: code.as_str().into(),
         message,
         retryable: false,

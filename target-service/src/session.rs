@@ -110,10 +110,7 @@ impl TargetService {
         let mut put = std::collections::HashSet::new();
         let mut deleted = Vec::new();
         for (path, action) in self.inner.ledger.changes(&s.id).await? {
-            let Some(key) = path
-                .strip_prefix(cms_mirror::pathsafe::PAGES_DIR)
-                .and_then(|k| k.strip_prefix('/'))
-            else {
+            let Some(key) = cms_mirror::pathsafe::page_key(&path) else {
                 continue;
             };
             match action {

@@ -201,15 +201,7 @@ fn the_replica_serves_what_wagtails_api_serves_with_links_to_itself() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cms = rt.block_on(Cms::generate(Backend::Sqlite));
     let tmp = tempfile::tempdir().unwrap();
-    let toml = tmp.path().join("target.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"http://cms.test/\"\n",
-            tmp.path().join("dst").display()
-        ),
-    )
-    .unwrap();
+    let toml = crate::mirror::target_toml(tmp.path(), "http://cms.test/");
     let api = free_addr();
     let target = App::target(tmp.path())
         .config(&toml)

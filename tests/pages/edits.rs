@@ -8,7 +8,7 @@ use cms_mirror::db::Backend;
 use crate::cms::Cms;
 use crate::delivery::assert_serves_like_wagtail;
 use crate::helpers::*;
-use crate::mirror::{read_hook, wagtail_config_with};
+use crate::mirror::{read_hook, target_toml, wagtail_config_with};
 
 #[test]
 fn sqlite_an_editors_day_reaches_the_replica_through_a_killed_target() {
@@ -29,17 +29,7 @@ fn an_editors_day_reaches_the_replica_through_a_killed_target(backend: Backend) 
     let cms = rt.block_on(Cms::generate(backend));
     let tmp = tempfile::tempdir().unwrap();
     let (dst, hook_out) = (tmp.path().join("dst"), tmp.path().join("hook.json"));
-    let toml = tmp.path().join("target.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"http://cms.test/\"\n\n\
-             [[site.hook]]\ncommand = [\"sh\", \"-c\", \"cat > {}\"]\n",
-            dst.display(),
-            hook_out.display()
-        ),
-    )
-    .unwrap();
+    let toml = target_toml(tmp.path(), "http://cms.test/");
     let api = free_addr();
     let target_app = || {
         App::target(tmp.path())

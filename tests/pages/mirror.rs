@@ -33,6 +33,23 @@ fn replica(dir: &Path) -> Vec<(String, String, Option<String>, i64)> {
     })
 }
 
+/// A target.toml in `dir` with site `main` at `dir/dst` under `base_url`, and a hook
+/// that writes its JSON to `dir/hook.json` (read it with [`read_hook`]).
+pub(crate) fn target_toml(dir: &Path, base_url: &str) -> std::path::PathBuf {
+    let toml = dir.join("target.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"{base_url}\"\n\n\
+             [[site.hook]]\ncommand = [\"sh\", \"-c\", \"cat > {}\"]\n",
+            dir.join("dst").display(),
+            dir.join("hook.json").display()
+        ),
+    )
+    .unwrap();
+    toml
+}
+
 pub(crate) fn read_hook(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -68,19 +85,8 @@ fn a_wagtail_channel_mirrors_the_live_subtree_and_then_only_what_changed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let cms = rt.block_on(Cms::generate(Backend::Sqlite));
     let tmp = tempfile::tempdir().unwrap();
-    let dst = tmp.path().join("dst");
-    let hook_out = tmp.path().join("hook.json");
-    let toml = tmp.path().join("target.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"https://www.example.com/\"\n\n\
-             [[site.hook]]\ncommand = [\"sh\", \"-c\", \"cat > {}\"]\n",
-            dst.display(),
-            hook_out.display()
-        ),
-    )
-    .unwrap();
+    let (dst, hook_out) = (tmp.path().join("dst"), tmp.path().join("hook.json"));
+    let toml = target_toml(tmp.path(), "https://www.example.com/");
     let target = App::target(tmp.path()).config(&toml).spawn();
     let config = wagtail_config(tmp.path(), &cms, &target.url());
     let source = App::source(tmp.path(), &config).spawn();

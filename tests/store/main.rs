@@ -534,7 +534,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
             "source_id": 5
         }))
         .unwrap();
-        let doc = String::from_utf8(p.document()).unwrap();
+        let doc = p.document();
         PackageChanges {
             upserts: vec![p.item(doc.as_bytes())],
             pages: vec![PageRow::new(p, doc)],
@@ -601,7 +601,7 @@ fn test_page(
         "source_id": 1
     }))
     .unwrap();
-    let doc = String::from_utf8(p.document()).unwrap();
+    let doc = p.document();
     mirror_target::pagestore::PageRow::new(p, doc)
 }
 

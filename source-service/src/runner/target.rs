@@ -197,21 +197,22 @@ impl<'a> TargetRun<'a> {
         // A session the target expired while this job was away is opened again from
         // package 1: the job plans again against what the target holds now. Bounded, so
         // that a target expiring sessions faster than they are sent ends the job.
-        for round in 0.. {
+        let mut reopened = 0;
+        loop {
             match self.run_session(&session).await {
-                Err(Stop::SessionClosed(why)) if round < 3 => {
-                    session = self.connect().await?;
-                    if !session.expired && !session.committed {
-                        return Err(Stop::Failed(format!("{}: {why}", target_label(self.t)), 0));
-                    }
-                }
                 Err(Stop::SessionClosed(why)) => {
+                    reopened += 1;
+                    if reopened <= 3 {
+                        session = self.connect().await?;
+                        if session.expired || session.committed {
+                            continue;
+                        }
+                    }
                     return Err(Stop::Failed(format!("{}: {why}", target_label(self.t)), 0));
                 }
                 end => return end,
             }
         }
-        unreachable!("the loop returns")
     }
 
     /// Plans (or takes the stored plan), sends and commits one opened session.

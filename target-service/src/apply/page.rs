@@ -1,9 +1,9 @@
 //! A page put: its key, its document's size and BLAKE3, and the document itself checked
 //! before it goes to the page store (nothing of a page touches the site's files).
 
-use cms_mirror::model::{ErrorCode, Item, Kind};
+use cms_mirror::model::{ErrorCode, Item};
 use cms_mirror::page::{PageDoc, valid_key};
-use cms_mirror::pathsafe::{self, PAGES_DIR, is_page_key};
+use cms_mirror::pathsafe::{self, PAGES_DIR};
 use cms_mirror::pb;
 
 use crate::pagestore::PageRow;
@@ -18,11 +18,7 @@ pub(super) fn checked(
     if let Err(e) = pathsafe::validate(path, max_path) {
         return bad(ErrorCode::InvalidPath, e.to_string());
     }
-    let key = if is_page_key(path) {
-        &path[PAGES_DIR.len() + 1..]
-    } else {
-        ""
-    };
+    let key = pathsafe::page_key(path).unwrap_or_default();
     if !valid_key(key) {
         return bad(
             ErrorCode::InvalidPath,
@@ -60,14 +56,6 @@ pub(super) fn checked(
             format!("parent key {parent:?} is not a page key"),
         );
     }
-    let item = Item {
-        path: path.clone(),
-        kind: Kind::Page,
-        size: meta.size,
-        mtime_ns: 0,
-        mode: 0,
-        link: String::new(),
-        hash: Some(cms_mirror::model::hex(&meta.blake3)),
-    };
+    let item = Item::from_pb(meta).expect("a page's kind is known");
     Ok((item, PageRow::new(p, doc.clone())))
 }

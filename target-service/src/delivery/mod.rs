@@ -13,7 +13,6 @@
 
 mod render;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -101,8 +100,13 @@ impl Delivery {
         }
     }
 
-    /// Every mirrored page of a site as links show it.
-    async fn linked(&self, site: &SiteConfig) -> Result<HashMap<String, Linked>, sqlx::Error> {
+    /// What references resolve to for one request: every mirrored page of the site as
+    /// links show it, the site's base URL, and the API's own for `detail_url`.
+    async fn resolved(
+        &self,
+        site: &SiteConfig,
+        headers: &HeaderMap,
+    ) -> Result<Resolved, sqlx::Error> {
         let base = base_url(site);
         let rows = sqlx::query(
             "SELECT page_key, id, page_type, title, url_path FROM pages WHERE site = $1",
@@ -110,7 +114,7 @@ impl Delivery {
         .bind(&site.name)
         .fetch_all(&self.db.pool)
         .await?;
-        Ok(rows
+        let pages = rows
             .iter()
             .map(|r| {
                 let url: Option<String> = r.get(4);
@@ -122,7 +126,12 @@ impl Delivery {
                 };
                 (r.get::<String, _>(0), linked)
             })
-            .collect())
+            .collect();
+        Ok(Resolved {
+            pages,
+            base_url: base,
+            api_base: api_base(headers),
+        })
     }
 
     /// The site's last page change, in seconds.
@@ -167,12 +176,7 @@ const COLUMNS: &str = "id, locale, parent_key, slug, page_type, title, doc, url_
 
 /// One page as the API shows it: `detail` adds the fields Wagtail shows on a detail
 /// view; `all_fields` the page type's own fields.
-fn page_json(
-    row: &Row_,
-    r: &Resolved<'_>,
-    detail: bool,
-    all_fields: bool,
-) -> Result<Value, Problem> {
+fn page_json(row: &Row_, r: &Resolved, detail: bool, all_fields: bool) -> Result<Value, Problem> {
     let doc: PageDoc = serde_json::from_str(&row.doc).map_err(|e| {
         Problem(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -260,13 +264,7 @@ async fn detail(
             "No Page matches the given query.".into(),
         )
     })?;
-    let pages = d.linked(site).await?;
-    let (base, api) = (base_url(site), api_base(&headers));
-    let r = Resolved {
-        pages: &pages,
-        base_url: &base,
-        api_base: &api,
-    };
+    let r = d.resolved(site, &headers).await?;
     let body = page_json(&row, &r, true, true)?;
     Ok(answer(&body, d.last_change(&site.name).await?, &headers))
 }
@@ -337,13 +335,7 @@ async fn list(
     }
     let total: i64 = count.fetch_one(&d.db.pool).await?.get(0);
     let rows = rows.fetch_all(&d.db.pool).await?;
-    let pages = d.linked(site).await?;
-    let (base, api) = (base_url(site), api_base(&headers));
-    let r = Resolved {
-        pages: &pages,
-        base_url: &base,
-        api_base: &api,
-    };
+    let r = d.resolved(site, &headers).await?;
     let items = rows
         .iter()
         .map(|row| page_json(row, &r, false, all_fields))

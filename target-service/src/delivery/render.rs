@@ -19,16 +19,16 @@ pub struct Linked {
 }
 
 /// What a page's references resolve to on the replica.
-pub struct Resolved<'a> {
+pub struct Resolved {
     /// Mirrored pages by key (those not here are not mirrored: broken links).
-    pub pages: &'a HashMap<String, Linked>,
+    pub pages: HashMap<String, Linked>,
     /// The site's `base_url` without its trailing `/` (files are served under it).
-    pub base_url: &'a str,
+    pub base_url: String,
     /// `http://host` the API is reached at, for `detail_url`.
-    pub api_base: &'a str,
+    pub api_base: String,
 }
 
-impl Resolved<'_> {
+impl Resolved {
     pub fn detail_url(&self, id: i64) -> String {
         format!("{}/api/v2/pages/{id}/", self.api_base)
     }
@@ -52,7 +52,7 @@ impl Resolved<'_> {
 }
 
 /// The page's fields as the API shows them.
-pub fn fields(doc: &PageDoc, r: &Resolved<'_>) -> Map<String, Value> {
+pub fn fields(doc: &PageDoc, r: &Resolved) -> Map<String, Value> {
     let mut pages: HashMap<i64, &str> = HashMap::new();
     let mut files: HashMap<(RefKind, i64), (&str, &str)> = HashMap::new();
     for x in &doc.references {
@@ -138,7 +138,7 @@ fn rich_text(
     html: &str,
     pages: &HashMap<i64, &str>,
     files: &HashMap<(RefKind, i64), (&str, &str)>,
-    r: &Resolved<'_>,
+    r: &Resolved,
 ) -> Option<String> {
     if !html.contains("linktype=") {
         return None;
@@ -168,7 +168,7 @@ fn link_tag(
     tag: &str,
     pages: &HashMap<i64, &str>,
     files: &HashMap<(RefKind, i64), (&str, &str)>,
-    r: &Resolved<'_>,
+    r: &Resolved,
 ) -> String {
     let id = attr(tag, "id").and_then(|i| i.parse::<i64>().ok());
     match (attr(tag, "linktype"), id) {
