@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Page benchmark: a generated Wagtail site (tests/wagtail, made through Wagtail's own
-API) mirrored by a wagtail channel between release builds of mirror-source and
-mirror-target on loopback. Standard library only; the CMS's Python environment comes
-from scripts/wagtail-env.sh.
+"""Page benchmark: a generated Wagtail site (tests/wagtail `cms.py bulk`, made through
+Wagtail's own API) mirrored by a wagtail channel between release builds of mirror-source
+and mirror-target on loopback, with the peer, wagtail-transfer, importing the same
+subtrees into an empty Wagtail beside it. Standard library only; the CMS's Python
+environment comes from scripts/wagtail-env.sh.
 
 Each round starts a fresh target (empty page store) and runs: the full mirror, the
 no-change re-run, and the re-run after `cms.py edit --percent 1` (a new title published
@@ -10,8 +11,15 @@ for 1% of the articles). It reports wall times, pages per second (pages over the
 mirror's wall; for the re-runs, pages checked per second) and the peak resident memory
 (VmHWM) of both services over the round, as medians with the range over rounds.
 
-    python3 bench/pages.py [--sections 10 --topics 10 --articles 100] [--rounds 3]
-                           [--cms DIR]   # reuse a generated CMS (made once per shape)
+The peer runs once: the source Wagtail served by Django's runserver with
+wagtail-transfer's export views, and `cms.py transfer-import` running wagtail-transfer's
+own import (as its admin view does) of the English and German subtrees into a fresh
+Wagtail, twice (the first import creates every page, the second updates every page: it
+has no notion of what changed).
+
+    python3 bench/pages.py [--sections 10 --topics 10 --articles 66] [--rounds 3]
+                           [--cms DIR]   # where generated CMSs are kept (one per shape)
+                           [--no-peer]
 """
 import argparse, json, os, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -48,15 +56,15 @@ def generate(py, cms, a):
     """The CMS of this shape, generated once and kept (with a copy to restore after
     each round's edit)."""
     shape = f"{a.sections}x{a.topics}x{a.articles}"
-    made = cms / f"made-{shape}.json"
+    made = cms / "made.json"
     if made.exists():
         return json.loads(made.read_text())
     cms.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     out = subprocess.run(
-        [py, CMS_PY, "generate", "--sections", str(a.sections), "--topics", str(a.topics),
-         "--articles", str(a.articles), "--images", "20", "--docs", "10"],
-        check=True, capture_output=True, text=True, env=cms_env(cms))
+        [py, CMS_PY, "bulk", "--sections", str(a.sections), "--topics", str(a.topics),
+         "--articles", str(a.articles)],
+        check=True, stdout=subprocess.PIPE, text=True, env=cms_env(cms))
     print(f"generated {shape} in {time.monotonic() - t:.0f} s", file=sys.stderr)
     (cms / "pristine.sqlite3").write_bytes((cms / "cms.sqlite3").read_bytes())
     made.write_text(out.stdout)
@@ -113,6 +121,35 @@ def one_round(py, cms, work, pages):
             p.terminate(); p.wait()
 
 
+def peer(py, cms, work, made):
+    """wagtail-transfer's import of both locales' subtrees; its seconds per import round."""
+    port = free_port()
+    env = dict(cms_env(cms), CMS_TRANSFER_SOURCE=f"http://127.0.0.1:{port}")
+    src = work / "transfer-source.sqlite3"
+    src.write_bytes((cms / "pristine.sqlite3").read_bytes())
+    env["CMS_DB"] = f"sqlite:///{src}"
+    manage = CMS_PY.parent / "manage.py"
+    subprocess.run([py, manage, "migrate", "-v0"], check=True, env=env, capture_output=True)
+    log = open(work / "transfer-source.log", "w")
+    server = subprocess.Popen([py, manage, "runserver", "--noreload", f"127.0.0.1:{port}"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        dest = dict(env, CMS_DB=f"sqlite:///{work}/transfer-dest.sqlite3", CMS_MEDIA_ROOT=f"{work}/transfer-media")
+        out = subprocess.run([py, CMS_PY, "transfer-import", "--pages", f"{made['news']}:en,{made['news_de']}:de"],
+                             check=True, capture_output=True, text=True, env=dest)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        assert r["pages"] == made["live_in_news"], f"wagtail-transfer imported {r['pages']} pages: {r}"
+        return r["seconds"]
+    finally:
+        server.terminate(); server.wait()
+
+
 def spread(xs, fmt="{:.2f}"):
     return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
 
@@ -121,18 +158,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", type=int, default=10)
     ap.add_argument("--topics", type=int, default=10)
-    ap.add_argument("--articles", type=int, default=100)
+    ap.add_argument("--articles", type=int, default=66)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cms", type=Path, default=ROOT / "target" / "bench-cms")
+    ap.add_argument("--no-peer", action="store_true", help="leave wagtail-transfer out")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
     py = python()
-    made = generate(py, a.cms.resolve(), a)
+    cms = a.cms.resolve() / f"{a.sections}x{a.topics}x{a.articles}"
+    made = generate(py, cms, a)
     pages = made["live_in_news"]
     rounds = []
     for i in range(a.rounds):
         with tempfile.TemporaryDirectory(prefix="cms-mirror-pages-") as work:
-            r = one_round(py, a.cms.resolve(), Path(work), pages)
+            r = one_round(py, cms, Path(work), pages)
             rounds.append(r)
             print(f"round {i + 1}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})}",
                   file=sys.stderr)
@@ -141,6 +180,11 @@ def main():
     print(f"full mirror:    {spread(col('full'))} s, {spread([pages / r['full'] for r in rounds], '{:.0f}')} pages/s")
     print(f"no change:      {spread(col('nochange'))} s, {spread([pages / r['nochange'] for r in rounds], '{:.0f}')} pages checked/s")
     print(f"1% edited:      {spread(col('edit'))} s ({rounds[0]['edited']} pages published, {rounds[0]['edit_items']} sent)")
+    if not a.no_peer:
+        with tempfile.TemporaryDirectory(prefix="cms-mirror-transfer-") as work:
+            first, again = peer(py, cms, Path(work), made)
+        print(f"wagtail-transfer: import {first:.2f} s ({pages / first:.0f} pages/s), "
+              f"import again {again:.2f} s ({pages / again:.0f} pages/s)")
     print(f"peak RSS:       source {spread(col('source_mib'), '{:.0f}')} MiB, target {spread(col('target_mib'), '{:.0f}')} MiB")
 
 

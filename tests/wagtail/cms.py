@@ -2,13 +2,13 @@
 would be): build a site, change it, and dump Wagtail's API v2 for a subtree.
 
     python cms.py generate [--sections 3 --topics 2 --articles 3 --images 4 --docs 2]
+    python cms.py bulk [--sections 10 --topics 10 --articles 66]   # the benchmark's site
     python cms.py mutate
     python cms.py edit --percent 1
     python cms.py api-dump --root /home/news/
     python cms.py retitle --id 12 --title "New title"
     python cms.py reslug --id 6 --slug new-slug
-    python cms.py mutate
-    python cms.py edit --percent 1
+    CMS_TRANSFER_SOURCE=http://HOST:PORT python cms.py transfer-import --pages 4:en,6:de
 
 The database and media directory come from CMS_DB and CMS_MEDIA_ROOT (see
 cmsite/settings.py). `generate` migrates first and prints a JSON summary of what it
@@ -225,6 +225,99 @@ def build(a):
     print()
 
 
+def bulk(a):
+    """A large site for the page benchmark, still through Wagtail's API but with one
+    publish per page: `--sections` x `--topics` x `--articles` English articles, each
+    linking back to the one before it in rich text and by foreign key and using an image
+    and a document; German translations of every section, topic and every other article."""
+    call_command("migrate", verbosity=0)
+    with transaction.atomic():
+        en = Locale.objects.get_or_create(language_code="en")[0]
+        de = Locale.objects.get_or_create(language_code="de")[0]
+        for p in Page.get_first_root_node().get_children():
+            p.delete()
+        images, docs = make_media(a.images, a.docs)
+        home = add(Page.get_first_root_node(), ArticlePage(title="Home", slug="home", locale=en))
+        Site.objects.update_or_create(is_default_site=True, defaults={"hostname": "cms.test", "root_page": home})
+        news = add(home, SectionPage(title="News", slug="news", locale=en))
+        translate(home, de, title="Startseite")
+        news_de = translate(news, de, title="Nachrichten")
+        n = 0
+        for i in range(a.sections):
+            s = add(news, SectionPage(title=f"Section {i}", slug=f"section-{i}", locale=en))
+            translate(s, de, title=f"Rubrik {i}")
+            for j in range(a.topics):
+                t = add(s, SectionPage(title=f"Topic {i}.{j}", slug=f"topic-{i}-{j}", locale=en))
+                translate(t, de, title=f"Thema {i}.{j}")
+                prev = None
+                for k in range(a.articles):
+                    art = ArticlePage(
+                        title=f"Article {i}.{j}.{k}",
+                        slug=f"article-{i}-{j}-{k}",
+                        locale=en,
+                        intro=f"Intro {i}.{j}.{k}",
+                        body=article_body(prev, None, docs[n % len(docs)], images[n % len(images)], None),
+                        hero_image=images[(n + 1) % len(images)],
+                        related_page=prev,
+                    )
+                    prev = add(t, art)
+                    if k % 2 == 0:
+                        translate(prev, de, title=f"Artikel {i}.{j}.{k}")
+                    n += 1
+            print(f"section {i + 1}/{a.sections}", file=sys.stderr, flush=True)
+    summary = {
+        "home": home.id,
+        "news": news.id,
+        "news_de": news_de.id,
+        "pages": Page.objects.filter(depth__gt=1).count(),
+        "live_in_news": sum(r.get_descendants(inclusive=True).live().count() for r in (news, news_de)),
+    }
+    json.dump(summary, sys.stdout, indent=1)
+    print()
+
+
+def transfer_import(a):
+    """The peer: wagtail-transfer imports subtrees of the source CMS (served at
+    CMS_TRANSFER_SOURCE) into this CMS, exactly as its admin view `import_page` does
+    (fetch the export, plan, fetch missing objects, run). `--pages` lists source page ids,
+    each with the locale of the destination parent it goes under (`4:en,6:de`); the
+    destination's home page gets a German translation for the German subtree. Prints the
+    seconds of each import round (the first creates, the second updates everything again)."""
+    import time
+
+    import requests
+    from django.conf import settings
+    from wagtail_transfer.auth import digest_for_source, requests_auth
+    from wagtail_transfer.operations import ImportPlanner
+    from wagtail_transfer.views import import_missing_object_data
+
+    call_command("migrate", verbosity=0)
+    base_url = settings.WAGTAILTRANSFER_SOURCES["source"]["BASE_URL"]
+    home = Page.objects.get(depth=2, locale__language_code="en")
+    de = Locale.objects.get_or_create(language_code="de")[0]
+    if not Page.objects.filter(depth=2, locale=de).exists():
+        translate(home.specific, de, title="Startseite")
+    parents = {"en": home.id, "de": Page.objects.get(depth=2, locale=de).id}
+    rounds = []
+    for _ in range(a.rounds):
+        t = time.monotonic()
+        for item in a.pages.split(","):
+            source_id, lang = item.split(":")
+            resp = requests.get(
+                f"{base_url}api/pages/{source_id}/",
+                auth=requests_auth("source"),
+                params={"digest": digest_for_source("source", source_id)},
+            )
+            resp.raise_for_status()
+            importer = ImportPlanner.for_page(source=source_id, destination=parents[lang], source_site="source")
+            importer.add_json(resp.content)
+            import_missing_object_data("source", importer)
+        rounds.append(time.monotonic() - t)
+    live = Page.objects.filter(depth__gt=2).live().count()
+    json.dump({"seconds": rounds, "pages": live}, sys.stdout)
+    print()
+
+
 def api_dump(a):
     """Wagtail's own API v2 answers for every live page of the subtree (both locales):
     detail views, with every API field."""
@@ -321,6 +414,15 @@ def main():
     g.add_argument("--articles", type=int, default=3)
     g.add_argument("--images", type=int, default=4)
     g.add_argument("--docs", type=int, default=2)
+    b = sub.add_parser("bulk")
+    b.add_argument("--sections", type=int, default=10)
+    b.add_argument("--topics", type=int, default=10)
+    b.add_argument("--articles", type=int, default=66)
+    b.add_argument("--images", type=int, default=20)
+    b.add_argument("--docs", type=int, default=10)
+    x = sub.add_parser("transfer-import")
+    x.add_argument("--pages", required=True)
+    x.add_argument("--rounds", type=int, default=2)
     d = sub.add_parser("api-dump")
     d.add_argument("--root", default="/home/news/")
     r = sub.add_parser("retitle")
@@ -335,6 +437,8 @@ def main():
     a = ap.parse_args()
     commands = {
         "generate": generate,
+        "bulk": bulk,
+        "transfer-import": transfer_import,
         "api-dump": api_dump,
         "retitle": retitle,
         "reslug": reslug,

@@ -18,6 +18,11 @@ urlpatterns = [path("api/v2/", api.urls), path("documents/", include(wagtaildocs
 if "wagtail_transfer" in settings.INSTALLED_APPS:
     from wagtail_transfer import urls as wagtailtransfer_urls
 
+    from django.urls import re_path
+    from django.views.static import serve
+
     urlpatterns.append(path("wagtail-transfer/", include(wagtailtransfer_urls)))
+    # wagtail-transfer downloads images and documents from the source's media URL.
+    urlpatterns.append(re_path(r"^media/(?P<path>.*)$", serve, {"document_root": settings.MEDIA_ROOT}))
 # Pages under a language prefix (/en/..., /de/...), as multilingual Wagtail sites are.
 urlpatterns += i18n_patterns(path("", include(wagtail_urls)))
