@@ -5,6 +5,9 @@ and mirror-target on loopback, with the peer, wagtail-transfer, importing the sa
 subtrees into an empty Wagtail beside it. Standard library only; the CMS's Python
 environment comes from scripts/wagtail-env.sh.
 
+BENCH_BIN=DIR runs the binaries in DIR (built before, e.g. to compare two builds) instead
+of building the workspace's.
+
 Each round starts a fresh target (empty page store) and runs: the full mirror, the
 no-change re-run, and the re-run after `cms.py edit --percent 1` (a new title published
 for 1% of the articles). It reports wall times, pages per second (pages over the full
@@ -163,7 +166,8 @@ def main():
     ap.add_argument("--cms", type=Path, default=ROOT / "target" / "bench-cms")
     ap.add_argument("--no-peer", action="store_true", help="leave wagtail-transfer out")
     a = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
+    if "BENCH_BIN" not in os.environ:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
     py = python()
     cms = a.cms.resolve() / f"{a.sections}x{a.topics}x{a.articles}"
     made = generate(py, cms, a)

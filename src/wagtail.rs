@@ -517,6 +517,14 @@ impl WagtailDb {
         };
         let agg = if pg { "json_agg" } else { "json_group_array" };
         let to_page = tkey.replace("p.", "tp.");
+        // The referenced object's id as a number, only for references to that type (the
+        // index keeps ids as text, and other models' may not be numbers): compared with
+        // the id column itself, the lookup uses its primary key instead of a scan.
+        let to_id = |ct: i64| {
+            format!(
+                "(CASE WHEN ri.to_content_type_id = {ct} THEN CAST(ri.to_object_id AS BIGINT) END)"
+            )
+        };
         // Every reference of the page, resolved to what it points at. A linked page
         // outside the subtree (in every locale) is named by its URL path too (a link to
         // it is broken on the mirror, and the message names it); inside, it is not, so
@@ -527,11 +535,14 @@ impl WagtailDb {
                'page_url', CASE WHEN {inside} THEN NULL ELSE tp.url_path END, \
                'image', im.file, 'image_title', im.title, 'doc', dd.file, 'doc_title', dd.title)) AS TEXT) \
              FROM wagtailcore_referenceindex ri \
-             LEFT JOIN wagtailcore_page tp ON ri.to_content_type_id = {page} AND CAST(tp.id AS TEXT) = ri.to_object_id \
+             LEFT JOIN wagtailcore_page tp ON tp.id = {tp_id} \
              LEFT JOIN wagtailcore_locale tl ON tl.id = tp.locale_id \
-             LEFT JOIN wagtailimages_image im ON ri.to_content_type_id = {img} AND CAST(im.id AS TEXT) = ri.to_object_id \
-             LEFT JOIN wagtaildocs_document dd ON ri.to_content_type_id = {doc} AND CAST(dd.id AS TEXT) = ri.to_object_id \
-             WHERE ri.base_content_type_id = {page} AND ri.object_id = CAST(p.id AS TEXT))"
+             LEFT JOIN wagtailimages_image im ON im.id = {im_id} \
+             LEFT JOIN wagtaildocs_document dd ON dd.id = {dd_id} \
+             WHERE ri.base_content_type_id = {page} AND ri.object_id = CAST(p.id AS TEXT))",
+            tp_id = to_id(page),
+            im_id = to_id(img),
+            dd_id = to_id(doc),
         );
         let after_cond = match (after, pg) {
             (false, _) => String::new(),
