@@ -20,22 +20,24 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# Starts a service on port 0 and waits for the address it prints.
+# Starts a service on port 0 and waits for the address it prints (in $addr). Not in
+# a subshell: the trap must see every pid to stop the services when the demo ends.
 start() {
   local name=$1; shift
   "$@" >"$out/$name.out" 2>"$out/$name.log" &
   pids+=($!)
   for _ in $(seq 1 100); do
     addr=$(sed -n 's/.*listening on //p' "$out/$name.out" | head -n1)
-    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    [ -n "$addr" ] && return 0
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$out/$name.log" >&2; return 1; }
     sleep 0.1
   done
   echo "$name did not start" >&2; return 1
 }
 
-target_addr=$(start target "$bin/mirror-target" --listen 127.0.0.1:0 \
-  --site "main=$out/mirror" --data-dir "$out/target-data")
+start target "$bin/mirror-target" --listen 127.0.0.1:0 \
+  --site "main=$out/mirror" --data-dir "$out/target-data"
+target_addr=$addr
 echo "==> mirror-target listening on $target_addr (site main = demo-out/mirror)"
 
 cat >"$out/mirror.toml" <<TOML
@@ -43,6 +45,7 @@ cat >"$out/mirror.toml" <<TOML
 name = "site"
 source = "$here/examples/site"
 exclude = ["*~", "*.tmp"]
+exclude_presets = ["vcs", "secrets"]   # .git, .env, keys, ... never reach a web root
 last = ["sitemap.xml", "**/sitemap.json"]
 delete = true
 max_delete = "50%"
@@ -54,8 +57,9 @@ package_bytes = 1048576
   site = "main"
 TOML
 
-source_addr=$(start source "$bin/mirror-source" --listen 127.0.0.1:0 \
-  --config "$out/mirror.toml" --data-dir "$out/source-data")
+start source "$bin/mirror-source" --listen 127.0.0.1:0 \
+  --config "$out/mirror.toml" --data-dir "$out/source-data"
+source_addr=$addr
 echo "==> mirror-source listening on $source_addr"
 
 ctl() { "$bin/mirrorctl" --source "http://$source_addr" "$@"; }

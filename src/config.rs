@@ -65,6 +65,12 @@ pub enum Invalid {
     NoTarget,
     #[error("cert_file and key_file go together")]
     IdentityIncomplete,
+    #[error("{key} {path}: {error}")]
+    Unreadable {
+        key: &'static str,
+        path: PathBuf,
+        error: String,
+    },
     #[error("set exactly one of url or command (a non-empty list)")]
     HookKind,
     #[error("{0:?}: expected NAME=DIR")]
@@ -147,10 +153,14 @@ struct RawChannel {
     #[serde(default)]
     exclude: Vec<String>,
     #[serde(default)]
+    exclude_presets: Vec<String>,
+    #[serde(default)]
     last: Vec<String>,
     #[serde(default)]
     delete: bool,
     max_delete: Option<StrOrNum>,
+    #[serde(default)]
+    allow_empty_source: bool,
     max_errors: Option<u64>,
     #[serde(default)]
     checksum: bool,
@@ -201,6 +211,46 @@ pub struct TargetConfig {
 /// acknowledged (at 4 it waited for packages in about a third of a large-file mirror).
 pub const DEFAULT_WINDOW: u32 = 8;
 
+/// The channel's `max_delete` when it sets none: a job that would delete more than a
+/// quarter of a target (a source directory half gone, a wrong path) stops before
+/// deleting anything.
+pub const DEFAULT_MAX_DELETE: MaxDelete = MaxDelete::Percent(25.0);
+
+/// `exclude_presets`: named lists of patterns for what a web root should never carry.
+pub const EXCLUDE_PRESETS: [(&str, &[&str]); 2] = [
+    // Version control metadata (a directory, or a file in worktrees and submodules).
+    (
+        "vcs",
+        &[
+            "**/.git",
+            "**/.svn",
+            "**/.hg",
+            "**/.bzr",
+            "**/CVS",
+            "**/_darcs",
+        ],
+    ),
+    // Credentials and keys that are sometimes left in a web root.
+    (
+        "secrets",
+        &[
+            "**/.env",
+            "**/.env.*",
+            "**/.git-credentials",
+            "**/.netrc",
+            "**/.npmrc",
+            "**/.pypirc",
+            "**/.htpasswd",
+            "**/.ssh",
+            "**/id_rsa",
+            "**/id_dsa",
+            "**/id_ecdsa",
+            "**/id_ed25519",
+            "**/*.key",
+        ],
+    ),
+];
+
 /// A channel: what to mirror from where to which targets.
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
@@ -211,12 +261,15 @@ pub struct ChannelConfig {
     /// The CMS pages of a `wagtail+...` source.
     pub pages: Option<PagesConfig>,
     pub include: Vec<String>,
+    /// The `exclude` patterns, then those of the `exclude_presets`.
     pub exclude: Vec<String>,
     pub filter: Filter,
     /// Items applied after the rest of the content (indexes, sitemaps, feeds).
     pub last: Patterns,
     pub delete: bool,
-    pub max_delete: Option<MaxDelete>,
+    pub max_delete: MaxDelete,
+    /// Mirror an empty source directory (and delete the targets' content with it).
+    pub allow_empty_source: bool,
     pub max_errors: Option<u64>,
     pub checksum: bool,
     pub schedule: Option<String>,
@@ -403,15 +456,23 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
     let (pages, source) = pages_config(&mut c, base)?;
     let pat =
         |key, p: &[String]| Patterns::new(p).map_err(|e| (key, Invalid::Pattern(e.to_string())));
+    for name in &c.exclude_presets {
+        let Some((_, pats)) = EXCLUDE_PRESETS.iter().find(|(n, _)| n == name) else {
+            let expected = EXCLUDE_PRESETS.map(|(n, _)| format!("{n:?}")).join(" or ");
+            let value = name.clone();
+            return Err(("exclude_presets", Invalid::NotAmong { value, expected }));
+        };
+        c.exclude.extend(pats.iter().map(|p| p.to_string()));
+    }
     let (include, exclude, last) = (
         pat("include", &c.include)?,
         pat("exclude", &c.exclude)?,
         pat("last", &c.last)?,
     );
     let max_delete = match &c.max_delete {
-        None => None,
-        Some(StrOrNum::N(n)) => Some(MaxDelete::Count(*n)),
-        Some(StrOrNum::S(s)) => Some(MaxDelete::parse(s).map_err(|m| ("max_delete", m))?),
+        None => DEFAULT_MAX_DELETE,
+        Some(StrOrNum::N(n)) => MaxDelete::Count(*n),
+        Some(StrOrNum::S(s)) => MaxDelete::parse(s).map_err(|m| ("max_delete", m))?,
     };
     if let Some(s) = &c.schedule {
         parse_cron(s).map_err(|m| ("schedule", m))?;
@@ -453,6 +514,7 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
         last,
         delete: c.delete,
         max_delete,
+        allow_empty_source: c.allow_empty_source,
         max_errors: c.max_errors,
         checksum: c.checksum,
         schedule: c.schedule,
@@ -573,12 +635,25 @@ fn client_auth(
     if cert_file.is_some() != key_file.is_some() {
         return Err(Invalid::IdentityIncomplete);
     }
+    // Read again per job (a rotated token is picked up), but a file missing from the
+    // start is a mistake to report now, not at the first job.
+    let readable = |key: &'static str, p: Option<PathBuf>| match p.map(|p| base.join(p)) {
+        Some(path) => match std::fs::File::open(&path) {
+            Ok(_) => Ok(Some(path)),
+            Err(e) => Err(Invalid::Unreadable {
+                key,
+                path,
+                error: e.to_string(),
+            }),
+        },
+        None => Ok(None),
+    };
     Ok(crate::security::ClientAuth {
-        token_file: token_file.map(|p| base.join(p)),
+        token_file: readable("token_file", token_file)?,
         token: None,
-        ca_file: ca_file.map(|p| base.join(p)),
-        cert_file: cert_file.map(|p| base.join(p)),
-        key_file: key_file.map(|p| base.join(p)),
+        ca_file: readable("ca_file", ca_file)?,
+        cert_file: readable("cert_file", cert_file)?,
+        key_file: readable("key_file", key_file)?,
     })
 }
 
@@ -800,9 +875,37 @@ max_delete = "10%"
         let c = parse(OK).unwrap();
         let ch = c.channel("site").unwrap();
         assert_eq!(ch.source, Path::new("/etc/site"));
-        assert_eq!(ch.max_delete, Some(MaxDelete::Percent(10.0)));
+        assert_eq!(ch.max_delete, MaxDelete::Percent(10.0));
         assert_eq!(ch.targets[0].name, "main@127.0.0.1:7701");
         assert!(ch.filter.excludes("cache/x", crate::model::Kind::File));
+    }
+
+    #[test]
+    fn defaults_are_safe_and_presets_add_to_exclude() {
+        let c = parse(&OK.replace(
+            "max_delete = \"10%\"",
+            "exclude_presets = [\"vcs\", \"secrets\"]",
+        ))
+        .unwrap();
+        let ch = c.channel("site").unwrap();
+        assert_eq!(ch.max_delete, DEFAULT_MAX_DELETE);
+        assert!(!ch.allow_empty_source);
+        use crate::model::Kind::{Dir, File};
+        assert!(
+            ch.filter.excludes("cache/x", File),
+            "the channel's own pattern stays"
+        );
+        assert!(ch.filter.excludes(".git", Dir));
+        assert!(ch.filter.excludes("themes/a/.git", File));
+        assert!(ch.filter.excludes("deploy/.env", File));
+        assert!(!ch.filter.excludes("docs/env.md", File));
+        let e = parse(&OK.replace("max_delete = \"10%\"", "exclude_presets = [\"cvs\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exclude_presets") && e.contains("\"vcs\" or \"secrets\""),
+            "{e}"
+        );
     }
 
     #[test]

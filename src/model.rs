@@ -191,6 +191,9 @@ pub enum ErrorCode {
     MissingParent,
     /// A page whose URL another page already has.
     SlugCollision,
+    /// A cache invalidation hook of the target failed after the commit: what it should
+    /// have purged may be served stale until it runs again.
+    HookFailed,
     Io,
 }
 
@@ -210,6 +213,7 @@ impl ErrorCode {
             ErrorCode::BrokenLink => "broken_link",
             ErrorCode::MissingParent => "missing_parent",
             ErrorCode::SlugCollision => "slug_collision",
+            ErrorCode::HookFailed => "hook_failed",
             ErrorCode::Io => "io",
         }
     }

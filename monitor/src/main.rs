@@ -16,6 +16,21 @@ use serde_json::{Value, json};
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_client::SourceServiceClient;
 
+/// `println!` for output a reader may stop reading (`mirrorctl plan JOB | head`): a
+/// closed pipe ends the program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = writeln!(stdout, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("cannot write to stdout: {e}");
+        }
+    }};
+}
+
 /// Why a command could not be carried out (exit code 3).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CliError {
@@ -81,6 +96,10 @@ enum Cmd {
         /// Mirror only this path (repeatable).
         #[arg(long = "path")]
         paths: Vec<String>,
+        /// This job only: delete at most N items (or N% of the items) per target,
+        /// instead of the channel's max_delete.
+        #[arg(long, value_name = "N|N%")]
+        max_delete: Option<String>,
         /// Follow the job to its end; exit 0 succeeded, 1 completed with errors, 2 failed or cancelled.
         #[arg(long)]
         wait: bool,
@@ -130,6 +149,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (e.g. `mirrorctl completions bash >
+    /// /etc/bash_completion.d/mirrorctl`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff; e.g. `mirrorctl man > /usr/local/share/man/man1/mirrorctl.1`).
+    Man,
     /// Serve the web dashboard (channels, live jobs, history, job details).
     Dashboard {
         /// Address to serve on; port 0 picks a free port.
@@ -206,13 +230,18 @@ pub(crate) fn human_bytes(b: u64) -> String {
 }
 
 fn print_job(j: &pb::Job) {
-    println!(
-        "job {}  channel {}  {}",
+    out!(
+        "job {}  channel {}  {}{}",
         j.id,
         j.channel,
-        state_name(j.state)
+        state_name(j.state),
+        if j.dry_run {
+            "  (dry run: nothing was changed)"
+        } else {
+            ""
+        }
     );
-    println!(
+    out!(
         "  trigger {} by {:?}  created {}  started {}  finished {}",
         trigger_name(j.trigger),
         j.requested_by,
@@ -221,13 +250,13 @@ fn print_job(j: &pb::Job) {
         j.finished_at
     );
     if !j.summary.is_empty() {
-        println!("  {}", j.summary);
+        out!("  {}", j.summary);
     }
     if !j.error.is_empty() {
-        println!("  error: {}", j.error);
+        out!("  error: {}", j.error);
     }
     for t in &j.targets {
-        println!(
+        out!(
             "  target {} [{}]: items {}/{}, bytes {}/{}, deletes {}/{}, packages {}/{} acked, {} item error(s){}",
             t.target,
             t.state,
@@ -249,9 +278,12 @@ fn print_job(j: &pb::Job) {
     }
     for e in &j.item_errors {
         let ie = e.error.clone().unwrap_or_default();
-        println!(
+        out!(
             "  item error [{}] {}: {} ({})",
-            e.target, ie.path, ie.message, ie.code
+            e.target,
+            ie.path,
+            ie.message,
+            ie.code
         );
     }
 }
@@ -259,7 +291,7 @@ fn print_job(j: &pb::Job) {
 /// Prints a job as pretty JSON or as text.
 fn output_job(j: &pb::Job, json: bool) {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&job_json(j)).unwrap_or_default()
         );
@@ -350,7 +382,7 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
     format!(
         "{} {} #{} {}{who} {detail}{missed}",
         e.at,
-        &e.job_id[..8.min(e.job_id.len())],
+        short_id(&e.job_id),
         e.seq,
         e.kind
     )
@@ -379,8 +411,7 @@ async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, C
         job_id: job.to_string(),
         ..Default::default()
     };
-    // Text goes to stderr: stdout is kept for the job printed afterwards.
-    print_events(client, req, json_out, true).await?;
+    print_events(client, req, json_out).await?;
     let j = client
         .get_job(pb::GetJobRequest {
             job_id: job.to_string(),
@@ -391,28 +422,26 @@ async fn follow(client: &mut Client, job: &str, json_out: bool) -> Result<i32, C
 }
 
 /// Prints a watch's events as they arrive (JSON lines or text), until the stream ends
-/// or, for one job, its `finished` event.
+/// or, for one job, its `finished` event. A person at a terminal gets progress bars (on
+/// stderr); a pipe or a file gets one line per event on stdout.
 async fn print_events(
     client: &mut Client,
     req: pb::WatchJobsRequest,
     json_out: bool,
-    text_to_stderr: bool,
 ) -> Result<(), CliError> {
     let one_job = !req.job_id.is_empty();
     let mut stream = client.watch_jobs(req).await?.into_inner();
-    // Bars when a person is watching; one line per event for logs and pipes.
-    let terminal = if text_to_stderr {
-        std::io::stderr().is_terminal()
-    } else {
-        std::io::stdout().is_terminal()
-    };
-    let mut bars = (!json_out && terminal).then(bars::Bars::new);
+    let mut bars = (!json_out && std::io::stderr().is_terminal()).then(bars::Bars::new);
+    let lines = !json_out && (bars.is_none() || !std::io::stdout().is_terminal());
     while let Some(e) = stream.message().await? {
-        match (json_out, &mut bars, text_to_stderr) {
-            (true, _, _) => println!("{}", event_json(&e)),
-            (false, Some(b), _) => b.on_event(&e),
-            (false, None, true) => eprintln!("{}", event_line(&e)),
-            (false, None, false) => println!("{}", event_line(&e)),
+        if json_out {
+            out!("{}", event_json(&e));
+        }
+        if let Some(b) = &mut bars {
+            b.on_event(&e);
+        }
+        if lines {
+            out!("{}", event_line(&e));
         }
         if one_job && e.kind == "finished" {
             break;
@@ -440,6 +469,28 @@ fn exit_for(state: i32) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    use clap::CommandFactory;
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "mirrorctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Man => {
+            let rendered = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            if let Err(e) = rendered
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                return Err(e.into());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     if let Cmd::Dashboard { listen } = &cli.cmd {
         // The dashboard starts even while the source is down; its pages say so.
         let ch = cli.auth().channel(&cli.source)?;
@@ -449,13 +500,16 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
     let mut c = connect(&cli).await?;
     match cli.cmd {
-        Cmd::Dashboard { .. } => unreachable!("served above"),
+        Cmd::Dashboard { .. } | Cmd::Completions { .. } | Cmd::Man => {
+            unreachable!("done above")
+        }
         Cmd::Start {
             channel,
             full,
             dry_run,
             checksum,
             paths,
+            max_delete,
             wait,
             requested_by,
             json,
@@ -469,6 +523,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 checksum,
                 paths,
                 lineage: Vec::new(),
+                max_delete: max_delete.unwrap_or_default(),
             };
             start(&mut c, req, wait, json).await
         }
@@ -498,7 +553,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                     live_only: true,
                     ..Default::default()
                 };
-                print_events(&mut c, req, json, false).await?;
+                print_events(&mut c, req, json).await?;
                 Ok(ExitCode::SUCCESS)
             }
         },
@@ -523,21 +578,32 @@ async fn start(
         .into_inner();
     if !wait {
         if json {
-            println!("{}", json!({"job_id": r.job_id, "coalesced": r.coalesced}));
+            out!("{}", json!({"job_id": r.job_id, "coalesced": r.coalesced}));
         } else {
             let folded = if r.coalesced {
                 " (coalesced into the queued job)"
             } else {
                 ""
             };
-            println!("{}{folded}", r.job_id);
+            out!("{}{folded}", r.job_id);
         }
         return Ok(ExitCode::SUCCESS);
     }
     if !json {
         eprintln!("job {} started", r.job_id);
     }
-    let state = follow(c, &r.job_id, false).await?;
+    let state = tokio::select! {
+        s = follow(c, &r.job_id, false) => s?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "\nmirrorctl: stopped watching; job {id} goes on in mirror-source. \
+                 Follow it again with `mirrorctl watch {short}`, stop it with `mirrorctl cancel {short}`.",
+                id = r.job_id,
+                short = short_id(&r.job_id),
+            );
+            return Ok(ExitCode::from(130));
+        }
+    };
     let j = c
         .get_job(pb::GetJobRequest {
             job_id: r.job_id.clone(),
@@ -549,6 +615,11 @@ async fn start(
     }
     output_job(&j, json);
     Ok(exit_for(state))
+}
+
+/// The short form of a job id shown in event lines; any unique prefix is accepted.
+fn short_id(id: &str) -> &str {
+    &id[..8.min(id.len())]
 }
 
 /// `jobs`: the newest jobs, one line each.
@@ -567,17 +638,18 @@ async fn list_jobs(
         .into_inner();
     if json {
         let all: Vec<Value> = r.jobs.iter().map(job_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
     for j in &r.jobs {
-        println!(
-            "{}  {:<12} {:<22} {:<8} {}  {}",
+        out!(
+            "{}  {:<12} {:<22} {:<8} {}  {}{}",
             j.id,
             j.channel,
             state_name(j.state),
             trigger_name(j.trigger),
             j.created_at,
+            if j.dry_run { "[dry run] " } else { "" },
             j.summary
         );
     }
@@ -591,12 +663,12 @@ async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, Cli
         .await?
         .into_inner();
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&job_json(&j)).unwrap_or_default()
         );
     } else {
-        println!(
+        out!(
             "cancel requested for job {} (now {})",
             j.id,
             state_name(j.state)
@@ -613,11 +685,11 @@ async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, CliError>
         .into_inner();
     if json {
         let v: Vec<Value> = r.channels.iter().map(channel_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
     for ch in &r.channels {
-        println!(
+        out!(
             "{}  source {}  last job {} {}",
             ch.name,
             ch.source,
@@ -630,7 +702,7 @@ async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, CliError>
             } else {
                 format!("lag {}s", t.lag_seconds)
             };
-            println!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
+            out!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -651,7 +723,7 @@ async fn print_plan(c: &mut Client, job: &str, json: bool) -> Result<(), CliErro
             .map(|k| k.as_str())
             .unwrap_or("?");
         if json {
-            println!(
+            out!(
                 "{}",
                 json!({"target": p.target, "action": p.action, "kind": kind, "path": m.path, "size": m.size})
             );
@@ -660,7 +732,7 @@ async fn print_plan(c: &mut Client, job: &str, json: bool) -> Result<(), CliErro
                 ("delete", _) => "*deleting".to_string(),
                 (a, k) => format!("{}{}", if a == "create" { ">+" } else { ">c" }, &k[..1]),
             };
-            println!("{code:<10} {:<40} {:>10}  [{}]", m.path, m.size, p.target);
+            out!("{code:<10} {:<40} {:>10}  [{}]", m.path, m.size, p.target);
         }
     }
     Ok(())
@@ -673,8 +745,15 @@ async fn main() -> ExitCode {
     // before the process exits.
     let telemetry = cms_mirror::telemetry::init(Default::default(), "mirrorctl");
     let span = tracing::info_span!("mirrorctl", command = %cli.cmd.name());
+    let source = cli.source.clone();
     let code = match tracing::Instrument::instrument(run(cli), span).await {
         Ok(code) => code,
+        Err(CliError::Status(s)) if s.code() == tonic::Code::Unimplemented => {
+            eprintln!(
+                "mirrorctl: {source} does not serve the source API (a mirror-target? point --source or MIRROR_SOURCE at mirror-source)"
+            );
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("mirrorctl: {e}");
             ExitCode::from(3)

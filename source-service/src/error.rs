@@ -12,8 +12,12 @@ pub enum SourceError {
     UnknownChannel(String),
     #[error("paths: {0}")]
     InvalidPath(String),
+    #[error("max_delete: {0}")]
+    InvalidMaxDelete(cms_mirror::config::Invalid),
     #[error("job {0} not found")]
     JobNotFound(String),
+    #[error("{0}")]
+    AmbiguousJob(String),
     #[error(transparent)]
     OverBound(#[from] cms_mirror::bounds::OverBound),
     #[error("job store unavailable; retry later")]
@@ -24,6 +28,7 @@ impl From<StoreError> for SourceError {
     fn from(e: StoreError) -> SourceError {
         match e {
             StoreError::NotFound(id) => SourceError::JobNotFound(id),
+            e @ StoreError::Ambiguous { .. } => SourceError::AmbiguousJob(e.to_string()),
             other => SourceError::Store(other),
         }
     }
@@ -34,9 +39,10 @@ impl From<SourceError> for Status {
         let msg = e.to_string();
         match e {
             SourceError::UnknownChannel(_) | SourceError::JobNotFound(_) => Status::not_found(msg),
-            SourceError::InvalidPath(_) | SourceError::OverBound(_) => {
-                Status::invalid_argument(msg)
-            }
+            SourceError::InvalidPath(_)
+            | SourceError::InvalidMaxDelete(_)
+            | SourceError::AmbiguousJob(_)
+            | SourceError::OverBound(_) => Status::invalid_argument(msg),
             SourceError::Store(ref db) => {
                 tracing::error!(error = %db, "job store error");
                 Status::unavailable(msg)

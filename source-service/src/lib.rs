@@ -107,6 +107,17 @@ fn store_status(e: StoreError) -> Status {
     SourceError::from(e).into()
 }
 
+impl SourceService {
+    /// The job a request names by its id or a unique prefix of it.
+    async fn job_id(&self, given: &str) -> Result<String, Status> {
+        self.app
+            .store
+            .resolve_job_id(given)
+            .await
+            .map_err(store_status)
+    }
+}
+
 fn trigger_name(t: i32) -> &'static str {
     match pb::Trigger::try_from(t).unwrap_or(pb::Trigger::Unspecified) {
         pb::Trigger::Schedule => "schedule",
@@ -254,6 +265,10 @@ impl SourceService {
                     .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
             }
         }
+        let max_delete = (!req.max_delete.is_empty()).then_some(req.max_delete);
+        if let Some(m) = &max_delete {
+            cms_mirror::config::MaxDelete::parse(m).map_err(SourceError::InvalidMaxDelete)?;
+        }
         let new = NewJob {
             channel: ch.name.clone(),
             trigger: trigger_name(req.trigger).to_string(),
@@ -264,6 +279,7 @@ impl SourceService {
                 checksum: req.checksum,
                 paths: req.paths,
                 lineage: req.lineage,
+                max_delete,
                 trace: cms_mirror::telemetry::current_context(),
             },
             targets: ch
@@ -477,12 +493,8 @@ impl SourceApi for SourceService {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let j = self
-            .app
-            .store
-            .get_job(&req.into_inner().job_id)
-            .await
-            .map_err(store_status)?;
+        let id = self.job_id(&req.into_inner().job_id).await?;
+        let j = self.app.store.get_job(&id).await.map_err(store_status)?;
         Ok(Response::new(self.job_pb(j, true).await?))
     }
 
@@ -493,6 +505,11 @@ impl SourceApi for SourceService {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
         let ch = (!r.channel.is_empty()).then_some(r.channel.as_str());
+        if let Some(name) = ch
+            && self.app.config.channel(name).is_none()
+        {
+            return Err(SourceError::UnknownChannel(name.to_string()).into());
+        }
         let rows = self
             .app
             .store
@@ -510,7 +527,7 @@ impl SourceApi for SourceService {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let id = req.into_inner().job_id;
+        let id = self.job_id(&req.into_inner().job_id).await?;
         let was_queued = self
             .app
             .store
@@ -583,7 +600,10 @@ impl SourceApi for SourceService {
         &self,
         req: Request<pb::WatchJobsRequest>,
     ) -> Result<Response<Self::WatchJobsStream>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        if !r.job_id.is_empty() {
+            r.job_id = self.job_id(&r.job_id).await?;
+        }
         let store = self.app.store.clone();
         let one_job = (!r.job_id.is_empty()).then(|| r.job_id.clone());
         let job_channel = match &one_job {
@@ -612,7 +632,8 @@ impl SourceApi for SourceService {
         &self,
         req: Request<pb::GetPlanRequest>,
     ) -> Result<Response<Self::GetPlanStream>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        r.job_id = self.job_id(&r.job_id).await?;
         let targets = self
             .app
             .store

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub bytes_sent: Counters,
     pub bytes_acked: Counters,
     pub item_errors: Counters,
+    pub hook_failures: Counters,
     pub reconnects: Counters,
     pub subscribers: Gauge,
     pub sync_lag: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -41,6 +42,7 @@ impl Metrics {
             bytes_sent: Counters::default(),
             bytes_acked: Counters::default(),
             item_errors: Counters::default(),
+            hook_failures: Counters::default(),
             reconnects: Counters::default(),
             subscribers: Gauge::default(),
             sync_lag: Family::default(),
@@ -79,6 +81,11 @@ impl Metrics {
             "item_errors",
             "Items that could not be mirrored",
             m.item_errors.clone(),
+        );
+        registry.register(
+            "hook_failures",
+            "Cache invalidation hooks of the targets that failed after a commit",
+            m.hook_failures.clone(),
         );
         registry.register(
             "reconnects",

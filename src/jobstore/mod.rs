@@ -20,6 +20,8 @@ pub use states::{JobState, TargetState};
 pub enum StoreError {
     #[error("job {0} not found")]
     NotFound(String),
+    #[error("job id prefix {prefix:?} is ambiguous: {} and more", .ids.join(", "))]
+    Ambiguous { prefix: String, ids: Vec<String> },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -37,6 +39,9 @@ pub struct JobOptions {
     pub paths: Vec<String>,
     #[serde(default)]
     pub lineage: Vec<String>,
+    /// `max_delete` for this job only (as given: "N" or "N%").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete: Option<String>,
     /// W3C trace context of the request that started the job, so the job's spans join
     /// the caller's trace even though the job runs later.
     #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
@@ -282,6 +287,31 @@ impl JobStore {
         .fetch_optional(&self.db.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
+
+    /// The full id of the job `given` names: the id itself, or a unique prefix of one
+    /// (the short ids event lines show).
+    pub async fn resolve_job_id(&self, given: &str) -> Result<String, StoreError> {
+        let not_found = || StoreError::NotFound(given.to_string());
+        // Only characters of an id: nothing a LIKE pattern would read otherwise.
+        if given.is_empty() || !given.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(not_found());
+        }
+        let ids: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE id LIKE $1 ORDER BY id LIMIT 3")
+                .bind(format!("{}%", given.to_ascii_lowercase()))
+                .fetch_all(&self.db.pool)
+                .await?;
+        let mut ids: Vec<String> = ids.into_iter().map(|r| r.0).collect();
+        match ids.len() {
+            0 => Err(not_found()),
+            1 => Ok(ids.remove(0)),
+            _ if ids.iter().any(|i| i == given) => Ok(given.to_string()),
+            _ => Err(StoreError::Ambiguous {
+                prefix: given.to_string(),
+                ids,
+            }),
+        }
     }
 
     /// Newest first.

@@ -33,6 +33,12 @@ pub enum TargetError {
     ProtocolVersion { got: u32, min: u32, max: u32 },
     #[error("unknown site {0:?}")]
     UnknownSite(String),
+    /// A site that cannot take content: refused before anything is sent.
+    #[error("site {site:?} cannot take content: {problem}")]
+    SiteUnusable {
+        site: String,
+        problem: crate::apply::SiteProblem,
+    },
     #[error("unknown session {0:?}; call OpenSession first")]
     UnknownSession(String),
     #[error("session {0} is already committed")]
@@ -80,7 +86,9 @@ impl From<TargetError> for Status {
             TargetError::InvalidArgument(_) | TargetError::OverBound(_) => {
                 Status::invalid_argument(msg)
             }
-            TargetError::ProtocolVersion { .. } => Status::failed_precondition(msg),
+            TargetError::ProtocolVersion { .. } | TargetError::SiteUnusable { .. } => {
+                Status::failed_precondition(msg)
+            }
             TargetError::UnknownSite(_) | TargetError::UnknownSession(_) => Status::not_found(msg),
             TargetError::AlreadyCommitted(_)
             | TargetError::SessionAborted(_)

@@ -52,7 +52,12 @@ pub struct TargetSettings {
     /// Open sessions idle this long are expired: their staging is removed and their job,
     /// if it comes back, plans again.
     pub session_expiry: std::time::Duration,
+    /// A session is refused while its site has less free space than this.
+    pub min_free_bytes: u64,
 }
+
+/// The default [`TargetSettings::min_free_bytes`].
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The default [`TargetSettings::session_expiry`]: a day, longer than any retry budget
 /// and than a source's restart.

@@ -55,6 +55,10 @@ struct Args {
     /// back later plans again.
     #[arg(long, env = "MIRROR_SESSION_EXPIRY_SECS", default_value_t = mirror_target::DEFAULT_SESSION_EXPIRY.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     session_expiry_secs: u64,
+    /// Refuse a session while a site's file system has less free space than this
+    /// (e.g. 16MiB, 2GiB; 0 turns the check off).
+    #[arg(long, env = "MIRROR_MIN_FREE_SPACE", default_value_t = bytesize::ByteSize(mirror_target::DEFAULT_MIN_FREE_BYTES))]
+    min_free_space: bytesize::ByteSize,
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
@@ -109,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         direct_io: args.direct_io,
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
         session_expiry: std::time::Duration::from_secs(args.session_expiry_secs),
+        min_free_bytes: args.min_free_space.as_u64(),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;
     {

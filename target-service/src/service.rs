@@ -197,7 +197,18 @@ impl TargetService {
             name("source_id", &r.source_id)?;
             bounds::list("lineage", &r.lineage, MAX_LINEAGE, MAX_NAME_BYTES)?;
         }
-        self.site(&r.site)?;
+        let fs = self.site(&r.site)?.fs.clone();
+        let min_free = self.inner.settings.min_free_bytes;
+        tokio::task::spawn_blocking(move || fs.check(min_free))
+            .await
+            .map_err(TargetError::task("site check"))?
+            .map_err(|problem| {
+                tracing::warn!(site = %r.site, job = %r.job_id, %problem, "session refused");
+                TargetError::SiteUnusable {
+                    site: r.site.clone(),
+                    problem,
+                }
+            })?;
         let me = &self.inner.settings.target_id;
         if r.lineage.iter().any(|l| l == me) {
             return Err(TargetError::LineageLoop {

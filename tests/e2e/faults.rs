@@ -317,6 +317,12 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
         j["targets"][0]["items_done"].as_u64().unwrap() < planned,
         "the job ran to its end: {j:#}"
     );
+    // Honest: what the target applied before the cancel is counted, no more, no less.
+    assert_eq!(
+        j["targets"][0]["items_done"].as_u64().unwrap(),
+        snapshot(&dst).len() as u64,
+        "counted items are not the items that landed: {j:#}"
+    );
     // Consistent: every visible file is a complete copy of its source; no staging left.
     assert!(
         !dst.join(".cms-mirror-staging").exists(),
@@ -340,7 +346,8 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
     );
 }
 
-/// A target site on a 2 MiB tmpfs (unmounted on drop); mounting it needs root.
+/// A target site on a 2 MiB tmpfs (unmounted on drop); mounting it needs root. Its
+/// targets run with `--min-free-space 0`: the disk is below the default minimum.
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
@@ -407,7 +414,10 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     media_files(&src);
     let disk = SmallDisk::mount(&dst);
-    let target = App::target(tmp.path()).site(&dst).spawn();
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--min-free-space", "0"])
+        .spawn();
     // Files span packages: chunks of a file that then finds no room were acknowledged.
     let config = write_config(tmp.path(), &src, &target.url(), "package_bytes = 65536");
     let source = App::source(tmp.path(), &config).spawn();
@@ -442,8 +452,9 @@ fn a_full_disk_on_the_target_is_a_clear_error_and_a_later_job_completes() {
     assert!(t["items_done"].as_u64().unwrap() >= files_landed, "{job:#}");
     let summary = job["summary"].as_str().unwrap();
     let expected = format!(
-        "mirrored {} items ({} bytes)",
-        t["items_done"], t["bytes_done"]
+        "mirrored {} items ({})",
+        t["items_done"],
+        bytesize::ByteSize(t["bytes_done"].as_u64().unwrap())
     );
     assert!(summary.starts_with(&expected), "{summary} / {expected}");
     // Space freed: the next job completes and the trees are identical.
@@ -471,7 +482,10 @@ fn a_full_disk_with_on_disk_full_wait_waits_for_space_then_completes() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     media_files(&src);
     let disk = SmallDisk::mount(&dst);
-    let target = App::target(tmp.path()).site(&dst).spawn();
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--min-free-space", "0"])
+        .spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "on_disk_full = \"wait\"");
     let source = App::source(tmp.path(), &config).spawn();
     let job = start_job(&source.url());
@@ -496,7 +510,10 @@ fn a_full_disk_under_a_large_body_waits_for_space_then_completes() {
     write(&src, "media/large.bin", &bytes(7, 3_000_000));
     write(&src, "media/small.txt", b"beside it");
     let disk = SmallDisk::mount(&dst);
-    let target = App::target(tmp.path()).site(&dst).spawn();
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--min-free-space", "0"])
+        .spawn();
     let config = write_config(
         tmp.path(),
         &src,

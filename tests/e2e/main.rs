@@ -1,6 +1,7 @@
 //! End-to-end tests: real service processes (and in-process services for direct
 //! protocol tests) on ephemeral loopback ports.
 
+mod cli;
 mod dashboard;
 mod expiry;
 mod faults;
@@ -11,6 +12,8 @@ mod instances;
 mod mirror;
 mod monitor;
 mod observability;
+mod outcomes;
 mod protocol;
+mod safety;
 mod security;
 mod triggers;

@@ -61,7 +61,7 @@ fn sorted(v: &serde_json::Value) -> Vec<String> {
 }
 
 #[test]
-fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
+fn hooks_get_exactly_what_changed_and_a_failing_hook_is_an_error_of_the_job() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
@@ -83,10 +83,51 @@ fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
     .unwrap();
     let target = App::target(tmp.path()).config(&toml).spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "delete = true");
-    let source = App::source(tmp.path(), &config).spawn();
+    let metrics = free_addr();
+    let source = App::source(tmp.path(), &config)
+        .args(&["--metrics-listen", &metrics])
+        .spawn();
     let (code, job) = run_job(&source.url(), &[]);
-    assert_eq!(code, 0, "a failing hook does not fail the job: {job:#}");
+    // The content is all there, but what the failed hooks should have purged may be
+    // served stale: the job says so (exit 1), naming each hook, and so do the metrics.
+    assert_eq!(code, 1, "{job:#}");
+    assert_eq!(job["state"], "completed_with_errors", "{job:#}");
     assert_same_tree(&src, &dst);
+    let failed: Vec<&serde_json::Value> = job["item_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["code"] == "hook_failed")
+        .collect();
+    assert_eq!(failed.len(), 2, "{job:#}");
+    assert!(
+        failed[0]["path"].as_str().unwrap().contains(&bad.url),
+        "{failed:?}"
+    );
+    assert!(
+        failed[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 attempt(s)"),
+        "{failed:?}"
+    );
+    assert!(
+        failed[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/purge-cache"),
+        "{failed:?}"
+    );
+    assert_eq!(job["targets"][0]["item_errors"], 2, "{job:#}");
+    let (_, page) = http_get(&metrics, "/metrics");
+    assert_eq!(
+        metric(
+            &page,
+            "mirror_hook_failures_total{channel=\"site\",target=\"web1\"}"
+        ),
+        Some(2.0),
+        "{page}"
+    );
     {
         let bodies = good.bodies.lock().unwrap();
         assert_eq!(bodies.len(), 1);
@@ -130,7 +171,7 @@ fn hooks_get_exactly_what_changed_and_a_failing_hook_is_reported_not_fatal() {
     write(&src, "docs/new.txt", b"new");
     std::fs::remove_file(src.join("a/b/c/deep.txt")).unwrap();
     let (code, job) = run_job(&source.url(), &[]);
-    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(code, 1, "{job:#}");
     assert_same_tree(&src, &dst);
     let bodies = good.bodies.lock().unwrap();
     let b = &bodies[1];

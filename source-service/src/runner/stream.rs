@@ -31,6 +31,8 @@ use crate::plan::{Cursor, PhaseName};
 /// Packages in flight and no answer for this long (or half the ack timeout, if less):
 /// the target shows as `stalled` until it answers again.
 const STALLED_AFTER: Duration = Duration::from_secs(5);
+/// How long a cancelled stream waits for the acks of the packages in flight.
+const CANCEL_DRAIN: Duration = Duration::from_secs(10);
 
 /// Why a stream attempt ended.
 pub(super) enum StreamEnd {
@@ -234,12 +236,20 @@ impl Stream<'_> {
         let mut ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
         let stall_after = STALLED_AFTER.min(self.ch.ack_timeout / 2);
         let mut stalled = false;
+        // Once cancelled, nothing more is sent, and the acks of what is in flight are
+        // awaited (briefly): what the target applied is counted.
+        let mut draining: Option<tokio::time::Instant> = None;
         loop {
             if self.inflight.is_empty() {
                 ack_deadline = tokio::time::Instant::now() + self.ch.ack_timeout;
             }
             let stall_at = ack_deadline - self.ch.ack_timeout + stall_after;
-            if let Err(e) = self.release_deletes().await {
+            if draining.is_some() && self.inflight.is_empty() {
+                return StreamEnd::Cancelled;
+            }
+            if draining.is_none()
+                && let Err(e) = self.release_deletes().await
+            {
                 return e;
             }
             if self.packer_done && self.inflight.is_empty() && self.held.is_none() {
@@ -247,12 +257,19 @@ impl Stream<'_> {
                     last_seq: self.last_acked,
                 };
             }
-            let room = !self.packer_done
+            let room = draining.is_none()
+                && !self.packer_done
                 && self.held.is_none()
                 && self.inflight.len() < self.ch.window as usize;
             let step = tokio::select! {
-                _ = cancel.changed() => {
-                    if *cancel.borrow() { Err(StreamEnd::Cancelled) } else { Ok(()) }
+                _ = cancel.changed(), if draining.is_none() => {
+                    if *cancel.borrow() {
+                        draining = Some(tokio::time::Instant::now() + CANCEL_DRAIN.min(self.ch.ack_timeout));
+                    }
+                    Ok(())
+                }
+                _ = tokio::time::sleep_until(draining.unwrap_or(ack_deadline)), if draining.is_some() => {
+                    Err(StreamEnd::Cancelled)
                 }
                 b = brx.recv(), if room => self.on_built(b).await,
                 _ = tokio::time::sleep_until(stall_at), if !self.inflight.is_empty() && !stalled => {

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use cms_mirror::config::{ChannelConfig, TargetConfig};
+use cms_mirror::config::{ChannelConfig, MaxDelete, TargetConfig};
 use cms_mirror::jobstore::{JobOptions, JobRow, Sent, TargetRow, TargetState};
 use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
@@ -280,11 +280,11 @@ impl<'a> TargetRun<'a> {
             Ok(r) => r.into_inner(),
             Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
             Err(GaveUp::Failed(s)) => {
-                let msg = format!(
-                    "{} unreachable or refused the session: {}",
-                    target_label(self.t),
-                    status_text(&s)
-                );
+                let how = match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "is unreachable",
+                    _ => "refused the session",
+                };
+                let msg = format!("{} {how}: {}", target_label(self.t), status_text(&s));
                 return Err(Stop::Failed(msg, 0));
             }
         };
@@ -368,19 +368,30 @@ impl<'a> TargetRun<'a> {
         }
     }
 
+    /// The job's own `max_delete` (`mirrorctl start --max-delete`), else the channel's.
     fn check_max_delete(&self, totals: &plan::Totals) -> Result<(), Stop> {
-        let Some(limit) = self.ch.max_delete.map(|m| m.limit(totals.target_items)) else {
-            return Ok(());
-        };
+        let once = self.opts.max_delete.as_deref();
+        let max = once
+            .and_then(|m| MaxDelete::parse(m).ok())
+            .unwrap_or(self.ch.max_delete);
+        let limit = max.limit(totals.target_items);
         if totals.deletes <= limit {
             return Ok(());
         }
+        let whose = if once.is_some() {
+            "this job's"
+        } else {
+            "the channel's"
+        };
         Err(Stop::Failed(
             format!(
-                "max_delete exceeded: the plan deletes {} of {} items on {}, the limit is {limit}; nothing was deleted",
+                "max_delete exceeded: the plan deletes {} of {} items on {}, {whose} limit is {limit}; nothing was sent or deleted. \
+                 If the source is right, run once with `mirrorctl start {} --max-delete {}` or raise the channel's max_delete",
                 totals.deletes,
                 totals.target_items,
-                target_label(self.t)
+                target_label(self.t),
+                self.ch.name,
+                totals.deletes,
             ),
             0,
         ))
@@ -584,17 +595,20 @@ impl<'a> TargetRun<'a> {
             }
         };
         self.record_commit_errors(&r.item_errors).await;
+        // The content is in place whatever the hooks did: the last success counts it.
+        let content_ok = current_row(self.app, self.jid, self.tname())
+            .await
+            .item_errors
+            == 0;
+        self.record_hooks(&r.hooks).await;
         let row = current_row(self.app, self.jid, self.tname()).await;
-        for h in &r.hooks {
-            self.emit("hook_result", json!({"hook": h.hook, "ok": h.ok, "status": h.status, "error": h.error, "attempts": h.attempts, "duration_ms": h.duration_ms})).await;
-        }
         let state = if row.item_errors > 0 {
             TargetState::CompletedWithErrors
         } else {
             TargetState::Committed
         };
         self.set_state(state).await;
-        if row.item_errors == 0 {
+        if content_ok {
             let r = self
                 .app
                 .store
@@ -630,6 +644,43 @@ impl<'a> TargetRun<'a> {
             .count_item_errors(self.jid, self.tname(), n)
             .await;
         logged(counted, self.jid, "commit item errors");
+    }
+
+    /// Announces each hook's result; a failed hook is an item error of the job (it ends
+    /// `completed_with_errors`, and `show`, the dashboard and the metrics say which).
+    async fn record_hooks(&self, hooks: &[pb::HookResult]) {
+        let mut failed = Vec::new();
+        for h in hooks {
+            self.emit("hook_result", json!({"hook": h.hook, "ok": h.ok, "status": h.status, "error": h.error, "attempts": h.attempts, "duration_ms": h.duration_ms})).await;
+            if !h.ok {
+                failed.push(cms_mirror::jobstore::NewItemError {
+                    path: h.hook.clone(),
+                    code: cms_mirror::model::ErrorCode::HookFailed
+                        .as_str()
+                        .to_string(),
+                    message: format!("hook failed after {} attempt(s): {}", h.attempts, h.error),
+                    retryable: true,
+                });
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        self.app
+            .metrics
+            .hook_failures
+            .get_or_create(&crate::metrics::Metrics::target(
+                &self.ch.name,
+                self.tname(),
+            ))
+            .inc_by(failed.len() as u64);
+        super::record_item_errors(self.app, self.jid, &self.ch.name, self.tname(), &failed).await;
+        let counted = self
+            .app
+            .store
+            .count_item_errors(self.jid, self.tname(), failed.len() as i64)
+            .await;
+        logged(counted, self.jid, "hook failures");
     }
 
     /// Tells the target to drop a session's staged files (best effort, bounded).

@@ -67,6 +67,12 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
             String::new(),
             app.store.targets(&job.id).await.unwrap_or_default(),
         ),
+        Some(ch) if let Err(why) = check_source(ch).await => (
+            JobState::Failed,
+            Some(why),
+            String::new(),
+            app.store.targets(&job.id).await.unwrap_or_default(),
+        ),
         Some(ch) => {
             let ch = ch.clone();
             let futs = ch.targets.iter().map(|t| {
@@ -84,6 +90,27 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
     keeper.abort();
     app.running.lock().expect("running lock").remove(&id);
     finish(&app, &job, state, error, summary, rows).await;
+}
+
+/// A directory channel's source must exist and hold something, unless the channel
+/// allows it to be empty: an empty directory is more often a failed mount than a site,
+/// and mirroring it with `delete = true` would empty every target.
+async fn check_source(ch: &ChannelConfig) -> Result<(), String> {
+    if ch.pages.is_some() || ch.allow_empty_source {
+        return Ok(());
+    }
+    let root = ch.source.display();
+    let mut dir = tokio::fs::read_dir(&ch.source).await.map_err(|e| {
+        format!("cannot read the source directory {root}: {e}; nothing was sent or deleted")
+    })?;
+    match dir.next_entry().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!(
+            "the source directory {root} is empty (a mount that failed?); nothing was sent or deleted. \
+             Set allow_empty_source = true on the channel if it is meant to be empty"
+        )),
+        Err(e) => Err(format!("cannot read the source directory {root}: {e}")),
+    }
 }
 
 /// Renews the job's lease and polls for a cancel (which may arrive through another
@@ -154,7 +181,18 @@ async fn finish(
     app.bus
         .emit(id, "finished", "", json!({"state": state.as_str(), "error": error, "summary": summary, "targets": targets}))
         .await;
-    tracing::info!(job = %id, state = state.as_str(), %summary, "job finished");
+    let why = error.as_deref().unwrap_or("");
+    match state {
+        JobState::Failed => {
+            tracing::error!(job = %id, state = state.as_str(), error = why, %summary, "job failed")
+        }
+        JobState::Succeeded => {
+            tracing::info!(job = %id, state = state.as_str(), %summary, "job finished")
+        }
+        _ => {
+            tracing::warn!(job = %id, state = state.as_str(), error = why, %summary, "job finished")
+        }
+    }
 }
 
 fn aggregate(
@@ -213,7 +251,9 @@ fn summary(
     let errors: u64 = outcomes.iter().map(|o| o.item_errors).sum();
     let verb = if dry_run { "would mirror" } else { "mirrored" };
     let n = counts.len();
-    let what = |(i, b, d): (u64, u64, u64)| format!("{i} items ({b} bytes) and {d} deletes");
+    let what = |(i, b, d): (u64, u64, u64)| {
+        format!("{i} items ({}) and {d} deletes", bytesize::ByteSize(b))
+    };
     let body = match counts.first() {
         Some(first) if counts.iter().all(|c| c == first) => {
             let each = if n > 1 { " each" } else { "" };

@@ -85,6 +85,56 @@ impl SiteFs {
     }
 }
 
+/// Why a site cannot take a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteProblem {
+    #[error("its root {0} does not exist or is not a directory")]
+    NoRoot(PathBuf),
+    #[error("cannot write in its root {path}: {source}")]
+    NotWritable { path: PathBuf, source: io::Error },
+    #[error(
+        "only {free} free in its root {path} (the target keeps at least {min}: --min-free-space)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        free: bytesize::ByteSize,
+        min: bytesize::ByteSize,
+    },
+}
+
+impl SiteFs {
+    /// Whether the site can take content now: its root is a directory, a file can be
+    /// written beside where bodies are staged, and at least `min_free` bytes are free.
+    /// Answers the free bytes.
+    pub fn check(&self, min_free: u64) -> Result<u64, SiteProblem> {
+        if !self.root.is_dir() {
+            return Err(SiteProblem::NoRoot(self.root.clone()));
+        }
+        let not_writable = |source| SiteProblem::NotWritable {
+            path: self.root.clone(),
+            source,
+        };
+        // Permissions alone do not tell (root passes them; a read-only mount does not):
+        // a file is written and removed.
+        let probe = self
+            .root
+            .join(format!("{STAGING_DIR}-probe-{}", std::process::id()));
+        let written = fs::write(&probe, b"cms-mirror site check\n");
+        let _ = fs::remove_file(&probe);
+        written.map_err(not_writable)?;
+        let st = rustix::fs::statvfs(&self.root).map_err(|e| not_writable(e.into()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < min_free {
+            return Err(SiteProblem::NoSpace {
+                path: self.root.clone(),
+                free: bytesize::ByteSize(free),
+                min: bytesize::ByteSize(min_free),
+            });
+        }
+        Ok(free)
+    }
+}
+
 /// Outcome of applying one package.
 #[derive(Default)]
 pub struct Applied {

@@ -166,7 +166,13 @@ fn sync_dirs(root: &Path, dirs: &HashSet<PathBuf>, durability: Durability) -> io
         Durability::None => Ok(()),
         Durability::Syncfs if dirs.is_empty() => Ok(()),
         Durability::Syncfs => syncfs(root),
-        Durability::Fsync => dirs.iter().try_for_each(|d| File::open(d)?.sync_all()),
+        Durability::Fsync => dirs.iter().try_for_each(|d| match File::open(d) {
+            Ok(f) => f.sync_all(),
+            // Deleted by a later entry of the package (a subtree deleted deepest
+            // first): its own removal is in its parent, which is synced too.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }),
     }
 }
 

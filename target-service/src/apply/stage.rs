@@ -77,9 +77,22 @@ pub fn stage(
     max_path: usize,
 ) -> Staged {
     if let Err(e) = fs::create_dir_all(&sess.dir) {
-        let mut out = Applied::default();
-        out.errors
-            .push(io_item_error("", "cannot create staging directory", &e));
+        // Nothing of the package can be applied: each of its items says so.
+        let what = format!("cannot create the staging directory {}", sess.dir.display());
+        let errors = payload
+            .entries
+            .iter()
+            .filter_map(|entry| match &entry.op {
+                Some(pb::entry::Op::Put(m)) => Some(m.path.as_str()),
+                Some(pb::entry::Op::Delete(d)) => Some(d.path.as_str()),
+                _ => None,
+            })
+            .map(|path| io_item_error(path, &what, &e))
+            .collect();
+        let out = Applied {
+            errors,
+            ..Applied::default()
+        };
         return Staged::empty(sess.dir.clone(), out);
     }
     let mut st = Stager {
