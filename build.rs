@@ -8,9 +8,10 @@ use std::path::PathBuf;
 /// ignored with its reason, never passed without checking: `ci` under CI (`CI=true`),
 /// where every prerequisite must be there and a missing one fails its test;
 /// `test_database` when `TEST_DATABASE_URL` names a PostgreSQL server; `root_user`
-/// when building as root (the full-disk tests mount a tmpfs).
+/// when building as root (the full-disk tests mount a tmpfs); `systemd_analyze` when
+/// systemd's `systemd-analyze` is on the PATH (the unit files are verified with it).
 fn prerequisites() {
-    for cfg in ["ci", "test_database", "root_user"] {
+    for cfg in ["ci", "test_database", "root_user", "systemd_analyze"] {
         println!("cargo::rustc-check-cfg=cfg({cfg})");
     }
     println!("cargo:rerun-if-env-changed=CI");
@@ -20,6 +21,10 @@ fn prerequisites() {
     }
     if std::env::var("TEST_DATABASE_URL").is_ok_and(|v| !v.is_empty()) {
         println!("cargo:rustc-cfg=test_database");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if std::env::split_paths(&path).any(|d| d.join("systemd-analyze").is_file()) {
+        println!("cargo:rustc-cfg=systemd_analyze");
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"));

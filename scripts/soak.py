@@ -66,7 +66,9 @@ def edit(src, rng):
 
 
 def diverges(src, dst):
-    out = subprocess.run(["rsync", "-anci", "--delete", f"{src}/", f"{dst}/"], capture_output=True, text=True).stdout
+    # The target's trace file is its own note, not content.
+    out = subprocess.run(["rsync", "-anci", "--delete", "--exclude=/.cms-mirror-trace", f"{src}/", f"{dst}/"],
+                         capture_output=True, text=True).stdout
     return [l for l in out.splitlines() if l.strip()]
 
 

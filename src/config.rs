@@ -73,6 +73,8 @@ pub enum Invalid {
     },
     #[error("set exactly one of url or command (a non-empty list)")]
     HookKind,
+    #[error("headers and header_files go with a url hook, not a command")]
+    HeadersOnCommand,
     #[error("{0:?}: expected NAME=DIR")]
     SiteFlag(String),
     #[error("{name}: {problem}")]
@@ -161,6 +163,7 @@ struct RawChannel {
     max_delete: Option<StrOrNum>,
     #[serde(default)]
     allow_empty_source: bool,
+    max_lag_secs: Option<u64>,
     max_errors: Option<u64>,
     #[serde(default)]
     checksum: bool,
@@ -270,6 +273,8 @@ pub struct ChannelConfig {
     pub max_delete: MaxDelete,
     /// Mirror an empty source directory (and delete the targets' content with it).
     pub allow_empty_source: bool,
+    /// A target whose last success is older than this is reported as lagging.
+    pub max_lag_secs: Option<u64>,
     pub max_errors: Option<u64>,
     pub checksum: bool,
     pub schedule: Option<String>,
@@ -316,6 +321,17 @@ pub enum OnDiskFull {
     /// The job waits (retrying the package with backoff) until space is freed or the
     /// job is cancelled.
     Wait,
+}
+
+/// The data directory a service uses: the one given, else `name` beside its
+/// configuration file (not in whatever directory the service was started from, which
+/// under an init system is `/`), else `name` in the working directory.
+pub fn data_dir(given: Option<&Path>, config: Option<&Path>, name: &str) -> std::path::PathBuf {
+    match (given, config.and_then(Path::parent)) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, Some(dir)) => dir.join(name),
+        (None, None) => Path::new(".").join(name),
+    }
 }
 
 /// The source's configuration (`mirror.toml`).
@@ -515,6 +531,7 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
         delete: c.delete,
         max_delete,
         allow_empty_source: c.allow_empty_source,
+        max_lag_secs: c.max_lag_secs,
         max_errors: c.max_errors,
         checksum: c.checksum,
         schedule: c.schedule,
@@ -673,6 +690,10 @@ struct RawHook {
     command: Option<Vec<String>>,
     timeout_secs: Option<u64>,
     retries: Option<u32>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    header_files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// A cache invalidation hook run after a job is committed.
@@ -682,6 +703,11 @@ pub enum Hook {
         url: String,
         timeout_secs: u64,
         retries: u32,
+        /// Extra request headers (a purge API's options).
+        headers: Vec<(String, String)>,
+        /// Headers whose value is the first line of a file, read at each run (a purge
+        /// API's key, kept out of the configuration and rotated without a restart).
+        header_files: Vec<(String, PathBuf)>,
     },
     Command {
         argv: Vec<String>,
@@ -787,7 +813,7 @@ impl SiteConfig {
                     key,
                     problem: Box::new(problem),
                 };
-                let hooks = s.hook.iter().map(hook_config);
+                let hooks = s.hook.iter().map(|h| hook_config(h, base));
                 let hooks = hooks.collect::<Result<Vec<_>, _>>().map_err(err)?;
                 let push = s.push.into_iter().map(|p| push_config(p, base));
                 let push = push.collect::<Result<Vec<_>, _>>().map_err(err)?;
@@ -814,16 +840,64 @@ fn http_url(u: &str) -> bool {
         && u.parse::<tonic::transport::Uri>().is_ok()
 }
 
-/// Checks one `[[site.hook]]` table.
-fn hook_config(h: &RawHook) -> Result<Hook, KeyError> {
+/// Whether `name` can be an HTTP header's name (RFC 9110 token characters).
+fn header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Checks one `[[site.hook]]` table; header files are relative to `base`.
+fn hook_config(h: &RawHook, base: &Path) -> Result<Hook, KeyError> {
     let timeout_secs = h.timeout_secs.unwrap_or(10);
     let retries = h.retries.unwrap_or(3);
+    let names = h.headers.keys().chain(h.header_files.keys());
+    if let Some(bad) = names.clone().find(|n| !header_name(n)) {
+        return Err((
+            "hook.headers",
+            Invalid::NotAmong {
+                value: bad.clone(),
+                expected: "an HTTP header name".into(),
+            },
+        ));
+    }
+    if h.command.is_some() && names.count() > 0 {
+        return Err(("hook.headers", Invalid::HeadersOnCommand));
+    }
+    if let Some(v) = h.headers.values().find(|v| v.contains(['\r', '\n'])) {
+        return Err((
+            "hook.headers",
+            Invalid::NotAmong {
+                value: v.clone(),
+                expected: "a header value on one line".into(),
+            },
+        ));
+    }
+    let mut header_files = Vec::new();
+    for (name, path) in &h.header_files {
+        let path = base.join(path);
+        if let Err(e) = std::fs::File::open(&path) {
+            let error = e.to_string();
+            return Err((
+                "hook.header_files",
+                Invalid::Unreadable {
+                    key: "header file",
+                    path,
+                    error,
+                },
+            ));
+        }
+        header_files.push((name.clone(), path));
+    }
     match (&h.url, &h.command) {
         (Some(u), None) if !http_url(u) => Err(("hook.url", Invalid::NotHttpUrl(u.clone()))),
         (Some(u), None) => Ok(Hook::Http {
             url: u.clone(),
             timeout_secs,
             retries,
+            headers: h.headers.clone().into_iter().collect(),
+            header_files,
         }),
         (None, Some(argv)) if !argv.is_empty() => Ok(Hook::Command {
             argv: argv.clone(),
@@ -906,6 +980,57 @@ max_delete = "10%"
             e.contains("exclude_presets") && e.contains("\"vcs\" or \"secrets\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hook_headers_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let sites = |hook: &str| {
+            let p = dir.path().join("target.toml");
+            let text =
+                format!("[[site]]\nname = \"main\"\nroot = \"www\"\n[[site.hook]]\n{hook}\n");
+            std::fs::write(&p, text).unwrap();
+            SiteConfig::load_file(&p)
+        };
+        std::fs::write(dir.path().join("key"), "k\n").unwrap();
+        let ok = sites(
+            "url = \"http://cdn\"\nheaders = { \"X-A\" = \"1\" }\nheader_files = { \"X-Key\" = \"key\" }",
+        );
+        match &ok.unwrap()[0].hooks[0] {
+            Hook::Http {
+                headers,
+                header_files,
+                ..
+            } => {
+                assert_eq!(headers, &[("X-A".to_string(), "1".to_string())]);
+                assert_eq!(header_files[0].1, dir.path().join("key"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for (hook, says) in [
+            (
+                "url = \"http://cdn\"\nheaders = { \"Bad Name\" = \"1\" }",
+                "an HTTP header name",
+            ),
+            (
+                "url = \"http://cdn\"\nheaders = { \"X-A\" = \"a\\nb\" }",
+                "on one line",
+            ),
+            (
+                "command = [\"purge\"]\nheaders = { \"X-A\" = \"1\" }",
+                "not a command",
+            ),
+            (
+                "url = \"http://cdn\"\nheader_files = { \"X-Key\" = \"gone\" }",
+                "No such file",
+            ),
+        ] {
+            let e = sites(hook).unwrap_err().to_string();
+            assert!(
+                e.contains("site \"main\"") && e.contains(says),
+                "{hook}: {e}"
+            );
+        }
     }
 
     #[test]

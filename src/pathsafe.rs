@@ -20,6 +20,8 @@ pub enum PathError {
     NameTooLong(String),
     #[error("path {0:?} is reserved for the target's staging area")]
     Reserved(String),
+    #[error("path {0:?} is reserved for the target's trace file")]
+    ReservedForTrace(String),
     #[error("path {0:?} is reserved for CMS pages")]
     ReservedForPages(String),
 }
@@ -27,6 +29,11 @@ pub enum PathError {
 /// Name of the directory under each site root where the target stages incoming files
 /// (same filesystem as the site, so a rename publishes atomically).
 pub const STAGING_DIR: &str = ".cms-mirror-staging";
+
+/// The file at each site root where the target notes its last committed job (date,
+/// job, channel, source, lineage), for mirror checkers that read its age. Not content:
+/// never sent, never deleted by a job.
+pub const TRACE_FILE: &str = ".cms-mirror-trace";
 
 /// Where the keys of CMS pages live among a site's items (`.cms-mirror-pages/<locale>/
 /// <translation key>`): no file may be written below it, and a page's key is always
@@ -80,6 +87,9 @@ pub fn validate(path: &str, max_len: usize) -> Result<(), PathError> {
     }
     if path == STAGING_DIR || path.starts_with(&format!("{STAGING_DIR}/")) {
         return Err(PathError::Reserved(path.into()));
+    }
+    if path == TRACE_FILE {
+        return Err(PathError::ReservedForTrace(path.into()));
     }
     Ok(())
 }

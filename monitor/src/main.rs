@@ -129,6 +129,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check each target of a channel (or of every channel) now: reachable, TLS, token
+    /// accepted, protocol version, site writable, free space. Exit 0 when every target
+    /// is ok, 1 when one is not.
+    Check {
+        channel: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a job.
     Cancel {
         job: String,
@@ -210,7 +218,7 @@ pub(crate) fn channel_json(ch: &pb::Channel) -> Value {
     json!({
         "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete,
         "last_job_id": ch.last_job_id, "last_job_state": state_name(ch.last_job_state),
-        "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds})).collect::<Vec<_>>(),
+        "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds, "lagging": t.lagging, "health": t.health.as_ref().map(health_json)})).collect::<Vec<_>>(),
     })
 }
 
@@ -541,6 +549,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Channels { json } => list_channels(&mut c, json).await,
+        Cmd::Check { channel, json } => check(&mut c, channel, json).await,
         Cmd::Cancel { job, json } => cancel(&mut c, job, json).await,
         Cmd::Watch { job, channel, json } => match job {
             Some(job) => {
@@ -677,6 +686,49 @@ async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, Cli
     Ok(ExitCode::SUCCESS)
 }
 
+/// `check`: each target's checks, one line per check.
+async fn check(c: &mut Client, channel: Option<String>, json: bool) -> Result<ExitCode, CliError> {
+    let r = c
+        .check_targets(pb::CheckTargetsRequest {
+            channel: channel.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let all_ok = r.targets.iter().all(|t| t.status == "ok");
+    if json {
+        let v: Vec<Value> = r.targets.iter().map(health_json).collect();
+        out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for t in &r.targets {
+            out!(
+                "{} -> {} ({}, site {}): {}",
+                t.channel,
+                t.target,
+                t.url,
+                t.site,
+                t.status
+            );
+            for s in &t.steps {
+                out!(
+                    "  {:<4} {:<11} {}",
+                    if s.ok { "ok" } else { "FAIL" },
+                    s.name,
+                    s.detail
+                );
+            }
+        }
+    }
+    Ok(ExitCode::from(if all_ok { 0 } else { 1 }))
+}
+
+pub(crate) fn health_json(h: &pb::TargetHealth) -> Value {
+    json!({
+        "channel": h.channel, "target": h.target, "url": h.url, "site": h.site,
+        "status": h.status, "detail": h.detail, "checked_at": h.checked_at, "free_bytes": h.free_bytes,
+        "steps": h.steps.iter().map(|s| json!({"name": s.name, "ok": s.ok, "detail": s.detail})).collect::<Vec<_>>(),
+    })
+}
+
 /// `channels`: each channel with its targets' sync lag.
 async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, CliError> {
     let r = c
@@ -702,7 +754,27 @@ async fn list_channels(c: &mut Client, json: bool) -> Result<ExitCode, CliError>
             } else {
                 format!("lag {}s", t.lag_seconds)
             };
-            out!("  -> {} ({}, site {}): {lag}", t.name, t.url, t.site);
+            let health = t
+                .health
+                .as_ref()
+                .map_or("not checked yet".to_string(), |h| {
+                    if h.status == "ok" {
+                        "ok".to_string()
+                    } else {
+                        format!("{}: {}", h.status, h.detail)
+                    }
+                });
+            let behind = if t.lagging {
+                " (LAGGING: over max_lag_secs)"
+            } else {
+                ""
+            };
+            out!(
+                "  -> {} ({}, site {}): {lag}{behind}; {health}",
+                t.name,
+                t.url,
+                t.site
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod health;
 pub mod metrics;
 pub mod packer;
 pub mod plan;
@@ -40,7 +41,11 @@ use events::EventBus;
 
 /// Shared state of a source instance.
 pub struct App {
-    pub config: MirrorConfig,
+    /// The configuration now: `reload` replaces it (running jobs keep their channel as
+    /// it was when they started).
+    config: std::sync::RwLock<Arc<MirrorConfig>>,
+    /// Stops the trigger tasks of the configuration now.
+    triggers: Mutex<Option<watch::Sender<bool>>>,
     pub store: JobStore,
     pub bus: EventBus,
     /// Plans and other per-job files.
@@ -54,6 +59,12 @@ pub struct App {
     /// Cancel switches of the jobs this instance runs.
     pub running: Mutex<HashMap<String, watch::Sender<bool>>>,
     pub metrics: metrics::Metrics,
+    /// The last check of each (channel, target).
+    pub health: Mutex<HashMap<(String, String), pb::TargetHealth>>,
+    /// How often every target is checked (`None`: only on demand).
+    pub check_every: Option<std::time::Duration>,
+    /// Finished jobs older than this are removed (`None`: kept for ever).
+    pub keep_jobs: Option<std::time::Duration>,
 }
 
 impl App {
@@ -68,7 +79,8 @@ impl App {
     pub fn new(config: MirrorConfig, store: JobStore, data_dir: PathBuf) -> App {
         let instance_id = unique_instance("source");
         App {
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
+            triggers: Mutex::new(None),
             bus: EventBus::new(store.clone()),
             store,
             data_dir,
@@ -77,7 +89,33 @@ impl App {
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             metrics: metrics::Metrics::new(),
+            health: Mutex::new(HashMap::new()),
+            check_every: Some(DEFAULT_CHECK_EVERY),
+            keep_jobs: None,
         }
+    }
+
+    /// The configuration now.
+    pub fn config(&self) -> Arc<MirrorConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Replaces the configuration (SIGHUP): new and changed channels, schedules and
+    /// watches take effect at once; running jobs go on with the channel they started with.
+    pub async fn reload(self: &Arc<Self>, config: MirrorConfig) {
+        let channels = config.channels.len();
+        *self.config.write().expect("config lock") = Arc::new(config);
+        self.restart_triggers().await;
+        tracing::info!(channels, "configuration reloaded");
+    }
+
+    /// (Re)starts the schedule and watch tasks of the configuration now.
+    async fn restart_triggers(self: &Arc<Self>) {
+        let (tx, rx) = watch::channel(false);
+        if let Some(old) = self.triggers.lock().expect("triggers lock").replace(tx) {
+            let _ = old.send(true);
+        }
+        triggers::start(self.clone(), rx).await;
     }
 
     /// Names this instance `NAME-xxxxxxxxxxxx` (before it is started).
@@ -248,7 +286,8 @@ impl SourceService {
         bounds::text("requested_by", &req.requested_by, MAX_TEXT_BYTES)?;
         bounds::list("lineage", &req.lineage, MAX_LINEAGE, MAX_NAME_BYTES)?;
         bounds::list("paths", &req.paths, MAX_PATHS, usize::MAX)?;
-        let Some(ch) = self.app.config.channel(&req.channel) else {
+        let config = self.app.config();
+        let Some(ch) = config.channel(&req.channel) else {
             return Err(SourceError::UnknownChannel(req.channel));
         };
         for p in &req.paths {
@@ -506,7 +545,7 @@ impl SourceApi for SourceService {
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
         let ch = (!r.channel.is_empty()).then_some(r.channel.as_str());
         if let Some(name) = ch
-            && self.app.config.channel(name).is_none()
+            && self.app.config().channel(name).is_none()
         {
             return Err(SourceError::UnknownChannel(name.to_string()).into());
         }
@@ -558,7 +597,7 @@ impl SourceApi for SourceService {
             .map_err(store_status)?;
         let now = now_ms();
         let mut channels = Vec::new();
-        for c in &self.app.config.channels {
+        for c in &self.app.config().channels {
             let last = self
                 .app
                 .store
@@ -580,12 +619,16 @@ impl SourceApi for SourceService {
                             .iter()
                             .find(|s| s.channel == c.name && s.target == t.name);
                         let at = st.and_then(|s| s.last_success_at);
+                        let lag_seconds = at.map(|a| (now - a) / 1000).unwrap_or(-1);
+                        let health = self.app.health.lock().expect("health lock");
                         pb::ChannelTarget {
                             name: t.name.clone(),
                             url: t.url.clone(),
                             site: t.site.clone(),
                             last_success_at: at.map(ms_to_rfc3339).unwrap_or_default(),
-                            lag_seconds: at.map(|a| (now - a) / 1000).unwrap_or(-1),
+                            lag_seconds,
+                            health: health.get(&(c.name.clone(), t.name.clone())).cloned(),
+                            lagging: health::lagging(c, lag_seconds),
                         }
                     })
                     .collect(),
@@ -624,6 +667,22 @@ impl SourceApi for SourceService {
         };
         tokio::spawn(async move { w.run(live, r.live_only, r.since as i64).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn check_targets(
+        &self,
+        req: Request<pb::CheckTargetsRequest>,
+    ) -> Result<Response<pb::CheckTargetsResponse>, Status> {
+        let r = req.into_inner();
+        let channel = (!r.channel.is_empty()).then_some(r.channel.as_str());
+        if let Some(name) = channel
+            && self.app.config().channel(name).is_none()
+        {
+            return Err(SourceError::UnknownChannel(name.to_string()).into());
+        }
+        let targets = health::check_all(&self.app, channel).await;
+        health::record(&self.app, &targets);
+        Ok(Response::new(pb::CheckTargetsResponse { targets }))
     }
 
     type GetPlanStream = BoxStream<pb::PlanItem>;
@@ -678,6 +737,38 @@ impl SourceApi for SourceService {
     }
 }
 
+/// Removes finished jobs older than `keep` (and their plans) at start and every hour.
+fn spawn_retention(app: Arc<App>, keep: std::time::Duration, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            let before = now_ms() - keep.as_millis() as i64;
+            loop {
+                match app.store.prune_finished(before, 500).await {
+                    Ok(ids) if ids.is_empty() => break,
+                    Ok(ids) => {
+                        for id in &ids {
+                            let _ = tokio::fs::remove_dir_all(app.data_dir.join("plans").join(id))
+                                .await;
+                        }
+                        tracing::info!(jobs = ids.len(), "removed jobs past --keep-jobs");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot remove old jobs; trying again later");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
+/// How often the targets are checked unless `--check-interval-secs` says otherwise.
+pub const DEFAULT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn unique_instance(name: &str) -> String {
     format!(
         "{name}-{}",
@@ -698,7 +789,13 @@ pub async fn start(
     app.store.set_origin(&app.instance_id);
     app.bus.follow_other_instances(app.instance_id.clone());
     let worker = tokio::spawn(runner::worker(app.clone(), stop_rx.clone()));
-    triggers::start(app.clone(), stop_rx).await;
+    if let Some(every) = app.check_every {
+        health::spawn(app.clone(), every, stop_rx.clone());
+    }
+    if let Some(keep) = app.keep_jobs {
+        spawn_retention(app.clone(), keep, stop_rx.clone());
+    }
+    app.restart_triggers().await;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     cms_mirror::observe::follow_database(
         health_reporter,
@@ -713,13 +810,16 @@ pub async fn start(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            SourceServiceServer::new(SourceService::new(app)),
+            SourceServiceServer::new(SourceService::new(app.clone())),
             security.auth,
         ))
         .serve_with_incoming_shutdown(cms_mirror::transport::incoming(listener), shutdown)
         .await
         .map_err(|e| ServeError::transport(&e));
     let _ = stop_tx.send(true);
+    if let Some(t) = app.triggers.lock().expect("triggers lock").take() {
+        let _ = t.send(true);
+    }
     let _ = worker.await;
     res
 }

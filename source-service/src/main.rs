@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,9 +29,10 @@ struct Args {
     /// data directory.
     #[arg(long, env = "MIRROR_DB")]
     db: Option<String>,
-    /// Directory for the default SQLite store and job plans.
-    #[arg(long, env = "MIRROR_DATA_DIR", default_value = "./mirror-source-data")]
-    data_dir: PathBuf,
+    /// Directory for the default SQLite store and job plans (default:
+    /// mirror-source-data beside the --config file).
+    #[arg(long, env = "MIRROR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Name of this instance in job events and logs (a random suffix keeps it unique
     /// among instances sharing a database).
     #[arg(long, env = "MIRROR_INSTANCE_NAME", default_value = "source")]
@@ -38,6 +40,14 @@ struct Args {
     /// Seconds a claimed job stays with this instance without renewal.
     #[arg(long, env = "MIRROR_LEASE_SECS", default_value_t = 15)]
     lease_secs: u64,
+    /// Check every target (connection, TLS, token, site, free space) this often, for
+    /// `channels`, the dashboard and the metrics; 0: only when asked (`mirrorctl check`).
+    #[arg(long, env = "MIRROR_CHECK_INTERVAL_SECS", default_value_t = mirror_source::DEFAULT_CHECK_EVERY.as_secs())]
+    check_interval_secs: u64,
+    /// Remove finished jobs (their events, errors and plans) after this many days; 0
+    /// keeps them for ever.
+    #[arg(long, env = "MIRROR_KEEP_JOBS", default_value_t = 90)]
+    keep_jobs: u64,
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
     #[arg(long, env = "MIRROR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -46,6 +56,28 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "MIRROR_LOG_FORMAT", default_value = "text")]
     log_format: cms_mirror::telemetry::LogFormat,
+}
+
+/// `kill -HUP`: reads the configuration file again; one that does not load is logged
+/// and the running configuration stays.
+fn reload_on_sighup(app: Arc<App>, path: PathBuf) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                return tracing::warn!(error = %e, "no SIGHUP handler; reloading needs a restart");
+            }
+        };
+        while hup.recv().await.is_some() {
+            match MirrorConfig::load(&path) {
+                Ok(config) => app.reload(config).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration not reloaded; the running one stays")
+                }
+            }
+        }
+    });
 }
 
 #[tokio::main]
@@ -60,16 +92,25 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let security = args.security.load().map_err(anyhow::Error::msg)?;
-    let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "source.db");
+    let data_dir = cms_mirror::config::data_dir(
+        args.data_dir.as_deref(),
+        Some(&args.config),
+        "mirror-source-data",
+    );
+    let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &data_dir, "source.db");
     let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Source).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut app = App::new(config, JobStore::new(db), args.data_dir.clone());
+    let mut app = App::new(config, JobStore::new(db), data_dir);
     app.set_instance_name(&args.instance_name);
     app.lease_ms = (args.lease_secs * 1000) as i64;
+    app.keep_jobs = (args.keep_jobs > 0).then(|| Duration::from_secs(args.keep_jobs * 86_400));
+    app.check_every =
+        (args.check_interval_secs > 0).then(|| Duration::from_secs(args.check_interval_secs));
     let app = Arc::new(app);
+    reload_on_sighup(app.clone(), args.config.clone());
     {
         let app = app.clone();
         cms_mirror::observe::export_metrics_otlp("mirror-source", move || {

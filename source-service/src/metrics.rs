@@ -22,6 +22,8 @@ pub struct Metrics {
     pub reconnects: Counters,
     pub subscribers: Gauge,
     pub sync_lag: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub target_health: Family<TargetLabels, Gauge>,
+    pub target_lagging: Family<TargetLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -46,6 +48,8 @@ impl Metrics {
             reconnects: Counters::default(),
             subscribers: Gauge::default(),
             sync_lag: Family::default(),
+            target_health: Family::default(),
+            target_lagging: Family::default(),
         };
         registry.register(
             "jobs",
@@ -101,6 +105,16 @@ impl Metrics {
             "sync_lag_seconds",
             "Seconds since the last successful job per channel and target",
             m.sync_lag.clone(),
+        );
+        registry.register(
+            "target_health",
+            "1 for the status the last check found per channel and target (ok, unreachable, refused, misconfigured)",
+            m.target_health.clone(),
+        );
+        registry.register(
+            "target_lagging",
+            "1 while a target's sync lag is over its channel's max_lag_secs",
+            m.target_lagging.clone(),
         );
         Metrics { registry, ..m }
     }

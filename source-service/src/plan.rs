@@ -251,7 +251,12 @@ pub fn build(
         totals: Totals::default(),
         errors: Vec::new(),
     };
-    let walker = Walker::new(&spec.source, spec.filter.clone());
+    // A source that is itself a target's site (a tier of a chain) holds that target's
+    // own files at its top: they are not content.
+    let walker = Walker::new(&spec.source, spec.filter.clone()).skip_top_level(&[
+        cms_mirror::pathsafe::STAGING_DIR,
+        cms_mirror::pathsafe::TRACE_FILE,
+    ]);
     let mut sources = Sources::new(walker, pages, &mut m.errors)?;
     let mut next_target = || manifest.blocking_recv().transpose();
     let mut src = sources.next(&mut m.errors)?;

@@ -35,7 +35,7 @@ pub async fn start(app: Arc<App>, shutdown: watch::Receiver<bool>) {
             0
         }
     };
-    for ch in app.config.channels.clone() {
+    for ch in app.config().channels.clone() {
         if let Some(expr) = &ch.schedule {
             let cron = match cms_mirror::config::parse_cron(expr) {
                 Ok(c) => c,

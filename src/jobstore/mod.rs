@@ -314,6 +314,41 @@ impl JobStore {
         }
     }
 
+    /// Removes jobs that finished before `before_ms` (their targets, events and item
+    /// errors with them), at most `limit` at a time; answers their ids.
+    pub async fn prune_finished(
+        &self,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let ids: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM jobs WHERE finished_at < $1 \
+             AND state IN ('succeeded', 'completed_with_errors', 'failed', 'cancelled') \
+             ORDER BY finished_at LIMIT $2",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id,) in &ids {
+            for table in ["job_events", "job_item_errors", "job_targets"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE job_id = $1"
+                )))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("DELETE FROM jobs WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.into_iter().map(|r| r.0).collect())
+    }
+
     /// Newest first.
     pub async fn list_jobs(
         &self,

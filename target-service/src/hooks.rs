@@ -28,6 +28,12 @@ enum HookError {
     },
     #[error("timed out connecting")]
     ConnectTimeout,
+    #[error("header {name}: cannot read {}: {source}", path.display())]
+    HeaderFile {
+        name: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Connect(#[from] cms_mirror::security::SecurityError),
     #[error("{:?}: {}", .0.code(), .0.message())]
@@ -82,15 +88,34 @@ impl Changes {
                 .collect();
         }
         if let Some(base) = &self.base_url {
-            let url = |p: &String| format!("{}/{}", base.trim_end_matches('/'), encode_path(p));
+            // A directory's index is also served (and cached) at the directory's URL:
+            // both are purged.
+            let urls = |paths: &[String]| -> Vec<String> {
+                let base = base.trim_end_matches('/');
+                let mut out = Vec::with_capacity(paths.len());
+                for p in paths {
+                    out.push(format!("{base}/{}", encode_path(p)));
+                    if let Some(dir) = index_dir(p) {
+                        out.push(format!("{base}/{}", encode_path(dir)));
+                    }
+                }
+                out
+            };
             v["urls"] = json!({
-                "created": self.created.iter().map(url).collect::<Vec<_>>(),
-                "updated": self.updated.iter().map(url).collect::<Vec<_>>(),
-                "deleted": self.deleted.iter().map(url).collect::<Vec<_>>(),
+                "created": urls(&self.created),
+                "updated": urls(&self.updated),
+                "deleted": urls(&self.deleted),
             });
         }
         v
     }
+}
+
+/// The directory URL path (`docs/`, or `` for the root) that serves `p` when `p` is a
+/// directory index (`index.html`, `index.htm`).
+fn index_dir(p: &str) -> Option<&str> {
+    let name = p.rsplit('/').next()?;
+    (name == "index.html" || name == "index.htm").then(|| &p[..p.len() - name.len()])
 }
 
 /// Percent-encodes a relative path for a URL (keeps `/` and unreserved characters).
@@ -169,10 +194,29 @@ pub async fn run_all(hooks: &[Hook], changes: &Changes) -> Vec<pb::HookResult> {
 /// (0 succeeds; -2 when killed by a signal).
 async fn run_once(h: &Hook, body: &[u8]) -> Result<(bool, i32), HookError> {
     match h {
-        Hook::Http { url, .. } => {
-            let r = http_client()
+        Hook::Http {
+            url,
+            headers,
+            header_files,
+            ..
+        } => {
+            let mut req = http_client()
                 .post(url)
-                .header("content-type", "application/json")
+                .header("content-type", "application/json");
+            for (name, value) in headers {
+                req = req.header(name, value);
+            }
+            for (name, path) in header_files {
+                let text = tokio::fs::read_to_string(path).await.map_err(|source| {
+                    HookError::HeaderFile {
+                        name: name.clone(),
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                req = req.header(name, text.lines().next().unwrap_or("").trim());
+            }
+            let r = req
                 .body(body.to_vec())
                 .send()
                 .await

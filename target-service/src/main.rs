@@ -31,9 +31,10 @@ struct Args {
     /// the data directory.
     #[arg(long, env = "MIRROR_DB")]
     db: Option<String>,
-    /// Directory for the default SQLite ledger.
-    #[arg(long, env = "MIRROR_DATA_DIR", default_value = "./mirror-target-data")]
-    data_dir: PathBuf,
+    /// Directory for the default SQLite ledger (default: mirror-target-data beside the
+    /// --config file, or in the working directory without one).
+    #[arg(long, env = "MIRROR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// How applied packages are made durable before the ack: syncfs, fsync or none.
     #[arg(long, env = "MIRROR_DURABILITY", default_value = "syncfs")]
     durability: Durability,
@@ -92,7 +93,12 @@ async fn main() -> anyhow::Result<()> {
         sites.push(SiteConfig::from_flag(s).map_err(|e| anyhow::anyhow!("--site {e}"))?);
     }
     let security = args.security.load()?;
-    let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &args.data_dir, "target.db");
+    let data_dir = cms_mirror::config::data_dir(
+        args.data_dir.as_deref(),
+        args.config.as_deref(),
+        "mirror-target-data",
+    );
+    let db_url = cms_mirror::db::url_or_default(args.db.as_deref(), &data_dir, "target.db");
     let db = cms_mirror::db::connect(&db_url, cms_mirror::db::Schema::Target).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -243,6 +243,35 @@ impl TargetService {
         })
     }
 
+    /// The site check of OpenSession, answered instead of enforced. An unknown site or
+    /// protocol version is an error, as it is for OpenSession.
+    async fn check(&self, r: pb::CheckSiteRequest) -> Result<pb::CheckSiteResponse, TargetError> {
+        let got = r.protocol_version;
+        if !(MIN_PROTOCOL_VERSION..=cms_mirror::PROTOCOL_VERSION).contains(&got) {
+            return Err(TargetError::ProtocolVersion {
+                got,
+                min: MIN_PROTOCOL_VERSION,
+                max: cms_mirror::PROTOCOL_VERSION,
+            });
+        }
+        cms_mirror::bounds::text("site", &r.site, cms_mirror::bounds::MAX_NAME_BYTES)?;
+        let fs = self.site(&r.site)?.fs.clone();
+        let min_free = self.inner.settings.min_free_bytes;
+        let checked = tokio::task::spawn_blocking(move || fs.check(min_free))
+            .await
+            .map_err(TargetError::task("site check"))?;
+        let (problem, free_bytes) = match checked {
+            Ok(free) => (String::new(), free),
+            Err(p) => (format!("site {:?} cannot take content: {p}", r.site), 0),
+        };
+        Ok(pb::CheckSiteResponse {
+            target_id: self.inner.settings.target_id.clone(),
+            protocol_version: cms_mirror::PROTOCOL_VERSION,
+            problem,
+            free_bytes,
+        })
+    }
+
     /// Streams a site's manifest in tree order, in pages read from the ledger.
     fn manifest(
         &self,
@@ -356,5 +385,12 @@ impl TargetApi for TargetService {
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
         Ok(Response::new(self.commit_session(req.into_inner()).await?))
+    }
+
+    async fn check_site(
+        &self,
+        req: Request<pb::CheckSiteRequest>,
+    ) -> Result<Response<pb::CheckSiteResponse>, Status> {
+        Ok(Response::new(self.check(req.into_inner()).await?))
     }
 }

@@ -84,6 +84,9 @@ impl TargetService {
         };
         let (created, updated, deleted) = self.inner.ledger.commit_session(&s.id, &s.site).await?;
         tracing::info!(session = %s.id, created, updated, deleted, "session committed");
+        if first_commit {
+            self.write_trace(&s, site, &r.source_id, &lineage).await;
+        }
         let mut hooks = Vec::new();
         if first_commit {
             self.inner
@@ -103,6 +106,25 @@ impl TargetService {
             hooks,
             item_errors,
         })
+    }
+
+    /// Notes the committed job in the site's trace file (replaced whole, by a rename), for
+    /// mirror checkers that read its age; a failure is logged, the commit stands.
+    async fn write_trace(&self, s: &SessionRow, site: &Site, source: &str, lineage: &[String]) {
+        let text = format!(
+            "date: {}\njob: {}\nchannel: {}\nsite: {}\nsource: {source}\ntarget: {}\nlineage: {}\n",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            s.job_id,
+            s.channel,
+            s.site,
+            self.inner.settings.target_id,
+            lineage.join(" "),
+        );
+        let fs = site.fs.clone();
+        let written = tokio::task::spawn_blocking(move || fs.write_trace(&text)).await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
+            tracing::warn!(site = %s.site, error = %e, "cannot write the trace file");
+        }
     }
 
     /// Resolves the pages the session put and deleted (URLs, links); the problems found.

@@ -414,7 +414,8 @@ pub struct Node {
     pub content: String,
 }
 
-/// Every item under `root` (not the root itself), by relative path.
+/// Every item under `root` (not the root itself, nor a target's trace file at its top:
+/// that is the target's note, not content), by relative path.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
         let dir = if rel.is_empty() {
@@ -425,6 +426,9 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         for e in std::fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
             let name = e.file_name().into_string().unwrap();
+            if rel.is_empty() && name == cms_mirror::pathsafe::TRACE_FILE {
+                continue;
+            }
             let r = if rel.is_empty() {
                 name
             } else {

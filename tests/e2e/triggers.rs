@@ -7,27 +7,32 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
-/// A tiny HTTP server that records JSON bodies and answers every request with `status`.
+/// A tiny HTTP server that records JSON bodies (and each request's header lines) and
+/// answers every request with `status`.
 struct HookServer {
     url: String,
     bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    headers: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 fn hook_server(status: u16) -> HookServer {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/purge", l.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    let b = bodies.clone();
+    let headers = Arc::new(Mutex::new(Vec::new()));
+    let (b, h) = (bodies.clone(), headers.clone());
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut len = 0usize;
+            let mut lines = Vec::new();
             loop {
                 let mut line = String::new();
                 if r.read_line(&mut line).unwrap_or(0) == 0 {
                     break;
                 }
+                lines.push(line.trim_end().to_ascii_lowercase());
                 if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     len = v.trim().parse().unwrap_or(0);
                 }
@@ -35,6 +40,7 @@ fn hook_server(status: u16) -> HookServer {
                     break;
                 }
             }
+            h.lock().unwrap().push(lines);
             let mut body = vec![0u8; len];
             let _ = r.read_exact(&mut body);
             if let Ok(v) = serde_json::from_slice(&body) {
@@ -46,7 +52,90 @@ fn hook_server(status: u16) -> HookServer {
             );
         }
     });
-    HookServer { url, bodies }
+    HookServer {
+        url,
+        bodies,
+        headers,
+    }
+}
+
+#[test]
+fn a_cdn_hook_gets_its_headers_a_key_from_a_file_and_directory_urls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    write(&src, "index.html", b"home");
+    write(&src, "docs/index.html", b"docs");
+    write(&src, "docs/a.css", b"a");
+    let cdn = hook_server(200);
+    let key = tmp.path().join("purge.key");
+    std::fs::write(&key, "first-key\n").unwrap();
+    let toml = tmp.path().join("target.toml");
+    let site = |key_file: &str| {
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\nbase_url = \"https://www.example.com/\"\n\n\
+             [[site.hook]]\nurl = \"{}\"\nheaders = {{ \"Surrogate-Control\" = \"max-age=60\" }}\n\
+             header_files = {{ \"Fastly-Key\" = \"{key_file}\" }}\n",
+            dst.display(),
+            cdn.url
+        )
+    };
+    // A key file that is not there stops the target at start, naming it.
+    std::fs::write(&toml, site("missing.key")).unwrap();
+    let out = std::process::Command::new(bin_dir().join("mirror-target"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&toml)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("missing.key"),
+        "{err}"
+    );
+    std::fs::write(&toml, site(key.to_str().unwrap())).unwrap();
+    let target = App::target(tmp.path()).config(&toml).spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = App::source(tmp.path(), &config).spawn();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    // The key is read at each run: rotated without a restart.
+    std::fs::write(&key, "second-key\n").unwrap();
+    write(&src, "docs/index.html", b"docs, again");
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let headers = cdn.headers.lock().unwrap();
+    assert_eq!(headers.len(), 2);
+    assert!(
+        headers[0].contains(&"surrogate-control: max-age=60".to_string()),
+        "{headers:?}"
+    );
+    assert!(
+        headers[0].contains(&"fastly-key: first-key".to_string()),
+        "{headers:?}"
+    );
+    assert!(
+        headers[1].contains(&"fastly-key: second-key".to_string()),
+        "{headers:?}"
+    );
+    let bodies = cdn.bodies.lock().unwrap();
+    let created = sorted(&bodies[0]["urls"]["created"]);
+    for u in [
+        "https://www.example.com/",
+        "https://www.example.com/index.html",
+        "https://www.example.com/docs/",
+        "https://www.example.com/docs/index.html",
+        "https://www.example.com/docs/a.css",
+    ] {
+        assert!(created.contains(&u.to_string()), "{u} not in {created:?}");
+    }
+    let updated = sorted(&bodies[1]["urls"]["updated"]);
+    assert!(
+        updated.contains(&"https://www.example.com/docs/".to_string()),
+        "{updated:?}"
+    );
+    assert!(
+        !updated.contains(&"https://www.example.com/".to_string()),
+        "{updated:?}"
+    );
 }
 
 fn sorted(v: &serde_json::Value) -> Vec<String> {

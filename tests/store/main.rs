@@ -5,7 +5,9 @@
 mod test_postgres;
 
 use cms_mirror::db::{self, Db, Schema};
-use cms_mirror::jobstore::{JobOptions, JobState, JobStore, NewItemError, NewJob, Progress, Sent};
+use cms_mirror::jobstore::{
+    JobOptions, JobState, JobStore, NewItemError, NewJob, Progress, Sent, StoreError,
+};
 use cms_mirror::model::{ChangeAction, Item, Kind};
 use mirror_target::ledger::{Ledger, PackageChanges, SessionStatus};
 
@@ -53,6 +55,7 @@ on_every_backend!(
     pages_are_stored_with_their_package,
     page_urls_follow_moves_and_problems_are_reported,
     a_ledger_of_the_first_schema_is_carried_over,
+    jobs_are_found_by_id_prefix_and_old_finished_jobs_pruned,
 );
 
 /// A fresh database of `backend`, migrated for `schema`; its backend's name for messages,
@@ -76,6 +79,70 @@ async fn empty_database(backend: Backend) -> (String, String, Option<tempfile::T
             None,
         ),
     }
+}
+
+async fn jobs_are_found_by_id_prefix_and_old_finished_jobs_pruned(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Source).await;
+    let s = JobStore::new(db);
+    // Seventeen ids: two of them share a first hex digit.
+    let mut ids = Vec::new();
+    for i in 0..17 {
+        ids.push(s.create_job(new_job(&format!("c{i}"))).await.unwrap().0.id);
+    }
+    let id = &ids[0];
+    assert_eq!(&s.resolve_job_id(id).await.unwrap(), id, "{backend}");
+    assert_eq!(&s.resolve_job_id(&id[..8]).await.unwrap(), id, "{backend}");
+    assert_eq!(
+        &s.resolve_job_id(&id[..8].to_uppercase()).await.unwrap(),
+        id,
+        "{backend}"
+    );
+    let shared = ids
+        .iter()
+        .find(|a| ids.iter().filter(|b| b[..1] == a[..1]).count() > 1)
+        .unwrap();
+    let e = s
+        .resolve_job_id(&shared[..1])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ambiguous") && e.contains(shared.as_str()),
+        "{backend}: {e}"
+    );
+    for bad in ["", "zz", "%", "_", "a%"] {
+        assert!(
+            matches!(s.resolve_job_id(bad).await, Err(StoreError::NotFound(_))),
+            "{backend}: {bad:?}"
+        );
+    }
+    // Pruning takes finished jobs older than the cut, with their rows, and nothing else.
+    let done = s.claim_next("i1", 60_000).await.unwrap().unwrap().id;
+    s.finish_job(&done, JobState::Succeeded, None, "ok")
+        .await
+        .unwrap();
+    let running = s.claim_next("i1", 60_000).await.unwrap().unwrap().id;
+    let cut = cms_mirror::now_ms() + 1;
+    assert!(
+        s.prune_finished(0, 100).await.unwrap().is_empty(),
+        "{backend}"
+    );
+    assert_eq!(
+        s.prune_finished(cut, 100).await.unwrap(),
+        vec![done.clone()],
+        "{backend}"
+    );
+    assert!(
+        matches!(s.get_job(&done).await, Err(StoreError::NotFound(_))),
+        "{backend}"
+    );
+    assert!(s.targets(&done).await.unwrap().is_empty(), "{backend}");
+    assert_eq!(
+        s.get_job(&running).await.unwrap().state(),
+        JobState::Running,
+        "{backend}"
+    );
+    assert_eq!(s.list_jobs(None, 100).await.unwrap().len(), 16, "{backend}");
 }
 
 fn new_job(channel: &str) -> NewJob {

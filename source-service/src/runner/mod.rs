@@ -61,7 +61,7 @@ fn traced<T>(msg: T) -> tonic::Request<T> {
     cms_mirror::telemetry::inject(tonic::Request::new(msg))
 }
 
-fn status_text(s: &tonic::Status) -> String {
+pub(crate) fn status_text(s: &tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 

@@ -565,6 +565,7 @@ impl<'a> TargetRun<'a> {
             run_hooks: true,
             abort: false,
             root: root_meta(&self.ch.source),
+            source_id: self.app.instance_id.clone(),
         };
         let client = &self.client;
         // All content has landed: the commit is tried within the budget even if the job

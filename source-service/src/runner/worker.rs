@@ -57,7 +57,8 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
         .emit(&id, kind, "", json!({"instance": app.instance_id}))
         .await;
     let keeper = spawn_keeper(app.clone(), id.clone(), cancel_tx);
-    let (state, error, summary, rows) = match app.config.channel(&job.channel) {
+    let config = app.config();
+    let (state, error, summary, rows) = match config.channel(&job.channel) {
         None => (
             JobState::Failed,
             Some(format!(

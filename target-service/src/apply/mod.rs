@@ -103,6 +103,38 @@ pub enum SiteProblem {
 }
 
 impl SiteFs {
+    /// Replaces the site's trace file ([`cms_mirror::pathsafe::TRACE_FILE`]) with `text`:
+    /// written beside it, made durable, renamed over it.
+    pub fn write_trace(&self, text: &str) -> io::Result<()> {
+        use std::io::Write as _;
+        let path = self.root.join(cms_mirror::pathsafe::TRACE_FILE);
+        let tmp = self
+            .root
+            .join(format!("{STAGING_DIR}-trace-{}", std::process::id()));
+        self.keeping_root_times(|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })?;
+        File::open(&self.root)?.sync_all()
+    }
+
+    /// Runs `f`, which adds or removes a name at the site root, and gives the root its
+    /// times back: they are the source root's (mirrored at each commit), not ours.
+    fn keeping_root_times<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let md = fs::metadata(&self.root)?;
+        let r = f();
+        let (atime, mtime) = (
+            filetime::FileTime::from_last_access_time(&md),
+            filetime::FileTime::from_last_modification_time(&md),
+        );
+        let restored = filetime::set_file_times(&self.root, atime, mtime);
+        let done = r?; // the operation's own error first
+        restored?;
+        Ok(done)
+    }
+
     /// Whether the site can take content now: its root is a directory, a file can be
     /// written beside where bodies are staged, and at least `min_free` bytes are free.
     /// Answers the free bytes.
@@ -119,9 +151,12 @@ impl SiteFs {
         let probe = self
             .root
             .join(format!("{STAGING_DIR}-probe-{}", std::process::id()));
-        let written = fs::write(&probe, b"cms-mirror site check\n");
-        let _ = fs::remove_file(&probe);
-        written.map_err(not_writable)?;
+        self.keeping_root_times(|| {
+            let written = fs::write(&probe, b"cms-mirror site check\n");
+            let _ = fs::remove_file(&probe);
+            written
+        })
+        .map_err(not_writable)?;
         let st = rustix::fs::statvfs(&self.root).map_err(|e| not_writable(e.into()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if free < min_free {
