@@ -28,11 +28,13 @@ const PAGE: &str = include_str!("dashboard.html");
 #[derive(Clone)]
 struct Dash {
     client: Client,
+    /// The source's URL, named when it cannot be reached.
+    source: std::sync::Arc<str>,
 }
 
 /// Serves the dashboard until the process is stopped. Prints
 /// `dashboard listening on ADDR` once the socket is bound (port 0 picks a free one).
-pub async fn serve(listen: &str, client: Client) -> Result<(), crate::CliError> {
+pub async fn serve(listen: &str, client: Client, source: &str) -> Result<(), crate::CliError> {
     let app = Router::new()
         .route("/", get(index))
         .route("/jobs/{id}", get(job_page))
@@ -43,7 +45,10 @@ pub async fn serve(listen: &str, client: Client) -> Result<(), crate::CliError> 
         .route("/api/channels/{name}/start", post(start))
         .route("/api/events", get(events))
         .fallback(not_found)
-        .with_state(Dash { client });
+        .with_state(Dash {
+            client,
+            source: source.into(),
+        });
     let l = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| cms_mirror::observe::BindError {
@@ -53,6 +58,25 @@ pub async fn serve(listen: &str, client: Client) -> Result<(), crate::CliError> 
         })?;
     println!("dashboard listening on {}", l.local_addr()?);
     Ok(axum::serve(l, app).await?)
+}
+
+impl Dash {
+    /// A gRPC error as an HTTP answer with a JSON body; one of the transport names the
+    /// source that cannot be reached.
+    fn error(&self, s: tonic::Status) -> Response {
+        if matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        ) {
+            let msg = format!(
+                "mirror-source at {} is unreachable: {}",
+                self.source,
+                s.message()
+            );
+            return api_error(tonic::Status::new(s.code(), msg));
+        }
+        api_error(s)
+    }
 }
 
 /// A gRPC error as an HTTP answer with a JSON body.
@@ -84,13 +108,22 @@ fn page(job: &str) -> Html<String> {
     Html(PAGE.replace("{{JOB}}", &escape(job)))
 }
 
+/// An error page in the dashboard's own look (its header and styles).
 fn error_page(code: StatusCode, title: &str, detail: &str) -> Response {
+    let style = PAGE
+        .split("<style>")
+        .nth(1)
+        .and_then(|s| s.split("</style>").next())
+        .unwrap_or("");
     let body = format!(
-        "<!doctype html><meta charset=utf-8><title>{t}</title>\
-         <body style=\"font-family:sans-serif;margin:2em\"><h1>{t}</h1><p>{d}</p>\
-         <p><a href=\"/\">Back to the dashboard</a></p>",
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}: cms-mirror</title>\
+         <style>{style}</style></head><body class=\"error-page\">\
+         <header><a href=\"/\">cms-mirror</a><span>{code}</span></header>\
+         <main><section><h2>{t}</h2><p>{d}</p><p><a href=\"/\">Back to the dashboard</a></p></section></main>\
+         </body></html>",
         t = escape(title),
-        d = escape(detail)
+        d = escape(detail),
+        code = code.as_u16(),
     );
     (code, Html(body)).into_response()
 }
@@ -126,7 +159,12 @@ async fn job_page(State(d): State<Dash>, Path(id): Path<String>) -> Response {
         Err(s) => error_page(
             StatusCode::BAD_GATEWAY,
             "Source unavailable",
-            &format!("{}: {}", s.code(), s.message()),
+            &format!(
+                "mirror-source at {} answered {}: {}",
+                d.source,
+                s.code(),
+                s.message()
+            ),
         ),
     }
 }
@@ -142,7 +180,7 @@ async fn channels(State(d): State<Dash>) -> Response {
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(s) => api_error(s),
+        Err(s) => d.error(s),
     }
 }
 
@@ -162,7 +200,7 @@ async fn jobs(State(d): State<Dash>, Query(q): Query<JobsQuery>) -> Response {
         Ok(r) => {
             axum::Json(r.into_inner().jobs.iter().map(job_json).collect::<Vec<_>>()).into_response()
         }
-        Err(s) => api_error(s),
+        Err(s) => d.error(s),
     }
 }
 
@@ -170,7 +208,7 @@ async fn job(State(d): State<Dash>, Path(id): Path<String>) -> Response {
     let mut c = d.client.clone();
     match c.get_job(pb::GetJobRequest { job_id: id }).await {
         Ok(j) => axum::Json(job_json(&j.into_inner())).into_response(),
-        Err(s) => api_error(s),
+        Err(s) => d.error(s),
     }
 }
 
@@ -195,7 +233,18 @@ fn cross_origin_refusal(h: &HeaderMap) -> Option<Response> {
     })
 }
 
-async fn start(State(d): State<Dash>, Path(name): Path<String>, h: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct StartQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn start(
+    State(d): State<Dash>,
+    Path(name): Path<String>,
+    Query(q): Query<StartQuery>,
+    h: HeaderMap,
+) -> Response {
     if let Some(r) = cross_origin_refusal(&h) {
         return r;
     }
@@ -204,6 +253,7 @@ async fn start(State(d): State<Dash>, Path(name): Path<String>, h: HeaderMap) ->
         channel: name,
         trigger: pb::Trigger::Admin as i32,
         requested_by: "dashboard".into(),
+        dry_run: q.dry_run,
         ..Default::default()
     };
     match c
@@ -214,7 +264,7 @@ async fn start(State(d): State<Dash>, Path(name): Path<String>, h: HeaderMap) ->
             let r = r.into_inner();
             axum::Json(json!({"job_id": r.job_id, "coalesced": r.coalesced})).into_response()
         }
-        Err(s) => api_error(s),
+        Err(s) => d.error(s),
     }
 }
 
@@ -225,7 +275,7 @@ async fn cancel(State(d): State<Dash>, Path(id): Path<String>, h: HeaderMap) -> 
     let mut c = d.client.clone();
     match c.cancel_job(pb::CancelJobRequest { job_id: id }).await {
         Ok(j) => axum::Json(job_json(&j.into_inner())).into_response(),
-        Err(s) => api_error(s),
+        Err(s) => d.error(s),
     }
 }
 
@@ -256,7 +306,7 @@ async fn events(State(d): State<Dash>, Query(q): Query<EventsQuery>, h: HeaderMa
     let mut c = d.client.clone();
     let stream = match c.watch_jobs(req).await {
         Ok(s) => s.into_inner(),
-        Err(s) => return api_error(s),
+        Err(s) => return d.error(s),
     };
     let one_job = !job.is_empty();
     let sse = stream

@@ -503,7 +503,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         // The dashboard starts even while the source is down; its pages say so.
         let ch = cli.auth().channel(&cli.source)?;
         let client = Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE);
-        dashboard::serve(listen, client).await?;
+        dashboard::serve(listen, client, &cli.source).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut c = connect(&cli).await?;

@@ -328,3 +328,174 @@ async fn the_dashboard_starts_a_job_shows_it_live_and_cancels_one() {
     assert_eq!(show_job(&source.url(), &second)["state"], "cancelled");
     c.close().await.unwrap();
 }
+
+/// Whether `css` matches an element in the page now.
+async fn present(c: &Client, css: &str) -> bool {
+    c.execute(
+        "return document.querySelector(arguments[0]) !== null;",
+        vec![json!(css)],
+    )
+    .await
+    .map(|v| v == json!(true))
+    .unwrap_or(false)
+}
+
+/// Waits until `css` matches (20 s), else fails with what the page says.
+async fn until_present(c: &Client, css: &str) {
+    for _ in 0..200 {
+        if present(c, css).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = c.source().await.unwrap_or_default();
+    panic!("{css} never appeared: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_reads_as_an_admin_expects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    for i in 0..16 {
+        write(&src, &format!("media/f{i:02}.bin"), &bytes(i, 200_000));
+    }
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .envs(&[("CMS_MIRROR_FAILPOINT_APPLY_DELAY_MS", "150")])
+        .spawn();
+    let down = free_addr();
+    let config = tmp.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[channel]]\nname = \"site\"\nsource = \"{src}\"\npackage_bytes = 131072\nwindow = 1\n\
+             [[channel.target]]\nname = \"web1\"\nurl = \"{t}\"\nsite = \"main\"\n\n\
+             [[channel]]\nname = \"broken\"\nsource = \"{src}\"\n\
+             [[channel.target]]\nname = \"web9\"\nurl = \"http://{down}\"\nsite = \"main\"\n",
+            src = src.display(),
+            t = target.url()
+        ),
+    )
+    .unwrap();
+    let source = App::source(tmp.path(), &config)
+        .args(&["--check-interval-secs", "1"])
+        .spawn();
+    let dashboard = |source: &str| {
+        App::new("mirrorctl", tmp.path())
+            .args(&["--source", source, "dashboard", "--listen", "127.0.0.1:0"])
+            .spawn()
+    };
+    let dash = dashboard(&source.url());
+
+    // A wrong address gets a page in the dashboard's own look.
+    let (code, body) = http_get(&dash.addr, "/no/such/page");
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("class=\"error-page\"") && body.contains("<header>"),
+        "{body}"
+    );
+    assert!(
+        body.contains("--ok:"),
+        "the 404 page lacks the dashboard's styles: {body}"
+    );
+    // A dashboard whose source is down names it.
+    let gone = format!("http://{}", free_addr());
+    let orphan = dashboard(&gone);
+    let (code, body) = http_get(&orphan.addr, "/api/channels");
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains(&format!("mirror-source at {gone} is unreachable")),
+        "{body}"
+    );
+
+    let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+    c.goto(&format!("http://{}", orphan.addr)).await.unwrap();
+    let msg = text_when(&c, "#msg", |t| t.contains(&gone)).await;
+    assert!(msg.contains(&gone), "{msg}");
+
+    // Each target's health from the source's periodic check, beside its sync lag.
+    let base = format!("http://{}", dash.addr);
+    c.goto(&base).await.unwrap();
+    until_present(
+        &c,
+        "tr[data-channel='site'] .channel-target[data-target='web1'] .health.ok",
+    )
+    .await;
+    until_present(&c, "tr[data-channel='broken'] .health.unreachable").await;
+    let lag = text_when(&c, "tr[data-channel='site'] .lag", |t| t == "never synced").await;
+    assert_eq!(lag, "never synced");
+
+    // A dry run from its own button, marked as such, with local times.
+    click(&c, "#dry-run-site").await;
+    until_present(&c, "#history tr .dry").await;
+    let row = c
+        .execute(
+            "const r = document.querySelector('#history tr'); const t = r.querySelector('time');
+             return { state: r.querySelector('.state').textContent, dry: r.querySelector('.dry').textContent,
+                      datetime: t.getAttribute('datetime'), shown: t.textContent, job: r.dataset.job };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row["dry"], "dry run", "{row}");
+    let shown = row["shown"].as_str().unwrap();
+    assert!(
+        !shown.contains('T') && shown.contains("ago"),
+        "times read as local times: {row}"
+    );
+    assert!(row["datetime"].as_str().unwrap().ends_with('Z'), "{row}");
+    let dry_job = row["job"].as_str().unwrap().to_string();
+
+    // Start is disabled while the channel runs, and comes back after.
+    let job = start_job(&source.url());
+    until_present(&c, "#start-site:disabled").await;
+    assert!(present(&c, "#dry-run-site:disabled").await);
+    let pct = text_when(&c, "#running .progress-text", |t| t.contains('%')).await;
+    assert!(pct.contains('%') && pct.contains("items"), "{pct}");
+    c.screenshot()
+        .await
+        .map(|png| std::fs::write(artifact("dashboard-busy.png"), png).unwrap())
+        .unwrap();
+    assert_succeeds(&source.url(), &job);
+    until_present(&c, "#start-site:enabled").await;
+
+    // The job's events as sentences, not JSON.
+    c.goto(&format!("{base}/jobs/{dry_job}")).await.unwrap();
+    until_present(&c, "#log div[data-seq]").await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath("//div[@id='log']/div/b[text()='finished']"))
+        .await
+        .expect("the finished event in the job's log");
+    let lines: Vec<String> = c
+        .execute(
+            "return [...document.querySelectorAll('#log div')].map(d => d.textContent);",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(lines.iter().all(|l| !l.contains('{')), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("planned [web1] 17 items")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("would mirror")),
+        "{lines:#?}"
+    );
+    let state = text_when(&c, "#d-state", |t| t.contains("dry run")).await;
+    assert!(
+        state.contains("succeeded") && state.contains("nothing was changed"),
+        "{state}"
+    );
+    c.screenshot()
+        .await
+        .map(|png| std::fs::write(artifact("dashboard-dry-run.png"), png).unwrap())
+        .unwrap();
+    c.close().await.unwrap();
+}
