@@ -21,7 +21,7 @@ pub mod runner;
 pub mod triggers;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -302,6 +302,19 @@ impl SourceService {
             } else {
                 cms_mirror::pathsafe::validate(p, 4096)
                     .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
+                // A path gone from the source mirrors its deletion, so only one whose
+                // directory is not there either is a mistake (a typo, a wrong prefix).
+                let (item, dir) = (
+                    ch.source.join(p),
+                    ch.source.join(p).parent().map(Path::to_path_buf),
+                );
+                let here = |q: &Path| std::fs::symlink_metadata(q).is_ok();
+                if ch.pages.is_none() && !here(&item) && !dir.as_deref().is_some_and(here) {
+                    return Err(SourceError::InvalidPath(format!(
+                        "{p:?} is not in the source directory {}, nor is its directory",
+                        ch.source.display()
+                    )));
+                }
             }
         }
         let max_delete = (!req.max_delete.is_empty()).then_some(req.max_delete);
