@@ -89,13 +89,26 @@ fn short_job_ids_piped_events_and_dry_runs_read_as_an_admin_expects() {
 
     // Errors an admin makes: a path that is not there, nor its directory (one whose
     // directory is there may be a deletion to mirror).
-    let out = mirrorctl(&source.url(), &["start", "site", "--path", "nowhere/f.html"]);
-    assert_eq!(out.status.code(), Some(3));
-    let err = text(&out.stderr);
-    assert!(err.contains("\"nowhere/f.html\" is not in the source directory"), "{err}");
     let out = mirrorctl(
         &source.url(),
-        &["start", "site", "--path", "d1/e1/gone.html", "--dry-run", "--wait"],
+        &["start", "site", "--path", "nowhere/f.html"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"nowhere/f.html\" is not in the source directory"),
+        "{err}"
+    );
+    let out = mirrorctl(
+        &source.url(),
+        &[
+            "start",
+            "site",
+            "--path",
+            "d1/e1/gone.html",
+            "--dry-run",
+            "--wait",
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = mirrorctl(&source.url(), &["jobs", "--channel", "nope"]);

@@ -408,18 +408,11 @@ def edit(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate")
-    g.add_argument("--sections", type=int, default=3)
-    g.add_argument("--topics", type=int, default=2)
-    g.add_argument("--articles", type=int, default=3)
-    g.add_argument("--images", type=int, default=4)
-    g.add_argument("--docs", type=int, default=2)
-    b = sub.add_parser("bulk")
-    b.add_argument("--sections", type=int, default=10)
-    b.add_argument("--topics", type=int, default=10)
-    b.add_argument("--articles", type=int, default=66)
-    b.add_argument("--images", type=int, default=20)
-    b.add_argument("--docs", type=int, default=10)
+    # The site's shape: sections x topics x articles, and its media.
+    for name, defaults in (("generate", (3, 2, 3, 4, 2)), ("bulk", (10, 10, 66, 20, 10))):
+        g = sub.add_parser(name)
+        for arg, default in zip(("sections", "topics", "articles", "images", "docs"), defaults):
+            g.add_argument(f"--{arg}", type=int, default=default)
     x = sub.add_parser("transfer-import")
     x.add_argument("--pages", required=True)
     x.add_argument("--rounds", type=int, default=2)
