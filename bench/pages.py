@@ -91,6 +91,24 @@ def job(source_url, env=None):
     return wall, j
 
 
+def scaled(cms, made, copies):
+    """The generated CMS with each section copied `copies` - 1 times (bench/scale_cms.py),
+    made once and kept beside it."""
+    out = cms.parent / f"{cms.name}-x{copies}"
+    done = out / "made.json"
+    if done.exists():
+        return out, json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "media").exists():
+        (out / "media").symlink_to(cms / "media")
+    live = subprocess.run([sys.executable, ROOT / "bench" / "scale_cms.py", cms / "pristine.sqlite3",
+                           out / "pristine.sqlite3", "--copies", str(copies)],
+                          check=True, capture_output=True, text=True).stdout
+    made = dict(made, live_in_news=int(live))
+    done.write_text(json.dumps(made))
+    return out, made
+
+
 def one_round(py, cms, work, pages):
     (cms / "cms.sqlite3").write_bytes((cms / "pristine.sqlite3").read_bytes())
     tport, sport = free_port(), free_port()
@@ -165,12 +183,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cms", type=Path, default=ROOT / "target" / "bench-cms")
     ap.add_argument("--no-peer", action="store_true", help="leave wagtail-transfer out")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="copy each section this many times in all (bench/scale_cms.py), e.g. 10 for about 100,000 pages")
     a = ap.parse_args()
     if "BENCH_BIN" not in os.environ:
         subprocess.run(["cargo", "build", "--release", "--quiet", "--workspace", "--bins"], cwd=ROOT, check=True)
     py = python()
     cms = a.cms.resolve() / f"{a.sections}x{a.topics}x{a.articles}"
     made = generate(py, cms, a)
+    if a.copies > 1:
+        cms, made = scaled(cms, made, a.copies)
     pages = made["live_in_news"]
     rounds = []
     for i in range(a.rounds):
