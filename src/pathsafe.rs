@@ -85,7 +85,13 @@ pub fn validate(path: &str, max_len: usize) -> Result<(), PathError> {
             return Err(PathError::NameTooLong(path.into()));
         }
     }
-    if path == STAGING_DIR || path.starts_with(&format!("{STAGING_DIR}/")) {
+    // The staging directory, and the target's short-lived files named after it beside
+    // it (its site probe, its trace file being written).
+    if path
+        .split('/')
+        .next()
+        .is_some_and(|top| top.starts_with(STAGING_DIR))
+    {
         return Err(PathError::Reserved(path.into()));
     }
     if path == TRACE_FILE {
@@ -163,12 +169,22 @@ mod tests {
             "a\0b",
             "a\\..\\b",
             ".cms-mirror-staging/x",
+            ".cms-mirror-staging-probe-12",
+            ".cms-mirror-trace",
         ] {
             assert!(validate(p, 4096).is_err(), "{p:?} accepted");
         }
         assert!(validate(&"x".repeat(300), 4096).is_err());
         assert!(validate(&"a/".repeat(3000), 4096).is_err());
-        for p in ["a", "a/b c/ü.html", "..a", "a..", ".hidden"] {
+        for p in [
+            "a",
+            "a/b c/ü.html",
+            "..a",
+            "a..",
+            ".hidden",
+            "a/.cms-mirror-staging-x",
+            "a/.cms-mirror-trace",
+        ] {
             assert!(validate(p, 4096).is_ok(), "{p:?} refused");
         }
     }

@@ -554,5 +554,13 @@ pub fn clean_staging(site: &SiteFs, open_sessions: &[String]) -> io::Result<usiz
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // A site probe or trace file a crash left beside the staging directory.
+    for e in fs::read_dir(&site.root)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("{}-", pathsafe::STAGING_DIR)) {
+            remove_any(&e.path())?;
+            removed += 1;
+        }
+    }
     Ok(removed)
 }

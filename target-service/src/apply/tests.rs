@@ -499,3 +499,36 @@ fn durable_bodies_leave_the_page_cache_unless_direct_io_is_off() {
         }
     }
 }
+
+#[test]
+fn leftovers_of_a_crash_are_cleaned_at_start_and_content_is_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let site = site_in(&root);
+    std::fs::create_dir_all(site.staging().join("0123abcd")).unwrap();
+    std::fs::write(site.staging().join("0123abcd/body"), b"partial").unwrap();
+    std::fs::write(root.path().join(".cms-mirror-staging-probe-77"), b"probe").unwrap();
+    std::fs::write(root.path().join(".cms-mirror-staging-trace-77"), b"date: x").unwrap();
+    std::fs::write(root.path().join(".cms-mirror-trace"), b"date: y").unwrap();
+    std::fs::write(root.path().join("index.html"), b"content").unwrap();
+    assert_eq!(clean_staging(&site, &[]).unwrap(), 3);
+    let mut left: Vec<String> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [".cms-mirror-staging", ".cms-mirror-trace", "index.html"]
+    );
+    // The site check and the trace file leave the root's own times as they were.
+    let t = filetime::FileTime::from_unix_time(1_500_000_000, 0);
+    filetime::set_file_times(root.path(), t, t).unwrap();
+    site.check(0).unwrap();
+    site.write_trace("date: z\n").unwrap();
+    let md = std::fs::metadata(root.path()).unwrap();
+    assert_eq!(filetime::FileTime::from_last_modification_time(&md), t);
+    assert_eq!(
+        std::fs::read_to_string(root.path().join(".cms-mirror-trace")).unwrap(),
+        "date: z\n"
+    );
+}
