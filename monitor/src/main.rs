@@ -476,35 +476,41 @@ fn exit_for(state: i32) -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+/// The commands that need no connection to the source: completions and the manual
+/// page (printed), the dashboard (which starts even while the source is down; its pages
+/// say so).
+async fn run_local(cli: &Cli) -> Option<Result<ExitCode, CliError>> {
     use clap::CommandFactory;
     match &cli.cmd {
         Cmd::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "mirrorctl",
-                &mut std::io::stdout(),
-            );
-            return Ok(ExitCode::SUCCESS);
+            let mut out = std::io::stdout();
+            clap_complete::generate(*shell, &mut Cli::command(), "mirrorctl", &mut out);
         }
         Cmd::Man => {
             let rendered = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
             if let Err(e) = rendered
                 && e.kind() != std::io::ErrorKind::BrokenPipe
             {
-                return Err(e.into());
+                return Some(Err(e.into()));
             }
-            return Ok(ExitCode::SUCCESS);
         }
-        _ => {}
+        Cmd::Dashboard { listen } => {
+            let served = async {
+                let ch = cli.auth().channel(&cli.source)?;
+                let client =
+                    Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE);
+                dashboard::serve(listen, client, &cli.source).await
+            };
+            return Some(served.await.map(|()| ExitCode::SUCCESS));
+        }
+        _ => return None,
     }
-    if let Cmd::Dashboard { listen } = &cli.cmd {
-        // The dashboard starts even while the source is down; its pages say so.
-        let ch = cli.auth().channel(&cli.source)?;
-        let client = Client::new(ch).max_decoding_message_size(cms_mirror::transport::MAX_MESSAGE);
-        dashboard::serve(listen, client, &cli.source).await?;
-        return Ok(ExitCode::SUCCESS);
+    Some(Ok(ExitCode::SUCCESS))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if let Some(done) = run_local(&cli).await {
+        return done;
     }
     let mut c = connect(&cli).await?;
     match cli.cmd {

@@ -141,6 +141,36 @@ impl App {
     }
 }
 
+/// The paths of a StartJob: safe relative paths (for a wagtail channel also page URL
+/// paths, `/home/news/`), each in the source or at least its directory (a path gone from
+/// the source mirrors its deletion; one whose directory is not there either is a typo).
+fn check_paths(
+    ch: &cms_mirror::config::ChannelConfig,
+    paths: &[String],
+) -> Result<(), SourceError> {
+    for p in paths {
+        if ch.pages.is_some() && p.starts_with('/') {
+            if p.len() > 4096 || p.split('/').any(|c| c == "..") || p.contains('\0') {
+                return Err(SourceError::InvalidPath(format!(
+                    "{p:?} is not a page URL path"
+                )));
+            }
+            continue;
+        }
+        cms_mirror::pathsafe::validate(p, 4096)
+            .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
+        let item = ch.source.join(p);
+        let here = |q: &Path| std::fs::symlink_metadata(q).is_ok();
+        if ch.pages.is_none() && !here(&item) && !item.parent().is_some_and(here) {
+            return Err(SourceError::InvalidPath(format!(
+                "{p:?} is not in the source directory {}, nor is its directory",
+                ch.source.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn store_status(e: StoreError) -> Status {
     SourceError::from(e).into()
 }
@@ -290,33 +320,7 @@ impl SourceService {
         let Some(ch) = config.channel(&req.channel) else {
             return Err(SourceError::UnknownChannel(req.channel));
         };
-        for p in &req.paths {
-            // A wagtail channel also takes pages by their URL path (`/home/news/`).
-            let page = ch.pages.is_some() && p.starts_with('/');
-            if page {
-                if p.len() > 4096 || p.split('/').any(|c| c == "..") || p.contains('\0') {
-                    return Err(SourceError::InvalidPath(format!(
-                        "{p:?} is not a page URL path"
-                    )));
-                }
-            } else {
-                cms_mirror::pathsafe::validate(p, 4096)
-                    .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
-                // A path gone from the source mirrors its deletion, so only one whose
-                // directory is not there either is a mistake (a typo, a wrong prefix).
-                let (item, dir) = (
-                    ch.source.join(p),
-                    ch.source.join(p).parent().map(Path::to_path_buf),
-                );
-                let here = |q: &Path| std::fs::symlink_metadata(q).is_ok();
-                if ch.pages.is_none() && !here(&item) && !dir.as_deref().is_some_and(here) {
-                    return Err(SourceError::InvalidPath(format!(
-                        "{p:?} is not in the source directory {}, nor is its directory",
-                        ch.source.display()
-                    )));
-                }
-            }
-        }
+        check_paths(ch, &req.paths)?;
         let max_delete = (!req.max_delete.is_empty()).then_some(req.max_delete);
         if let Some(m) = &max_delete {
             cms_mirror::config::MaxDelete::parse(m).map_err(SourceError::InvalidMaxDelete)?;
