@@ -30,20 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("BENCH_BIN", ROOT / "target" / "release"))
 CMS_PY = ROOT / "tests" / "wagtail" / "cms.py"
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def hwm_kib(pid):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+sys.path.insert(0, str(ROOT / "bench"))
+from run import free_port, hwm_kib  # noqa: E402  (the file benchmark's helpers)
 
 
 def python():

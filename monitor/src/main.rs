@@ -222,19 +222,9 @@ pub(crate) fn channel_json(ch: &pb::Channel) -> Value {
     })
 }
 
+/// Bytes in IEC units, as the job summaries write them (`4.0 MiB`).
 pub(crate) fn human_bytes(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    bytesize::ByteSize(b).to_string()
 }
 
 fn print_job(j: &pb::Job) {

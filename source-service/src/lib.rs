@@ -68,11 +68,14 @@ pub struct App {
 }
 
 impl App {
+    /// Where the plans of a job's targets are stored.
+    pub fn plans_of(&self, job: &str) -> PathBuf {
+        self.data_dir.join("plans").join(job)
+    }
+
     /// Where the plan of one target of a job is stored.
     pub fn plan_dir(&self, job: &str, target: &str) -> PathBuf {
-        self.data_dir
-            .join("plans")
-            .join(job)
+        self.plans_of(job)
             .join(&blake3::hash(target.as_bytes()).to_hex().as_str()[..16])
     }
 
@@ -142,9 +145,10 @@ impl App {
 }
 
 /// The paths of a StartJob: safe relative paths (for a wagtail channel also page URL
-/// paths, `/home/news/`), each in the source or at least its directory (a path gone from
-/// the source mirrors its deletion; one whose directory is not there either is a typo).
-fn check_paths(
+/// paths, `/home/news/`); a directory channel's each in the source or at least its
+/// directory (a path gone from the source mirrors its deletion; one whose directory is
+/// not there either is a typo).
+async fn check_paths(
     ch: &cms_mirror::config::ChannelConfig,
     paths: &[String],
 ) -> Result<(), SourceError> {
@@ -159,9 +163,13 @@ fn check_paths(
         }
         cms_mirror::pathsafe::validate(p, 4096)
             .map_err(|e| SourceError::InvalidPath(e.to_string()))?;
+        if ch.pages.is_some() {
+            continue;
+        }
         let item = ch.source.join(p);
-        let here = |q: &Path| std::fs::symlink_metadata(q).is_ok();
-        if ch.pages.is_none() && !here(&item) && !item.parent().is_some_and(here) {
+        let here = async |q: &Path| tokio::fs::symlink_metadata(q).await.is_ok();
+        let dir = item.parent().unwrap_or(&ch.source);
+        if !here(&item).await && !here(dir).await {
             return Err(SourceError::InvalidPath(format!(
                 "{p:?} is not in the source directory {}, nor is its directory",
                 ch.source.display()
@@ -176,6 +184,16 @@ fn store_status(e: StoreError) -> Status {
 }
 
 impl SourceService {
+    /// Refuses a channel the configuration does not have.
+    fn known_channel(&self, name: Option<&str>) -> Result<(), Status> {
+        match name {
+            Some(n) if self.app.config().channel(n).is_none() => {
+                Err(SourceError::UnknownChannel(n.to_string()).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The job a request names by its id or a unique prefix of it.
     async fn job_id(&self, given: &str) -> Result<String, Status> {
         self.app
@@ -320,7 +338,7 @@ impl SourceService {
         let Some(ch) = config.channel(&req.channel) else {
             return Err(SourceError::UnknownChannel(req.channel));
         };
-        check_paths(ch, &req.paths)?;
+        check_paths(ch, &req.paths).await?;
         let max_delete = (!req.max_delete.is_empty()).then_some(req.max_delete);
         if let Some(m) = &max_delete {
             cms_mirror::config::MaxDelete::parse(m).map_err(SourceError::InvalidMaxDelete)?;
@@ -561,11 +579,7 @@ impl SourceApi for SourceService {
         let r = req.into_inner();
         let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as i64;
         let ch = (!r.channel.is_empty()).then_some(r.channel.as_str());
-        if let Some(name) = ch
-            && self.app.config().channel(name).is_none()
-        {
-            return Err(SourceError::UnknownChannel(name.to_string()).into());
-        }
+        self.known_channel(ch)?;
         let rows = self
             .app
             .store
@@ -692,11 +706,7 @@ impl SourceApi for SourceService {
     ) -> Result<Response<pb::CheckTargetsResponse>, Status> {
         let r = req.into_inner();
         let channel = (!r.channel.is_empty()).then_some(r.channel.as_str());
-        if let Some(name) = channel
-            && self.app.config().channel(name).is_none()
-        {
-            return Err(SourceError::UnknownChannel(name.to_string()).into());
-        }
+        self.known_channel(channel)?;
         let targets = health::check_all(&self.app, channel).await;
         health::record(&self.app, &targets);
         Ok(Response::new(pb::CheckTargetsResponse { targets }))
@@ -764,8 +774,7 @@ fn spawn_retention(app: Arc<App>, keep: std::time::Duration, mut stop: watch::Re
                     Ok(ids) if ids.is_empty() => break,
                     Ok(ids) => {
                         for id in &ids {
-                            let _ = tokio::fs::remove_dir_all(app.data_dir.join("plans").join(id))
-                                .await;
+                            let _ = tokio::fs::remove_dir_all(app.plans_of(id)).await;
                         }
                         tracing::info!(jobs = ids.len(), "removed jobs past --keep-jobs");
                     }

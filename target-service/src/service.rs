@@ -38,6 +38,18 @@ pub(crate) struct Inner {
     pub(crate) decode_budget: DecodeBudget,
 }
 
+/// Refuses a peer of a protocol version this target does not speak.
+fn speaks(got: u32) -> Result<(), TargetError> {
+    if (MIN_PROTOCOL_VERSION..=cms_mirror::PROTOCOL_VERSION).contains(&got) {
+        return Ok(());
+    }
+    Err(TargetError::ProtocolVersion {
+        got,
+        min: MIN_PROTOCOL_VERSION,
+        max: cms_mirror::PROTOCOL_VERSION,
+    })
+}
+
 /// The gRPC target service.
 #[derive(Clone)]
 pub struct TargetService {
@@ -177,14 +189,7 @@ impl TargetService {
         &self,
         r: pb::OpenSessionRequest,
     ) -> Result<pb::OpenSessionResponse, TargetError> {
-        let got = r.protocol_version;
-        if !(MIN_PROTOCOL_VERSION..=cms_mirror::PROTOCOL_VERSION).contains(&got) {
-            return Err(TargetError::ProtocolVersion {
-                got,
-                min: MIN_PROTOCOL_VERSION,
-                max: cms_mirror::PROTOCOL_VERSION,
-            });
-        }
+        speaks(r.protocol_version)?;
         if r.job_id.is_empty() {
             return Err(TargetError::InvalidArgument("job_id is required".into()));
         }
@@ -197,18 +202,10 @@ impl TargetService {
             name("source_id", &r.source_id)?;
             bounds::list("lineage", &r.lineage, MAX_LINEAGE, MAX_NAME_BYTES)?;
         }
-        let fs = self.site(&r.site)?.fs.clone();
-        let min_free = self.inner.settings.min_free_bytes;
-        tokio::task::spawn_blocking(move || fs.check(min_free))
-            .await
-            .map_err(TargetError::task("site check"))?
-            .map_err(|problem| {
-                tracing::warn!(site = %r.site, job = %r.job_id, %problem, "session refused");
-                TargetError::SiteUnusable {
-                    site: r.site.clone(),
-                    problem,
-                }
-            })?;
+        if let Err(e) = self.check_site_now(&r.site).await? {
+            tracing::warn!(job = %r.job_id, error = %e, "session refused");
+            return Err(e);
+        }
         let me = &self.inner.settings.target_id;
         if r.lineage.iter().any(|l| l == me) {
             return Err(TargetError::LineageLoop {
@@ -246,23 +243,11 @@ impl TargetService {
     /// The site check of OpenSession, answered instead of enforced. An unknown site or
     /// protocol version is an error, as it is for OpenSession.
     async fn check(&self, r: pb::CheckSiteRequest) -> Result<pb::CheckSiteResponse, TargetError> {
-        let got = r.protocol_version;
-        if !(MIN_PROTOCOL_VERSION..=cms_mirror::PROTOCOL_VERSION).contains(&got) {
-            return Err(TargetError::ProtocolVersion {
-                got,
-                min: MIN_PROTOCOL_VERSION,
-                max: cms_mirror::PROTOCOL_VERSION,
-            });
-        }
+        speaks(r.protocol_version)?;
         cms_mirror::bounds::text("site", &r.site, cms_mirror::bounds::MAX_NAME_BYTES)?;
-        let fs = self.site(&r.site)?.fs.clone();
-        let min_free = self.inner.settings.min_free_bytes;
-        let checked = tokio::task::spawn_blocking(move || fs.check(min_free))
-            .await
-            .map_err(TargetError::task("site check"))?;
-        let (problem, free_bytes) = match checked {
+        let (problem, free_bytes) = match self.check_site_now(&r.site).await? {
             Ok(free) => (String::new(), free),
-            Err(p) => (format!("site {:?} cannot take content: {p}", r.site), 0),
+            Err(e) => (e.to_string(), 0),
         };
         Ok(pb::CheckSiteResponse {
             target_id: self.inner.settings.target_id.clone(),
@@ -270,6 +255,20 @@ impl TargetService {
             problem,
             free_bytes,
         })
+    }
+
+    /// Whether a known site can take content now (`SiteFs::check`, off the runtime):
+    /// its free bytes, or the refusal as a session would get it.
+    async fn check_site_now(&self, site: &str) -> Result<Result<u64, TargetError>, TargetError> {
+        let fs = self.site(site)?.fs.clone();
+        let min_free = self.inner.settings.min_free_bytes;
+        let checked = tokio::task::spawn_blocking(move || fs.check(min_free))
+            .await
+            .map_err(TargetError::task("site check"))?;
+        Ok(checked.map_err(|problem| TargetError::SiteUnusable {
+            site: site.to_string(),
+            problem,
+        }))
     }
 
     /// Streams a site's manifest in tree order, in pages read from the ledger.

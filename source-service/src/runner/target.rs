@@ -637,14 +637,19 @@ impl<'a> TargetRun<'a> {
                 retryable: e.retryable,
             })
             .collect();
-        super::record_item_errors(self.app, self.jid, &self.ch.name, self.tname(), &errs).await;
-        let n = errs.len() as i64;
+        self.add_item_errors(&errs, "commit item errors").await;
+    }
+
+    /// Item errors found after the packages (at the commit): recorded, announced and
+    /// added to the target's count.
+    async fn add_item_errors(&self, errs: &[cms_mirror::jobstore::NewItemError], what: &str) {
+        super::record_item_errors(self.app, self.jid, &self.ch.name, self.tname(), errs).await;
         let counted = self
             .app
             .store
-            .count_item_errors(self.jid, self.tname(), n)
+            .count_item_errors(self.jid, self.tname(), errs.len() as i64)
             .await;
-        logged(counted, self.jid, "commit item errors");
+        logged(counted, self.jid, what);
     }
 
     /// Announces each hook's result; a failed hook is an item error of the job (it ends
@@ -675,13 +680,7 @@ impl<'a> TargetRun<'a> {
                 self.tname(),
             ))
             .inc_by(failed.len() as u64);
-        super::record_item_errors(self.app, self.jid, &self.ch.name, self.tname(), &failed).await;
-        let counted = self
-            .app
-            .store
-            .count_item_errors(self.jid, self.tname(), failed.len() as i64)
-            .await;
-        logged(counted, self.jid, "hook failures");
+        self.add_item_errors(&failed, "hook failures").await;
     }
 
     /// Tells the target to drop a session's staged files (best effort, bounded).

@@ -108,9 +108,7 @@ impl SiteFs {
     pub fn write_trace(&self, text: &str) -> io::Result<()> {
         use std::io::Write as _;
         let path = self.root.join(cms_mirror::pathsafe::TRACE_FILE);
-        let tmp = self
-            .root
-            .join(format!("{STAGING_DIR}-trace-{}", std::process::id()));
+        let tmp = self.beside_staging("trace");
         self.keeping_root_times(|| {
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
@@ -118,6 +116,16 @@ impl SiteFs {
             fs::rename(&tmp, &path)
         })?;
         File::open(&self.root)?.sync_all()
+    }
+
+    /// A name at the site root for one short-lived file of the target's own, unique to
+    /// this call (sessions commit and sites are checked concurrently) and removed at start
+    /// if a crash left it ([`clean_staging`]).
+    fn beside_staging(&self, what: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.root
+            .join(format!("{STAGING_DIR}-{what}-{}-{n}", std::process::id()))
     }
 
     /// Runs `f`, which adds or removes a name at the site root, and gives the root its
@@ -148,9 +156,7 @@ impl SiteFs {
         };
         // Permissions alone do not tell (root passes them; a read-only mount does not):
         // a file is written and removed.
-        let probe = self
-            .root
-            .join(format!("{STAGING_DIR}-probe-{}", std::process::id()));
+        let probe = self.beside_staging("probe");
         self.keeping_root_times(|| {
             let written = fs::write(&probe, b"cms-mirror site check\n");
             let _ = fs::remove_file(&probe);
