@@ -414,8 +414,9 @@ pub struct Node {
     pub content: String,
 }
 
-/// Every item under `root` (not the root itself, nor a target's trace file at its top:
-/// that is the target's note, not content), by relative path.
+/// Every item under `root` (not the root itself, nor a target's trace file and
+/// short-lived files at its top: they are the target's own, not content), by relative
+/// path.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     fn walk(root: &Path, rel: &str, out: &mut BTreeMap<String, Node>) {
         let dir = if rel.is_empty() {
@@ -426,7 +427,12 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         for e in std::fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
             let name = e.file_name().into_string().unwrap();
-            if rel.is_empty() && name == cms_mirror::pathsafe::TRACE_FILE {
+            // The target's own files at the top: its trace, and the short-lived names
+            // beside its staging directory (a trace being replaced while a job commits).
+            let staging_side = format!("{}-", cms_mirror::pathsafe::STAGING_DIR);
+            if rel.is_empty()
+                && (name == cms_mirror::pathsafe::TRACE_FILE || name.starts_with(&staging_side))
+            {
                 continue;
             }
             let r = if rel.is_empty() {

@@ -104,18 +104,30 @@ pub enum SiteProblem {
 
 impl SiteFs {
     /// Replaces the site's trace file ([`cms_mirror::pathsafe::TRACE_FILE`]) with `text`:
-    /// written beside it, made durable, renamed over it.
+    /// written unnamed and made durable, then named beside it and renamed over it, so the
+    /// temporary name is visible only between two directory operations.
     pub fn write_trace(&self, text: &str) -> io::Result<()> {
         use std::io::Write as _;
+        use std::os::fd::AsFd;
         let path = self.root.join(cms_mirror::pathsafe::TRACE_FILE);
         let tmp = self.beside_staging("trace");
+        let root = File::open(&self.root)?;
         self.keeping_root_times(|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
+            match unix::create_unnamed(root.as_fd(), 0o644)? {
+                Some(mut f) => {
+                    f.write_all(text.as_bytes())?;
+                    f.sync_all()?;
+                    unix::link_unnamed(&f, &tmp)?;
+                }
+                None => {
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(text.as_bytes())?;
+                    f.sync_all()?;
+                }
+            }
             fs::rename(&tmp, &path)
         })?;
-        File::open(&self.root)?.sync_all()
+        root.sync_all()
     }
 
     /// A name at the site root for one short-lived file of the target's own, unique to
@@ -126,6 +138,23 @@ impl SiteFs {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.root
             .join(format!("{STAGING_DIR}-{what}-{}-{n}", std::process::id()))
+    }
+
+    /// Writes and drops a file at the site root: unnamed where the file system allows
+    /// it (nothing appears in the site, its times stay), else named and removed.
+    fn probe_write(&self) -> io::Result<()> {
+        use std::io::Write as _;
+        use std::os::fd::AsFd;
+        let root = File::open(&self.root)?;
+        if let Some(mut f) = unix::create_unnamed(root.as_fd(), 0o600)? {
+            return f.write_all(b"cms-mirror site check\n");
+        }
+        let probe = self.beside_staging("probe");
+        self.keeping_root_times(|| {
+            let written = fs::write(&probe, b"cms-mirror site check\n");
+            let _ = fs::remove_file(&probe);
+            written
+        })
     }
 
     /// Runs `f`, which adds or removes a name at the site root, and gives the root its
@@ -156,13 +185,7 @@ impl SiteFs {
         };
         // Permissions alone do not tell (root passes them; a read-only mount does not):
         // a file is written and removed.
-        let probe = self.beside_staging("probe");
-        self.keeping_root_times(|| {
-            let written = fs::write(&probe, b"cms-mirror site check\n");
-            let _ = fs::remove_file(&probe);
-            written
-        })
-        .map_err(not_writable)?;
+        self.probe_write().map_err(not_writable)?;
         let st = rustix::fs::statvfs(&self.root).map_err(|e| not_writable(e.into()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if free < min_free {
