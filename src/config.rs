@@ -173,6 +173,8 @@ struct RawChannel {
     retry_budget: Option<u32>,
     ack_timeout_secs: Option<u64>,
     on_disk_full: Option<String>,
+    publish: Option<String>,
+    keep_generations: Option<u32>,
     compression: Option<String>,
     schedule_spread_secs: Option<u64>,
     #[serde(default)]
@@ -286,6 +288,11 @@ pub struct ChannelConfig {
     /// Packages in flight and no ack for this long: the target is hung, reconnect.
     pub ack_timeout: std::time::Duration,
     pub on_disk_full: OnDiskFull,
+    /// How a job's content reaches the targets' readers.
+    pub publish: Publish,
+    /// Generations each target keeps for rollback (the live one included), with
+    /// `publish = "atomic"`.
+    pub keep_generations: u32,
     /// Package compression on the wire (`none` by default: on a fast link zstd costs
     /// more time than it saves; see PERF-NOTES).
     pub compression: crate::pb::Compression,
@@ -311,6 +318,21 @@ pub struct PagesConfig {
 /// Files of a Wagtail site a channel mirrors unless it says otherwise: the originals of
 /// images and documents (renditions are made by the CMS, not mirrored).
 pub const WAGTAIL_MEDIA: [&str; 2] = ["original_images/**", "documents/**"];
+
+/// How a job's content reaches the targets' readers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Publish {
+    /// Package by package into the served tree (the default): readers see each file
+    /// as soon as it lands.
+    #[default]
+    InPlace,
+    /// Into a new generation beside the served tree on every target; all targets switch
+    /// to it together once every one has it whole (two-phase commit), or none does.
+    Atomic,
+}
+
+/// The default [`ChannelConfig::keep_generations`].
+pub const DEFAULT_KEEP_GENERATIONS: u32 = 3;
 
 /// What a job does when a target runs out of space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -508,6 +530,16 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
         c.on_disk_full.as_deref(),
         [("fail", OnDiskFull::Fail), ("wait", OnDiskFull::Wait)],
     )?;
+    let publish = one_of(
+        "publish",
+        c.publish.as_deref(),
+        [("in_place", Publish::InPlace), ("atomic", Publish::Atomic)],
+    )?;
+    let keep_generations = in_range(
+        "keep_generations",
+        c.keep_generations.unwrap_or(DEFAULT_KEEP_GENERATIONS),
+        1..=1000,
+    )?;
     let compression = one_of(
         "compression",
         c.compression.as_deref(),
@@ -540,6 +572,8 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
         retry_budget: c.retry_budget.unwrap_or(8),
         ack_timeout: std::time::Duration::from_secs(ack_timeout_secs),
         on_disk_full,
+        publish,
+        keep_generations,
         compression,
         schedule_spread: std::time::Duration::from_secs(c.schedule_spread_secs.unwrap_or(300)),
         watch: c.watch,

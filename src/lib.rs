@@ -47,8 +47,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cmsmirror_descriptor.bin"));
 
 /// Protocol version spoken by this build (sent in `OpenSession` both ways). Version 2
-/// added `ACK_STATUS_OUT_OF_ORDER` and the target's version in its answer.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// added `ACK_STATUS_OUT_OF_ORDER` and the target's version in its answer; version 3,
+/// atomic sessions (generations, two-phase commit).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Resolves on SIGINT or SIGTERM: the graceful-shutdown trigger of both services.
 pub async fn shutdown_signal() {

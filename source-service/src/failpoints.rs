@@ -61,3 +61,30 @@ pub fn maybe_change(source: &std::path::Path, path: &str) {
         }
     }
 }
+
+/// `CMS_MIRROR_FAILPOINT_KILL_AT=POINT:FILE`: the source kills itself with SIGKILL at
+/// POINT of an atomic job (`prepared`: every target prepared, nothing decided;
+/// `decided`: the decision recorded, no target told), once: FILE is created to say it
+/// happened.
+pub fn kill_at(point: &str) {
+    let Ok(v) = std::env::var("CMS_MIRROR_FAILPOINT_KILL_AT") else {
+        return;
+    };
+    let Some((at, marker)) = v.split_once(':') else {
+        return;
+    };
+    warn_once();
+    if at == point
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(marker)
+            .is_ok()
+    {
+        tracing::warn!(point, "failpoint: the source kills itself");
+        let _ = rustix::process::kill_process(
+            rustix::process::getpid(),
+            rustix::process::Signal::KILL,
+        );
+    }
+}

@@ -782,6 +782,46 @@ impl JobStore {
         Ok(())
     }
 
+    /// Records an atomic job's decision to switch, numbering its generation above
+    /// `at_least` (the highest any target has) and above every generation the channel
+    /// decided before; returns the number. Once recorded the decision stands: a second
+    /// call returns the same number.
+    pub async fn decide_switch(
+        &self,
+        job: &str,
+        channel: &str,
+        at_least: u64,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.db.pool.begin().await?;
+        let (before,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(generation) FROM publish_decisions WHERE channel = $1")
+                .bind(channel)
+                .fetch_one(&mut *tx)
+                .await?;
+        let number = before.unwrap_or(0).max(at_least as i64) + 1;
+        sqlx::query(
+            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at)              VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(job)
+        .bind(channel)
+        .bind(number)
+        .bind(crate::now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(self.decision(job).await?.unwrap_or(number as u64))
+    }
+
+    /// The generation an atomic job decided to switch to, if it decided.
+    pub async fn decision(&self, job: &str) -> Result<Option<u64>, StoreError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT generation FROM publish_decisions WHERE job_id = $1")
+                .bind(job)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(row.map(|r| r.0.max(0) as u64))
+    }
+
     pub async fn channel_states(&self) -> Result<Vec<ChannelTargetRow>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT channel, target, last_success_at, last_job_id FROM channel_target_state",

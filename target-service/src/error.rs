@@ -55,6 +55,17 @@ pub enum TargetError {
         asked: u64,
         applied: i64,
     },
+    /// An in-place session for a site published atomically (its tree would change
+    /// under a generation kept for rollback), or a phase out of turn.
+    #[error("{0}")]
+    Publish(String),
+    /// The work area or a generation could not be made, synced or switched to.
+    #[error("site {site:?}: {what}: {source}")]
+    Generation {
+        site: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// A peer beyond the package limits: the stream ends here.
     #[error("{0}")]
     OverLimit(cms_mirror::package::PackageError),
@@ -94,7 +105,9 @@ impl From<TargetError> for Status {
             | TargetError::SessionAborted(_)
             | TargetError::SessionExpired(_)
             | TargetError::LineageLoop { .. }
-            | TargetError::CommitMismatch { .. } => Status::failed_precondition(msg),
+            | TargetError::CommitMismatch { .. }
+            | TargetError::Publish(_)
+            | TargetError::Generation { .. } => Status::failed_precondition(msg),
             TargetError::OverLimit(_) => Status::out_of_range(msg),
             TargetError::EarlierFailed { .. } => Status::aborted(msg),
             TargetError::Idle => Status::deadline_exceeded(msg),

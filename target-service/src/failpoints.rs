@@ -20,3 +20,21 @@ pub async fn slow_apply() {
         tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
     }
 }
+
+/// Test failpoint `CMS_MIRROR_FAILPOINT_KILL_AT_SWITCH=FILE`: the target kills itself
+/// with SIGKILL when the first switch arrives (between the phases of an atomic commit),
+/// once: FILE is created to say it happened.
+pub fn before_switch() {
+    let Ok(marker) = std::env::var("CMS_MIRROR_FAILPOINT_KILL_AT_SWITCH") else {
+        return;
+    };
+    let first = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&marker)
+        .is_ok();
+    if first {
+        tracing::warn!("failpoint: killed at the switch; never in production");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+}

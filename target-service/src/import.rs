@@ -160,8 +160,7 @@ fn is_ok(reply: &Reply) -> bool {
 
 /// A package ready to publish, and where it comes in its stream.
 struct ToFinish {
-    session: String,
-    site: String,
+    session: SessionRow,
     seq: u64,
     checksum: Vec<u8>,
     /// Taken by its publish.
@@ -229,20 +228,18 @@ impl TargetService {
     /// Writes and verifies a package's bodies in the staging directory.
     async fn stage(
         &self,
-        session: &str,
-        site_name: &str,
+        session: &SessionRow,
         payload: pb::PackagePayload,
     ) -> Result<apply::Staged, TargetError> {
-        let fs = self.site(site_name)?.fs.clone();
-        let state = self.session_state(session, &fs);
+        let state = self.session_state(session)?;
         let max_path = self.inner.settings.limits.max_path_bytes;
         let staged = tokio::task::spawn_blocking(move || {
             let mut f = state.files.lock().expect("session files lock");
-            (!f.aborted).then(|| apply::stage(&fs, &mut f, payload, max_path))
+            (!f.aborted).then(|| apply::stage(&state.fs, &mut f, payload, max_path))
         })
         .await
         .map_err(TargetError::task("apply"))?;
-        staged.ok_or_else(|| TargetError::SessionAborted(session.to_string()))
+        staged.ok_or_else(|| TargetError::SessionAborted(session.id.clone()))
     }
 
     /// Publishes and records a staged package; returns its ack and tells the package
@@ -260,7 +257,7 @@ impl TargetService {
     }
 
     async fn publish_and_record(&self, p: &mut ToFinish, step: &watch::Sender<Step>) -> Reply {
-        let (session, seq) = (p.session.as_str(), p.seq);
+        let (session, seq) = (p.session.id.as_str(), p.seq);
         let staged = p.staged.take().expect("a package is published once");
         // Chunks left to write go to the disk now, while the package before this one may
         // still be publishing and the next one is being staged.
@@ -281,7 +278,7 @@ impl TargetService {
                 step: "published",
             });
         }
-        let mut applied = self.publish(session, &p.site, staged).await?;
+        let mut applied = self.publish(&p.session, staged).await?;
         let uncache = std::mem::take(&mut applied.to_uncache);
         if applied.no_space || applied.not_written {
             return Ok(not_applied_ack(session, seq, applied));
@@ -297,12 +294,12 @@ impl TargetService {
         }
         self.inner
             .ledger
-            .record_package(session, &p.site, seq, &p.checksum, &applied.changes)
+            .record_package(&p.session, seq, &p.checksum, &applied.changes)
             .await?;
         self.inner
             .metrics
             .bytes_direct
-            .get_or_create(&metrics::Metrics::site(&p.site))
+            .get_or_create(&metrics::Metrics::site(&p.session.site))
             .inc_by(applied.bytes_direct);
         if !uncache.is_empty() {
             tokio::task::spawn_blocking(move || apply::uncache(uncache));
@@ -317,12 +314,10 @@ impl TargetService {
     /// Makes a staged package durable and visible, unless its session was aborted.
     async fn publish(
         &self,
-        session: &str,
-        site_name: &str,
+        session: &SessionRow,
         staged: apply::Staged,
     ) -> Result<Applied, TargetError> {
-        let fs = self.site(site_name)?.fs.clone();
-        let state = self.session_state(session, &fs);
+        let state = self.session_state(session)?;
         let durability = self.inner.settings.durability;
         let applied = tokio::task::spawn_blocking(move || {
             let aborted = state.publishing.lock().expect("session publish lock");
@@ -330,11 +325,11 @@ impl TargetService {
                 apply::discard(staged);
                 return None;
             }
-            Some(apply::publish(&fs, staged, durability))
+            Some(apply::publish(&state.fs, staged, durability))
         })
         .await
         .map_err(TargetError::task("apply"))?;
-        applied.ok_or_else(|| TargetError::SessionAborted(session.to_string()))
+        applied.ok_or_else(|| TargetError::SessionAborted(session.id.clone()))
     }
 
     /// Applies the packages of one Import stream; see the module doc.
@@ -482,7 +477,7 @@ impl ImportStream {
         }
         let staged = self
             .svc
-            .stage(&self.session.id, &self.session.site, payload)
+            .stage(&self.session, payload)
             .instrument(span.clone())
             .await;
         // Staged: the payload is gone (its bodies are in staging files).
@@ -521,8 +516,7 @@ impl ImportStream {
         let places_symlinks = staged.places_symlinks();
         let (step_tx, step) = watch::channel(Step::Publishing);
         let job = ToFinish {
-            session: self.session.id.clone(),
-            site: self.session.site.clone(),
+            session: self.session.clone(),
             seq: pkg.seq,
             checksum: pkg.checksum,
             staged: Some(staged),

@@ -17,6 +17,24 @@ pub struct SessionRow {
     pub last_seq: i64,
     #[sqlx(try_from = "String")]
     pub state: SessionStatus,
+    /// The store its index rows go to: empty in place (the site's own), else the
+    /// site's work area (an atomic session).
+    pub store: String,
+}
+
+impl SessionRow {
+    /// The key of the session's rows in the manifest index and the page store.
+    pub fn key(&self) -> &str {
+        if self.store.is_empty() {
+            &self.site
+        } else {
+            &self.store
+        }
+    }
+
+    pub fn atomic(&self) -> bool {
+        !self.store.is_empty()
+    }
 }
 
 /// Where a session stands in the target's ledger.
@@ -24,6 +42,9 @@ pub struct SessionRow {
 pub enum SessionStatus {
     /// Packages may arrive.
     Open,
+    /// An atomic session whose generation is whole and durable, waiting for the
+    /// source's decision: no package is taken.
+    Prepared,
     Committed,
     /// Given up by its source; what was applied stays applied.
     Aborted,
@@ -36,6 +57,7 @@ impl SessionStatus {
     pub const fn as_str(self) -> &'static str {
         match self {
             SessionStatus::Open => "open",
+            SessionStatus::Prepared => "prepared",
             SessionStatus::Committed => "committed",
             SessionStatus::Aborted => "aborted",
             SessionStatus::Expired => "expired",
@@ -48,13 +70,14 @@ impl TryFrom<String> for SessionStatus {
     fn try_from(s: String) -> Result<Self, Self::Error> {
         match s.as_str() {
             "open" => Ok(SessionStatus::Open),
+            "prepared" => Ok(SessionStatus::Prepared),
             "committed" => Ok(SessionStatus::Committed),
             "aborted" => Ok(SessionStatus::Aborted),
             "expired" => Ok(SessionStatus::Expired),
             o => Err(cms_mirror::model::UnknownName::new(
                 "session state",
                 o,
-                "open, committed, aborted or expired",
+                "open, prepared, committed, aborted or expired",
             )),
         }
     }
@@ -230,26 +253,31 @@ impl Ledger {
         job: &str,
         site: &str,
         channel: &str,
+        store: &str,
     ) -> Result<(SessionRow, bool), sqlx::Error> {
         let id = session_id(job, site);
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO sessions (id, job_id, site, channel, state, created_at, active_at) \
-             VALUES ($1, $2, $3, $4, 'open', $5, $5) \
-             ON CONFLICT (id) DO UPDATE SET active_at = excluded.active_at WHERE sessions.state = 'open'",
+            "INSERT INTO sessions (id, job_id, site, channel, state, created_at, active_at, store) \
+             VALUES ($1, $2, $3, $4, 'open', $5, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET active_at = excluded.active_at, store = excluded.store \
+             WHERE sessions.state = 'open'",
         )
         .bind(&id)
         .bind(job)
         .bind(site)
         .bind(channel)
         .bind(now)
+        .bind(store)
         .execute(&self.db.pool)
         .await?;
         let reopened = sqlx::query(
-            "UPDATE sessions SET state = 'open', last_seq = 0, active_at = $2 WHERE id = $1 AND state = 'expired'",
+            "UPDATE sessions SET state = 'open', last_seq = 0, active_at = $2, store = $3 \
+             WHERE id = $1 AND state = 'expired'",
         )
         .bind(&id)
         .bind(now)
+        .bind(store)
         .execute(&self.db.pool)
         .await?
         .rows_affected()
@@ -261,7 +289,7 @@ impl Ledger {
     /// Open sessions with no activity since `before` (ms since the epoch).
     pub async fn idle_sessions(&self, before: i64) -> Result<Vec<SessionRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, job_id, site, channel, last_seq, state FROM sessions \
+            "SELECT id, job_id, site, channel, last_seq, state, store FROM sessions \
              WHERE state = 'open' AND active_at < $1",
         )
         .bind(before)
@@ -290,14 +318,14 @@ impl Ledger {
             return Ok(None);
         }
         let dirs: Vec<EntryRow> = sqlx::query_as(touched_dirs_sql(self.db.backend))
-            .bind(&s.site)
+            .bind(s.key())
             .bind(&s.id)
             .fetch_all(&mut *tx)
             .await?;
         sqlx::query(
             "UPDATE entries SET touched_session = NULL WHERE site = $1 AND touched_session = $2",
         )
-        .bind(&s.site)
+        .bind(s.key())
         .bind(&s.id)
         .execute(&mut *tx)
         .await?;
@@ -318,7 +346,7 @@ impl Ledger {
 
     pub async fn session(&self, id: &str) -> Result<Option<SessionRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, job_id, site, channel, last_seq, state FROM sessions WHERE id = $1",
+            "SELECT id, job_id, site, channel, last_seq, state, store FROM sessions WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.db.pool)
@@ -327,7 +355,7 @@ impl Ledger {
 
     pub async fn open_sessions(&self) -> Result<Vec<SessionRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT id, job_id, site, channel, last_seq, state FROM sessions WHERE state = 'open'",
+            "SELECT id, job_id, site, channel, last_seq, state, store FROM sessions WHERE state = 'open'",
         )
         .fetch_all(&self.db.pool)
         .await
@@ -352,12 +380,12 @@ impl Ledger {
     /// Records an applied package and its index changes atomically.
     pub async fn record_package(
         &self,
-        session: &str,
-        site: &str,
+        s: &SessionRow,
         seq: u64,
         checksum: &[u8],
         ch: &PackageChanges,
     ) -> Result<(), sqlx::Error> {
+        let (session, site) = (s.id.as_str(), s.key());
         let mut tx = self.db.pool.begin().await?;
         delete_entries(&mut tx, site, &ch.deletes).await?;
         self.upsert_entries(&mut tx, session, site, &ch.upserts)
@@ -367,7 +395,15 @@ impl Ledger {
         self.record_changes(&mut tx, session, &ch.changes).await?;
         if !ch.pages.is_empty() || ch.deletes.iter().any(|p| is_page_key(p)) {
             let pages =
-                crate::pagestore::record(&mut tx, site, session, &ch.pages, &ch.deletes, now_ms())
+                crate::pagestore::record(
+                &mut tx,
+                site,
+                &s.site,
+                session,
+                &ch.pages,
+                &ch.deletes,
+                now_ms(),
+            )
                     .await?;
             self.record_changes(&mut tx, session, &pages).await?;
         }
@@ -573,6 +609,19 @@ impl Ledger {
         session: &str,
         site: &str,
     ) -> Result<(u64, u64, u64), sqlx::Error> {
+        self.close_session(session, site, SessionStatus::Committed)
+            .await
+    }
+
+    /// Marks a session committed, or prepared (an atomic session between the phases);
+    /// its directories are no longer touched. Returns the created / updated / deleted
+    /// counts.
+    pub async fn close_session(
+        &self,
+        session: &str,
+        site: &str,
+        state: SessionStatus,
+    ) -> Result<(u64, u64, u64), sqlx::Error> {
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
             "UPDATE entries SET touched_session = NULL WHERE site = $1 AND touched_session = $2",
@@ -581,9 +630,10 @@ impl Ledger {
         .bind(session)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE sessions SET state = 'committed', committed_at = $1 WHERE id = $2")
+        sqlx::query("UPDATE sessions SET state = $3, committed_at = $1 WHERE id = $2")
             .bind(now_ms())
             .bind(session)
+            .bind(state.as_str())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -592,7 +642,9 @@ impl Ledger {
 
     /// Closes a session without committing it (its staging files are gone).
     pub async fn abort_session(&self, session: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE sessions SET state = 'aborted' WHERE id = $1 AND state = 'open'")
+        sqlx::query(
+            "UPDATE sessions SET state = 'aborted' WHERE id = $1 AND state IN ('open', 'prepared')",
+        )
             .bind(session)
             .execute(&self.db.pool)
             .await?;

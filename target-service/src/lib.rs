@@ -17,6 +17,7 @@
 pub mod apply;
 pub mod delivery;
 pub mod error;
+pub mod generations;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 pub mod hooks;

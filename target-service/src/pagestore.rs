@@ -75,6 +75,8 @@ pub fn page_id(site: &str, key: &str) -> i64 {
 pub(crate) async fn record(
     tx: &mut Tx<'_>,
     site: &str,
+    // The site's own name (the page ids derive from it); `site` is its store key.
+    id_site: &str,
     session: &str,
     pages: &[PageRow],
     deletes: &[String],
@@ -93,7 +95,7 @@ pub(crate) async fn record(
         )
         .bind(site)
         .bind(&p.key)
-        .bind(page_id(site, &p.key))
+        .bind(page_id(id_site, &p.key))
         .bind(&p.locale)
         .bind(p.parent.as_deref())
         .bind(&p.position)

@@ -15,13 +15,15 @@ use cms_mirror::pb::target_service_server::TargetService as TargetApi;
 use crate::apply::{self, Durability, SessionFiles, SiteFs};
 use crate::error::{StartError, TargetError};
 use crate::import::DecodeBudget;
-use crate::ledger::{Ledger, SessionStatus};
+use crate::ledger::{Ledger, SessionRow, SessionStatus};
 use crate::session::{SessionState, StreamGuard};
 use crate::{TargetSettings, metrics};
 
 /// A site the target serves.
 pub(crate) struct Site {
     pub(crate) fs: SiteFs,
+    /// Held while the site's work area is made, prepared or switched.
+    pub(crate) generations: tokio::sync::Mutex<()>,
 }
 
 pub(crate) struct Inner {
@@ -89,17 +91,36 @@ impl TargetService {
                 message,
             };
             std::fs::create_dir_all(&s.root).map_err(|e| err(e.to_string()))?;
-            let root = s.root.canonicalize().map_err(|e| err(e.to_string()))?;
+            // The root's own name is kept, not resolved: a site published atomically
+            // has a link there that each switch replaces.
+            let root = match (s.root.parent(), s.root.file_name()) {
+                (Some(p), Some(name)) if !p.as_os_str().is_empty() => p
+                    .canonicalize()
+                    .map(|p| p.join(name))
+                    .map_err(|e| err(e.to_string()))?,
+                _ => s.root.canonicalize().map_err(|e| err(e.to_string()))?,
+            };
             let fs = SiteFs {
                 root,
                 links: s.links,
             };
-            let removed = apply::clean_staging(&fs, &open)
+            let mut removed = apply::clean_staging(&fs, &open)
                 .map_err(|e| err(format!("cannot clean staging: {e}")))?;
+            let work = fs.work();
+            if work.root.is_dir() {
+                removed += apply::clean_staging(&work, &open)
+                    .map_err(|e| err(format!("cannot clean the work area's staging: {e}")))?;
+            }
             if removed > 0 {
                 tracing::info!(site = %s.name, removed, "removed leftover staging files");
             }
-            sites.insert(s.name.clone(), Site { fs });
+            sites.insert(
+                s.name.clone(),
+                Site {
+                    fs,
+                    generations: Default::default(),
+                },
+            );
         }
         Ok(TargetService {
             inner: Arc::new(Inner {
@@ -129,21 +150,29 @@ impl TargetService {
             .ok_or_else(|| TargetError::UnknownSite(name.to_string()))
     }
 
-    pub(crate) fn session_state(&self, session: &str, fs: &SiteFs) -> Arc<SessionState> {
+    /// Where a session applies: the site's root in place, its work area when atomic.
+    pub(crate) fn session_fs(&self, s: &SessionRow) -> Result<SiteFs, TargetError> {
+        let fs = &self.site(&s.site)?.fs;
+        Ok(if s.atomic() { fs.work() } else { fs.clone() })
+    }
+
+    pub(crate) fn session_state(&self, s: &SessionRow) -> Result<Arc<SessionState>, TargetError> {
+        let fs = self.session_fs(s)?;
         let mut m = self.inner.sessions.lock().expect("sessions lock");
-        m.entry(session.to_string())
+        Ok(m.entry(s.id.clone())
             .or_insert_with(|| {
                 Arc::new(SessionState {
                     files: Mutex::new(SessionFiles::new(
-                        fs.session_dir(session),
+                        fs.session_dir(&s.id),
                         self.inner.settings.direct_io
                             && self.inner.settings.durability != Durability::None,
                     )),
                     publishing: Mutex::new(false),
                     streams: Default::default(),
+                    fs,
                 })
             })
-            .clone()
+            .clone())
     }
 
     pub(crate) fn count(
@@ -213,10 +242,11 @@ impl TargetService {
                 target: me.clone(),
             });
         }
+        let store = self.work_area_for(&r).await?;
         let (s, expired) = self
             .inner
             .ledger
-            .open_session(&r.job_id, &r.site, &r.channel)
+            .open_session(&r.job_id, &r.site, &r.channel, &store)
             .await?;
         if expired {
             tracing::info!(session = %s.id, "expired session opened again; its job plans again");
@@ -232,6 +262,7 @@ impl TargetService {
             session_id: s.id,
             last_applied_seq: s.last_seq as u64,
             committed: s.state == SessionStatus::Committed,
+            prepared: s.state == SessionStatus::Prepared,
             max_message_bytes: limits.max_message_bytes as u64,
             max_entries_per_package: limits.max_entries as u32,
             target_id: me.clone(),
@@ -280,13 +311,21 @@ impl TargetService {
         let ledger = self.inner.ledger.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            // An atomic job plans against the work area it builds.
+            let store = match crate::generations::manifest_store(ledger.db(), &r.site).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(TargetError::from(e).into())).await;
+                    return;
+                }
+            };
             let mut after = if r.after_path.is_empty() {
                 Vec::new()
             } else {
                 cms_mirror::model::tree_key(&r.after_path)
             };
             loop {
-                let page = match ledger.manifest_page(&r.site, &after, 2000).await {
+                let page = match ledger.manifest_page(&store, &after, 2000).await {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(TargetError::from(e).into())).await;
@@ -334,14 +373,20 @@ impl TargetService {
             .ok_or_else(|| TargetError::UnknownSession(header.session_id.clone()))?;
         match session.state {
             SessionStatus::Open => {}
+            SessionStatus::Prepared => {
+                return Err(TargetError::Publish(format!(
+                    "session {} is prepared: it takes no more packages",
+                    session.id
+                ))
+                .into());
+            }
             SessionStatus::Committed => {
                 return Err(TargetError::AlreadyCommitted(session.id).into());
             }
             SessionStatus::Aborted => return Err(TargetError::SessionAborted(session.id).into()),
             SessionStatus::Expired => return Err(TargetError::SessionExpired(session.id).into()),
         }
-        let fs = &self.site(&session.site)?.fs;
-        let guard = StreamGuard::new(self.session_state(&session.id, fs));
+        let guard = StreamGuard::new(self.session_state(&session)?);
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(
             self.clone()

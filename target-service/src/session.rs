@@ -5,14 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cms_mirror::config::SiteConfig;
 use cms_mirror::model::ChangeAction;
 use cms_mirror::pb;
 
 use crate::apply::{self, SessionFiles};
 use crate::error::TargetError;
 use crate::ledger::{SessionRow, SessionStatus};
-use crate::service::Site;
 use crate::{TargetService, hooks, metrics};
 
 /// A session's files in progress. Staging holds `files`; publishing holds `publishing`,
@@ -23,6 +21,8 @@ pub(crate) struct SessionState {
     pub(crate) publishing: Mutex<bool>,
     /// Import streams of the session in progress: a session with one is not idle.
     pub(crate) streams: AtomicUsize,
+    /// Where it applies (the site's root, or its work area).
+    pub(crate) fs: apply::SiteFs,
 }
 
 /// Counts an Import stream of a session while it lives.
@@ -54,11 +54,30 @@ impl TargetService {
             .session(&r.session_id)
             .await?
             .ok_or_else(|| TargetError::UnknownSession(r.session_id.clone()))?;
-        let site = self.site(&s.site)?;
         if r.abort {
-            self.abort(&s, site).await?;
+            self.abort(&s).await?;
             return Ok(pb::CommitResponse::default());
         }
+        match (s.atomic(), r.phase()) {
+            (false, pb::CommitPhase::Unspecified) => self.commit_in_place(s, r).await,
+            (true, pb::CommitPhase::Prepare) => self.prepare_generation(s, r).await,
+            (true, pb::CommitPhase::Switch) => self.switch_generation(s, r).await,
+            (true, _) => Err(TargetError::Publish(format!(
+                "session {} publishes atomically: commit it in two phases (prepare, then switch)",
+                s.id
+            ))),
+            (false, _) => Err(TargetError::Publish(format!(
+                "session {} publishes in place: its commit has no phases",
+                s.id
+            ))),
+        }
+    }
+
+    async fn commit_in_place(
+        &self,
+        s: SessionRow,
+        r: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, TargetError> {
         let first_commit = s.state != SessionStatus::Committed;
         if first_commit {
             if s.last_seq as u64 != r.last_seq {
@@ -68,15 +87,9 @@ impl TargetService {
                     applied: s.last_seq,
                 });
             }
-            self.finalize(&s, site, r.root.as_ref()).await?;
+            self.finalize(&s, r.root.as_ref()).await?;
         }
-        let lineage = self
-            .inner
-            .lineages
-            .lock()
-            .expect("lineages lock")
-            .remove(&s.id)
-            .unwrap_or_default();
+        let lineage = self.take_lineage(&s);
         let item_errors = if first_commit {
             self.resolve_pages(&s).await?
         } else {
@@ -85,18 +98,14 @@ impl TargetService {
         let (created, updated, deleted) = self.inner.ledger.commit_session(&s.id, &s.site).await?;
         tracing::info!(session = %s.id, created, updated, deleted, "session committed");
         if first_commit {
-            self.write_trace(&s, site, &r.source_id, &lineage).await;
+            self.write_trace(&s, &r.source_id, &lineage).await?;
         }
         let mut hooks = Vec::new();
         if first_commit {
-            self.inner
-                .metrics
-                .sessions_committed
-                .get_or_create(&metrics::Metrics::site(&s.site))
-                .inc();
-            let cfg = self.inner.settings.sites.iter().find(|c| c.name == s.site);
-            if let Some(cfg) = cfg.filter(|_| r.run_hooks) {
-                hooks = self.run_hooks(&s, cfg, lineage).await?;
+            self.count_committed(&s);
+            if r.run_hooks {
+                let changes = self.session_file_changes(&s).await?;
+                hooks = self.run_hooks(&s, changes, lineage).await?;
             }
         }
         Ok(pb::CommitResponse {
@@ -105,12 +114,35 @@ impl TargetService {
             items_deleted: deleted,
             hooks,
             item_errors,
+            ..Default::default()
         })
+    }
+
+    pub(crate) fn take_lineage(&self, s: &SessionRow) -> Vec<String> {
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .remove(&s.id)
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn count_committed(&self, s: &SessionRow) {
+        self.inner
+            .metrics
+            .sessions_committed
+            .get_or_create(&metrics::Metrics::site(&s.site))
+            .inc();
     }
 
     /// Notes the committed job in the site's trace file (replaced whole, by a rename), for
     /// mirror checkers that read its age; a failure is logged, the commit stands.
-    async fn write_trace(&self, s: &SessionRow, site: &Site, source: &str, lineage: &[String]) {
+    pub(crate) async fn write_trace(
+        &self,
+        s: &SessionRow,
+        source: &str,
+        lineage: &[String],
+    ) -> Result<(), TargetError> {
         let text = format!(
             "date: {}\njob: {}\nchannel: {}\nsite: {}\nsource: {source}\ntarget: {}\nlineage: {}\n",
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -120,15 +152,16 @@ impl TargetService {
             self.inner.settings.target_id,
             lineage.join(" "),
         );
-        let fs = site.fs.clone();
+        let fs = self.session_fs(s)?;
         let written = tokio::task::spawn_blocking(move || fs.write_trace(&text)).await;
         if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
             tracing::warn!(site = %s.site, error = %e, "cannot write the trace file");
         }
+        Ok(())
     }
 
     /// Resolves the pages the session put and deleted (URLs, links); the problems found.
-    async fn resolve_pages(&self, s: &SessionRow) -> Result<Vec<pb::ItemError>, TargetError> {
+    pub(crate) async fn resolve_pages(&self, s: &SessionRow) -> Result<Vec<pb::ItemError>, TargetError> {
         let mut put = std::collections::HashSet::new();
         let mut deleted = Vec::new();
         for (path, action) in self.inner.ledger.changes(&s.id).await? {
@@ -153,7 +186,7 @@ impl TargetService {
             .find(|c| c.name == s.site)
             .map_or("/", |c| c.pages_root.as_str());
         let r = crate::pagestore::Resolver {
-            site: &s.site,
+            site: s.key(),
             session: &s.id,
             root,
             put: &put,
@@ -168,9 +201,14 @@ impl TargetService {
 
     /// Drops a session's staged files, under its locks: an apply still running for a
     /// dropped stream finishes first, and no later package of this session is applied.
-    async fn abort(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
-        self.drop_staging(s, site).await?;
+    async fn abort(&self, s: &SessionRow) -> Result<(), TargetError> {
+        self.drop_staging(s).await?;
         self.inner.ledger.abort_session(&s.id).await?;
+        if s.atomic() {
+            // What was applied stays in the work area, which the next job goes on from;
+            // the live generation was never touched.
+            crate::generations::unprepare(self.inner.ledger.db(), &s.site).await?;
+        }
         // Its state stays in memory, marked aborted, so that a package of a stream still
         // running is not applied after the abort.
         self.inner
@@ -182,14 +220,13 @@ impl TargetService {
         Ok(())
     }
 
-    async fn drop_staging(&self, s: &SessionRow, site: &Site) -> Result<(), TargetError> {
-        let state = self.session_state(&s.id, &site.fs);
-        let fs = site.fs.clone();
+    async fn drop_staging(&self, s: &SessionRow) -> Result<(), TargetError> {
+        let state = self.session_state(s)?;
         tokio::task::spawn_blocking(move || {
             let mut aborted = state.publishing.lock().expect("session publish lock");
             *aborted = true;
             let mut f = state.files.lock().expect("session files lock");
-            apply::abort_session(&fs, &mut f);
+            apply::abort_session(&state.fs, &mut f);
         })
         .await
         .map_err(TargetError::task("abort"))?;
@@ -211,7 +248,7 @@ impl TargetService {
                 .expect("sessions lock")
                 .get(&s.id)
                 .is_some_and(|st| st.streams.load(Ordering::SeqCst) > 0);
-            let Ok(site) = self.site(&s.site) else {
+            let Ok(fs) = self.session_fs(&s) else {
                 continue; // a site no longer served: its session waits for it
             };
             if streaming {
@@ -220,7 +257,7 @@ impl TargetService {
             let Some(dirs) = self.inner.ledger.expire_session(&s, before).await? else {
                 continue;
             };
-            self.drop_staging(&s, site).await?;
+            self.drop_staging(&s).await?;
             // No stream runs (and none can start on an expired session): a reopened
             // session starts with fresh state.
             self.inner
@@ -233,8 +270,7 @@ impl TargetService {
                 .lock()
                 .expect("lineages lock")
                 .remove(&s.id);
-            let root = site.fs.root.clone();
-            tokio::task::spawn_blocking(move || apply::restore_dir_times(&root, &dirs))
+            tokio::task::spawn_blocking(move || apply::restore_dir_times(&fs.root, &dirs))
                 .await
                 .map_err(TargetError::task("expire"))?;
             self.inner
@@ -268,14 +304,13 @@ impl TargetService {
 
     /// Restores the times of the directories the session touched and removes its
     /// staging directory (and the site's, once nothing is in progress).
-    async fn finalize(
+    pub(crate) async fn finalize(
         &self,
         s: &SessionRow,
-        site: &Site,
         root: Option<&pb::ItemMeta>,
     ) -> Result<(), TargetError> {
-        let dirs = self.inner.ledger.touched_dirs(&s.id, &s.site).await?;
-        let fs = site.fs.clone();
+        let dirs = self.inner.ledger.touched_dirs(&s.id, s.key()).await?;
+        let fs = self.session_fs(s)?;
         let sdir = fs.session_dir(&s.id);
         let root = root.map(|r| (r.mode, r.mtime_ns));
         tokio::task::spawn_blocking(move || {
@@ -299,14 +334,26 @@ impl TargetService {
         Ok(())
     }
 
-    /// Runs the site's cache invalidation hooks with what the session changed, then its
-    /// tier pushes (with this target added to the lineage).
-    async fn run_hooks(
+    /// What a session changed in the site's files, in path order.
+    async fn session_file_changes(
         &self,
         s: &SessionRow,
-        cfg: &SiteConfig,
+    ) -> Result<Vec<(String, ChangeAction)>, TargetError> {
+        Ok(self.inner.ledger.changes(&s.id).await?)
+    }
+
+    /// Runs the site's cache invalidation hooks with what changed (`files`, and the pages
+    /// the session changed), then its tier pushes (with this target added to the
+    /// lineage).
+    pub(crate) async fn run_hooks(
+        &self,
+        s: &SessionRow,
+        files: Vec<(String, ChangeAction)>,
         mut lineage: Vec<String>,
     ) -> Result<Vec<pb::HookResult>, TargetError> {
+        let Some(cfg) = self.inner.settings.sites.iter().find(|c| c.name == s.site) else {
+            return Ok(Vec::new());
+        };
         let mut results = Vec::new();
         if !cfg.hooks.is_empty() {
             let mut ch = hooks::Changes {
@@ -321,8 +368,8 @@ impl TargetService {
                 parents: Vec::new(),
             };
             (ch.pages, ch.parents) =
-                crate::pagestore::session_changes(self.inner.ledger.db(), &s.site, &s.id).await?;
-            for (path, action) in self.inner.ledger.changes(&s.id).await? {
+                crate::pagestore::session_changes(self.inner.ledger.db(), s.key(), &s.id).await?;
+            for (path, action) in files {
                 // Pages are not files of the site: no file URL names them.
                 if cms_mirror::pathsafe::is_page_key(&path) {
                     continue;

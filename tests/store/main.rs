@@ -384,7 +384,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
     let (backend, db, _keep) = database(b, Schema::Target).await;
     {
         let l = Ledger::new(db);
-        let (s, expired) = l.open_session("job1", "main", "site").await.unwrap();
+        let (s, expired) = l.open_session("job1", "main", "site", "").await.unwrap();
         assert_eq!((s.last_seq, s.state.as_str(), expired), (0, "open", false));
         let ch = PackageChanges {
             upserts: vec![
@@ -401,7 +401,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             ],
             ..Default::default()
         };
-        l.record_package(&s.id, "main", 1, b"sum1", &ch)
+        l.record_package(&s, 1, b"sum1", &ch)
             .await
             .unwrap();
         assert_eq!(
@@ -409,7 +409,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             Some(&b"sum1"[..])
         );
         assert_eq!(
-            l.open_session("job1", "main", "site")
+            l.open_session("job1", "main", "site", "")
                 .await
                 .unwrap()
                 .0
@@ -449,7 +449,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             upserts: odd.clone(),
             ..Default::default()
         };
-        l.record_package(&s.id, "main", 2, b"sum2", &more)
+        l.record_package(&s, 2, b"sum2", &more)
             .await
             .unwrap();
         let all = l.manifest_page("main", &[], 100).await.unwrap();
@@ -473,7 +473,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             changes: vec![("a/b".into(), ChangeAction::Deleted)],
             ..Default::default()
         };
-        l.record_package(&s.id, "main", 3, b"sum3", &del)
+        l.record_package(&s, 3, b"sum3", &del)
             .await
             .unwrap();
         let page = l.manifest_page("main", &[], 100).await.unwrap();
@@ -503,17 +503,17 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
 async fn idle_sessions_expire_and_open_again_from_the_start(b: Backend) {
     let (backend, db, _keep) = database(b, Schema::Target).await;
     let l = Ledger::new(db);
-    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let (s, _) = l.open_session("job1", "main", "", "").await.unwrap();
     let ch = PackageChanges {
         upserts: vec![item("d", Kind::Dir), item("d/f", Kind::File)],
         touched_dirs: vec!["d".into()],
         changes: vec![("d/f".into(), ChangeAction::Created)],
         ..Default::default()
     };
-    l.record_package(&s.id, "main", 1, b"sum1", &ch)
+    l.record_package(&s, 1, b"sum1", &ch)
         .await
         .unwrap();
-    let (empty, _) = l.open_session("job2", "main", "").await.unwrap();
+    let (empty, _) = l.open_session("job2", "main", "", "").await.unwrap();
     let now = cms_mirror::now_ms();
     // Active since `now - 1`: not idle before then.
     assert!(
@@ -568,13 +568,13 @@ async fn idle_sessions_expire_and_open_again_from_the_start(b: Backend) {
         l.session(&empty.id).await.unwrap().is_none(),
         "{backend}: nothing to keep"
     );
-    let (again, expired) = l.open_session("job1", "main", "").await.unwrap();
+    let (again, expired) = l.open_session("job1", "main", "", "").await.unwrap();
     assert_eq!(
         (again.last_seq, again.state, expired),
         (0, SessionStatus::Open, true),
         "{backend}"
     );
-    let (again, expired) = l.open_session("job1", "main", "").await.unwrap();
+    let (again, expired) = l.open_session("job1", "main", "", "").await.unwrap();
     assert_eq!((again.last_seq, expired), (0, false), "{backend}: once");
     // What it changed before it expired is still reported at its commit.
     assert_eq!(
@@ -591,7 +591,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
     use mirror_target::pagestore::{self, PageRow};
     let (backend, db, _keep) = database(b, Schema::Target).await;
     let l = Ledger::new(db.clone());
-    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let (s, _) = l.open_session("job1", "main", "", "").await.unwrap();
     let page = |title: &str| {
         let p: PageDoc = serde_json::from_value(serde_json::json!({
             "key": "en/abc", "locale": "en", "parent": null, "position": "0001",
@@ -609,7 +609,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
         }
     };
     for seq in [1, 1, 2] {
-        l.record_package(&s.id, "main", seq, b"sum", &page("News"))
+        l.record_package(&s, seq, b"sum", &page("News"))
             .await
             .unwrap();
     }
@@ -620,7 +620,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
         (index[0].path.as_str(), index[0].kind),
         (".cms-mirror-pages/en/abc", Kind::Page)
     );
-    l.record_package(&s.id, "main", 3, b"sum", &page("All the news"))
+    l.record_package(&s, 3, b"sum", &page("All the news"))
         .await
         .unwrap();
     let title: (String,) = sqlx::query_as("SELECT title FROM pages WHERE page_key = 'en/abc'")
@@ -634,7 +634,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
         changes: vec![(gone, ChangeAction::Deleted)],
         ..Default::default()
     };
-    l.record_package(&s.id, "main", 4, b"sum", &del)
+    l.record_package(&s, 4, b"sum", &del)
         .await
         .unwrap();
     assert_eq!(pagestore::count(&db, "main").await.unwrap(), 0, "{backend}");
@@ -680,7 +680,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
     use std::collections::HashSet;
     let (backend, db, _keep) = database(b, Schema::Target).await;
     let l = Ledger::new(db.clone());
-    let (s, _) = l.open_session("job1", "main", "").await.unwrap();
+    let (s, _) = l.open_session("job1", "main", "", "").await.unwrap();
     let mut seq = 0;
     let mut put = |pages: Vec<mirror_target::pagestore::PageRow>, deletes: Vec<String>| {
         seq += 1;
@@ -734,7 +734,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
         ],
         vec![],
     );
-    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    l.record_package(&s, n, b"s", &ch).await.unwrap();
     assert!(resolve(&["en/a", "en/b", "en/c"], &[]).await.is_empty());
     let want = |a: &str, b: &str, c: &str| {
         vec![
@@ -750,7 +750,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
     );
     // A renamed page takes its descendants along.
     let (n, ch) = put(vec![test_page("en/a", None, "latest", &[])], vec![]);
-    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    l.record_package(&s, n, b"s", &ch).await.unwrap();
     assert!(resolve(&["en/a"], &[]).await.is_empty());
     assert_eq!(
         urls().await,
@@ -770,7 +770,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
         ],
         vec![],
     );
-    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    l.record_package(&s, n, b"s", &ch).await.unwrap();
     let mut errors: Vec<(String, String)> = resolve(&["en/d", "en/e", "en/f"], &[])
         .await
         .into_iter()
@@ -797,7 +797,7 @@ async fn page_urls_follow_moves_and_problems_are_reported(b: Backend) {
     );
     // A deleted page leaves the pages linking to it with a broken link.
     let (n, ch) = put(vec![], vec![".cms-mirror-pages/en/a".into()]);
-    l.record_package(&s.id, "main", n, b"s", &ch).await.unwrap();
+    l.record_package(&s, n, b"s", &ch).await.unwrap();
     let errors = resolve(&[], &["en/a"]).await;
     assert_eq!(errors.len(), 1, "{backend}: {errors:?}");
     assert_eq!(
@@ -848,7 +848,7 @@ async fn a_ledger_of_the_first_schema_is_carried_over(b: Backend) {
 
         let l = Ledger::new(db::connect(&url, Schema::Target).await.unwrap());
         assert_eq!(
-            l.open_session("j", "main", "").await.unwrap().0.last_seq,
+            l.open_session("j", "main", "", "").await.unwrap().0.last_seq,
             7,
             "{backend}"
         );

@@ -9,6 +9,7 @@
 //! (a target's state, sent-package counters, events) that fails is logged at WARN and
 //! the job goes on, since the next checkpoint or the job's outcome corrects it.
 
+mod publish;
 mod remote_plan;
 mod retry;
 mod stream;

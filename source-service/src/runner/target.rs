@@ -15,6 +15,7 @@ use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::security::AuthChannel;
 
+use super::publish::{Coordinator, Decision};
 use super::remote_plan::make_plan;
 use super::retry::{GaveUp, backoff, retryable, retrying, wait_unless_cancelled, within};
 use super::stream::{StreamEnd, stream_once};
@@ -64,13 +65,29 @@ pub(super) async fn run_target(
     ch: &ChannelConfig,
     t: &TargetConfig,
     cancel: watch::Receiver<bool>,
+    coord: Option<&Coordinator>,
 ) -> TargetOutcome {
-    let run = TargetRun::new(app, job, ch, t, cancel).await;
+    let run = TargetRun::new(app, job, ch, t, cancel, coord).await;
     let mut run = match run {
         Ok(r) => r,
-        Err(msg) => return fail(app, &job.id, &t.name, msg, 0).await,
+        Err(msg) => {
+            if let Some(c) = coord {
+                c.vote(&t.name, Err(msg.clone()));
+            }
+            return fail(app, &job.id, &t.name, msg, 0).await;
+        }
     };
-    match run.run().await {
+    let ran = run.run().await;
+    if let (Some(c), Err(stop)) = (coord, &ran) {
+        // A target that stopped before it prepared votes against the switch (a vote
+        // it cast already stands).
+        let why = match stop {
+            Stop::Failed(m, _) | Stop::SessionClosed(m) => m.clone(),
+            Stop::Cancelled => format!("{}: cancelled", target_label(t)),
+        };
+        c.vote(&t.name, Err(why));
+    }
+    match ran {
         Ok(outcome) => outcome,
         Err(Stop::Failed(msg, errors)) => fail(app, &job.id, &t.name, msg, errors).await,
         Err(Stop::SessionClosed(msg)) => fail(app, &job.id, &t.name, msg, 0).await,
@@ -127,6 +144,8 @@ struct TargetRun<'a> {
     opts: JobOptions,
     client: TargetServiceClient<AuthChannel>,
     cancel: watch::Receiver<bool>,
+    /// The vote of an atomic job's targets.
+    coord: Option<&'a Coordinator>,
 }
 
 impl<'a> TargetRun<'a> {
@@ -136,6 +155,7 @@ impl<'a> TargetRun<'a> {
         ch: &'a ChannelConfig,
         t: &'a TargetConfig,
         cancel: watch::Receiver<bool>,
+        coord: Option<&'a Coordinator>,
     ) -> Result<TargetRun<'a>, String> {
         let jid = job.id.as_str();
         let state = TargetState::Connecting;
@@ -160,6 +180,7 @@ impl<'a> TargetRun<'a> {
             opts: job.options(),
             client,
             cancel,
+            coord,
         })
     }
 
@@ -237,9 +258,20 @@ impl<'a> TargetRun<'a> {
         }
         totals?;
         if session.committed {
+            if let Some(c) = self.coord {
+                // Switched before a restart of this source: it voted then.
+                c.vote(self.tname(), Ok(0));
+            }
             self.set_state(TargetState::Committed).await;
             let r = current_row(self.app, self.jid, self.tname()).await;
             return Ok(TargetOutcome::from_row(TargetState::Committed, &r));
+        }
+        if session.prepared {
+            // Everything was sent and the generation prepared before a restart: prepare
+            // again (the same answer) and wait for the decision.
+            return self
+                .commit(&session.session_id, session.last_applied_seq)
+                .await;
         }
         self.set_state(TargetState::Sending).await;
         let last_seq = self.send(&session.session_id).await?;
@@ -256,6 +288,7 @@ impl<'a> TargetRun<'a> {
             channel: self.ch.name.clone(),
             protocol_version: cms_mirror::PROTOCOL_VERSION,
             dry_run: false,
+            atomic: self.coord.is_some(),
         };
         let (app, jid, tname, ack_timeout) =
             (self.app, self.jid, self.tname(), self.ch.ack_timeout);
@@ -557,19 +590,14 @@ impl<'a> TargetRun<'a> {
         Ok(())
     }
 
-    /// Commits the session (directory times, hooks) and decides the outcome.
-    async fn commit(&mut self, session_id: &str, last_seq: u64) -> Result<TargetOutcome, Stop> {
-        let req = pb::CommitRequest {
-            session_id: session_id.to_string(),
-            last_seq,
-            run_hooks: true,
-            abort: false,
-            root: root_meta(&self.ch.source),
-            source_id: self.app.instance_id.clone(),
-        };
+    /// Sends one Commit, retried within the budget even if the job is cancelled
+    /// meanwhile (all content has landed: the target's session must not stay open).
+    async fn send_commit(
+        &mut self,
+        req: pb::CommitRequest,
+        what: &str,
+    ) -> Result<pb::CommitResponse, Stop> {
         let client = &self.client;
-        // All content has landed: the commit is tried within the budget even if the job
-        // is cancelled meanwhile, so the target's session does not stay open.
         let (_keep, mut not_cancelled) = watch::channel(false);
         let committed = retrying(
             self.ch.retry_budget,
@@ -582,20 +610,96 @@ impl<'a> TargetRun<'a> {
             |_, _| Box::pin(async {}),
         )
         .await;
-        let r = match committed {
-            Ok(r) => r.into_inner(),
-            Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
+        match committed {
+            Ok(r) => Ok(r.into_inner()),
+            Err(GaveUp::Cancelled) => Err(Stop::Cancelled),
             Err(GaveUp::Failed(s)) => {
-                let msg = format!(
-                    "{}: commit failed: {}",
-                    target_label(self.t),
-                    status_text(&s)
-                );
+                let msg = format!("{}: {what} failed: {}", target_label(self.t), status_text(&s));
                 let row = current_row(self.app, self.jid, self.tname()).await;
-                return Err(Stop::Failed(msg, row.item_errors as u64));
+                Err(Stop::Failed(msg, row.item_errors as u64))
+            }
+        }
+    }
+
+    /// An atomic commit's two phases on this target: prepare and vote, then do what the
+    /// job decided. The switch's answer, or why the target did not switch.
+    async fn prepare_and_switch(
+        &mut self,
+        c: &Coordinator,
+        req: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, Stop> {
+        let session_id = req.session_id.clone();
+        if !c.decided_before() {
+            let prepare = pb::CommitRequest {
+                phase: pb::CommitPhase::Prepare as i32,
+                ..req.clone()
+            };
+            let prepared = self.send_commit(prepare, "prepare").await;
+            match &prepared {
+                Ok(r) => {
+                    self.record_commit_errors(&r.item_errors).await;
+                    self.emit("prepared", json!({"last_generation": r.last_generation}))
+                        .await;
+                    c.vote(self.tname(), Ok(r.last_generation));
+                }
+                Err(Stop::Failed(m, _)) => c.vote(self.tname(), Err(m.clone())),
+                Err(_) => c.vote(self.tname(), Err(format!("{}: cancelled", target_label(self.t)))),
+            }
+            prepared?;
+        }
+        match c.decision().await {
+            Decision::Switch(generation) => {
+                let switch = pb::CommitRequest {
+                    phase: pb::CommitPhase::Switch as i32,
+                    generation,
+                    keep_generations: self.ch.keep_generations,
+                    ..req
+                };
+                let r = self.send_commit(switch, "switch").await.map_err(|e| match e {
+                    Stop::Failed(m, n) => Stop::Failed(
+                        format!("{m} (the decision stands: this target switches to generation {generation} when the job runs again)"),
+                        n,
+                    ),
+                    other => other,
+                })?;
+                self.emit("switched", json!({"generation": r.generation}))
+                    .await;
+                Ok(r)
+            }
+            Decision::Abort(why) => {
+                self.abort_session(&session_id).await;
+                let row = current_row(self.app, self.jid, self.tname()).await;
+                Err(Stop::Failed(
+                    format!(
+                        "{}: not switched, the previous generation is still served: {why}",
+                        target_label(self.t)
+                    ),
+                    row.item_errors as u64,
+                ))
+            }
+        }
+    }
+
+    /// Commits the session (directory times, hooks; for an atomic job both phases) and
+    /// decides the outcome.
+    async fn commit(&mut self, session_id: &str, last_seq: u64) -> Result<TargetOutcome, Stop> {
+        let req = pb::CommitRequest {
+            session_id: session_id.to_string(),
+            last_seq,
+            run_hooks: true,
+            abort: false,
+            root: root_meta(&self.ch.source),
+            source_id: self.app.instance_id.clone(),
+            ..Default::default()
+        };
+        let r = match self.coord {
+            Some(c) => self.prepare_and_switch(c, req).await?,
+            None => {
+                let r = self.send_commit(req, "commit").await?;
+                self.record_commit_errors(&r.item_errors).await;
+                r
             }
         };
-        self.record_commit_errors(&r.item_errors).await;
         // The content is in place whatever the hooks did: the last success counts it.
         let content_ok = current_row(self.app, self.jid, self.tname())
             .await

@@ -7,9 +7,10 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use cms_mirror::config::ChannelConfig;
+use cms_mirror::config::{ChannelConfig, Publish};
 use cms_mirror::jobstore::{JobRow, JobState, TargetRow, TargetState};
 
+use super::publish::{Coordinator, Decision};
 use super::target::{TargetOutcome, run_target};
 use crate::App;
 
@@ -76,11 +77,17 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
         ),
         Some(ch) => {
             let ch = ch.clone();
+            let coord = coordinator(&app, &job, &ch).await;
             let futs = ch.targets.iter().map(|t| {
-                run_target(&app, &job, &ch, t, cancel_rx.clone())
+                run_target(&app, &job, &ch, t, cancel_rx.clone(), coord.as_ref())
                     .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
             });
-            let outcomes = futures::future::join_all(futs).await;
+            let decided = async {
+                if let Some(c) = coord.as_ref().filter(|c| !c.decided_before()) {
+                    decide(&app, &job, &ch, c).await;
+                }
+            };
+            let (outcomes, ()) = tokio::join!(futures::future::join_all(futs), decided);
             let rows = app.store.targets(&job.id).await.unwrap_or_default();
             let dry_run = job.options().dry_run;
             let (state, error, summary) =
@@ -91,6 +98,54 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
     keeper.abort();
     app.running.lock().expect("running lock").remove(&id);
     finish(&app, &job, state, error, summary, rows).await;
+}
+
+/// The vote of an atomic job's targets (none for a job published in place or a dry
+/// run), with the decision a run of this job recorded before a restart.
+async fn coordinator(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig) -> Option<Coordinator> {
+    if ch.publish != Publish::Atomic || job.options().dry_run {
+        return None;
+    }
+    let recorded = match app.store.decision(&job.id).await {
+        Ok(d) => d,
+        Err(e) => {
+            // Not knowing is not deciding: the targets prepare again and the job decides.
+            tracing::warn!(job = %job.id, error = %e, "cannot read the job's publish decision");
+            None
+        }
+    };
+    if let Some(n) = recorded {
+        tracing::info!(job = %job.id, generation = n, "resuming after the decision to switch");
+    }
+    Some(Coordinator::new(ch.targets.len(), recorded))
+}
+
+/// Decides an atomic job once every target voted: switch (recorded before any target
+/// is told) when all prepared, else no target switches.
+async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinator) {
+    let tally = c.tally().await;
+    let d = if tally.refused.is_empty() {
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::kill_at("prepared");
+        match app
+            .store
+            .decide_switch(&job.id, &ch.name, tally.max_generation)
+            .await
+        {
+            Ok(n) => Decision::Switch(n),
+            Err(e) => Decision::Abort(format!("cannot record the decision to switch: {e}")),
+        }
+    } else {
+        Decision::Abort(tally.refused.join("; "))
+    };
+    #[cfg(feature = "failpoints")]
+    crate::failpoints::kill_at("decided");
+    let data = match &d {
+        Decision::Switch(n) => json!({"switch": true, "generation": n}),
+        Decision::Abort(why) => json!({"switch": false, "error": why}),
+    };
+    app.bus.emit(&job.id, "publish_decided", "", data).await;
+    c.decide(d);
 }
 
 /// A directory channel's source must exist and hold something, unless the channel

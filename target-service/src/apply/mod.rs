@@ -13,6 +13,7 @@
 //! target or created by an earlier entry) refuses the item.
 
 mod body;
+mod generation;
 mod page;
 mod pathcheck;
 mod publish;
@@ -36,6 +37,7 @@ use writer::FileWrites;
 use crate::ledger::PackageChanges;
 
 pub use body::SessionFiles;
+pub use generation::WORK_DIR;
 pub use publish::{discard, publish, restore_dir_times, set_root_meta, uncache};
 pub use stage::{Staged, abort_session, clean_staging, stage};
 pub use writer::write_deferred;

@@ -84,8 +84,21 @@ struct Params {
     html_path: Option<String>,
 }
 
+/// A site as one request serves it: its configuration and the store of its live
+/// generation (what a site published atomically serves until its next switch).
+struct Served<'a> {
+    cfg: &'a SiteConfig,
+    store: String,
+}
+
 impl Delivery {
-    fn site(&self, name: Option<&str>) -> Result<&SiteConfig, Problem> {
+    async fn site(&self, name: Option<&str>) -> Result<Served<'_>, Problem> {
+        let cfg = self.config(name)?;
+        let store = crate::generations::live_store(&self.db, &cfg.name).await?;
+        Ok(Served { cfg, store })
+    }
+
+    fn config(&self, name: Option<&str>) -> Result<&SiteConfig, Problem> {
         match name {
             Some(n) => self
                 .sites
@@ -104,14 +117,14 @@ impl Delivery {
     /// links show it, the site's base URL, and the API's own for `detail_url`.
     async fn resolved(
         &self,
-        site: &SiteConfig,
+        site: &Served<'_>,
         headers: &HeaderMap,
     ) -> Result<Resolved, sqlx::Error> {
-        let base = base_url(site);
+        let base = base_url(site.cfg);
         let rows = sqlx::query(
             "SELECT page_key, id, page_type, title, url_path FROM pages WHERE site = $1",
         )
-        .bind(&site.name)
+        .bind(&site.store)
         .fetch_all(&self.db.pool)
         .await?;
         let pages = rows
@@ -250,11 +263,11 @@ async fn detail(
     Query(q): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let site = d.site(q.site.as_deref())?;
+    let site = d.site(q.site.as_deref()).await?;
     let row: Option<Row_> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM pages WHERE site = $1 AND id = $2 AND url_path IS NOT NULL"
     )))
-    .bind(&site.name)
+    .bind(&site.store)
     .bind(id)
     .fetch_optional(&d.db.pool)
     .await?;
@@ -264,9 +277,9 @@ async fn detail(
             "No Page matches the given query.".into(),
         )
     })?;
-    let r = d.resolved(site, &headers).await?;
+    let r = d.resolved(&site, &headers).await?;
     let body = page_json(&row, &r, true, true)?;
-    Ok(answer(&body, d.last_change(&site.name).await?, &headers))
+    Ok(answer(&body, d.last_change(&site.store).await?, &headers))
 }
 
 async fn list(
@@ -274,7 +287,7 @@ async fn list(
     Query(q): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let site = d.site(q.site.as_deref())?;
+    let site = d.site(q.site.as_deref()).await?;
     let limit = q.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) || q.offset.is_some_and(|o| o < 0) {
         return Err(Problem(
@@ -293,7 +306,7 @@ async fn list(
         }
     };
     let mut cond = String::from("site = $1 AND url_path IS NOT NULL");
-    let mut binds: Vec<Value> = vec![json!(site.name)];
+    let mut binds: Vec<Value> = vec![json!(site.store)];
     let mut bind = |sql: &str, v: Value| {
         binds.push(v);
         cond.push_str(&sql.replace('?', &format!("${}", binds.len())));
@@ -335,27 +348,27 @@ async fn list(
     }
     let total: i64 = count.fetch_one(&d.db.pool).await?.get(0);
     let rows = rows.fetch_all(&d.db.pool).await?;
-    let r = d.resolved(site, &headers).await?;
+    let r = d.resolved(&site, &headers).await?;
     let items = rows
         .iter()
         .map(|row| page_json(row, &r, false, all_fields))
         .collect::<Result<Vec<_>, _>>()?;
     let body = json!({"meta": {"total_count": total}, "items": items});
-    Ok(answer(&body, d.last_change(&site.name).await?, &headers))
+    Ok(answer(&body, d.last_change(&site.store).await?, &headers))
 }
 
 async fn find(
     State(d): State<Arc<Delivery>>,
     Query(q): Query<Params>,
 ) -> Result<Response, Problem> {
-    let site = d.site(q.site.as_deref())?;
+    let site = d.site(q.site.as_deref()).await?;
     let path = q
         .html_path
         .as_deref()
         .ok_or_else(|| Problem(StatusCode::BAD_REQUEST, "html_path is required".into()))?;
     let path = format!("/{}/", path.trim_matches('/')).replace("//", "/");
     let row = sqlx::query("SELECT id FROM pages WHERE site = $1 AND url_path = $2")
-        .bind(&site.name)
+        .bind(&site.store)
         .bind(&path)
         .fetch_optional(&d.db.pool)
         .await?
@@ -366,6 +379,6 @@ async fn find(
             )
         })?;
     let id: i64 = row.get(0);
-    let to = format!("/api/v2/pages/{id}/?site={}", site.name);
+    let to = format!("/api/v2/pages/{id}/?site={}", site.cfg.name);
     Ok((StatusCode::FOUND, [(header::LOCATION, to)]).into_response())
 }

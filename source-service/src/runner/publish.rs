@@ -1,0 +1,137 @@
+//! The two phases of an atomic job across its targets. Each target votes once: prepared
+//! (its generation whole and durable), or not (with why). Once every target has voted
+//! the job decides: all prepared, the decision to switch is recorded in the job store
+//! (with the generation's number) before any target is told; otherwise no target
+//! switches. A source that restarts between the phases finds the recorded decision and
+//! tells the targets the same; without one, it prepares again and decides then.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+/// What every target of an atomic job is told after the vote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// Serve the prepared generation, as this number.
+    Switch(u64),
+    /// Keep serving the previous generation: why.
+    Abort(String),
+}
+
+#[derive(Default)]
+struct Votes {
+    /// Target name -> `Ok(highest generation it has)` or `Err(why it did not prepare)`.
+    cast: HashMap<String, Result<u64, String>>,
+}
+
+pub(super) struct Coordinator {
+    targets: usize,
+    votes: Mutex<Votes>,
+    all_voted: watch::Sender<bool>,
+    decided: watch::Sender<Option<Decision>>,
+}
+
+/// The outcome of the vote, once every target has cast one.
+pub(super) struct Tally {
+    /// The highest generation number any target has.
+    pub(super) max_generation: u64,
+    /// Why targets did not prepare, in target order of voting.
+    pub(super) refused: Vec<String>,
+}
+
+impl Coordinator {
+    /// A vote of `targets` targets; `recorded`, the decision a run before this one
+    /// recorded (every target is then told at once).
+    pub(super) fn new(targets: usize, recorded: Option<u64>) -> Coordinator {
+        Coordinator {
+            targets,
+            votes: Mutex::default(),
+            all_voted: watch::Sender::new(targets == 0),
+            decided: watch::Sender::new(recorded.map(Decision::Switch)),
+        }
+    }
+
+    pub(super) fn decided_before(&self) -> bool {
+        self.decided.borrow().is_some()
+    }
+
+    /// Casts a target's vote; a second vote of one target is ignored.
+    pub(super) fn vote(&self, target: &str, vote: Result<u64, String>) {
+        let mut v = self.votes.lock().expect("votes lock");
+        if v.cast.contains_key(target) {
+            return;
+        }
+        v.cast.insert(target.to_string(), vote);
+        if v.cast.len() >= self.targets {
+            self.all_voted.send_replace(true);
+        }
+    }
+
+    /// Waits for every target's vote.
+    pub(super) async fn tally(&self) -> Tally {
+        let mut rx = self.all_voted.subscribe();
+        let _ = rx.wait_for(|all| *all).await;
+        let v = self.votes.lock().expect("votes lock");
+        let mut refused: Vec<String> = v
+            .cast
+            .values()
+            .filter_map(|r| r.as_ref().err().cloned())
+            .collect();
+        refused.sort();
+        Tally {
+            max_generation: v
+                .cast
+                .values()
+                .filter_map(|r| r.as_ref().ok().copied())
+                .max()
+                .unwrap_or(0),
+            refused,
+        }
+    }
+
+    pub(super) fn decide(&self, d: Decision) {
+        self.decided.send_replace(Some(d));
+    }
+
+    /// Waits for the decision.
+    pub(super) async fn decision(&self) -> Decision {
+        let mut rx = self.decided.subscribe();
+        let d = rx.wait_for(|d| d.is_some()).await;
+        match d {
+            Ok(d) => d.clone().expect("waited for a decision"),
+            Err(_) => Decision::Abort("the job ended before its targets voted".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn decides_once_every_target_voted() {
+        let c = Coordinator::new(2, None);
+        c.vote("a", Ok(4));
+        c.vote("a", Err("ignored: a voted already".into()));
+        let tally = tokio::time::timeout(std::time::Duration::from_millis(50), c.tally()).await;
+        assert!(tally.is_err(), "one of two targets voted: no tally yet");
+        c.vote("b", Ok(7));
+        let t = c.tally().await;
+        assert_eq!(t.max_generation, 7);
+        assert!(t.refused.is_empty());
+        c.decide(Decision::Switch(8));
+        assert_eq!(c.decision().await, Decision::Switch(8));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_in_the_tally_and_a_recorded_decision_stands() {
+        let c = Coordinator::new(2, None);
+        c.vote("a", Ok(1));
+        c.vote("b", Err("b: no space".into()));
+        assert_eq!(c.tally().await.refused, vec!["b: no space".to_string()]);
+        let resumed = Coordinator::new(2, Some(5));
+        assert!(resumed.decided_before());
+        assert_eq!(resumed.decision().await, Decision::Switch(5));
+    }
+}

@@ -1,0 +1,501 @@
+//! Atomic publish on the target: a site's generations, its work area, and the two
+//! phases of an atomic session's commit.
+//!
+//! A site published atomically serves `<root>`, a symbolic link to one generation in
+//! `<root>.generations/`. An atomic session applies to the site's one work area
+//! (`building`), made from the live generation when a job first needs it; its index rows
+//! (manifest, pages) live under the work area's own store key, copied from the live
+//! generation's. Prepare makes the work area whole and durable; switch renames it to its
+//! number and renames a new link over the root, so a reader sees the old tree or the new
+//! one. A session aborted or never switched leaves the work area as it is: the next job
+//! goes on from it, and the live generation was never touched.
+
+use std::time::Instant;
+
+use sqlx::FromRow;
+
+use cms_mirror::db::Db;
+use cms_mirror::model::ChangeAction;
+use cms_mirror::pb;
+
+use crate::TargetService;
+use crate::error::TargetError;
+use crate::ledger::{SessionRow, SessionStatus, session_id};
+
+/// Generations a site keeps when the source does not say (the live one included).
+pub const DEFAULT_KEEP: u32 = 3;
+
+/// One generation of a site, as the target's database holds it.
+#[derive(Clone, Debug, FromRow)]
+pub struct GenRow {
+    pub site: String,
+    pub store: String,
+    pub number: Option<i64>,
+    pub state: String,
+    pub job_id: String,
+    pub created_at: i64,
+    pub published_at: Option<i64>,
+}
+
+const COLUMNS: &str = "site, store, number, state, job_id, created_at, published_at";
+
+async fn with_state(db: &Db, site: &str, states: &str) -> Result<Option<GenRow>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM generations WHERE site = $1 AND state IN ({states}) \
+         ORDER BY created_at DESC LIMIT 1"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(site)
+        .fetch_optional(&db.pool)
+        .await
+}
+
+/// The site's live generation; `None` while it is published in place.
+pub async fn live(db: &Db, site: &str) -> Result<Option<GenRow>, sqlx::Error> {
+    with_state(db, site, "'live'").await
+}
+
+/// The site's work area (building or prepared), if it has one.
+async fn work_area(db: &Db, site: &str) -> Result<Option<GenRow>, sqlx::Error> {
+    with_state(db, site, "'building', 'prepared'").await
+}
+
+/// The store key of what a site serves now (its own name in place).
+pub async fn live_store(db: &Db, site: &str) -> Result<String, sqlx::Error> {
+    Ok(live(db, site)
+        .await?
+        .map_or_else(|| site.to_string(), |g| g.store))
+}
+
+/// The store a site's manifest is read from: its work area (an atomic job plans against
+/// what it builds), else what it serves.
+pub async fn manifest_store(db: &Db, site: &str) -> Result<String, sqlx::Error> {
+    match work_area(db, site).await? {
+        Some(w) => Ok(w.store),
+        None => live_store(db, site).await,
+    }
+}
+
+/// Every generation of a site, newest first (the work area, if any, first of all).
+pub async fn list(db: &Db, site: &str) -> Result<Vec<GenRow>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM generations WHERE site = $1 \
+         ORDER BY CASE WHEN number IS NULL THEN 1 ELSE 0 END DESC, number DESC"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(site)
+        .fetch_all(&db.pool)
+        .await
+}
+
+/// A prepared work area that will not be switched (its session aborted) is built on
+/// again.
+pub(crate) async fn unprepare(db: &Db, site: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE generations SET state = 'building' WHERE site = $1 AND state = 'prepared'")
+        .bind(site)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// The highest number a site has published (0 when none).
+async fn last_number(db: &Db, site: &str) -> Result<u64, sqlx::Error> {
+    let (n,): (Option<i64>,) =
+        sqlx::query_as("SELECT MAX(number) FROM generations WHERE site = $1")
+            .bind(site)
+            .fetch_one(&db.pool)
+            .await?;
+    Ok(n.unwrap_or(0).max(0) as u64)
+}
+
+/// The index rows of one store copied under another (a new work area starts as the
+/// live generation's copy).
+const COPY_ROWS: [&str; 3] = [
+    "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode, link_target, hash) \
+     SELECT $1, sort_key, path, kind, size, mtime_ns, mode, link_target, hash FROM entries WHERE site = $2",
+    "INSERT INTO pages (site, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at) \
+     SELECT $1, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at \
+     FROM pages WHERE site = $2",
+    "INSERT INTO page_links (site, from_key, to_key, to_hint) \
+     SELECT $1, from_key, to_key, to_hint FROM page_links WHERE site = $2",
+];
+
+/// Removes a store's index rows.
+const DROP_ROWS: [&str; 3] = [
+    "DELETE FROM entries WHERE site = $1",
+    "DELETE FROM pages WHERE site = $1",
+    "DELETE FROM page_links WHERE site = $1",
+];
+
+/// What differs between two stores' manifests (files, directories and links; pages
+/// are told by the page store), in path order: the changes a switch from `from` to
+/// `to` makes visible.
+async fn diff(db: &Db, from: &str, to: &str) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
+    let put: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT n.path, CASE WHEN o.sort_key IS NULL THEN 1 ELSE 0 END FROM entries n \
+         LEFT JOIN entries o ON o.site = $1 AND o.sort_key = n.sort_key \
+         WHERE n.site = $2 AND (o.sort_key IS NULL OR o.kind <> n.kind OR o.size <> n.size \
+         OR o.mtime_ns <> n.mtime_ns OR o.mode <> n.mode OR o.link_target <> n.link_target \
+         OR o.hash IS DISTINCT FROM n.hash)",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(&db.pool)
+    .await?;
+    let gone: Vec<(String,)> = sqlx::query_as(
+        "SELECT o.path FROM entries o WHERE o.site = $1 AND NOT EXISTS \
+         (SELECT 1 FROM entries n WHERE n.site = $2 AND n.sort_key = o.sort_key)",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(&db.pool)
+    .await?;
+    let mut all: Vec<(String, ChangeAction)> = put
+        .into_iter()
+        .map(|(p, created)| {
+            let a = if created == 1 {
+                ChangeAction::Created
+            } else {
+                ChangeAction::Updated
+            };
+            (p, a)
+        })
+        .chain(gone.into_iter().map(|(p,)| (p, ChangeAction::Deleted)))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all)
+}
+
+fn counts(changes: &[(String, ChangeAction)]) -> (u64, u64, u64) {
+    let n = |a| changes.iter().filter(|c| c.1 == a).count() as u64;
+    (
+        n(ChangeAction::Created),
+        n(ChangeAction::Updated),
+        n(ChangeAction::Deleted),
+    )
+}
+
+impl TargetService {
+    /// OpenSession's part: the store a session applies to. In place: "" (refused for a
+    /// site that publishes atomically, whose tree is a generation kept for rollback).
+    /// Atomic: the session's own work area when it resumes, else the site's, made now
+    /// from the live generation if the site has none.
+    pub(crate) async fn work_area_for(
+        &self,
+        r: &pb::OpenSessionRequest,
+    ) -> Result<String, TargetError> {
+        let db = self.inner.ledger.db();
+        if !r.atomic {
+            if let Some(g) = live(db, &r.site).await? {
+                return Err(TargetError::Publish(format!(
+                    "site {:?} publishes atomically (generation {} is live): set publish = \"atomic\" \
+                     on the channel (docs/how-to-mirror.md says how to go back to in place)",
+                    r.site,
+                    g.number.unwrap_or(0)
+                )));
+            }
+            return Ok(String::new());
+        }
+        let site = self.site(&r.site)?;
+        let _building = site.generations.lock().await;
+        let work = work_area(db, &r.site).await?;
+        if let Some(s) = self
+            .inner
+            .ledger
+            .session(&session_id(&r.job_id, &r.site))
+            .await?
+            .filter(|s| s.atomic())
+        {
+            let resumes = work.as_ref().is_some_and(|w| w.store == s.store);
+            if resumes || s.state == SessionStatus::Committed {
+                return Ok(s.store);
+            }
+        }
+        if let Some(w) = work {
+            sqlx::query("UPDATE generations SET job_id = $1 WHERE site = $2 AND store = $3")
+                .bind(&r.job_id)
+                .bind(&r.site)
+                .bind(&w.store)
+                .execute(&db.pool)
+                .await?;
+            if w.state == "prepared" {
+                tracing::warn!(site = %r.site, job = %r.job_id, previous = %w.job_id,
+                    "a new job builds on a prepared work area whose switch never came");
+                unprepare(db, &r.site).await?;
+            }
+            return Ok(w.store);
+        }
+        let from = live_store(db, &r.site).await?;
+        let started = Instant::now();
+        let fs = site.fs.clone();
+        let (dirs, files) = tokio::task::spawn_blocking(move || fs.build_work_area())
+            .await
+            .map_err(TargetError::task("work area"))?
+            .map_err(|source| TargetError::Generation {
+                site: r.site.clone(),
+                what: "cannot build the work area",
+                source,
+            })?;
+        let store = format!(
+            "{}@{}",
+            r.site,
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut tx = db.pool.begin().await?;
+        for sql in COPY_ROWS {
+            sqlx::query(sql)
+                .bind(&store)
+                .bind(&from)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO generations (site, store, state, job_id, created_at) VALUES ($1, $2, 'building', $3, $4)",
+        )
+        .bind(&r.site)
+        .bind(&store)
+        .bind(&r.job_id)
+        .bind(cms_mirror::now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(site = %r.site, job = %r.job_id, dirs, files,
+            took_ms = started.elapsed().as_millis() as u64, "work area built from the live tree");
+        Ok(store)
+    }
+
+    /// The first phase of an atomic commit: the work area finished (directory times,
+    /// staging removed, pages resolved, trace written) and made durable; the session
+    /// takes no more packages. Again on a prepared session: the same answer.
+    pub(crate) async fn prepare_generation(
+        &self,
+        s: SessionRow,
+        r: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, TargetError> {
+        let site = self.site(&s.site)?;
+        let _building = site.generations.lock().await;
+        let mut item_errors = Vec::new();
+        match s.state {
+            SessionStatus::Open => {
+                if s.last_seq as u64 != r.last_seq {
+                    return Err(TargetError::CommitMismatch {
+                        session: s.id,
+                        asked: r.last_seq,
+                        applied: s.last_seq,
+                    });
+                }
+                self.finalize(&s, r.root.as_ref()).await?;
+                item_errors = self.resolve_pages(&s).await?;
+                let lineage = self.lineage(&s);
+                self.write_trace(&s, &r.source_id, &lineage).await?;
+                if self.inner.settings.durability != crate::apply::Durability::None {
+                    let fs = site.fs.clone();
+                    tokio::task::spawn_blocking(move || fs.sync_work_area())
+                        .await
+                        .map_err(TargetError::task("prepare"))?
+                        .map_err(|source| TargetError::Generation {
+                            site: s.site.clone(),
+                            what: "cannot make the work area durable",
+                            source,
+                        })?;
+                }
+                self.inner
+                    .ledger
+                    .close_session(&s.id, s.key(), SessionStatus::Prepared)
+                    .await?;
+                sqlx::query(
+                    "UPDATE generations SET state = 'prepared', job_id = $1 WHERE site = $2 AND store = $3",
+                )
+                .bind(&s.job_id)
+                .bind(&s.site)
+                .bind(&s.store)
+                .execute(&self.inner.ledger.db().pool)
+                .await?;
+                tracing::info!(session = %s.id, "generation prepared");
+            }
+            SessionStatus::Prepared => {}
+            SessionStatus::Committed => return Err(TargetError::AlreadyCommitted(s.id)),
+            SessionStatus::Aborted => return Err(TargetError::SessionAborted(s.id)),
+            SessionStatus::Expired => return Err(TargetError::SessionExpired(s.id)),
+        }
+        let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
+        Ok(pb::CommitResponse {
+            items_created: created,
+            items_updated: updated,
+            items_deleted: deleted,
+            item_errors,
+            prepared: true,
+            last_generation: last_number(self.inner.ledger.db(), &s.site).await?,
+            ..Default::default()
+        })
+    }
+
+    /// The second phase: the prepared work area becomes generation `r.generation` and is
+    /// served (one rename of the root's link); the hooks are told what changed since the
+    /// generation served before; generations beyond the ones kept are removed. Again on
+    /// a switched session: the same counts, no hook.
+    pub(crate) async fn switch_generation(
+        &self,
+        s: SessionRow,
+        r: pb::CommitRequest,
+    ) -> Result<pb::CommitResponse, TargetError> {
+        let db = self.inner.ledger.db();
+        let site = self.site(&s.site)?;
+        let building = site.generations.lock().await;
+        match s.state {
+            SessionStatus::Prepared => {}
+            SessionStatus::Committed => {
+                let (number,): (Option<i64>,) = sqlx::query_as(
+                    "SELECT number FROM generations WHERE site = $1 AND store = $2",
+                )
+                .bind(&s.site)
+                .bind(&s.store)
+                .fetch_optional(&db.pool)
+                .await?
+                .unwrap_or((None,));
+                let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
+                return Ok(pb::CommitResponse {
+                    items_created: created,
+                    items_updated: updated,
+                    items_deleted: deleted,
+                    generation: number.unwrap_or(0).max(0) as u64,
+                    ..Default::default()
+                });
+            }
+            _ => {
+                return Err(TargetError::Publish(format!(
+                    "session {} is not prepared: prepare it before the switch",
+                    s.id
+                )));
+            }
+        }
+        if r.generation == 0 {
+            return Err(TargetError::InvalidArgument(
+                "a switch needs the generation's number".into(),
+            ));
+        }
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::before_switch();
+        let from = live_store(db, &s.site).await?;
+        let fs = site.fs.clone();
+        let number = r.generation;
+        let started = Instant::now();
+        let kept_original = tokio::task::spawn_blocking(move || fs.switch_to(number))
+            .await
+            .map_err(TargetError::task("switch"))?
+            .map_err(|source| TargetError::Generation {
+                site: s.site.clone(),
+                what: "cannot switch to the new generation",
+                source,
+            })?;
+        let now = cms_mirror::now_ms();
+        let mut tx = db.pool.begin().await?;
+        sqlx::query("UPDATE generations SET state = 'kept' WHERE site = $1 AND state = 'live'")
+            .bind(&s.site)
+            .execute(&mut *tx)
+            .await?;
+        if kept_original {
+            sqlx::query(
+                "INSERT INTO generations (site, store, number, state, job_id, created_at, published_at) \
+                 VALUES ($1, $1, 0, 'kept', '', $2, $2) ON CONFLICT (site, store) DO NOTHING",
+            )
+            .bind(&s.site)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE generations SET state = 'live', number = $1, published_at = $2, job_id = $3 \
+             WHERE site = $4 AND store = $5",
+        )
+        .bind(number as i64)
+        .bind(now)
+        .bind(&s.job_id)
+        .bind(&s.site)
+        .bind(&s.store)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE sessions SET state = 'committed', committed_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(&s.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let changes = diff(db, &from, &s.store).await?;
+        let (created, updated, deleted) = counts(&changes);
+        tracing::info!(session = %s.id, generation = number, created, updated, deleted,
+            took_ms = started.elapsed().as_millis() as u64, "switched to the new generation");
+        self.prune(&s.site, r.keep_generations).await;
+        drop(building);
+        self.count_committed(&s);
+        let lineage = self.take_lineage(&s);
+        let hooks = if r.run_hooks {
+            self.run_hooks(&s, changes, lineage).await?
+        } else {
+            Vec::new()
+        };
+        Ok(pb::CommitResponse {
+            items_created: created,
+            items_updated: updated,
+            items_deleted: deleted,
+            hooks,
+            generation: number,
+            ..Default::default()
+        })
+    }
+
+    /// The lineage of an open session (kept for the switch's tier pushes).
+    fn lineage(&self, s: &SessionRow) -> Vec<String> {
+        self.inner
+            .lineages
+            .lock()
+            .expect("lineages lock")
+            .get(&s.id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Removes the generations beyond the `keep` newest (the live one always kept): their
+    /// directories and their index rows. A failure is logged; the switch stands.
+    async fn prune(&self, site: &str, keep: u32) {
+        let keep = if keep == 0 { DEFAULT_KEEP } else { keep } as usize;
+        if let Err(e) = self.prune_inner(site, keep).await {
+            tracing::warn!(site, error = %e, "cannot remove old generations");
+        }
+    }
+
+    async fn prune_inner(&self, site: &str, keep: usize) -> Result<(), TargetError> {
+        let db = self.inner.ledger.db();
+        let old: Vec<GenRow> = list(db, site)
+            .await?
+            .into_iter()
+            .filter(|g| g.state == "kept")
+            .skip(keep.saturating_sub(1))
+            .collect();
+        let fs = self.site(site)?.fs.clone();
+        for g in old {
+            let number = g.number.unwrap_or(0).max(0) as u64;
+            let dir = fs.clone();
+            tokio::task::spawn_blocking(move || dir.remove_generation(number))
+                .await
+                .map_err(TargetError::task("prune"))?
+                .map_err(|source| TargetError::Generation {
+                    site: site.to_string(),
+                    what: "cannot remove an old generation",
+                    source,
+                })?;
+            let mut tx = db.pool.begin().await?;
+            for sql in DROP_ROWS {
+                sqlx::query(sql).bind(&g.store).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM generations WHERE site = $1 AND store = $2")
+                .bind(site)
+                .bind(&g.store)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            tracing::info!(site, generation = number, "old generation removed");
+        }
+        Ok(())
+    }
+}
