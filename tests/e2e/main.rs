@@ -1,6 +1,7 @@
 //! End-to-end tests: real service processes (and in-process services for direct
 //! protocol tests) on ephemeral loopback ports.
 
+mod atomic;
 mod cli;
 mod dashboard;
 mod expiry;
