@@ -792,24 +792,24 @@ impl JobStore {
         channel: &str,
         at_least: u64,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.db.pool.begin().await?;
-        let (before,): (Option<i64>,) =
-            sqlx::query_as("SELECT MAX(generation) FROM publish_decisions WHERE channel = $1")
-                .bind(channel)
-                .fetch_one(&mut *tx)
-                .await?;
-        let number = before.unwrap_or(0).max(at_least as i64) + 1;
+        // One statement: a read then a write in one SQLite transaction fails at once
+        // (SQLITE_BUSY_SNAPSHOT) when another writer came between them.
         sqlx::query(
-            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at)              VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at) \
+             SELECT $1, $2, CASE WHEN COALESCE(MAX(generation), 0) > $3 \
+             THEN COALESCE(MAX(generation), 0) + 1 ELSE $3 + 1 END, $4 \
+             FROM publish_decisions WHERE channel = $2 \
+             ON CONFLICT (job_id) DO NOTHING",
         )
         .bind(job)
         .bind(channel)
-        .bind(number)
+        .bind(at_least as i64)
         .bind(crate::now_ms())
-        .execute(&mut *tx)
+        .execute(&self.db.pool)
         .await?;
-        tx.commit().await?;
-        Ok(self.decision(job).await?.unwrap_or(number as u64))
+        self.decision(job)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("the publish decision of job {job}")))
     }
 
     /// The generation an atomic job decided to switch to, if it decided.

@@ -49,10 +49,32 @@ fn generation_numbers(root: &Path) -> Vec<String> {
 
 #[test]
 fn an_atomic_job_publishes_a_generation_and_keeps_the_ones_before() {
+    publishes_and_keeps_generations(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(any(ci, test_database)),
+    ignore = "needs PostgreSQL: set TEST_DATABASE_URL (.ci/run does)"
+)]
+async fn generations_on_a_target_whose_ledger_is_postgresql() {
+    let db = crate::postgres::fresh_database().await;
+    tokio::task::spawn_blocking(move || publishes_and_keeps_generations(Some(db)))
+        .await
+        .unwrap();
+}
+
+/// Three atomic jobs on one target (its ledger on `db`, else SQLite), then a job in
+/// place, which the site refuses.
+fn publishes_and_keeps_generations(db: Option<String>) {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     make_tree(&src);
-    let target = App::target(tmp.path()).site(&dst).spawn();
+    let mut target = App::target(tmp.path()).site(&dst);
+    if let Some(db) = &db {
+        target = target.args(&["--db", db]);
+    }
+    let target = target.spawn();
     let config = atomic_config(tmp.path(), &src, &[target.url()], "keep_generations = 2");
     let source = App::source(tmp.path(), &config).spawn();
 
@@ -378,5 +400,53 @@ fn kill_9_of_the_source_between_the_phases_ends_with_every_target_on_one_generat
         let source = App::source(tmp.path(), &config).spawn();
         assert_succeeds(&source.url(), &job);
         assert_on_one_generation(&src, &roots, generation);
+    }
+}
+
+#[test]
+#[cfg_attr(not(any(ci, root_user)), ignore = "needs root to mount a small tmpfs")]
+fn a_target_whose_disk_fills_while_it_prepares_leaves_every_target_on_the_old_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    // web2's site and its generations on a 2 MiB disk.
+    let roots: Vec<PathBuf> = vec![tmp.path().join("t1/www"), tmp.path().join("t2/disk/www")];
+    let _disk = crate::faults::SmallDisk::mount(&tmp.path().join("t2/disk"));
+    let targets: Vec<Proc> = roots
+        .iter()
+        .enumerate()
+        .map(|(i, root)| {
+            let dir = tmp.path().join(format!("t{}", i + 1));
+            std::fs::create_dir_all(&dir).unwrap();
+            App::target(&dir)
+                .site(root)
+                .args(&["--min-free-space", "0"])
+                .spawn()
+        })
+        .collect();
+    let urls: Vec<String> = targets.iter().map(|t| t.url()).collect();
+    let config = atomic_config(tmp.path(), &src, &urls, "package_bytes = 65536");
+    let source = App::source(tmp.path(), &config).spawn();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let generation_1 = snapshot(&roots[0]);
+    // More than web2's disk holds.
+    for i in 0..8 {
+        write(&src, &format!("media/more{i}.bin"), &bytes(10 + i, 400_000));
+    }
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 2, "{job:#}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("web2") && error.contains("disk full"), "{error}");
+    // web1 prepared the new generation but was told not to switch, and says why.
+    let web1 = &job["targets"][0];
+    assert_eq!(web1["state"], "failed", "{job:#}");
+    assert!(
+        web1["error"].as_str().unwrap().contains("not switched"),
+        "{job:#}"
+    );
+    for r in &roots {
+        assert_eq!(live_generation(r), Some(1), "{}", r.display());
+        assert_eq!(snapshot(r), generation_1, "{} changed", r.display());
     }
 }

@@ -348,10 +348,10 @@ fn cancel_stops_the_job_and_leaves_the_target_consistent() {
 
 /// A target site on a 2 MiB tmpfs (unmounted on drop); mounting it needs root. Its
 /// targets run with `--min-free-space 0`: the disk is below the default minimum.
-struct SmallDisk(std::path::PathBuf);
+pub(crate) struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
-    fn mount(dst: &std::path::Path) -> SmallDisk {
+    pub(crate) fn mount(dst: &std::path::Path) -> SmallDisk {
         std::fs::create_dir_all(dst).unwrap();
         let ok = std::process::Command::new("mount")
             .args([

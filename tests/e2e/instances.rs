@@ -9,23 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::helpers::*;
-
-/// A fresh PostgreSQL database for one test (the tests that call it are ignored where
-/// no server is configured, and fail under CI without one).
-async fn fresh_database() -> String {
-    let base = std::env::var("TEST_DATABASE_URL")
-        .expect("TEST_DATABASE_URL must name a PostgreSQL server for this test");
-    let admin = cms_mirror::db::connect_raw(&base)
-        .await
-        .expect("TEST_DATABASE_URL");
-    let name = format!("cmsmirror_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let (prefix, _) = base.rsplit_once('/').expect("URL ends with /DBNAME");
-    format!("{prefix}/{name}")
-}
+use crate::postgres::fresh_database;
 
 /// Two sources on one database with the same configuration; their instance ids start
 /// with "a-" and "b-".

@@ -14,6 +14,8 @@ mod instances;
 mod mirror;
 mod monitor;
 mod observability;
+#[path = "../common/postgres.rs"]
+mod postgres;
 mod outcomes;
 mod protocol;
 mod safety;

@@ -56,7 +56,23 @@ on_every_backend!(
     page_urls_follow_moves_and_problems_are_reported,
     a_ledger_of_the_first_schema_is_carried_over,
     jobs_are_found_by_id_prefix_and_old_finished_jobs_pruned,
+    publish_decisions_number_generations_once,
 );
+
+async fn publish_decisions_number_generations_once(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Source).await;
+    let s = JobStore::new(db);
+    assert_eq!(s.decision("j1").await.unwrap(), None, "{backend}");
+    // The first decision of a channel: above what the targets have.
+    assert_eq!(s.decide_switch("j1", "site", 4).await.unwrap(), 5, "{backend}");
+    // A decision stands: deciding again answers the number recorded.
+    assert_eq!(s.decide_switch("j1", "site", 9).await.unwrap(), 5, "{backend}");
+    assert_eq!(s.decision("j1").await.unwrap(), Some(5), "{backend}");
+    // The next job of the channel: above its earlier decisions even when the targets
+    // say less (a target added since), and channels number on their own.
+    assert_eq!(s.decide_switch("j2", "site", 1).await.unwrap(), 6, "{backend}");
+    assert_eq!(s.decide_switch("j3", "other", 0).await.unwrap(), 1, "{backend}");
+}
 
 /// A fresh database of `backend`, migrated for `schema`; its backend's name for messages,
 /// and the directory to keep while it is used.
