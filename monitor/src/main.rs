@@ -137,6 +137,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the generations each target of a channel published atomically keeps:
+    /// number, the job that built it, when it was first served, files and bytes; `*`
+    /// marks the live one.
+    Generations {
+        channel: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch every target of a channel published atomically back to an earlier
+    /// generation, all together (a job like any other: stored, watched, hooks run).
+    Rollback {
+        channel: String,
+        /// The generation to go back to (default: the newest before the live one that
+        /// every target keeps).
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
+        /// Follow the job to its end; exit 0 succeeded, 2 failed.
+        #[arg(long)]
+        wait: bool,
+        /// Who asks (stored with the job).
+        #[arg(long, env = "USER", default_value = "")]
+        requested_by: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a job.
     Cancel {
         job: String,
@@ -198,6 +223,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
         "requested_by": j.requested_by, "created_at": j.created_at, "started_at": j.started_at,
         "finished_at": j.finished_at, "error": j.error, "summary": j.summary, "dry_run": j.dry_run,
         "full": j.full, "checksum": j.checksum, "paths": j.paths,
+        "rollback": j.rollback, "rollback_to": j.rollback_to,
         "targets": j.targets.iter().map(|t| json!({
             "target": t.target, "url": t.url, "site": t.site, "state": t.state, "error": t.error,
             "items_total": t.items_total, "items_done": t.items_done,
@@ -528,9 +554,28 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 paths,
                 lineage: Vec::new(),
                 max_delete: max_delete.unwrap_or_default(),
+                ..Default::default()
             };
             start(&mut c, req, wait, json).await
         }
+        Cmd::Rollback {
+            channel,
+            to,
+            wait,
+            requested_by,
+            json,
+        } => {
+            let req = pb::StartJobRequest {
+                channel,
+                trigger: pb::Trigger::Admin as i32,
+                requested_by,
+                rollback: true,
+                rollback_to: to,
+                ..Default::default()
+            };
+            start(&mut c, req, wait, json).await
+        }
+        Cmd::Generations { channel, json } => generations(&mut c, channel, json).await,
         Cmd::Jobs {
             channel,
             limit,
@@ -683,6 +728,58 @@ async fn cancel(c: &mut Client, job: String, json: bool) -> Result<ExitCode, Cli
 }
 
 /// `check`: each target's checks, one line per check.
+async fn generations(c: &mut Client, channel: String, json: bool) -> Result<ExitCode, CliError> {
+    let r = c
+        .list_generations(pb::ListGenerationsRequest { channel })
+        .await?
+        .into_inner();
+    let all_ok = r.targets.iter().all(|t| t.error.is_empty());
+    if json {
+        let v: Vec<Value> = r.targets.iter().map(generations_json).collect();
+        out!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(ExitCode::from(if all_ok { 0 } else { 1 }));
+    }
+    for t in &r.targets {
+        if !t.error.is_empty() {
+            out!("{}: cannot list its generations: {}", t.target, t.error);
+            continue;
+        }
+        if t.generations.is_empty() {
+            out!("{}: no generations (nothing published atomically yet)", t.target);
+            continue;
+        }
+        out!("{}:", t.target);
+        for g in &t.generations {
+            let when = if g.published_at_ms > 0 {
+                cms_mirror::ms_to_rfc3339(g.published_at_ms)
+            } else {
+                "-".into()
+            };
+            let job = if g.job_id.is_empty() { "(before atomic publish)" } else { &g.job_id[..g.job_id.len().min(8)] };
+            out!(
+                "  {} {:>5}  {:<24}  {:<24}  {} files, {}",
+                if g.live { "*" } else { " " },
+                g.number,
+                job,
+                when,
+                g.files,
+                bytesize::ByteSize(g.bytes)
+            );
+        }
+    }
+    Ok(ExitCode::from(if all_ok { 0 } else { 1 }))
+}
+
+pub(crate) fn generations_json(t: &pb::TargetGenerations) -> Value {
+    json!({
+        "target": t.target, "error": t.error,
+        "generations": t.generations.iter().map(|g| json!({
+            "number": g.number, "job_id": g.job_id, "published_at_ms": g.published_at_ms,
+            "files": g.files, "bytes": g.bytes, "live": g.live,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 async fn check(c: &mut Client, channel: Option<String>, json: bool) -> Result<ExitCode, CliError> {
     let r = c
         .check_targets(pb::CheckTargetsRequest {

@@ -14,6 +14,9 @@ pub enum SourceError {
     InvalidPath(String),
     #[error("max_delete: {0}")]
     InvalidMaxDelete(cms_mirror::config::Invalid),
+    /// A rollback the channel cannot have.
+    #[error("{0}")]
+    InvalidRollback(String),
     #[error("job {0} not found")]
     JobNotFound(String),
     #[error("{0}")]
@@ -42,6 +45,7 @@ impl From<SourceError> for Status {
             SourceError::InvalidPath(_)
             | SourceError::InvalidMaxDelete(_)
             | SourceError::AmbiguousJob(_)
+            | SourceError::InvalidRollback(_)
             | SourceError::OverBound(_) => Status::invalid_argument(msg),
             SourceError::Store(ref db) => {
                 tracing::error!(error = %db, "job store error");

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod generations;
 pub mod health;
 pub mod metrics;
 pub mod packer;
@@ -29,7 +30,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use cms_mirror::config::MirrorConfig;
+use cms_mirror::config::{ChannelConfig, MirrorConfig};
 use cms_mirror::jobstore::{EventRow, JobOptions, JobRow, JobStore, NewJob, StoreError};
 use cms_mirror::pb;
 use cms_mirror::pb::source_service_server::{SourceService as SourceApi, SourceServiceServer};
@@ -142,6 +143,23 @@ impl App {
         }
         self.metrics.render()
     }
+}
+
+/// A rollback goes to a generation: only on a channel published atomically, and it
+/// mirrors nothing (no dry run, paths, full or checksum comparison).
+fn check_rollback(ch: &ChannelConfig, req: &pb::StartJobRequest) -> Result<(), SourceError> {
+    if ch.publish != cms_mirror::config::Publish::Atomic {
+        return Err(SourceError::InvalidRollback(format!(
+            "channel {:?} publishes in place: it keeps no generations to roll back to (publish = \"atomic\")",
+            ch.name
+        )));
+    }
+    if req.dry_run || req.full || req.checksum || !req.paths.is_empty() {
+        return Err(SourceError::InvalidRollback(
+            "a rollback mirrors nothing: it takes no dry run, full, checksum or paths".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The paths of a StartJob: safe relative paths (for a wagtail channel also page URL
@@ -319,6 +337,8 @@ impl SourceService {
             full: o.full,
             checksum: o.checksum,
             paths: o.paths,
+            rollback: o.rollback,
+            rollback_to: o.rollback_to,
             id: j.id,
             channel: j.channel,
         })
@@ -339,6 +359,9 @@ impl SourceService {
             return Err(SourceError::UnknownChannel(req.channel));
         };
         check_paths(ch, &req.paths).await?;
+        if req.rollback {
+            check_rollback(ch, &req)?;
+        }
         let max_delete = (!req.max_delete.is_empty()).then_some(req.max_delete);
         if let Some(m) = &max_delete {
             cms_mirror::config::MaxDelete::parse(m).map_err(SourceError::InvalidMaxDelete)?;
@@ -354,6 +377,8 @@ impl SourceService {
                 paths: req.paths,
                 lineage: req.lineage,
                 max_delete,
+                rollback: req.rollback,
+                rollback_to: req.rollback_to,
                 trace: cms_mirror::telemetry::current_context(),
             },
             targets: ch
@@ -698,6 +723,20 @@ impl SourceApi for SourceService {
         };
         tokio::spawn(async move { w.run(live, r.live_only, r.since as i64).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_generations(
+        &self,
+        req: Request<pb::ListGenerationsRequest>,
+    ) -> Result<Response<pb::ListGenerationsResponse>, Status> {
+        let r = req.into_inner();
+        self.known_channel(Some(&r.channel))?;
+        let config = self.app.config();
+        let ch = config
+            .channel(&r.channel)
+            .ok_or_else(|| SourceError::UnknownChannel(r.channel.clone()))?;
+        let targets = generations::list_all(ch).await;
+        Ok(Response::new(pb::ListGenerationsResponse { targets }))
     }
 
     async fn check_targets(

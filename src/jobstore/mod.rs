@@ -42,6 +42,12 @@ pub struct JobOptions {
     /// `max_delete` for this job only (as given: "N" or "N%").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delete: Option<String>,
+    /// A rollback job (switch the targets back to a generation they keep), to
+    /// `rollback_to` or, unset, to the one before the live one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_to: Option<u64>,
     /// W3C trace context of the request that started the job, so the job's spans join
     /// the caller's trace even though the job runs later.
     #[serde(default, skip_serializing_if = "std::collections::HashMap::is_empty")]
@@ -804,6 +810,29 @@ impl JobStore {
         .bind(job)
         .bind(channel)
         .bind(at_least as i64)
+        .bind(crate::now_ms())
+        .execute(&self.db.pool)
+        .await?;
+        self.decision(job)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("the publish decision of job {job}")))
+    }
+
+    /// Records a rollback job's decision to switch back to generation `to`; returns it
+    /// (the one recorded before, if any).
+    pub async fn record_rollback(
+        &self,
+        job: &str,
+        channel: &str,
+        to: u64,
+    ) -> Result<u64, StoreError> {
+        sqlx::query(
+            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(job)
+        .bind(channel)
+        .bind(to as i64)
         .bind(crate::now_ms())
         .execute(&self.db.pool)
         .await?;

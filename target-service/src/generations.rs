@@ -88,6 +88,38 @@ pub async fn list(db: &Db, site: &str) -> Result<Vec<GenRow>, sqlx::Error> {
         .await
 }
 
+/// The site's generation of a number, if it keeps it.
+async fn numbered(db: &Db, site: &str, number: u64) -> Result<Option<GenRow>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM generations WHERE site = $1 AND number = $2");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(site)
+        .bind(number as i64)
+        .fetch_optional(&db.pool)
+        .await
+}
+
+/// The generation a store holds.
+async fn of_store(db: &Db, site: &str, store: &str) -> Result<Option<GenRow>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM generations WHERE site = $1 AND store = $2");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(site)
+        .bind(store)
+        .fetch_optional(&db.pool)
+        .await
+}
+
+/// (files, bytes) of a store.
+async fn size_of(db: &Db, store: &str) -> Result<(u64, u64), sqlx::Error> {
+    let (files, bytes): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), SUM(size) FROM entries WHERE site = $1 AND kind = $2",
+    )
+    .bind(store)
+    .bind(cms_mirror::model::Kind::File.code())
+    .fetch_one(&db.pool)
+    .await?;
+    Ok((files.max(0) as u64, bytes.unwrap_or(0).max(0) as u64))
+}
+
 /// A prepared work area that will not be switched (its session aborted) is built on
 /// again.
 pub(crate) async fn unprepare(db: &Db, site: &str) -> Result<(), sqlx::Error> {
@@ -176,6 +208,29 @@ fn counts(changes: &[(String, ChangeAction)]) -> (u64, u64, u64) {
 }
 
 impl TargetService {
+    /// The generations a site keeps (published ones: not its work area), newest first.
+    pub(crate) async fn generations(
+        &self,
+        r: pb::ListSiteGenerationsRequest,
+    ) -> Result<pb::ListSiteGenerationsResponse, TargetError> {
+        self.site(&r.site)?;
+        let db = self.inner.ledger.db();
+        let mut generations = Vec::new();
+        for g in list(db, &r.site).await? {
+            let Some(number) = g.number else { continue };
+            let (files, bytes) = size_of(db, &g.store).await?;
+            generations.push(pb::Generation {
+                number: number.max(0) as u64,
+                job_id: g.job_id,
+                published_at_ms: g.published_at.unwrap_or(0),
+                files,
+                bytes,
+                live: g.state == "live",
+            });
+        }
+        Ok(pb::ListSiteGenerationsResponse { generations })
+    }
+
     /// OpenSession's part: the store a session applies to. In place: "" (refused for a
     /// site that publishes atomically, whose tree is a generation kept for rollback).
     /// Atomic: the session's own work area when it resumes, else the site's, made now
@@ -198,6 +253,9 @@ impl TargetService {
         }
         let site = self.site(&r.site)?;
         let _building = site.generations.lock().await;
+        if let Some(n) = r.rollback_to {
+            return self.rollback_store(&r.site, n).await;
+        }
         let work = work_area(db, &r.site).await?;
         if let Some(s) = self
             .inner
@@ -264,6 +322,32 @@ impl TargetService {
         Ok(store)
     }
 
+    /// The store of the generation a rollback session serves again: one the site keeps,
+    /// whose tree is there.
+    async fn rollback_store(&self, site: &str, n: u64) -> Result<String, TargetError> {
+        let db = self.inner.ledger.db();
+        let kept: Vec<String> = list(db, site)
+            .await?
+            .iter()
+            .filter_map(|g| g.number.map(|n| n.to_string()))
+            .collect();
+        let missing = || {
+            TargetError::Publish(format!(
+                "site {site:?} has no generation {n} to roll back to (it keeps: {})",
+                if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
+            ))
+        };
+        let g = numbered(db, site, n).await?.ok_or_else(missing)?;
+        let dir = self.site(site)?.fs.generations().join(n.to_string());
+        if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+            return Err(TargetError::Publish(format!(
+                "site {site:?}: generation {n}'s tree {} is missing",
+                dir.display()
+            )));
+        }
+        Ok(g.store)
+    }
+
     /// The first phase of an atomic commit: the work area finished (directory times,
     /// staging removed, pages resolved, trace written) and made durable; the session
     /// takes no more packages. Again on a prepared session: the same answer.
@@ -275,7 +359,19 @@ impl TargetService {
         let site = self.site(&s.site)?;
         let _building = site.generations.lock().await;
         let mut item_errors = Vec::new();
+        let rollback = of_store(self.inner.ledger.db(), &s.site, &s.store)
+            .await?
+            .and_then(|g| g.number);
         match s.state {
+            SessionStatus::Open if rollback.is_some() => {
+                // Its tree was checked when the session opened, and it was durable
+                // when it was first published.
+                self.inner
+                    .ledger
+                    .close_session(&s.id, s.key(), SessionStatus::Prepared)
+                    .await?;
+                tracing::info!(session = %s.id, generation = rollback, "rollback prepared");
+            }
             SessionStatus::Open => {
                 if s.last_seq as u64 != r.last_seq {
                     return Err(TargetError::CommitMismatch {
@@ -374,13 +470,29 @@ impl TargetService {
                 "a switch needs the generation's number".into(),
             ));
         }
+        // A rollback session holds a generation the site keeps.
+        let rollback = of_store(db, &s.site, &s.store)
+            .await?
+            .and_then(|g| g.number)
+            .map(|n| n.max(0) as u64);
+        if rollback.is_some_and(|n| n != r.generation) {
+            return Err(TargetError::InvalidArgument(format!(
+                "session {} rolls back to generation {}, not {}",
+                s.id,
+                rollback.unwrap_or(0),
+                r.generation
+            )));
+        }
         #[cfg(feature = "failpoints")]
         crate::failpoints::before_switch();
         let from = live_store(db, &s.site).await?;
         let fs = site.fs.clone();
         let number = r.generation;
         let started = Instant::now();
-        let kept_original = tokio::task::spawn_blocking(move || fs.switch_to(number))
+        let kept_original = tokio::task::spawn_blocking(move || match rollback {
+            Some(n) => fs.point_root_at(n),
+            None => fs.switch_to(number),
+        })
             .await
             .map_err(TargetError::task("switch"))?
             .map_err(|source| TargetError::Generation {
@@ -404,23 +516,35 @@ impl TargetService {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query(
-            "UPDATE generations SET state = 'live', number = $1, published_at = $2, job_id = $3 \
-             WHERE site = $4 AND store = $5",
-        )
-        .bind(number as i64)
-        .bind(now)
-        .bind(&s.job_id)
-        .bind(&s.site)
-        .bind(&s.store)
-        .execute(&mut *tx)
-        .await?;
+        if rollback.is_some() {
+            sqlx::query("UPDATE generations SET state = 'live' WHERE site = $1 AND store = $2")
+                .bind(&s.site)
+                .bind(&s.store)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE generations SET state = 'live', number = $1, published_at = $2, job_id = $3 \
+                 WHERE site = $4 AND store = $5",
+            )
+            .bind(number as i64)
+            .bind(now)
+            .bind(&s.job_id)
+            .bind(&s.site)
+            .bind(&s.store)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("UPDATE sessions SET state = 'committed', committed_at = $1 WHERE id = $2")
             .bind(now)
             .bind(&s.id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        if rollback.is_some() {
+            // A work area was built from the generation served until now.
+            self.drop_work_area(&s.site).await;
+        }
         let changes = diff(db, &from, &s.store).await?;
         let (created, updated, deleted) = counts(&changes);
         tracing::info!(session = %s.id, generation = number, created, updated, deleted,
@@ -442,6 +566,48 @@ impl TargetService {
             generation: number,
             ..Default::default()
         })
+    }
+
+    /// Removes the site's work area (its tree and its rows), logging a failure: the next
+    /// atomic job builds a new one from the live generation.
+    async fn drop_work_area(&self, site: &str) {
+        let db = self.inner.ledger.db();
+        let dropped = async {
+            let Some(w) = work_area(db, site).await? else {
+                return Ok(());
+            };
+            let work = self.site(site)?.fs.work().root;
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work))
+                .await
+                .map_err(TargetError::task("work area"))?
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(TargetError::Generation {
+                        site: site.to_string(),
+                        what: "cannot remove the work area",
+                        source: e,
+                    }),
+                })?;
+            self.drop_store(site, &w.store).await
+        };
+        if let Err(e) = dropped.await {
+            tracing::warn!(site, error = %e, "cannot remove the work area");
+        }
+    }
+
+    /// Removes a generation's index rows and its row.
+    async fn drop_store(&self, site: &str, store: &str) -> Result<(), TargetError> {
+        let mut tx = self.inner.ledger.db().pool.begin().await?;
+        for sql in DROP_ROWS {
+            sqlx::query(sql).bind(store).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM generations WHERE site = $1 AND store = $2")
+            .bind(site)
+            .bind(store)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The lineage of an open session (kept for the switch's tier pushes).
@@ -484,16 +650,7 @@ impl TargetService {
                     what: "cannot remove an old generation",
                     source,
                 })?;
-            let mut tx = db.pool.begin().await?;
-            for sql in DROP_ROWS {
-                sqlx::query(sql).bind(&g.store).execute(&mut *tx).await?;
-            }
-            sqlx::query("DELETE FROM generations WHERE site = $1 AND store = $2")
-                .bind(site)
-                .bind(&g.store)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+            self.drop_store(site, &g.store).await?;
             tracing::info!(site, generation = number, "old generation removed");
         }
         Ok(())

@@ -437,4 +437,15 @@ impl TargetApi for TargetService {
     ) -> Result<Response<pb::CheckSiteResponse>, Status> {
         Ok(Response::new(self.check(req.into_inner()).await?))
     }
+
+    async fn list_generations(
+        &self,
+        req: Request<pb::ListSiteGenerationsRequest>,
+    ) -> Result<Response<pb::ListSiteGenerationsResponse>, Status> {
+        let r = req.into_inner();
+        speaks(r.protocol_version)?;
+        cms_mirror::bounds::text("site", &r.site, cms_mirror::bounds::MAX_NAME_BYTES)
+            .map_err(TargetError::from)?;
+        Ok(Response::new(self.generations(r).await?))
+    }
 }

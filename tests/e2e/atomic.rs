@@ -450,3 +450,97 @@ fn a_target_whose_disk_fills_while_it_prepares_leaves_every_target_on_the_old_ge
         assert_eq!(snapshot(r), generation_1, "{} changed", r.display());
     }
 }
+
+#[test]
+fn rollback_restores_the_earlier_generation_on_every_target_and_tells_the_hooks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    // web1 runs a hook that writes what it is told; web2 has none.
+    let t1 = tmp.path().join("t1");
+    std::fs::create_dir_all(&t1).unwrap();
+    let hook_out = t1.join("hook.json");
+    let toml = t1.join("target.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[site]]\nname = \"main\"\nroot = \"{}\"\n\n[[site.hook]]\ncommand = [\"sh\", \"-c\", \"cat > {}\"]\n",
+            t1.join("www").display(),
+            hook_out.display()
+        ),
+    )
+    .unwrap();
+    let web1 = App::target(&t1).config(&toml).spawn();
+    let t2 = tmp.path().join("t2");
+    std::fs::create_dir_all(&t2).unwrap();
+    let web2 = App::target(&t2).site(&t2.join("www")).spawn();
+    let roots = [t1.join("www"), t2.join("www")];
+    let config = atomic_config(tmp.path(), &src, &[web1.url(), web2.url()], "delete = true");
+    let source = App::source(tmp.path(), &config).spawn();
+
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let first: Vec<_> = roots.iter().map(|r| snapshot(r)).collect();
+    write(&src, "index.html", b"generation 2");
+    write(&src, "added.txt", b"added in generation 2");
+    std::fs::remove_file(src.join("docs/readme.md")).unwrap();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_on_one_generation(&src, &roots, 2);
+
+    // Each target lists what it keeps, the live one marked.
+    let out = mirrorctl(&source.url(), &["generations", "site", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for t in listed.as_array().unwrap() {
+        let numbers: Vec<(u64, bool)> = t["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["number"].as_u64().unwrap(), g["live"].as_bool().unwrap()))
+            .collect();
+        assert_eq!(numbers, [(2, true), (1, false), (0, false)], "{t}");
+    }
+    let text = mirrorctl(&source.url(), &["generations", "site"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("web1:") && text.lines().any(|l| l.trim_start().starts_with("* ")), "{text}");
+
+    // Back to the generation before: both targets, byte for byte as they were.
+    let _ = std::fs::remove_file(&hook_out);
+    let out = mirrorctl(&source.url(), &["rollback", "site", "--wait", "--json"]);
+    let job = job_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{job:#}");
+    assert_eq!(job["rollback"], true, "{job:#}");
+    assert_eq!(job["summary"], "rolled back to generation 1", "{job:#}");
+    for (r, before) in roots.iter().zip(&first) {
+        assert_eq!(live_generation(r), Some(1));
+        assert_eq!(&snapshot(r), before, "{} is not generation 1", r.display());
+    }
+    let told: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
+    assert_eq!(told["created"], serde_json::json!(["docs/readme.md"]), "{told:#}");
+    assert_eq!(told["deleted"], serde_json::json!(["added.txt"]), "{told:#}");
+    assert!(
+        told["updated"].as_array().unwrap().iter().any(|p| p == "index.html"),
+        "{told:#}"
+    );
+
+    // Forward again by number; a generation no target keeps is refused, nothing moves.
+    let out = mirrorctl(&source.url(), &["rollback", "site", "--to", "2", "--wait"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_on_one_generation(&src, &roots, 2);
+    let out = mirrorctl(&source.url(), &["rollback", "site", "--to", "9", "--wait", "--json"]);
+    let job = job_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{job:#}");
+    assert!(
+        job["error"].as_str().unwrap().contains("has no generation 9"),
+        "{job:#}"
+    );
+    assert_on_one_generation(&src, &roots, 2);
+
+    // The next job builds on the live generation.
+    write(&src, "index.html", b"generation 3");
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_on_one_generation(&src, &roots, 3);
+}

@@ -27,6 +27,8 @@ struct Votes {
 
 pub(super) struct Coordinator {
     targets: usize,
+    /// A rollback job: the generation every target goes back to.
+    rollback_to: Option<u64>,
     votes: Mutex<Votes>,
     all_voted: watch::Sender<bool>,
     decided: watch::Sender<Option<Decision>>,
@@ -46,10 +48,21 @@ impl Coordinator {
     pub(super) fn new(targets: usize, recorded: Option<u64>) -> Coordinator {
         Coordinator {
             targets,
+            rollback_to: None,
             votes: Mutex::default(),
             all_voted: watch::Sender::new(targets == 0),
             decided: watch::Sender::new(recorded.map(Decision::Switch)),
         }
+    }
+
+    /// A rollback's vote: every target prepares generation `to` again.
+    pub(super) fn rollback(mut self, to: u64) -> Coordinator {
+        self.rollback_to = Some(to);
+        self
+    }
+
+    pub(super) fn rollback_to(&self) -> Option<u64> {
+        self.rollback_to
     }
 
     pub(super) fn decided_before(&self) -> bool {

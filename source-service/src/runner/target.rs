@@ -215,6 +215,9 @@ impl<'a> TargetRun<'a> {
             });
         }
         let mut session = self.connect().await?;
+        if self.coord.is_some_and(|c| c.rollback_to().is_some()) {
+            return self.roll_back(&session).await;
+        }
         // A session the target expired while this job was away is opened again from
         // package 1: the job plans again against what the target holds now. Bounded, so
         // that a target expiring sessions faster than they are sent ends the job.
@@ -234,6 +237,20 @@ impl<'a> TargetRun<'a> {
                 end => return end,
             }
         }
+    }
+
+    /// A rollback's session: nothing to plan or send; both phases of its commit.
+    async fn roll_back(&mut self, session: &pb::OpenSessionResponse) -> Result<TargetOutcome, Stop> {
+        if session.committed {
+            if let Some(c) = self.coord {
+                c.vote(self.tname(), Ok(0));
+            }
+            self.set_state(TargetState::Committed).await;
+            let r = current_row(self.app, self.jid, self.tname()).await;
+            return Ok(TargetOutcome::from_row(TargetState::Committed, &r));
+        }
+        self.commit(&session.session_id, session.last_applied_seq)
+            .await
     }
 
     /// Plans (or takes the stored plan), sends and commits one opened session.
@@ -289,6 +306,7 @@ impl<'a> TargetRun<'a> {
             protocol_version: cms_mirror::PROTOCOL_VERSION,
             dry_run: false,
             atomic: self.coord.is_some(),
+            rollback_to: self.coord.and_then(|c| c.rollback_to()),
         };
         let (app, jid, tname, ack_timeout) =
             (self.app, self.jid, self.tname(), self.ch.ack_timeout);

@@ -75,9 +75,15 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
             String::new(),
             app.store.targets(&job.id).await.unwrap_or_default(),
         ),
+        Some(ch) if let Err(why) = coordinator(&app, &job, ch).await => (
+            JobState::Failed,
+            Some(why),
+            String::new(),
+            app.store.targets(&job.id).await.unwrap_or_default(),
+        ),
         Some(ch) => {
             let ch = ch.clone();
-            let coord = coordinator(&app, &job, &ch).await;
+            let coord = coordinator(&app, &job, &ch).await.ok().flatten();
             let futs = ch.targets.iter().map(|t| {
                 run_target(&app, &job, &ch, t, cancel_rx.clone(), coord.as_ref())
                     .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
@@ -90,8 +96,11 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
             let (outcomes, ()) = tokio::join!(futures::future::join_all(futs), decided);
             let rows = app.store.targets(&job.id).await.unwrap_or_default();
             let dry_run = job.options().dry_run;
-            let (state, error, summary) =
+            let (state, error, mut summary) =
                 aggregate(&ch, &outcomes, &rows, *cancel_rx.borrow(), dry_run);
+            if let Some(c) = &coord {
+                summary = published(&app, &job, c, state, summary).await;
+            }
             (state, error, summary, rows)
         }
     };
@@ -102,9 +111,20 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
 
 /// The vote of an atomic job's targets (none for a job published in place or a dry
 /// run), with the decision a run of this job recorded before a restart.
-async fn coordinator(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig) -> Option<Coordinator> {
-    if ch.publish != Publish::Atomic || job.options().dry_run {
-        return None;
+async fn coordinator(
+    app: &Arc<App>,
+    job: &JobRow,
+    ch: &ChannelConfig,
+) -> Result<Option<Coordinator>, String> {
+    let opts = job.options();
+    if ch.publish != Publish::Atomic || opts.dry_run {
+        if opts.rollback {
+            return Err(format!(
+                "channel {:?} publishes in place: nothing to roll back",
+                ch.name
+            ));
+        }
+        return Ok(None);
     }
     let recorded = match app.store.decision(&job.id).await {
         Ok(d) => d,
@@ -117,7 +137,16 @@ async fn coordinator(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig) -> Option
     if let Some(n) = recorded {
         tracing::info!(job = %job.id, generation = n, "resuming after the decision to switch");
     }
-    Some(Coordinator::new(ch.targets.len(), recorded))
+    let c = Coordinator::new(ch.targets.len(), recorded);
+    if !opts.rollback {
+        return Ok(Some(c));
+    }
+    let to = match (recorded, opts.rollback_to) {
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => crate::generations::previous(&crate::generations::list_all(ch).await)
+            .map_err(|why| format!("nothing to roll back to: {why}"))?,
+    };
+    Ok(Some(c.rollback(to)))
 }
 
 /// Decides an atomic job once every target voted: switch (recorded before any target
@@ -127,11 +156,15 @@ async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinato
     let d = if tally.refused.is_empty() {
         #[cfg(feature = "failpoints")]
         crate::failpoints::kill_at("prepared");
-        match app
-            .store
-            .decide_switch(&job.id, &ch.name, tally.max_generation)
-            .await
-        {
+        let recorded = match c.rollback_to() {
+            Some(to) => app.store.record_rollback(&job.id, &ch.name, to).await,
+            None => {
+                app.store
+                    .decide_switch(&job.id, &ch.name, tally.max_generation)
+                    .await
+            }
+        };
+        match recorded {
             Ok(n) => Decision::Switch(n),
             Err(e) => Decision::Abort(format!("cannot record the decision to switch: {e}")),
         }
@@ -146,6 +179,25 @@ async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinato
     };
     app.bus.emit(&job.id, "publish_decided", "", data).await;
     c.decide(d);
+}
+
+/// An atomic job's summary: the generation its targets serve now (a rollback's says
+/// where it went back to, not what it mirrored).
+async fn published(
+    app: &Arc<App>,
+    job: &JobRow,
+    c: &Coordinator,
+    state: JobState,
+    summary: String,
+) -> String {
+    let switched = matches!(state, JobState::Succeeded | JobState::CompletedWithErrors);
+    let decided = app.store.decision(&job.id).await.ok().flatten();
+    match (c.rollback_to(), decided) {
+        (Some(n), _) if switched => format!("rolled back to generation {n}"),
+        (Some(n), _) => format!("not rolled back to generation {n}"),
+        (None, Some(n)) if switched => format!("{summary}; generation {n} live"),
+        (None, _) => format!("{summary}; not switched, the previous generation is live"),
+    }
 }
 
 /// A directory channel's source must exist and hold something, unless the channel
