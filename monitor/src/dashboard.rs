@@ -3,7 +3,8 @@
 //!
 //! Routes: `/` (channels, running jobs, history), `/jobs/{id}` (one job: per-target
 //! progress, item errors, event log), `/api/channels`, `/api/jobs`, `/api/jobs/{id}`,
-//! `POST /api/channels/{name}/start`, `POST /api/jobs/{id}/cancel`, and
+//! `POST /api/channels/{name}/start`, `/api/channels/{name}/generations`,
+//! `POST /api/channels/{name}/rollback[?to=N]`, `POST /api/jobs/{id}/cancel`, and
 //! `/api/events[?job=ID]` (SSE: one job replayed then live, or every job live).
 
 use std::convert::Infallible;
@@ -43,6 +44,8 @@ pub async fn serve(listen: &str, client: Client, source: &str) -> Result<(), cra
         .route("/api/jobs/{id}", get(job))
         .route("/api/jobs/{id}/cancel", post(cancel))
         .route("/api/channels/{name}/start", post(start))
+        .route("/api/channels/{name}/generations", get(generations))
+        .route("/api/channels/{name}/rollback", post(rollback))
         .route("/api/events", get(events))
         .fallback(not_found)
         .with_state(Dash {
@@ -264,6 +267,56 @@ async fn start(
             let r = r.into_inner();
             axum::Json(json!({"job_id": r.job_id, "coalesced": r.coalesced})).into_response()
         }
+        Err(s) => d.error(s),
+    }
+}
+
+async fn generations(State(d): State<Dash>, Path(name): Path<String>) -> Response {
+    let mut c = d.client.clone();
+    match c
+        .list_generations(pb::ListGenerationsRequest { channel: name })
+        .await
+    {
+        Ok(r) => axum::Json(
+            r.into_inner()
+                .targets
+                .iter()
+                .map(crate::generations_json)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(s) => d.error(s),
+    }
+}
+
+#[derive(Deserialize)]
+struct RollbackQuery {
+    to: Option<u64>,
+}
+
+async fn rollback(
+    State(d): State<Dash>,
+    Path(name): Path<String>,
+    Query(q): Query<RollbackQuery>,
+    h: HeaderMap,
+) -> Response {
+    if let Some(r) = cross_origin_refusal(&h) {
+        return r;
+    }
+    let mut c = d.client.clone();
+    let req = pb::StartJobRequest {
+        channel: name,
+        trigger: pb::Trigger::Admin as i32,
+        requested_by: "dashboard".into(),
+        rollback: true,
+        rollback_to: q.to,
+        ..Default::default()
+    };
+    match c
+        .start_job(cms_mirror::telemetry::inject(tonic::Request::new(req)))
+        .await
+    {
+        Ok(r) => axum::Json(json!({"job_id": r.into_inner().job_id})).into_response(),
         Err(s) => d.error(s),
     }
 }

@@ -242,7 +242,7 @@ pub(crate) fn job_json(j: &pb::Job) -> Value {
 
 pub(crate) fn channel_json(ch: &pb::Channel) -> Value {
     json!({
-        "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete,
+        "name": ch.name, "source": ch.source, "schedule": ch.schedule, "delete": ch.delete, "publish": ch.publish,
         "last_job_id": ch.last_job_id, "last_job_state": state_name(ch.last_job_state),
         "targets": ch.targets.iter().map(|t| json!({"name": t.name, "url": t.url, "site": t.site, "last_success_at": t.last_success_at, "lag_seconds": t.lag_seconds, "lagging": t.lagging, "health": t.health.as_ref().map(health_json)})).collect::<Vec<_>>(),
     })
@@ -390,6 +390,14 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
                 .map(|s| format!(" (error: {s})"))
                 .unwrap_or_default()
         ),
+        "prepared" => "its new generation is whole and durable; waiting for the others".into(),
+        "publish_decided" => match d["generation"].as_u64() {
+            Some(n) if d["switch"] == true => {
+                format!("every target prepared: switch to generation {n}")
+            }
+            _ => format!("no target switches: {}", d["error"].as_str().unwrap_or("")),
+        },
+        "switched" => format!("serving generation {}", d["generation"]),
         _ => {
             if d.as_object().is_some_and(|o| !o.is_empty()) {
                 d.to_string()
@@ -745,7 +753,10 @@ async fn generations(c: &mut Client, channel: String, json: bool) -> Result<Exit
             continue;
         }
         if t.generations.is_empty() {
-            out!("{}: no generations (nothing published atomically yet)", t.target);
+            out!(
+                "{}: no generations (nothing published atomically yet)",
+                t.target
+            );
             continue;
         }
         out!("{}:", t.target);
@@ -755,7 +766,11 @@ async fn generations(c: &mut Client, channel: String, json: bool) -> Result<Exit
             } else {
                 "-".into()
             };
-            let job = if g.job_id.is_empty() { "(before atomic publish)" } else { &g.job_id[..g.job_id.len().min(8)] };
+            let job = if g.job_id.is_empty() {
+                "(before atomic publish)"
+            } else {
+                &g.job_id[..g.job_id.len().min(8)]
+            };
             out!(
                 "  {} {:>5}  {:<24}  {:<24}  {} files, {}",
                 if g.live { "*" } else { " " },

@@ -82,9 +82,7 @@ pub fn kill_at(point: &str) {
             .is_ok()
     {
         tracing::warn!(point, "failpoint: the source kills itself");
-        let _ = rustix::process::kill_process(
-            rustix::process::getpid(),
-            rustix::process::Signal::KILL,
-        );
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }

@@ -45,7 +45,10 @@ pub async fn list_all(ch: &ChannelConfig) -> Vec<pb::TargetGenerations> {
 /// target keeps, older than what any of them serves.
 pub fn previous(all: &[pb::TargetGenerations]) -> Result<u64, String> {
     if let Some(t) = all.iter().find(|t| !t.error.is_empty()) {
-        return Err(format!("cannot list the generations of target {}: {}", t.target, t.error));
+        return Err(format!(
+            "cannot list the generations of target {}: {}",
+            t.target, t.error
+        ));
     }
     let live = all
         .iter()

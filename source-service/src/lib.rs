@@ -665,6 +665,10 @@ impl SourceApi for SourceService {
                 source: c.source.display().to_string(),
                 schedule: c.schedule.clone().unwrap_or_default(),
                 delete: c.delete,
+                publish: match c.publish {
+                    cms_mirror::config::Publish::InPlace => "in_place".into(),
+                    cms_mirror::config::Publish::Atomic => "atomic".into(),
+                },
                 last_job_id: last.first().map(|j| j.id.clone()).unwrap_or_default(),
                 last_job_state: last.first().map(|j| state_pb(&j.state) as i32).unwrap_or(0),
                 targets: c

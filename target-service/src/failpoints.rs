@@ -35,6 +35,7 @@ pub fn before_switch() {
         .is_ok();
     if first {
         tracing::warn!("failpoint: killed at the switch; never in production");
-        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }

@@ -110,13 +110,12 @@ async fn of_store(db: &Db, site: &str, store: &str) -> Result<Option<GenRow>, sq
 
 /// (files, bytes) of a store.
 async fn size_of(db: &Db, store: &str) -> Result<(u64, u64), sqlx::Error> {
-    let (files, bytes): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT COUNT(*), SUM(size) FROM entries WHERE site = $1 AND kind = $2",
-    )
-    .bind(store)
-    .bind(cms_mirror::model::Kind::File.code())
-    .fetch_one(&db.pool)
-    .await?;
+    let (files, bytes): (i64, Option<i64>) =
+        sqlx::query_as("SELECT COUNT(*), SUM(size) FROM entries WHERE site = $1 AND kind = $2")
+            .bind(store)
+            .bind(cms_mirror::model::Kind::File.code())
+            .fetch_one(&db.pool)
+            .await?;
     Ok((files.max(0) as u64, bytes.unwrap_or(0).max(0) as u64))
 }
 
@@ -334,7 +333,11 @@ impl TargetService {
         let missing = || {
             TargetError::Publish(format!(
                 "site {site:?} has no generation {n} to roll back to (it keeps: {})",
-                if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
+                if kept.is_empty() {
+                    "none".to_string()
+                } else {
+                    kept.join(", ")
+                }
             ))
         };
         let g = numbered(db, site, n).await?.ok_or_else(missing)?;
@@ -441,14 +444,13 @@ impl TargetService {
         match s.state {
             SessionStatus::Prepared => {}
             SessionStatus::Committed => {
-                let (number,): (Option<i64>,) = sqlx::query_as(
-                    "SELECT number FROM generations WHERE site = $1 AND store = $2",
-                )
-                .bind(&s.site)
-                .bind(&s.store)
-                .fetch_optional(&db.pool)
-                .await?
-                .unwrap_or((None,));
+                let (number,): (Option<i64>,) =
+                    sqlx::query_as("SELECT number FROM generations WHERE site = $1 AND store = $2")
+                        .bind(&s.site)
+                        .bind(&s.store)
+                        .fetch_optional(&db.pool)
+                        .await?
+                        .unwrap_or((None,));
                 let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
                 return Ok(pb::CommitResponse {
                     items_created: created,
@@ -493,13 +495,13 @@ impl TargetService {
             Some(n) => fs.point_root_at(n),
             None => fs.switch_to(number),
         })
-            .await
-            .map_err(TargetError::task("switch"))?
-            .map_err(|source| TargetError::Generation {
-                site: s.site.clone(),
-                what: "cannot switch to the new generation",
-                source,
-            })?;
+        .await
+        .map_err(TargetError::task("switch"))?
+        .map_err(|source| TargetError::Generation {
+            site: s.site.clone(),
+            what: "cannot switch to the new generation",
+            source,
+        })?;
         let now = cms_mirror::now_ms();
         let mut tx = db.pool.begin().await?;
         sqlx::query("UPDATE generations SET state = 'kept' WHERE site = $1 AND state = 'live'")

@@ -394,8 +394,7 @@ impl Ledger {
             .await?;
         self.record_changes(&mut tx, session, &ch.changes).await?;
         if !ch.pages.is_empty() || ch.deletes.iter().any(|p| is_page_key(p)) {
-            let pages =
-                crate::pagestore::record(
+            let pages = crate::pagestore::record(
                 &mut tx,
                 site,
                 &s.site,
@@ -404,7 +403,7 @@ impl Ledger {
                 &ch.deletes,
                 now_ms(),
             )
-                    .await?;
+            .await?;
             self.record_changes(&mut tx, session, &pages).await?;
         }
         sqlx::query(
@@ -645,9 +644,9 @@ impl Ledger {
         sqlx::query(
             "UPDATE sessions SET state = 'aborted' WHERE id = $1 AND state IN ('open', 'prepared')",
         )
-            .bind(session)
-            .execute(&self.db.pool)
-            .await?;
+        .bind(session)
+        .execute(&self.db.pool)
+        .await?;
         Ok(())
     }
 

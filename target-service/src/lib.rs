@@ -17,9 +17,9 @@
 pub mod apply;
 pub mod delivery;
 pub mod error;
-pub mod generations;
 #[cfg(feature = "failpoints")]
 mod failpoints;
+pub mod generations;
 pub mod hooks;
 mod import;
 pub mod ledger;

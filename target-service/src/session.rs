@@ -161,7 +161,10 @@ impl TargetService {
     }
 
     /// Resolves the pages the session put and deleted (URLs, links); the problems found.
-    pub(crate) async fn resolve_pages(&self, s: &SessionRow) -> Result<Vec<pb::ItemError>, TargetError> {
+    pub(crate) async fn resolve_pages(
+        &self,
+        s: &SessionRow,
+    ) -> Result<Vec<pb::ItemError>, TargetError> {
         let mut put = std::collections::HashSet::new();
         let mut deleted = Vec::new();
         for (path, action) in self.inner.ledger.changes(&s.id).await? {

@@ -80,7 +80,11 @@ fn publishes_and_keeps_generations(db: Option<String>) {
 
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
-    assert_eq!(live_generation(&dst), Some(1), "the root links to generation 1");
+    assert_eq!(
+        live_generation(&dst),
+        Some(1),
+        "the root links to generation 1"
+    );
     assert_same_tree(&src, &dst);
     // The site as it was before its first atomic job (empty) is kept as generation 0.
     assert_eq!(generation_numbers(&dst), ["0", "1"]);
@@ -137,7 +141,10 @@ fn publishes_and_keeps_generations(db: Option<String>) {
     assert_eq!(code, 2, "{job:#}");
     let error = job["error"].as_str().unwrap();
     assert!(error.contains("publishes atomically"), "{error}");
-    assert_eq!(std::fs::read(dst.join("index.html")).unwrap(), b"generation 3");
+    assert_eq!(
+        std::fs::read(dst.join("index.html")).unwrap(),
+        b"generation 3"
+    );
 }
 
 #[test]
@@ -173,7 +180,14 @@ impl WebServer {
         let addr = free_addr();
         let port = addr.rsplit(':').next().unwrap().to_string();
         let child = Command::new("python3")
-            .args(["-m", "http.server", &port, "--bind", "127.0.0.1", "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
             .arg(root)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -203,7 +217,10 @@ fn versioned_site(src: &Path, version: u32, files: usize) {
         let rel = format!("pages/p{i:03}.html");
         let body = format!("<p>page {i} of version {version}</p>\n{}", "x".repeat(1500));
         write(src, &rel, body.as_bytes());
-        manifest.push_str(&format!("{rel} {}\n", blake3::hash(body.as_bytes()).to_hex()));
+        manifest.push_str(&format!(
+            "{rel} {}\n",
+            blake3::hash(body.as_bytes()).to_hex()
+        ));
     }
     write(src, "manifest.txt", manifest.as_bytes());
 }
@@ -227,7 +244,9 @@ fn read_site(addr: &str) -> Option<Result<u32, String>> {
         let (status, body) = http_get(addr, &format!("/{path}"));
         let got = blake3::hash(body.as_bytes()).to_hex().to_string();
         if status != 200 || got != hash {
-            bad.get_or_insert(format!("{path}: status {status}, not the version {version} page"));
+            bad.get_or_insert(format!(
+                "{path}: status {status}, not the version {version} page"
+            ));
         }
     }
     let (_, again) = http_get(addr, "/manifest.txt");
@@ -245,7 +264,9 @@ fn readers_see_one_whole_generation_and_both_targets_switch_together() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     versioned_site(&src, 1, 120);
-    let roots: Vec<PathBuf> = (1..=2).map(|i| tmp.path().join(format!("t{i}/www"))).collect();
+    let roots: Vec<PathBuf> = (1..=2)
+        .map(|i| tmp.path().join(format!("t{i}/www")))
+        .collect();
     let targets: Vec<Proc> = roots
         .iter()
         .map(|root| {
@@ -306,7 +327,10 @@ fn readers_see_one_whole_generation_and_both_targets_switch_together() {
     });
     assert_succeeds(&source.url(), &job);
     for (i, (seen, mixed, _)) in readings.iter().enumerate() {
-        assert!(mixed.is_empty(), "target {i}: a reading mixed generations: {mixed:?}");
+        assert!(
+            mixed.is_empty(),
+            "target {i}: a reading mixed generations: {mixed:?}"
+        );
         assert!(
             seen.iter().filter(|v| **v == 1).count() >= 2,
             "target {i}: too few readings while the job ran: {seen:?}"
@@ -316,7 +340,10 @@ fn readers_see_one_whole_generation_and_both_targets_switch_together() {
     let (a, b) = (readings[0].2.unwrap(), readings[1].2.unwrap());
     let apart = if a > b { a - b } else { b - a };
     // A reading takes a while itself: the switch times are closer than this.
-    assert!(apart < Duration::from_secs(1), "the targets switched {apart:?} apart");
+    assert!(
+        apart < Duration::from_secs(1),
+        "the targets switched {apart:?} apart"
+    );
     for r in &roots {
         assert_eq!(live_generation(r), Some(2));
         assert_same_tree(&src, r);
@@ -354,7 +381,10 @@ fn kill_9_of_a_target_between_prepare_and_switch_ends_with_both_on_one_generatio
     let marker = tmp.path().join("killed-at-switch");
     let (roots, mut targets) = two_targets(
         tmp.path(),
-        &[("CMS_MIRROR_FAILPOINT_KILL_AT_SWITCH", marker.to_str().unwrap())],
+        &[(
+            "CMS_MIRROR_FAILPOINT_KILL_AT_SWITCH",
+            marker.to_str().unwrap(),
+        )],
     );
     let urls: Vec<String> = targets.iter().map(|t| t.url()).collect();
     let config = atomic_config(tmp.path(), &src, &urls, "");
@@ -363,7 +393,11 @@ fn kill_9_of_a_target_between_prepare_and_switch_ends_with_both_on_one_generatio
     // web2 dies (SIGKILL) as its switch arrives; it comes back on its port.
     let status = targets[1].child.wait().unwrap();
     assert!(marker.exists(), "web2 ended otherwise: {status}");
-    assert_eq!(live_generation(&roots[1]), None, "web2 switched before it died");
+    assert_eq!(
+        live_generation(&roots[1]),
+        None,
+        "web2 switched before it died"
+    );
     let dir = roots[1].parent().unwrap();
     targets[1] = App::target(dir)
         .site(&roots[1])
@@ -395,7 +429,10 @@ fn kill_9_of_the_source_between_the_phases_ends_with_every_target_on_one_generat
         assert!(marker.exists(), "the source did not stop at {point}");
         // Between the phases: every target prepared, none switched.
         for r in &roots {
-            assert_eq!(live_generation(r), (generation > 1).then_some(generation - 1));
+            assert_eq!(
+                live_generation(r),
+                (generation > 1).then_some(generation - 1)
+            );
         }
         let source = App::source(tmp.path(), &config).spawn();
         assert_succeeds(&source.url(), &job);
@@ -437,7 +474,10 @@ fn a_target_whose_disk_fills_while_it_prepares_leaves_every_target_on_the_old_ge
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 2, "{job:#}");
     let error = job["error"].as_str().unwrap();
-    assert!(error.contains("web2") && error.contains("disk full"), "{error}");
+    assert!(
+        error.contains("web2") && error.contains("disk full"),
+        "{error}"
+    );
     // web1 prepared the new generation but was told not to switch, and says why.
     let web1 = &job["targets"][0];
     assert_eq!(web1["state"], "failed", "{job:#}");
@@ -490,7 +530,11 @@ fn rollback_restores_the_earlier_generation_on_every_target_and_tells_the_hooks(
 
     // Each target lists what it keeps, the live one marked.
     let out = mirrorctl(&source.url(), &["generations", "site", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for t in listed.as_array().unwrap() {
         let numbers: Vec<(u64, bool)> = t["generations"]
@@ -503,7 +547,10 @@ fn rollback_restores_the_earlier_generation_on_every_target_and_tells_the_hooks(
     }
     let text = mirrorctl(&source.url(), &["generations", "site"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("web1:") && text.lines().any(|l| l.trim_start().starts_with("* ")), "{text}");
+    assert!(
+        text.contains("web1:") && text.lines().any(|l| l.trim_start().starts_with("* ")),
+        "{text}"
+    );
 
     // Back to the generation before: both targets, byte for byte as they were.
     let _ = std::fs::remove_file(&hook_out);
@@ -518,22 +565,45 @@ fn rollback_restores_the_earlier_generation_on_every_target_and_tells_the_hooks(
     }
     let told: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&hook_out).unwrap()).unwrap();
-    assert_eq!(told["created"], serde_json::json!(["docs/readme.md"]), "{told:#}");
-    assert_eq!(told["deleted"], serde_json::json!(["added.txt"]), "{told:#}");
+    assert_eq!(
+        told["created"],
+        serde_json::json!(["docs/readme.md"]),
+        "{told:#}"
+    );
+    assert_eq!(
+        told["deleted"],
+        serde_json::json!(["added.txt"]),
+        "{told:#}"
+    );
     assert!(
-        told["updated"].as_array().unwrap().iter().any(|p| p == "index.html"),
+        told["updated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "index.html"),
         "{told:#}"
     );
 
     // Forward again by number; a generation no target keeps is refused, nothing moves.
     let out = mirrorctl(&source.url(), &["rollback", "site", "--to", "2", "--wait"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_on_one_generation(&src, &roots, 2);
-    let out = mirrorctl(&source.url(), &["rollback", "site", "--to", "9", "--wait", "--json"]);
+    let out = mirrorctl(
+        &source.url(),
+        &["rollback", "site", "--to", "9", "--wait", "--json"],
+    );
     let job = job_of(&out);
     assert_eq!(out.status.code(), Some(2), "{job:#}");
     assert!(
-        job["error"].as_str().unwrap().contains("has no generation 9"),
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no generation 9"),
         "{job:#}"
     );
     assert_on_one_generation(&src, &roots, 2);

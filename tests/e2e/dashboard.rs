@@ -499,3 +499,51 @@ async fn the_dashboard_reads_as_an_admin_expects() {
         .unwrap();
     c.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_generations_and_rolls_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    make_tree(&src);
+    let target = App::target(tmp.path()).site(&dst).spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "publish = \"atomic\"");
+    let source = App::source(tmp.path(), &config).spawn();
+    let source_url = source.url();
+    let ran = tokio::task::spawn_blocking(move || {
+        let first = run_job(&source_url, &[]);
+        write(&src, "index.html", b"generation 2");
+        (first, run_job(&source_url, &[]))
+    })
+    .await
+    .unwrap();
+    assert_eq!(((ran.0).0, (ran.1).0), (0, 0), "{ran:#?}");
+    let dash = App::new("mirrorctl", tmp.path())
+        .args(&[
+            "--source",
+            &source.url(),
+            "dashboard",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .spawn();
+    let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+    c.goto(&format!("http://{}", dash.addr)).await.unwrap();
+    let shown = text_when(&c, "#gens-site", |t| t.contains("2 (live)")).await;
+    assert!(
+        shown.contains("web1") && shown.contains("2 (live)") && shown.contains('1'),
+        "{shown}"
+    );
+    // The Rollback button asks first (answered yes here), then starts a rollback job.
+    c.execute("window.confirm = () => true; return true;", vec![])
+        .await
+        .unwrap();
+    click(&c, "#rollback-site").await;
+    let shown = text_when(&c, "#gens-site", |t| t.contains("1 (live)")).await;
+    assert!(shown.contains("1 (live)"), "{shown}");
+    assert_eq!(
+        std::fs::read_link(&dst).unwrap(),
+        Path::new("dst.generations/1")
+    );
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(artifact("dashboard-generations.png"), png).unwrap();
+}

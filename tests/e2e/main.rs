@@ -14,9 +14,9 @@ mod instances;
 mod mirror;
 mod monitor;
 mod observability;
+mod outcomes;
 #[path = "../common/postgres.rs"]
 mod postgres;
-mod outcomes;
 mod protocol;
 mod safety;
 mod security;

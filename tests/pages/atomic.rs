@@ -30,18 +30,17 @@ fn the_delivery_api_flips_with_the_files_at_the_switch() {
         .config(&toml)
         .args(&["--delivery-listen", &api])
         .spawn();
-    let config = crate::mirror::wagtail_config_with(
-        tmp.path(),
-        &cms,
-        &target.url(),
-        "publish = \"atomic\"",
-    );
+    let config =
+        crate::mirror::wagtail_config_with(tmp.path(), &cms, &target.url(), "publish = \"atomic\"");
     let source = App::source(tmp.path(), &config).spawn();
     // Broken links (to pages outside the subtree) are item errors: the job publishes.
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 1, "{job:#}");
     let dst = tmp.path().join("dst");
-    assert_eq!(std::fs::read_link(&dst).unwrap(), std::path::Path::new("dst.generations/1"));
+    assert_eq!(
+        std::fs::read_link(&dst).unwrap(),
+        std::path::Path::new("dst.generations/1")
+    );
     let before = titles(&api);
     assert!(!before.is_empty());
 
@@ -60,13 +59,23 @@ fn the_delivery_api_flips_with_the_files_at_the_switch() {
     let job = start_job(&source.url());
     source.child.wait().unwrap();
     assert!(marker.exists());
-    assert_eq!(titles(&api), before, "the API served the prepared generation");
-    assert_eq!(std::fs::read_link(&dst).unwrap(), std::path::Path::new("dst.generations/1"));
+    assert_eq!(
+        titles(&api),
+        before,
+        "the API served the prepared generation"
+    );
+    assert_eq!(
+        std::fs::read_link(&dst).unwrap(),
+        std::path::Path::new("dst.generations/1")
+    );
 
     // The source comes back and tells the target to switch: pages and files together.
     let source = App::source(tmp.path(), &config).spawn();
     assert_succeeds(&source.url(), &job);
-    assert_eq!(std::fs::read_link(&dst).unwrap(), std::path::Path::new("dst.generations/2"));
+    assert_eq!(
+        std::fs::read_link(&dst).unwrap(),
+        std::path::Path::new("dst.generations/2")
+    );
     let after = titles(&api);
     assert!(after.contains(&"All the news".to_string()), "{after:?}");
     assert_eq!(after.len(), before.len());

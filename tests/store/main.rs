@@ -64,14 +64,30 @@ async fn publish_decisions_number_generations_once(b: Backend) {
     let s = JobStore::new(db);
     assert_eq!(s.decision("j1").await.unwrap(), None, "{backend}");
     // The first decision of a channel: above what the targets have.
-    assert_eq!(s.decide_switch("j1", "site", 4).await.unwrap(), 5, "{backend}");
+    assert_eq!(
+        s.decide_switch("j1", "site", 4).await.unwrap(),
+        5,
+        "{backend}"
+    );
     // A decision stands: deciding again answers the number recorded.
-    assert_eq!(s.decide_switch("j1", "site", 9).await.unwrap(), 5, "{backend}");
+    assert_eq!(
+        s.decide_switch("j1", "site", 9).await.unwrap(),
+        5,
+        "{backend}"
+    );
     assert_eq!(s.decision("j1").await.unwrap(), Some(5), "{backend}");
     // The next job of the channel: above its earlier decisions even when the targets
     // say less (a target added since), and channels number on their own.
-    assert_eq!(s.decide_switch("j2", "site", 1).await.unwrap(), 6, "{backend}");
-    assert_eq!(s.decide_switch("j3", "other", 0).await.unwrap(), 1, "{backend}");
+    assert_eq!(
+        s.decide_switch("j2", "site", 1).await.unwrap(),
+        6,
+        "{backend}"
+    );
+    assert_eq!(
+        s.decide_switch("j3", "other", 0).await.unwrap(),
+        1,
+        "{backend}"
+    );
 }
 
 /// A fresh database of `backend`, migrated for `schema`; its backend's name for messages,
@@ -417,9 +433,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             ],
             ..Default::default()
         };
-        l.record_package(&s, 1, b"sum1", &ch)
-            .await
-            .unwrap();
+        l.record_package(&s, 1, b"sum1", &ch).await.unwrap();
         assert_eq!(
             l.applied_checksum(&s.id, 1).await.unwrap().as_deref(),
             Some(&b"sum1"[..])
@@ -465,9 +479,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             upserts: odd.clone(),
             ..Default::default()
         };
-        l.record_package(&s, 2, b"sum2", &more)
-            .await
-            .unwrap();
+        l.record_package(&s, 2, b"sum2", &more).await.unwrap();
         let all = l.manifest_page("main", &[], 100).await.unwrap();
         for o in &odd {
             assert!(all.contains(o), "{backend}: {o:?} not in {all:?}");
@@ -489,9 +501,7 @@ async fn the_target_ledger_and_manifest_index(b: Backend) {
             changes: vec![("a/b".into(), ChangeAction::Deleted)],
             ..Default::default()
         };
-        l.record_package(&s, 3, b"sum3", &del)
-            .await
-            .unwrap();
+        l.record_package(&s, 3, b"sum3", &del).await.unwrap();
         let page = l.manifest_page("main", &[], 100).await.unwrap();
         assert_eq!(
             page.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
@@ -526,9 +536,7 @@ async fn idle_sessions_expire_and_open_again_from_the_start(b: Backend) {
         changes: vec![("d/f".into(), ChangeAction::Created)],
         ..Default::default()
     };
-    l.record_package(&s, 1, b"sum1", &ch)
-        .await
-        .unwrap();
+    l.record_package(&s, 1, b"sum1", &ch).await.unwrap();
     let (empty, _) = l.open_session("job2", "main", "", "").await.unwrap();
     let now = cms_mirror::now_ms();
     // Active since `now - 1`: not idle before then.
@@ -650,9 +658,7 @@ async fn pages_are_stored_with_their_package(b: Backend) {
         changes: vec![(gone, ChangeAction::Deleted)],
         ..Default::default()
     };
-    l.record_package(&s, 4, b"sum", &del)
-        .await
-        .unwrap();
+    l.record_package(&s, 4, b"sum", &del).await.unwrap();
     assert_eq!(pagestore::count(&db, "main").await.unwrap(), 0, "{backend}");
     assert!(
         l.manifest_page("main", &[], 10).await.unwrap().is_empty(),
@@ -864,7 +870,11 @@ async fn a_ledger_of_the_first_schema_is_carried_over(b: Backend) {
 
         let l = Ledger::new(db::connect(&url, Schema::Target).await.unwrap());
         assert_eq!(
-            l.open_session("j", "main", "", "").await.unwrap().0.last_seq,
+            l.open_session("j", "main", "", "")
+                .await
+                .unwrap()
+                .0
+                .last_seq,
             7,
             "{backend}"
         );

@@ -240,7 +240,10 @@ impl<'a> TargetRun<'a> {
     }
 
     /// A rollback's session: nothing to plan or send; both phases of its commit.
-    async fn roll_back(&mut self, session: &pb::OpenSessionResponse) -> Result<TargetOutcome, Stop> {
+    async fn roll_back(
+        &mut self,
+        session: &pb::OpenSessionResponse,
+    ) -> Result<TargetOutcome, Stop> {
         if session.committed {
             if let Some(c) = self.coord {
                 c.vote(self.tname(), Ok(0));
@@ -632,7 +635,11 @@ impl<'a> TargetRun<'a> {
             Ok(r) => Ok(r.into_inner()),
             Err(GaveUp::Cancelled) => Err(Stop::Cancelled),
             Err(GaveUp::Failed(s)) => {
-                let msg = format!("{}: {what} failed: {}", target_label(self.t), status_text(&s));
+                let msg = format!(
+                    "{}: {what} failed: {}",
+                    target_label(self.t),
+                    status_text(&s)
+                );
                 let row = current_row(self.app, self.jid, self.tname()).await;
                 Err(Stop::Failed(msg, row.item_errors as u64))
             }
@@ -661,7 +668,10 @@ impl<'a> TargetRun<'a> {
                     c.vote(self.tname(), Ok(r.last_generation));
                 }
                 Err(Stop::Failed(m, _)) => c.vote(self.tname(), Err(m.clone())),
-                Err(_) => c.vote(self.tname(), Err(format!("{}: cancelled", target_label(self.t)))),
+                Err(_) => c.vote(
+                    self.tname(),
+                    Err(format!("{}: cancelled", target_label(self.t))),
+                ),
             }
             prepared?;
         }
