@@ -19,6 +19,11 @@ wall to it: how to show that a change did not make cms-mirror slower.
 
 BENCH_CHANNEL_TOML adds lines to each channel of cms-mirror's config, to compare
 settings (e.g. BENCH_CHANNEL_TOML=$'window = 16\n').
+
+--atomic compares publish = "atomic" with publish = "in_place" (the same build, the
+same rounds, alternating): wall times, and the disk the target uses after the edit
+(the blocks of its site's files, each inode once, plus its ledger database): what
+keeping generations costs. With --memory N: the memory run publishes atomically.
 """
 import argparse, json, os, re, shlex, shutil, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -86,7 +91,20 @@ def verify(src, dst):
         raise SystemExit(f"{dst} differs from {src}: {lines[:5]}")
 
 
-def cms_round(work, src_base, src_mut, durability, bin_dir=BIN):
+def disk_used(paths):
+    """Bytes of the blocks under `paths`, each inode counted once (hard links share)."""
+    seen, total = set(), 0
+    for top in paths:
+        for dirpath, dirs, names in os.walk(top):
+            for n in dirs + names:
+                st = os.lstat(os.path.join(dirpath, n))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def cms_round(work, src_base, src_mut, durability, bin_dir=BIN, publish="in_place"):
     dst = work / f"cms-{time.time_ns()}"
     tdir, sdir = work / f"t-{time.time_ns()}", work / f"s-{time.time_ns()}"
     tdir.mkdir(); sdir.mkdir()
@@ -94,7 +112,7 @@ def cms_round(work, src_base, src_mut, durability, bin_dir=BIN):
                            "--data-dir", tdir, "--durability", durability], tdir / "log")
     cfg = sdir / "mirror.toml"
     cfg.write_text("".join(
-        f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\n{os.environ.get("BENCH_CHANNEL_TOML", "")}[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
+        f'[[channel]]\nname = "{n}"\nsource = "{p}"\ndelete = true\npublish = "{publish}"\n{os.environ.get("BENCH_CHANNEL_TOML", "")}[[channel.target]]\nurl = "http://{taddr}"\nsite = "main"\n'
         for n, p in (("base", src_base), ("mut", src_mut))))
     source, saddr = start([bin_dir / "mirror-source", "--listen", "127.0.0.1:0", "--config", cfg, "--data-dir", sdir], sdir / "log")
     res = {}
@@ -112,6 +130,8 @@ def cms_round(work, src_base, src_mut, durability, bin_dir=BIN):
             res[phase] = {"wall": wall, "wire": t["bytes_on_wire"], "files": t["items_total"]}
             verify(tree, dst)
         res["rss"] = (hwm_kib(source.pid) // 1024, hwm_kib(target.pid) // 1024)
+        site = [dst.with_name(dst.name + ".generations")] if publish == "atomic" else [dst]
+        res["disk"] = disk_used(site) + sum(f.stat().st_size for f in tdir.glob("target.db*"))
     finally:
         for p in (source, target):
             p.terminate(); p.wait()
@@ -166,7 +186,7 @@ def rsync_round(work, src_base, src_mut):
     return res
 
 
-def memory_run(work, n):
+def memory_run(work, n, publish="in_place"):
     tree = work / f"tiny-{n}"
     if not tree.exists():
         print(f"creating {n} tiny files in {tree} ...", flush=True)
@@ -175,8 +195,8 @@ def memory_run(work, n):
             if i < 100_000 or not d.exists():
                 d.mkdir(parents=True, exist_ok=True)
             (d / f"f{i}").write_bytes(b"x" * (i % 3))
-    r = cms_round(work, tree, tree, "syncfs")
-    print(f"| {n:,} tiny files | full {r['full']['wall']:.1f} s | no-change {r['nochange']['wall']:.2f} s | peak RSS source {r['rss'][0]} MiB, target {r['rss'][1]} MiB |")
+    r = cms_round(work, tree, tree, "syncfs", publish=publish)
+    print(f"| {n:,} tiny files ({publish}) | full {r['full']['wall']:.1f} s | no-change {r['nochange']['wall']:.2f} s | peak RSS source {r['rss'][0]} MiB, target {r['rss'][1]} MiB |")
 
 
 def main():
@@ -186,15 +206,25 @@ def main():
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/cms-mirror-bench"))
     ap.add_argument("--durability", default="syncfs")
     ap.add_argument("--memory", type=int, default=0, help="only the memory run on N tiny files")
+    ap.add_argument("--atomic", action="store_true", help='publish = "atomic" against "in_place"')
     a = ap.parse_args()
     base = Path(a.dir)
     work = base / "runs"
     work.mkdir(parents=True, exist_ok=True)
     if a.memory:
-        memory_run(work, a.memory)
+        memory_run(work, a.memory, "atomic" if a.atomic else "in_place")
         return
     names = a.datasets.split(",")
     datasets(base, names)
+    if a.atomic:
+        print("| dataset | phase | in place wall | atomic wall | atomic / in place | per round | disk in place | disk atomic | extra disk |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        try:
+            for k in names:
+                atomic_table(work, base, k, a)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     rounds = []
     base_cols = ("| base wall | vs base | vs base per round ", "---:|---:|---:|") if BASE else ("", "")
     print("| dataset | phase | cms-mirror wall | rsync->daemon wall | ratio | ratio per round | rsync local wall | cms files/s | cms MB/s "
@@ -215,6 +245,30 @@ def main():
         # journal (as here) skips inodes freed in the last 1-6 minutes when it creates
         # files, which would slow whatever is measured next.
         shutil.rmtree(work, ignore_errors=True)
+
+
+def atomic_table(work, base, k, a):
+    """One dataset, in place against atomic, in alternating rounds."""
+    runs = work / k
+    runs.mkdir(parents=True, exist_ok=True)
+    src_base, src_mut = base / "base" / k, base / "mut" / k
+    res = {"in_place": [], "atomic": []}
+    for r in range(a.rounds):
+        for publish in ("in_place", "atomic") if r % 2 == 0 else ("atomic", "in_place"):
+            res[publish].append(cms_round(runs, src_base, src_mut, a.durability, publish=publish))
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"
+    for phase in ("full", "nochange", "edit"):
+        ip = statistics.median(r[phase]["wall"] for r in res["in_place"])
+        at = statistics.median(r[phase]["wall"] for r in res["atomic"])
+        paired = sorted(x[phase]["wall"] / y[phase]["wall"] for x, y in zip(res["atomic"], res["in_place"]))
+        disk = ""
+        if phase == "edit":
+            di = statistics.median(r["disk"] for r in res["in_place"])
+            da = statistics.median(r["disk"] for r in res["atomic"])
+            disk = f" {mib(di)} | {mib(da)} | {mib(da - di)} ({(da - di) / di:.1%}) |"
+        else:
+            disk = " | | |"
+        print(f"| {k} | {phase} | {ip:.3f} s | {at:.3f} s | {at / ip:.2f}x | {paired[0]:.2f}-{paired[-1]:.2f}x |{disk}", flush=True)
 
 
 def vs_base(cms, base_runs, phase):

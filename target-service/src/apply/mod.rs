@@ -188,6 +188,17 @@ impl SiteFs {
         // Permissions alone do not tell (root passes them; a read-only mount does not):
         // a file is written and removed.
         self.probe_write().map_err(not_writable)?;
+        // Published atomically: each switch replaces the link in the root's parent.
+        if self.root.is_symlink()
+            && let Some(parent) = self.root.parent()
+        {
+            rustix::fs::access(parent, rustix::fs::Access::WRITE_OK).map_err(|e| {
+                SiteProblem::NotWritable {
+                    path: parent.to_path_buf(),
+                    source: e.into(),
+                }
+            })?;
+        }
         let st = rustix::fs::statvfs(&self.root).map_err(|e| not_writable(e.into()))?;
         let free = st.f_bavail.saturating_mul(st.f_frsize);
         if free < min_free {
