@@ -251,7 +251,6 @@ async fn start(
     if let Some(r) = cross_origin_refusal(&h) {
         return r;
     }
-    let mut c = d.client.clone();
     let req = pb::StartJobRequest {
         channel: name,
         trigger: pb::Trigger::Admin as i32,
@@ -259,6 +258,12 @@ async fn start(
         dry_run: q.dry_run,
         ..Default::default()
     };
+    start_job(&d, req).await
+}
+
+/// Starts a job for the page; its id as JSON.
+async fn start_job(d: &Dash, req: pb::StartJobRequest) -> Response {
+    let mut c = d.client.clone();
     match c
         .start_job(cms_mirror::telemetry::inject(tonic::Request::new(req)))
         .await
@@ -303,7 +308,6 @@ async fn rollback(
     if let Some(r) = cross_origin_refusal(&h) {
         return r;
     }
-    let mut c = d.client.clone();
     let req = pb::StartJobRequest {
         channel: name,
         trigger: pb::Trigger::Admin as i32,
@@ -312,13 +316,7 @@ async fn rollback(
         rollback_to: q.to,
         ..Default::default()
     };
-    match c
-        .start_job(cms_mirror::telemetry::inject(tonic::Request::new(req)))
-        .await
-    {
-        Ok(r) => axum::Json(json!({"job_id": r.into_inner().job_id})).into_response(),
-        Err(s) => d.error(s),
-    }
+    start_job(&d, req).await
 }
 
 async fn cancel(State(d): State<Dash>, Path(id): Path<String>, h: HeaderMap) -> Response {

@@ -800,22 +800,15 @@ impl JobStore {
     ) -> Result<u64, StoreError> {
         // One statement: a read then a write in one SQLite transaction fails at once
         // (SQLITE_BUSY_SNAPSHOT) when another writer came between them.
-        sqlx::query(
-            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at) \
-             SELECT $1, $2, CASE WHEN COALESCE(MAX(generation), 0) > $3 \
+        self.record_decision(
+            job,
+            channel,
+            at_least,
+            "SELECT $1, $2, CASE WHEN COALESCE(MAX(generation), 0) > $3 \
              THEN COALESCE(MAX(generation), 0) + 1 ELSE $3 + 1 END, $4 \
-             FROM publish_decisions WHERE channel = $2 \
-             ON CONFLICT (job_id) DO NOTHING",
+             FROM publish_decisions WHERE channel = $2",
         )
-        .bind(job)
-        .bind(channel)
-        .bind(at_least as i64)
-        .bind(crate::now_ms())
-        .execute(&self.db.pool)
-        .await?;
-        self.decision(job)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("the publish decision of job {job}")))
+        .await
     }
 
     /// Records a rollback job's decision to switch back to generation `to`; returns it
@@ -826,13 +819,26 @@ impl JobStore {
         channel: &str,
         to: u64,
     ) -> Result<u64, StoreError> {
-        sqlx::query(
-            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (job_id) DO NOTHING",
-        )
+        self.record_decision(job, channel, to, "VALUES ($1, $2, $3, $4)")
+            .await
+    }
+
+    /// Inserts a job's decision (`rows`: the values, from job $1, channel $2, number
+    /// $3 and time $4) unless it has one; returns the one it has.
+    async fn record_decision(
+        &self,
+        job: &str,
+        channel: &str,
+        number: u64,
+        rows: &'static str,
+    ) -> Result<u64, StoreError> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO publish_decisions (job_id, channel, generation, decided_at) {rows} \
+             ON CONFLICT (job_id) DO NOTHING"
+        )))
         .bind(job)
         .bind(channel)
-        .bind(to as i64)
+        .bind(number as i64)
         .bind(crate::now_ms())
         .execute(&self.db.pool)
         .await?;

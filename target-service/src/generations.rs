@@ -376,14 +376,7 @@ impl TargetService {
                 tracing::info!(session = %s.id, generation = rollback, "rollback prepared");
             }
             SessionStatus::Open => {
-                if s.last_seq as u64 != r.last_seq {
-                    return Err(TargetError::CommitMismatch {
-                        session: s.id,
-                        asked: r.last_seq,
-                        applied: s.last_seq,
-                    });
-                }
-                self.finalize(&s, r.root.as_ref()).await?;
+                self.finalize(&s, &r).await?;
                 item_errors = self.resolve_pages(&s).await?;
                 let lineage = self.lineage(&s);
                 self.write_trace(&s, &r.source_id, &lineage).await?;

@@ -80,14 +80,7 @@ impl TargetService {
     ) -> Result<pb::CommitResponse, TargetError> {
         let first_commit = s.state != SessionStatus::Committed;
         if first_commit {
-            if s.last_seq as u64 != r.last_seq {
-                return Err(TargetError::CommitMismatch {
-                    session: s.id,
-                    asked: r.last_seq,
-                    applied: s.last_seq,
-                });
-            }
-            self.finalize(&s, r.root.as_ref()).await?;
+            self.finalize(&s, &r).await?;
         }
         let lineage = self.take_lineage(&s);
         let item_errors = if first_commit {
@@ -305,13 +298,22 @@ impl TargetService {
         })
     }
 
-    /// Restores the times of the directories the session touched and removes its
-    /// staging directory (and the site's, once nothing is in progress).
+    /// Checks that every package the source sent was applied, restores the times of
+    /// the directories the session touched and removes its staging directory (and the
+    /// site's, once nothing is in progress).
     pub(crate) async fn finalize(
         &self,
         s: &SessionRow,
-        root: Option<&pb::ItemMeta>,
+        r: &pb::CommitRequest,
     ) -> Result<(), TargetError> {
+        if s.last_seq as u64 != r.last_seq {
+            return Err(TargetError::CommitMismatch {
+                session: s.id.clone(),
+                asked: r.last_seq,
+                applied: s.last_seq,
+            });
+        }
+        let root = r.root.as_ref();
         let dirs = self.inner.ledger.touched_dirs(&s.id, s.key()).await?;
         let fs = self.session_fs(s)?;
         let sdir = fs.session_dir(&s.id);

@@ -245,15 +245,21 @@ impl<'a> TargetRun<'a> {
         session: &pb::OpenSessionResponse,
     ) -> Result<TargetOutcome, Stop> {
         if session.committed {
-            if let Some(c) = self.coord {
-                c.vote(self.tname(), Ok(0));
-            }
-            self.set_state(TargetState::Committed).await;
-            let r = current_row(self.app, self.jid, self.tname()).await;
-            return Ok(TargetOutcome::from_row(TargetState::Committed, &r));
+            return Ok(self.committed_before().await);
         }
         self.commit(&session.session_id, session.last_applied_seq)
             .await
+    }
+
+    /// The outcome of a session the target had committed before (a resumed job).
+    async fn committed_before(&self) -> TargetOutcome {
+        if let Some(c) = self.coord {
+            // Switched before a restart of this source: it voted then.
+            c.vote(self.tname(), Ok(0));
+        }
+        self.set_state(TargetState::Committed).await;
+        let r = current_row(self.app, self.jid, self.tname()).await;
+        TargetOutcome::from_row(TargetState::Committed, &r)
     }
 
     /// Plans (or takes the stored plan), sends and commits one opened session.
@@ -278,13 +284,7 @@ impl<'a> TargetRun<'a> {
         }
         totals?;
         if session.committed {
-            if let Some(c) = self.coord {
-                // Switched before a restart of this source: it voted then.
-                c.vote(self.tname(), Ok(0));
-            }
-            self.set_state(TargetState::Committed).await;
-            let r = current_row(self.app, self.jid, self.tname()).await;
-            return Ok(TargetOutcome::from_row(TargetState::Committed, &r));
+            return Ok(self.committed_before().await);
         }
         if session.prepared {
             // Everything was sent and the generation prepared before a restart: prepare
