@@ -395,6 +395,9 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
             Some(n) if d["switch"] == true => {
                 format!("every target prepared: switch to generation {n}")
             }
+            _ if d["unchanged"] == true => {
+                "nothing changed on any target: the live generation stays".into()
+            }
             _ => format!("no target switches: {}", d["error"].as_str().unwrap_or("")),
         },
         "switched" => format!("serving generation {}", d["generation"]),

@@ -129,6 +129,18 @@ pub(crate) async fn unprepare(db: &Db, site: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Whether any session applied a change to a store since it was made.
+async fn changed(db: &Db, store: &str) -> Result<bool, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM sessions s WHERE s.store = $1 \
+         AND EXISTS (SELECT 1 FROM session_changes c WHERE c.session_id = s.id)",
+    )
+    .bind(store)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok(n > 0)
+}
+
 /// The highest number a site has published (0 when none).
 async fn last_number(db: &Db, site: &str) -> Result<u64, sqlx::Error> {
     let (n,): (Option<i64>,) =
@@ -380,6 +392,15 @@ impl TargetService {
                 item_errors = self.resolve_pages(&s).await?;
                 let lineage = self.lineage(&s);
                 self.write_trace(&s, &r.source_id, &lineage).await?;
+                if !changed(self.inner.ledger.db(), &s.store).await? {
+                    // A job that changes nothing switches nothing: the live tree's trace
+                    // says it ran.
+                    let live = crate::ledger::SessionRow {
+                        store: String::new(),
+                        ..s.clone()
+                    };
+                    self.write_trace(&live, &r.source_id, &lineage).await?;
+                }
                 if self.inner.settings.durability != crate::apply::Durability::None {
                     let fs = site.fs.clone();
                     tokio::task::spawn_blocking(move || fs.sync_work_area())
@@ -411,12 +432,14 @@ impl TargetService {
             SessionStatus::Expired => return Err(TargetError::SessionExpired(s.id)),
         }
         let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
+        let db = self.inner.ledger.db();
         Ok(pb::CommitResponse {
             items_created: created,
             items_updated: updated,
             items_deleted: deleted,
             item_errors,
             prepared: true,
+            unchanged: rollback.is_none() && !changed(db, &s.store).await?,
             last_generation: last_number(self.inner.ledger.db(), &s.site).await?,
             ..Default::default()
         })

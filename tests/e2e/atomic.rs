@@ -131,6 +131,21 @@ fn publishes_and_keeps_generations(db: Option<String>) {
     assert_eq!(generation_numbers(&dst), ["2", "3"]);
     assert_same_tree(&src, &dst);
 
+    // A job that changes nothing makes no generation (scheduled runs do not push the
+    // ones kept for rollback out); the live tree's trace says it ran.
+    let trace = dst.join(".cms-mirror-trace");
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    let summary = job["summary"].as_str().unwrap();
+    assert!(
+        summary.ends_with("nothing changed, no new generation"),
+        "{summary}"
+    );
+    assert_eq!(live_generation(&dst), Some(3));
+    assert_eq!(generation_numbers(&dst), ["2", "3", "building"]);
+    let traced = std::fs::read_to_string(&trace).unwrap();
+    assert!(traced.contains(job["id"].as_str().unwrap()), "{traced}");
+
     // A job published in place would change a generation kept for rollback: refused,
     // and the site stays as it is.
     drop(source);

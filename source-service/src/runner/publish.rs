@@ -15,14 +15,25 @@ use tokio::sync::watch;
 pub(super) enum Decision {
     /// Serve the prepared generation, as this number.
     Switch(u64),
+    /// Nothing changed on any target: the live generation stays, no target switches.
+    Keep,
     /// Keep serving the previous generation: why.
     Abort(String),
 }
 
+/// A target's vote for the switch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Prepared {
+    /// The highest generation number the target has.
+    pub(super) last_generation: u64,
+    /// Its new generation is its live one (nothing changed).
+    pub(super) unchanged: bool,
+}
+
 #[derive(Default)]
 struct Votes {
-    /// Target name -> `Ok(highest generation it has)` or `Err(why it did not prepare)`.
-    cast: HashMap<String, Result<u64, String>>,
+    /// Target name -> prepared, or why it did not prepare.
+    cast: HashMap<String, Result<Prepared, String>>,
 }
 
 pub(super) struct Coordinator {
@@ -40,6 +51,8 @@ pub(super) struct Tally {
     pub(super) max_generation: u64,
     /// Why targets did not prepare, in target order of voting.
     pub(super) refused: Vec<String>,
+    /// Every target prepared and none changed anything.
+    pub(super) unchanged: bool,
 }
 
 impl Coordinator {
@@ -70,7 +83,7 @@ impl Coordinator {
     }
 
     /// Casts a target's vote; a second vote of one target is ignored.
-    pub(super) fn vote(&self, target: &str, vote: Result<u64, String>) {
+    pub(super) fn vote(&self, target: &str, vote: Result<Prepared, String>) {
         let mut v = self.votes.lock().expect("votes lock");
         if v.cast.contains_key(target) {
             return;
@@ -96,9 +109,13 @@ impl Coordinator {
             max_generation: v
                 .cast
                 .values()
-                .filter_map(|r| r.as_ref().ok().copied())
+                .filter_map(|r| r.as_ref().ok().map(|p| p.last_generation))
                 .max()
                 .unwrap_or(0),
+            unchanged: refused.is_empty()
+                && v.cast
+                    .values()
+                    .all(|r| r.as_ref().is_ok_and(|p| p.unchanged)),
             refused,
         }
     }
@@ -124,15 +141,21 @@ mod tests {
 
     #[tokio::test]
     async fn decides_once_every_target_voted() {
+        let at = |n| {
+            Ok(Prepared {
+                last_generation: n,
+                unchanged: false,
+            })
+        };
         let c = Coordinator::new(2, None);
-        c.vote("a", Ok(4));
+        c.vote("a", at(4));
         c.vote("a", Err("ignored: a voted already".into()));
         let tally = tokio::time::timeout(std::time::Duration::from_millis(50), c.tally()).await;
         assert!(tally.is_err(), "one of two targets voted: no tally yet");
-        c.vote("b", Ok(7));
+        c.vote("b", at(7));
         let t = c.tally().await;
         assert_eq!(t.max_generation, 7);
-        assert!(t.refused.is_empty());
+        assert!(t.refused.is_empty() && !t.unchanged);
         c.decide(Decision::Switch(8));
         assert_eq!(c.decision().await, Decision::Switch(8));
     }
@@ -140,9 +163,19 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_is_in_the_tally_and_a_recorded_decision_stands() {
         let c = Coordinator::new(2, None);
-        c.vote("a", Ok(1));
+        let same = Ok(Prepared {
+            last_generation: 1,
+            unchanged: true,
+        });
+        c.vote("a", same);
         c.vote("b", Err("b: no space".into()));
-        assert_eq!(c.tally().await.refused, vec!["b: no space".to_string()]);
+        let t = c.tally().await;
+        assert_eq!(t.refused, vec!["b: no space".to_string()]);
+        assert!(!t.unchanged, "a refusal is not a job that changed nothing");
+        let c = Coordinator::new(2, None);
+        c.vote("a", same);
+        c.vote("b", same);
+        assert!(c.tally().await.unchanged);
         let resumed = Coordinator::new(2, Some(5));
         assert!(resumed.decided_before());
         assert_eq!(resumed.decision().await, Decision::Switch(5));

@@ -15,7 +15,7 @@ use cms_mirror::pb;
 use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::security::AuthChannel;
 
-use super::publish::{Coordinator, Decision};
+use super::publish::{Coordinator, Decision, Prepared};
 use super::remote_plan::make_plan;
 use super::retry::{GaveUp, backoff, retryable, retrying, wait_unless_cancelled, within};
 use super::stream::{StreamEnd, stream_once};
@@ -255,7 +255,7 @@ impl<'a> TargetRun<'a> {
     async fn committed_before(&self) -> TargetOutcome {
         if let Some(c) = self.coord {
             // Switched before a restart of this source: it voted then.
-            c.vote(self.tname(), Ok(0));
+            c.vote(self.tname(), Ok(Prepared::default()));
         }
         self.set_state(TargetState::Committed).await;
         let r = current_row(self.app, self.jid, self.tname()).await;
@@ -663,9 +663,18 @@ impl<'a> TargetRun<'a> {
             match &prepared {
                 Ok(r) => {
                     self.record_commit_errors(&r.item_errors).await;
-                    self.emit("prepared", json!({"last_generation": r.last_generation}))
-                        .await;
-                    c.vote(self.tname(), Ok(r.last_generation));
+                    self.emit(
+                        "prepared",
+                        json!({"last_generation": r.last_generation, "unchanged": r.unchanged}),
+                    )
+                    .await;
+                    c.vote(
+                        self.tname(),
+                        Ok(Prepared {
+                            last_generation: r.last_generation,
+                            unchanged: r.unchanged,
+                        }),
+                    );
                 }
                 Err(Stop::Failed(m, _)) => c.vote(self.tname(), Err(m.clone())),
                 Err(_) => c.vote(
@@ -693,6 +702,11 @@ impl<'a> TargetRun<'a> {
                 self.emit("switched", json!({"generation": r.generation}))
                     .await;
                 Ok(r)
+            }
+            Decision::Keep => {
+                // The work area equals the live tree: it stays for the next job.
+                self.abort_session(&session_id).await;
+                Ok(pb::CommitResponse::default())
             }
             Decision::Abort(why) => {
                 self.abort_session(&session_id).await;

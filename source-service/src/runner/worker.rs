@@ -153,7 +153,9 @@ async fn coordinator(
 /// is told) when all prepared, else no target switches.
 async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinator) {
     let tally = c.tally().await;
-    let d = if tally.refused.is_empty() {
+    let d = if tally.unchanged && c.rollback_to().is_none() {
+        Decision::Keep
+    } else if tally.refused.is_empty() {
         #[cfg(feature = "failpoints")]
         crate::failpoints::kill_at("prepared");
         let recorded = match c.rollback_to() {
@@ -175,6 +177,7 @@ async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinato
     crate::failpoints::kill_at("decided");
     let data = match &d {
         Decision::Switch(n) => json!({"switch": true, "generation": n}),
+        Decision::Keep => json!({"switch": false, "unchanged": true}),
         Decision::Abort(why) => json!({"switch": false, "error": why}),
     };
     app.bus.emit(&job.id, "publish_decided", "", data).await;
@@ -196,6 +199,7 @@ async fn published(
         (Some(n), _) if switched => format!("rolled back to generation {n}"),
         (Some(n), _) => format!("not rolled back to generation {n}"),
         (None, Some(n)) if switched => format!("{summary}; generation {n} live"),
+        (None, None) if switched => format!("{summary}; nothing changed, no new generation"),
         (None, _) => format!("{summary}; not switched, the previous generation is live"),
     }
 }
