@@ -110,13 +110,16 @@ async fn of_store(db: &Db, site: &str, store: &str) -> Result<Option<GenRow>, sq
 
 /// (files, bytes) of a store.
 async fn size_of(db: &Db, store: &str) -> Result<(u64, u64), sqlx::Error> {
-    let (files, bytes): (i64, Option<i64>) =
-        sqlx::query_as("SELECT COUNT(*), SUM(size) FROM entries WHERE site = $1 AND kind = $2")
-            .bind(store)
-            .bind(cms_mirror::model::Kind::File.code())
-            .fetch_one(&db.pool)
-            .await?;
-    Ok((files.max(0) as u64, bytes.unwrap_or(0).max(0) as u64))
+    // SUM is NUMERIC on PostgreSQL: cast back.
+    let (files, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM entries \
+         WHERE site = $1 AND kind = $2",
+    )
+    .bind(store)
+    .bind(cms_mirror::model::Kind::File.code())
+    .fetch_one(&db.pool)
+    .await?;
+    Ok((files.max(0) as u64, bytes.max(0) as u64))
 }
 
 /// A prepared work area that will not be switched (its session aborted) is built on
@@ -152,16 +155,97 @@ async fn last_number(db: &Db, site: &str) -> Result<u64, sqlx::Error> {
 }
 
 /// The index rows of one store copied under another (a new work area starts as the
-/// live generation's copy).
-const COPY_ROWS: [&str; 3] = [
-    "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode, link_target, hash) \
-     SELECT $1, sort_key, path, kind, size, mtime_ns, mode, link_target, hash FROM entries WHERE site = $2",
-    "INSERT INTO pages (site, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at) \
-     SELECT $1, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at \
-     FROM pages WHERE site = $2",
-    "INSERT INTO page_links (site, from_key, to_key, to_hint) \
-     SELECT $1, from_key, to_key, to_hint FROM page_links WHERE site = $2",
+/// live generation's copy): (table, the column batches are cut on, the copy of the rows
+/// of `site = $2` whose key is above `$3` (and, where `{upper}` adds it, at most `$4`)
+/// under store `$1`).
+const COPY_ROWS: [(&str, &str, &str); 3] = [
+    (
+        "entries",
+        "sort_key",
+        "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode, link_target, hash) \
+         SELECT $1, sort_key, path, kind, size, mtime_ns, mode, link_target, hash FROM entries \
+         WHERE site = $2 AND sort_key > $3 {upper}",
+    ),
+    (
+        "pages",
+        "page_key",
+        "INSERT INTO pages (site, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at) \
+         SELECT $1, page_key, id, locale, parent_key, position, slug, page_type, title, doc, hash, url_path, updated_at \
+         FROM pages WHERE site = $2 AND page_key > $3 {upper}",
+    ),
+    (
+        "page_links",
+        "from_key",
+        "INSERT INTO page_links (site, from_key, to_key, to_hint) \
+         SELECT $1, from_key, to_key, to_hint FROM page_links \
+         WHERE site = $2 AND from_key > $3 {upper}",
+    ),
 ];
+
+/// Rows per statement of a copy: SQLite holds a statement's rows in memory when it
+/// reads and writes one table, so one statement for a whole store grew with the site.
+const COPY_BATCH: i64 = 20_000;
+
+/// Copies a store's rows of one table under another, in key ranges of about
+/// [`COPY_BATCH`] rows; `none` is the key below every key (empty bytes or text).
+async fn copy_rows<K>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    (table, key, insert): (&str, &str, &str),
+    from: &str,
+    to: &str,
+    none: K,
+) -> Result<(), sqlx::Error>
+where
+    K: for<'q> sqlx::Encode<'q, sqlx::Any>
+        + for<'r> sqlx::Decode<'r, sqlx::Any>
+        + sqlx::Type<sqlx::Any>
+        + Clone
+        + Send
+        + Unpin
+        + 'static,
+{
+    let mut after = none;
+    loop {
+        let bound: Option<(K,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {key} FROM {table} WHERE site = $1 AND {key} > $2 \
+             ORDER BY {key} LIMIT 1 OFFSET $3"
+        )))
+        .bind(from)
+        .bind(after.clone())
+        .bind(COPY_BATCH - 1)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let upper = if bound.is_some() {
+            format!("AND {key} <= $4")
+        } else {
+            String::new()
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.replace("{upper}", &upper)))
+            .bind(to)
+            .bind(from)
+            .bind(after);
+        if let Some((b,)) = &bound {
+            q = q.bind(b.clone());
+        }
+        q.execute(&mut **tx).await?;
+        match bound {
+            Some((b,)) => after = b,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Copies every index row of store `from` (manifest, pages, links) under store `to`.
+pub async fn copy_store(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    from: &str,
+    to: &str,
+) -> Result<(), sqlx::Error> {
+    let [entries, pages, links] = COPY_ROWS;
+    copy_rows(tx, entries, from, to, Vec::<u8>::new()).await?;
+    copy_rows(tx, pages, from, to, String::new()).await?;
+    copy_rows(tx, links, from, to, String::new()).await
+}
 
 /// Removes a store's index rows.
 const DROP_ROWS: [&str; 3] = [
@@ -311,13 +395,7 @@ impl TargetService {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         let mut tx = db.pool.begin().await?;
-        for sql in COPY_ROWS {
-            sqlx::query(sql)
-                .bind(&store)
-                .bind(&from)
-                .execute(&mut *tx)
-                .await?;
-        }
+        copy_store(&mut tx, &from, &store).await?;
         sqlx::query(
             "INSERT INTO generations (site, store, state, job_id, created_at) VALUES ($1, $2, 'building', $3, $4)",
         )

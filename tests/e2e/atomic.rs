@@ -130,6 +130,22 @@ fn publishes_and_keeps_generations(db: Option<String>) {
     assert_eq!(live_generation(&dst), Some(3));
     assert_eq!(generation_numbers(&dst), ["2", "3"]);
     assert_same_tree(&src, &dst);
+    // The target lists them with their sizes (from its ledger).
+    let out = mirrorctl(&source.url(), &["generations", "site", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gens = listed[0]["generations"].as_array().unwrap();
+    let files = snapshot(&src).values().filter(|n| n.kind == "file").count() as u64;
+    assert_eq!(gens.len(), 2, "{listed:#}");
+    assert_eq!(
+        (gens[0]["number"].as_u64(), gens[0]["live"].as_bool()),
+        (Some(3), Some(true))
+    );
+    assert_eq!(gens[0]["files"].as_u64(), Some(files), "{listed:#}");
 
     // A job that changes nothing makes no generation (scheduled runs do not push the
     // ones kept for rollback out); the live tree's trace says it ran.

@@ -57,7 +57,62 @@ on_every_backend!(
     a_ledger_of_the_first_schema_is_carried_over,
     jobs_are_found_by_id_prefix_and_old_finished_jobs_pruned,
     publish_decisions_number_generations_once,
+    a_generation_s_rows_are_copied_whole_in_batches,
 );
+
+async fn a_generation_s_rows_are_copied_whole_in_batches(b: Backend) {
+    let (backend, db, _keep) = database(b, Schema::Target).await;
+    // More rows than one batch of the copy holds, twice over.
+    let n = 45_001;
+    let (entries, links) = match b {
+        Backend::Sqlite => (
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
+             INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode) \
+             SELECT 'www', CAST(printf('%06d', i) AS BLOB), printf('%06d', i), 1, i, 0, 420 FROM n",
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $1) \
+             INSERT INTO page_links (site, from_key, to_key) \
+             SELECT 'www', printf('en/%06d', i / 2), printf('en/%06d', i) FROM n",
+        ),
+        Backend::Postgres => (
+            "INSERT INTO entries (site, sort_key, path, kind, size, mtime_ns, mode) \
+             SELECT 'www', convert_to(lpad(i::text, 6, '0'), 'UTF8'), lpad(i::text, 6, '0'), 1, i, 0, 420 \
+             FROM generate_series(1, $1::bigint) AS i",
+            "INSERT INTO page_links (site, from_key, to_key) \
+             SELECT 'www', 'en/' || lpad((i / 2)::text, 6, '0'), 'en/' || lpad(i::text, 6, '0') \
+             FROM generate_series(1, $1::bigint) AS i",
+        ),
+    };
+    for sql in [entries, links] {
+        sqlx::query(sql).bind(n).execute(&db.pool).await.unwrap();
+    }
+    let mut tx = db.pool.begin().await.unwrap();
+    mirror_target::generations::copy_store(&mut tx, "www", "www@1")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let count = |table: &'static str, site: &'static str| {
+        let db = db.clone();
+        async move {
+            let (c,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM {table} WHERE site = '{site}'"
+            )))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            c
+        }
+    };
+    for table in ["entries", "page_links"] {
+        assert_eq!(count(table, "www@1").await, n, "{backend}: {table}");
+        assert_eq!(count(table, "www").await, n, "{backend}: {table}");
+    }
+    let (sum,): (i64,) =
+        sqlx::query_as("SELECT CAST(SUM(size) AS BIGINT) FROM entries WHERE site = 'www@1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sum, n * (n + 1) / 2, "{backend}: every row once");
+}
 
 async fn publish_decisions_number_generations_once(b: Backend) {
     let (backend, db, _keep) = database(b, Schema::Source).await;
