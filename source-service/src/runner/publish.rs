@@ -167,13 +167,13 @@ mod tests {
             last_generation: 1,
             unchanged: true,
         });
-        c.vote("a", same);
+        c.vote("a", same.clone());
         c.vote("b", Err("b: no space".into()));
         let t = c.tally().await;
         assert_eq!(t.refused, vec!["b: no space".to_string()]);
         assert!(!t.unchanged, "a refusal is not a job that changed nothing");
         let c = Coordinator::new(2, None);
-        c.vote("a", same);
+        c.vote("a", same.clone());
         c.vote("b", same);
         assert!(c.tally().await.unchanged);
         let resumed = Coordinator::new(2, Some(5));
