@@ -254,29 +254,36 @@ const DROP_ROWS: [&str; 3] = [
     "DELETE FROM page_links WHERE site = $1",
 ];
 
+/// The rows of store `$2` that store `$1` does not hold as they are, with whether `$1`
+/// lacks the path (1) or holds another version (0): `{cols}` is what is selected.
+const PUT_SQL: &str = "SELECT {cols} FROM entries n \
+     LEFT JOIN entries o ON o.site = $1 AND o.sort_key = n.sort_key \
+     WHERE n.site = $2 AND (o.sort_key IS NULL OR o.kind <> n.kind OR o.size <> n.size \
+     OR o.mtime_ns <> n.mtime_ns OR o.mode <> n.mode OR o.link_target <> n.link_target \
+     OR o.hash IS DISTINCT FROM n.hash)";
+
+/// The rows of store `$1` whose path store `$2` does not hold.
+const GONE_SQL: &str = "SELECT {cols} FROM entries o WHERE o.site = $1 AND NOT EXISTS \
+     (SELECT 1 FROM entries n WHERE n.site = $2 AND n.sort_key = o.sort_key)";
+
 /// What differs between two stores' manifests (files, directories and links; pages
 /// are told by the page store), in path order: the changes a switch from `from` to
-/// `to` makes visible.
+/// `to` makes visible. Read only for hooks (it holds every changed path).
 async fn diff(db: &Db, from: &str, to: &str) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
-    let put: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT n.path, CASE WHEN o.sort_key IS NULL THEN 1 ELSE 0 END FROM entries n \
-         LEFT JOIN entries o ON o.site = $1 AND o.sort_key = n.sort_key \
-         WHERE n.site = $2 AND (o.sort_key IS NULL OR o.kind <> n.kind OR o.size <> n.size \
-         OR o.mtime_ns <> n.mtime_ns OR o.mode <> n.mode OR o.link_target <> n.link_target \
-         OR o.hash IS DISTINCT FROM n.hash)",
-    )
+    let sql = |q: &str, cols: &str| sqlx::AssertSqlSafe(q.replace("{cols}", cols));
+    let put: Vec<(String, i64)> = sqlx::query_as(sql(
+        PUT_SQL,
+        "n.path, CASE WHEN o.sort_key IS NULL THEN 1 ELSE 0 END",
+    ))
     .bind(from)
     .bind(to)
     .fetch_all(&db.pool)
     .await?;
-    let gone: Vec<(String,)> = sqlx::query_as(
-        "SELECT o.path FROM entries o WHERE o.site = $1 AND NOT EXISTS \
-         (SELECT 1 FROM entries n WHERE n.site = $2 AND n.sort_key = o.sort_key)",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_all(&db.pool)
-    .await?;
+    let gone: Vec<(String,)> = sqlx::query_as(sql(GONE_SQL, "o.path"))
+        .bind(from)
+        .bind(to)
+        .fetch_all(&db.pool)
+        .await?;
     let mut all: Vec<(String, ChangeAction)> = put
         .into_iter()
         .map(|(p, created)| {
@@ -293,13 +300,26 @@ async fn diff(db: &Db, from: &str, to: &str) -> Result<Vec<(String, ChangeAction
     Ok(all)
 }
 
-fn counts(changes: &[(String, ChangeAction)]) -> (u64, u64, u64) {
-    let n = |a| changes.iter().filter(|c| c.1 == a).count() as u64;
-    (
-        n(ChangeAction::Created),
-        n(ChangeAction::Updated),
-        n(ChangeAction::Deleted),
-    )
+/// How many paths a switch from `from` to `to` creates, updates and deletes, counted by
+/// the database (a full mirror changes every path: its list is not held for a count).
+async fn diff_counts(db: &Db, from: &str, to: &str) -> Result<(u64, u64, u64), sqlx::Error> {
+    let sql = |q: &str, cols: &str| sqlx::AssertSqlSafe(q.replace("{cols}", cols));
+    let (created, updated): (i64, i64) = sqlx::query_as(sql(
+        PUT_SQL,
+        "CAST(COALESCE(SUM(CASE WHEN o.sort_key IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(CASE WHEN o.sort_key IS NULL THEN 0 ELSE 1 END), 0) AS BIGINT)",
+    ))
+    .bind(from)
+    .bind(to)
+    .fetch_one(&db.pool)
+    .await?;
+    let (deleted,): (i64,) = sqlx::query_as(sql(GONE_SQL, "COUNT(*)"))
+        .bind(from)
+        .bind(to)
+        .fetch_one(&db.pool)
+        .await?;
+    let n = |v: i64| v.max(0) as u64;
+    Ok((n(created), n(updated), n(deleted)))
 }
 
 impl TargetService {
@@ -641,8 +661,7 @@ impl TargetService {
             // A work area was built from the generation served until now.
             self.drop_work_area(&s.site).await;
         }
-        let changes = diff(db, &from, &s.store).await?;
-        let (created, updated, deleted) = counts(&changes);
+        let (created, updated, deleted) = diff_counts(db, &from, &s.store).await?;
         tracing::info!(session = %s.id, generation = number, created, updated, deleted,
             took_ms = started.elapsed().as_millis() as u64, "switched to the new generation");
         self.prune(&s.site, r.keep_generations).await;
@@ -650,6 +669,11 @@ impl TargetService {
         self.count_committed(&s);
         let lineage = self.take_lineage(&s);
         let hooks = if r.run_hooks {
+            let changes = if self.has_hooks(&s.site) {
+                diff(db, &from, &s.store).await?
+            } else {
+                Vec::new()
+            };
             self.run_hooks(&s, changes, lineage).await?
         } else {
             Vec::new()

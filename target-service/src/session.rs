@@ -97,7 +97,11 @@ impl TargetService {
         if first_commit {
             self.count_committed(&s);
             if r.run_hooks {
-                let changes = self.session_file_changes(&s).await?;
+                let changes = if self.has_hooks(&s.site) {
+                    self.session_file_changes(&s).await?
+                } else {
+                    Vec::new()
+                };
                 hooks = self.run_hooks(&s, changes, lineage).await?;
             }
         }
@@ -337,6 +341,15 @@ impl TargetService {
             .expect("sessions lock")
             .remove(&s.id);
         Ok(())
+    }
+
+    /// Whether a site has cache invalidation hooks (only then is what changed listed).
+    pub(crate) fn has_hooks(&self, site: &str) -> bool {
+        self.inner
+            .settings
+            .sites
+            .iter()
+            .any(|c| c.name == site && !c.hooks.is_empty())
     }
 
     /// What a session changed in the site's files, in path order.
