@@ -668,10 +668,32 @@ impl Ledger {
 
     /// What a session changed, in path order.
     pub async fn changes(&self, session: &str) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
+        self.changes_below(session, "").await
+    }
+
+    /// What a session changed in its CMS pages (a site of files changes none: their list
+    /// is not read for this).
+    pub async fn page_changes(
+        &self,
+        session: &str,
+    ) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
+        self.changes_below(session, &format!("{}/", cms_mirror::pathsafe::PAGES_DIR))
+            .await
+    }
+
+    /// What a session changed at paths that start with `prefix` (ASCII), in path order.
+    async fn changes_below(
+        &self,
+        session: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, ChangeAction)>, sqlx::Error> {
         let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT path, action FROM session_changes WHERE session_id = $1 ORDER BY path",
+            "SELECT path, action FROM session_changes WHERE session_id = $1 \
+             AND SUBSTR(path, 1, CAST($2 AS INTEGER)) = $3 ORDER BY path",
         )
         .bind(session)
+        .bind(prefix.len() as i64)
+        .bind(prefix)
         .fetch_all(&self.db.pool)
         .await?;
         rows.into_iter()

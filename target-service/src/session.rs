@@ -164,7 +164,7 @@ impl TargetService {
     ) -> Result<Vec<pb::ItemError>, TargetError> {
         let mut put = std::collections::HashSet::new();
         let mut deleted = Vec::new();
-        for (path, action) in self.inner.ledger.changes(&s.id).await? {
+        for (path, action) in self.inner.ledger.page_changes(&s.id).await? {
             let Some(key) = cms_mirror::pathsafe::page_key(&path) else {
                 continue;
             };
