@@ -2,6 +2,7 @@
 //! GetManifest; Import is in [`crate::import`], Commit in [`crate::session`].
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -94,10 +95,16 @@ impl TargetService {
             // The root's own name is kept, not resolved: a site published atomically
             // has a link there that each switch replaces.
             let root = match (s.root.parent(), s.root.file_name()) {
-                (Some(p), Some(name)) if !p.as_os_str().is_empty() => p
-                    .canonicalize()
-                    .map(|p| p.join(name))
-                    .map_err(|e| err(e.to_string()))?,
+                (Some(p), Some(name)) => {
+                    let p = if p.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        p
+                    };
+                    p.canonicalize()
+                        .map(|p| p.join(name))
+                        .map_err(|e| err(e.to_string()))?
+                }
                 _ => s.root.canonicalize().map_err(|e| err(e.to_string()))?,
             };
             let fs = SiteFs {
