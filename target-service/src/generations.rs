@@ -359,7 +359,7 @@ impl TargetService {
             if let Some(g) = live(db, &r.site).await? {
                 return Err(TargetError::Publish(format!(
                     "site {:?} publishes atomically (generation {} is live): set publish = \"atomic\" \
-                     on the channel (docs/how-to-mirror.md says how to go back to in place)",
+                     on the channel (docs/configuration.md says how to go back to in place)",
                     r.site,
                     g.number.unwrap_or(0)
                 )));
@@ -471,10 +471,12 @@ impl TargetService {
     ) -> Result<pb::CommitResponse, TargetError> {
         let site = self.site(&s.site)?;
         let _building = site.generations.lock().await;
+        let db = self.inner.ledger.db();
         let mut item_errors = Vec::new();
-        let rollback = of_store(self.inner.ledger.db(), &s.site, &s.store)
+        let rollback = of_store(db, &s.site, &s.store)
             .await?
             .and_then(|g| g.number);
+        let unchanged = rollback.is_none() && !changed(db, &s.store).await?;
         match s.state {
             SessionStatus::Open if rollback.is_some() => {
                 // Its tree was checked when the session opened, and it was durable
@@ -489,15 +491,13 @@ impl TargetService {
                 self.finalize(&s, &r).await?;
                 item_errors = self.resolve_pages(&s).await?;
                 let lineage = self.lineage(&s);
-                self.write_trace(&s, &r.source_id, &lineage).await?;
-                if !changed(self.inner.ledger.db(), &s.store).await? {
+                self.write_trace(&s, site.fs.work(), &r.source_id, &lineage)
+                    .await;
+                if unchanged {
                     // A job that changes nothing switches nothing: the live tree's trace
                     // says it ran.
-                    let live = crate::ledger::SessionRow {
-                        store: String::new(),
-                        ..s.clone()
-                    };
-                    self.write_trace(&live, &r.source_id, &lineage).await?;
+                    self.write_trace(&s, site.fs.clone(), &r.source_id, &lineage)
+                        .await;
                 }
                 if self.inner.settings.durability != crate::apply::Durability::None {
                     let fs = site.fs.clone();
@@ -520,7 +520,7 @@ impl TargetService {
                 .bind(&s.job_id)
                 .bind(&s.site)
                 .bind(&s.store)
-                .execute(&self.inner.ledger.db().pool)
+                .execute(&db.pool)
                 .await?;
                 tracing::info!(session = %s.id, "generation prepared");
             }
@@ -530,15 +530,14 @@ impl TargetService {
             SessionStatus::Expired => return Err(TargetError::SessionExpired(s.id)),
         }
         let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
-        let db = self.inner.ledger.db();
         Ok(pb::CommitResponse {
             items_created: created,
             items_updated: updated,
             items_deleted: deleted,
             item_errors,
             prepared: true,
-            unchanged: rollback.is_none() && !changed(db, &s.store).await?,
-            last_generation: last_number(self.inner.ledger.db(), &s.site).await?,
+            unchanged,
+            last_generation: last_number(db, &s.site).await?,
             ..Default::default()
         })
     }
@@ -558,13 +557,9 @@ impl TargetService {
         match s.state {
             SessionStatus::Prepared => {}
             SessionStatus::Committed => {
-                let (number,): (Option<i64>,) =
-                    sqlx::query_as("SELECT number FROM generations WHERE site = $1 AND store = $2")
-                        .bind(&s.site)
-                        .bind(&s.store)
-                        .fetch_optional(&db.pool)
-                        .await?
-                        .unwrap_or((None,));
+                let number = of_store(db, &s.site, &s.store)
+                    .await?
+                    .and_then(|g| g.number);
                 let (created, updated, deleted) = self.inner.ledger.change_counts(&s.id).await?;
                 return Ok(pb::CommitResponse {
                     items_created: created,
@@ -605,7 +600,7 @@ impl TargetService {
         let fs = site.fs.clone();
         let number = r.generation;
         let started = Instant::now();
-        let kept_original = tokio::task::spawn_blocking(move || match rollback {
+        let zero_kept = tokio::task::spawn_blocking(move || match rollback {
             Some(n) => fs.point_root_at(n),
             None => fs.switch_to(number),
         })
@@ -622,7 +617,7 @@ impl TargetService {
             .bind(&s.site)
             .execute(&mut *tx)
             .await?;
-        if kept_original {
+        if zero_kept {
             sqlx::query(
                 "INSERT INTO generations (site, store, number, state, job_id, created_at, published_at) \
                  VALUES ($1, $1, 0, 'kept', '', $2, $2) ON CONFLICT (site, store) DO NOTHING",
@@ -669,11 +664,7 @@ impl TargetService {
         self.count_committed(&s);
         let lineage = self.take_lineage(&s);
         let hooks = if r.run_hooks {
-            let changes = if self.has_hooks(&s.site) {
-                diff(db, &from, &s.store).await?
-            } else {
-                Vec::new()
-            };
+            let changes = async { Ok(diff(db, &from, &s.store).await?) };
             self.run_hooks(&s, changes, lineage).await?
         } else {
             Vec::new()
@@ -696,17 +687,14 @@ impl TargetService {
             let Some(w) = work_area(db, site).await? else {
                 return Ok(());
             };
-            let work = self.site(site)?.fs.work().root;
-            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&work))
+            let fs = self.site(site)?.fs.clone();
+            tokio::task::spawn_blocking(move || fs.remove_work_area())
                 .await
                 .map_err(TargetError::task("work area"))?
-                .or_else(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => Ok(()),
-                    _ => Err(TargetError::Generation {
-                        site: site.to_string(),
-                        what: "cannot remove the work area",
-                        source: e,
-                    }),
+                .map_err(|source| TargetError::Generation {
+                    site: site.to_string(),
+                    what: "cannot remove the work area",
+                    source,
                 })?;
             self.drop_store(site, &w.store).await
         };

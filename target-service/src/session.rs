@@ -90,18 +90,13 @@ impl TargetService {
         };
         let (created, updated, deleted) = self.inner.ledger.commit_session(&s.id, &s.site).await?;
         tracing::info!(session = %s.id, created, updated, deleted, "session committed");
-        if first_commit {
-            self.write_trace(&s, &r.source_id, &lineage).await?;
-        }
         let mut hooks = Vec::new();
         if first_commit {
+            self.write_trace(&s, self.site(&s.site)?.fs.clone(), &r.source_id, &lineage)
+                .await;
             self.count_committed(&s);
             if r.run_hooks {
-                let changes = if self.has_hooks(&s.site) {
-                    self.session_file_changes(&s).await?
-                } else {
-                    Vec::new()
-                };
+                let changes = async { Ok(self.inner.ledger.changes(&s.id).await?) };
                 hooks = self.run_hooks(&s, changes, lineage).await?;
             }
         }
@@ -132,14 +127,16 @@ impl TargetService {
             .inc();
     }
 
-    /// Notes the committed job in the site's trace file (replaced whole, by a rename), for
-    /// mirror checkers that read its age; a failure is logged, the commit stands.
+    /// Notes the committed job in the trace file of the tree at `fs` (replaced whole, by a
+    /// rename), for mirror checkers that read its age; a failure is logged, the commit
+    /// stands.
     pub(crate) async fn write_trace(
         &self,
         s: &SessionRow,
+        fs: apply::SiteFs,
         source: &str,
         lineage: &[String],
-    ) -> Result<(), TargetError> {
+    ) {
         let text = format!(
             "date: {}\njob: {}\nchannel: {}\nsite: {}\nsource: {source}\ntarget: {}\nlineage: {}\n",
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -149,12 +146,10 @@ impl TargetService {
             self.inner.settings.target_id,
             lineage.join(" "),
         );
-        let fs = self.session_fs(s)?;
         let written = tokio::task::spawn_blocking(move || fs.write_trace(&text)).await;
         if let Ok(Err(e)) | Err(e) = written.map_err(std::io::Error::other) {
             tracing::warn!(site = %s.site, error = %e, "cannot write the trace file");
         }
-        Ok(())
     }
 
     /// Resolves the pages the session put and deleted (URLs, links); the problems found.
@@ -343,30 +338,14 @@ impl TargetService {
         Ok(())
     }
 
-    /// Whether a site has cache invalidation hooks (only then is what changed listed).
-    pub(crate) fn has_hooks(&self, site: &str) -> bool {
-        self.inner
-            .settings
-            .sites
-            .iter()
-            .any(|c| c.name == site && !c.hooks.is_empty())
-    }
-
-    /// What a session changed in the site's files, in path order.
-    async fn session_file_changes(
-        &self,
-        s: &SessionRow,
-    ) -> Result<Vec<(String, ChangeAction)>, TargetError> {
-        Ok(self.inner.ledger.changes(&s.id).await?)
-    }
-
-    /// Runs the site's cache invalidation hooks with what changed (`files`, and the pages
-    /// the session changed), then its tier pushes (with this target added to the
-    /// lineage).
+    /// Runs the site's cache invalidation hooks with what changed (`files`, the paths in
+    /// order, listed only when the site has hooks: a full mirror changes every path; and
+    /// the pages the session changed), then its tier pushes (with this target added to
+    /// the lineage).
     pub(crate) async fn run_hooks(
         &self,
         s: &SessionRow,
-        files: Vec<(String, ChangeAction)>,
+        files: impl std::future::Future<Output = Result<Vec<(String, ChangeAction)>, TargetError>>,
         mut lineage: Vec<String>,
     ) -> Result<Vec<pb::HookResult>, TargetError> {
         let Some(cfg) = self.inner.settings.sites.iter().find(|c| c.name == s.site) else {
@@ -387,7 +366,7 @@ impl TargetService {
             };
             (ch.pages, ch.parents) =
                 crate::pagestore::session_changes(self.inner.ledger.db(), s.key(), &s.id).await?;
-            for (path, action) in files {
+            for (path, action) in files.await? {
                 // Pages are not files of the site: no file URL names them.
                 if cms_mirror::pathsafe::is_page_key(&path) {
                     continue;

@@ -49,7 +49,7 @@ pub(super) struct Coordinator {
 pub(super) struct Tally {
     /// The highest generation number any target has.
     pub(super) max_generation: u64,
-    /// Why targets did not prepare, in target order of voting.
+    /// Why targets did not prepare, sorted.
     pub(super) refused: Vec<String>,
     /// Every target prepared and none changed anything.
     pub(super) unchanged: bool,
@@ -80,6 +80,11 @@ impl Coordinator {
 
     pub(super) fn decided_before(&self) -> bool {
         self.decided.borrow().is_some()
+    }
+
+    /// The decision, once made (or recorded by an earlier run of the job).
+    pub(super) fn decided(&self) -> Option<Decision> {
+        self.decided.borrow().clone()
     }
 
     /// Casts a target's vote; a second vote of one target is ignored.

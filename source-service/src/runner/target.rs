@@ -67,17 +67,10 @@ pub(super) async fn run_target(
     cancel: watch::Receiver<bool>,
     coord: Option<&Coordinator>,
 ) -> TargetOutcome {
-    let run = TargetRun::new(app, job, ch, t, cancel, coord).await;
-    let mut run = match run {
-        Ok(r) => r,
-        Err(msg) => {
-            if let Some(c) = coord {
-                c.vote(&t.name, Err(msg.clone()));
-            }
-            return fail(app, &job.id, &t.name, msg, 0).await;
-        }
+    let ran = match TargetRun::new(app, job, ch, t, cancel, coord).await {
+        Ok(mut run) => run.run().await,
+        Err(msg) => Err(Stop::Failed(msg, 0)),
     };
-    let ran = run.run().await;
     if let (Some(c), Err(stop)) = (coord, &ran) {
         // A target that stopped before it prepared votes against the switch (a vote
         // it cast already stands).
@@ -659,30 +652,21 @@ impl<'a> TargetRun<'a> {
                 phase: pb::CommitPhase::Prepare as i32,
                 ..req.clone()
             };
-            let prepared = self.send_commit(prepare, "prepare").await;
-            match &prepared {
-                Ok(r) => {
-                    self.record_commit_errors(&r.item_errors).await;
-                    self.emit(
-                        "prepared",
-                        json!({"last_generation": r.last_generation, "unchanged": r.unchanged}),
-                    )
-                    .await;
-                    c.vote(
-                        self.tname(),
-                        Ok(Prepared {
-                            last_generation: r.last_generation,
-                            unchanged: r.unchanged,
-                        }),
-                    );
-                }
-                Err(Stop::Failed(m, _)) => c.vote(self.tname(), Err(m.clone())),
-                Err(_) => c.vote(
-                    self.tname(),
-                    Err(format!("{}: cancelled", target_label(self.t))),
-                ),
-            }
-            prepared?;
+            // A prepare that fails ends this run, which votes against the switch.
+            let r = self.send_commit(prepare, "prepare").await?;
+            self.record_commit_errors(&r.item_errors).await;
+            self.emit(
+                "prepared",
+                json!({"last_generation": r.last_generation, "unchanged": r.unchanged}),
+            )
+            .await;
+            c.vote(
+                self.tname(),
+                Ok(Prepared {
+                    last_generation: r.last_generation,
+                    unchanged: r.unchanged,
+                }),
+            );
         }
         match c.decision().await {
             Decision::Switch(generation) => {

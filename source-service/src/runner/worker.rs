@@ -59,54 +59,54 @@ async fn run_job_inner(app: Arc<App>, job: JobRow) {
         .await;
     let keeper = spawn_keeper(app.clone(), id.clone(), cancel_tx);
     let config = app.config();
-    let (state, error, summary, rows) = match config.channel(&job.channel) {
-        None => (
-            JobState::Failed,
-            Some(format!(
-                "unknown channel {:?} (not in the source's configuration)",
-                job.channel
-            )),
-            String::new(),
-            app.store.targets(&job.id).await.unwrap_or_default(),
-        ),
-        Some(ch) if let Err(why) = check_source(ch).await => (
-            JobState::Failed,
-            Some(why),
-            String::new(),
-            app.store.targets(&job.id).await.unwrap_or_default(),
-        ),
-        Some(ch) if let Err(why) = coordinator(&app, &job, ch).await => (
+    let ran = match config.channel(&job.channel) {
+        None => Err(format!(
+            "unknown channel {:?} (not in the source's configuration)",
+            job.channel
+        )),
+        Some(ch) => run_channel(&app, &job, ch, &cancel_rx).await,
+    };
+    let (state, error, summary, rows) = match ran {
+        Ok(done) => done,
+        Err(why) => (
             JobState::Failed,
             Some(why),
             String::new(),
             app.store.targets(&job.id).await.unwrap_or_default(),
         ),
-        Some(ch) => {
-            let ch = ch.clone();
-            let coord = coordinator(&app, &job, &ch).await.ok().flatten();
-            let futs = ch.targets.iter().map(|t| {
-                run_target(&app, &job, &ch, t, cancel_rx.clone(), coord.as_ref())
-                    .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
-            });
-            let decided = async {
-                if let Some(c) = coord.as_ref().filter(|c| !c.decided_before()) {
-                    decide(&app, &job, &ch, c).await;
-                }
-            };
-            let (outcomes, ()) = tokio::join!(futures::future::join_all(futs), decided);
-            let rows = app.store.targets(&job.id).await.unwrap_or_default();
-            let dry_run = job.options().dry_run;
-            let (state, error, mut summary) =
-                aggregate(&ch, &outcomes, &rows, *cancel_rx.borrow(), dry_run);
-            if let Some(c) = &coord {
-                summary = published(&app, &job, c, state, summary).await;
-            }
-            (state, error, summary, rows)
-        }
     };
     keeper.abort();
     app.running.lock().expect("running lock").remove(&id);
     finish(&app, &job, state, error, summary, rows).await;
+}
+
+/// Runs a job's targets on its channel: its outcome, error, summary and target rows, or
+/// why it could not start.
+async fn run_channel(
+    app: &Arc<App>,
+    job: &JobRow,
+    ch: &ChannelConfig,
+    cancel: &watch::Receiver<bool>,
+) -> Result<(JobState, Option<String>, String, Vec<TargetRow>), String> {
+    check_source(ch).await?;
+    let coord = coordinator(app, job, ch).await?;
+    let futs = ch.targets.iter().map(|t| {
+        run_target(app, job, ch, t, cancel.clone(), coord.as_ref())
+            .instrument(tracing::info_span!("target", job = %job.id, target = %t.name, url = %t.url, site = %t.site))
+    });
+    let decided = async {
+        if let Some(c) = coord.as_ref().filter(|c| !c.decided_before()) {
+            decide(app, job, ch, c).await;
+        }
+    };
+    let (outcomes, ()) = tokio::join!(futures::future::join_all(futs), decided);
+    let rows = app.store.targets(&job.id).await.unwrap_or_default();
+    let dry_run = job.options().dry_run;
+    let (state, error, mut summary) = aggregate(ch, &outcomes, &rows, *cancel.borrow(), dry_run);
+    if let Some(c) = &coord {
+        summary = published(c, state, summary);
+    }
+    Ok((state, error, summary, rows))
 }
 
 /// The vote of an atomic job's targets (none for a job published in place or a dry
@@ -186,20 +186,13 @@ async fn decide(app: &Arc<App>, job: &JobRow, ch: &ChannelConfig, c: &Coordinato
 
 /// An atomic job's summary: the generation its targets serve now (a rollback's says
 /// where it went back to, not what it mirrored).
-async fn published(
-    app: &Arc<App>,
-    job: &JobRow,
-    c: &Coordinator,
-    state: JobState,
-    summary: String,
-) -> String {
+fn published(c: &Coordinator, state: JobState, summary: String) -> String {
     let switched = matches!(state, JobState::Succeeded | JobState::CompletedWithErrors);
-    let decided = app.store.decision(&job.id).await.ok().flatten();
-    match (c.rollback_to(), decided) {
+    match (c.rollback_to(), c.decided()) {
         (Some(n), _) if switched => format!("rolled back to generation {n}"),
         (Some(n), _) => format!("not rolled back to generation {n}"),
-        (None, Some(n)) if switched => format!("{summary}; generation {n} live"),
-        (None, None) if switched => format!("{summary}; nothing changed, no new generation"),
+        (None, Some(Decision::Switch(n))) if switched => format!("{summary}; generation {n} live"),
+        (None, Some(Decision::Keep)) => format!("{summary}; nothing changed, no new generation"),
         (None, _) => format!("{summary}; not switched, the previous generation is live"),
     }
 }

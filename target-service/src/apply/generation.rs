@@ -65,7 +65,7 @@ impl SiteFs {
     /// A root that is still a directory (the site's first atomic publish) is exchanged
     /// with the link in one `renameat2(RENAME_EXCHANGE)` and kept as generation 0.
     /// Idempotent: a switch interrupted by a crash is completed by the next call.
-    /// Returns whether the root was a directory until now.
+    /// Returns whether generation 0 is kept (see [`Self::point_root_at`]).
     pub fn switch_to(&self, number: u64) -> io::Result<bool> {
         let gens = self.generations();
         let dest = gens.join(number.to_string());
@@ -89,7 +89,9 @@ impl SiteFs {
     }
 
     /// Points the root's link at an existing generation (a switch or a rollback).
-    /// Returns whether the root was a directory until now (then kept as generation 0).
+    /// Returns whether generation 0 (the tree served before the first atomic publish)
+    /// is kept: known from the directory, so that a switch a crash cut short after the
+    /// exchange still records it.
     pub fn point_root_at(&self, number: u64) -> io::Result<bool> {
         let gens = self.generations();
         let gens_name = gens.file_name().unwrap_or_default();
@@ -117,7 +119,12 @@ impl SiteFs {
             fs::rename(&tmp, &self.root)?;
         }
         fs::File::open(parent)?.sync_all()?;
-        Ok(was_dir)
+        Ok(gens.join("0").is_dir())
+    }
+
+    /// Removes the work area's tree (a rollback made it stale).
+    pub fn remove_work_area(&self) -> io::Result<()> {
+        remove_tree(&self.work().root)
     }
 
     /// Removes a generation's directory (one no longer kept).
