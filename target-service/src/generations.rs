@@ -182,8 +182,8 @@ const COPY_ROWS: [(&str, &str, &str); 3] = [
     ),
 ];
 
-/// Rows per statement of a copy: SQLite holds a statement's rows in memory when it
-/// reads and writes one table, so one statement for a whole store grew with the site.
+/// Rows per statement of a copy: a statement that reads and writes one table may hold
+/// what it read until it ends (SQLite's temporary table), so no statement copies more.
 const COPY_BATCH: i64 = 20_000;
 
 /// Copies a store's rows of one table under another, in key ranges of about
