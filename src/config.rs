@@ -61,6 +61,8 @@ pub enum Invalid {
     Pattern(String),
     #[error("{0:?} is not an http:// or https:// URL")]
     NotHttpUrl(String),
+    #[error("{value:?} is not a rate: {reason} (e.g. \"20MiB/s\", \"500KB/s\", \"100Mbit/s\")")]
+    Rate { value: String, reason: String },
     #[error("a channel needs at least one [[channel.target]]")]
     NoTarget,
     #[error("cert_file and key_file go together")]
@@ -176,6 +178,8 @@ struct RawChannel {
     publish: Option<String>,
     keep_generations: Option<u32>,
     compression: Option<String>,
+    delta: Option<bool>,
+    delta_min_bytes: Option<u64>,
     schedule_spread_secs: Option<u64>,
     #[serde(default)]
     watch: bool,
@@ -198,6 +202,7 @@ struct RawTarget {
     ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    bwlimit: Option<String>,
 }
 
 /// A target of a channel.
@@ -209,6 +214,8 @@ pub struct TargetConfig {
     pub site: String,
     /// Token and TLS settings for reaching the target.
     pub auth: crate::security::ClientAuth,
+    /// Bytes per second the source sends this target at most (`bwlimit`).
+    pub bwlimit: Option<u64>,
 }
 
 /// Packages in flight per target unless a channel says otherwise: with 4 MiB packages,
@@ -296,6 +303,9 @@ pub struct ChannelConfig {
     /// Package compression on the wire (`none` by default: on a fast link zstd costs
     /// more time than it saves; see PERF-NOTES).
     pub compression: crate::pb::Compression,
+    /// Files of at least this size that the target holds in another version are sent as
+    /// a delta against it (`delta_min_bytes`); `None` with `delta = false`.
+    pub delta_min_bytes: Option<u64>,
     /// Schedules fire at their cron times plus an offset in [0, spread) chosen once per
     /// installation (seed 002: many installations spread their load).
     pub schedule_spread: std::time::Duration,
@@ -548,6 +558,11 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
             ("zstd", crate::pb::Compression::Zstd),
         ],
     )?;
+    let delta_min_bytes = in_range(
+        "delta_min_bytes",
+        c.delta_min_bytes.unwrap_or(DEFAULT_DELTA_MIN_BYTES),
+        64 * 1024..=u64::MAX,
+    )?;
     if c.target.is_empty() {
         return Err(("target", Invalid::NoTarget));
     }
@@ -575,6 +590,7 @@ fn channel_config(mut c: RawChannel, base: &Path) -> Result<ChannelConfig, KeyEr
         publish,
         keep_generations,
         compression,
+        delta_min_bytes: c.delta.unwrap_or(true).then_some(delta_min_bytes),
         schedule_spread: std::time::Duration::from_secs(c.schedule_spread_secs.unwrap_or(300)),
         watch: c.watch,
         watch_quiet: std::time::Duration::from_millis(c.watch_quiet_ms.unwrap_or(2000).max(50)),
@@ -618,12 +634,50 @@ fn target_config(t: RawTarget, base: &Path) -> Result<TargetConfig, KeyError> {
             let name = name.clone();
             ("target", Invalid::InTarget { name, problem })
         })?;
+    let bwlimit = match &t.bwlimit {
+        None => None,
+        Some(r) => Some(parse_rate(r).map_err(|m| ("target.bwlimit", m))?),
+    };
     Ok(TargetConfig {
         name,
         url: t.url,
         site: t.site,
         auth,
+        bwlimit,
     })
+}
+
+/// The default [`ChannelConfig::delta_min_bytes`]: below it a file's signatures and the
+/// round trip to fetch them weigh about what sending it whole does.
+pub const DEFAULT_DELTA_MIN_BYTES: u64 = 1024 * 1024;
+
+/// Parses a transfer rate into bytes per second: a size per second in bytes ("20MiB/s",
+/// "500KB/s", "1048576", the "/s" optional) or in bits ("100Mbit/s", "512kbit").
+pub fn parse_rate(s: &str) -> Result<u64, Invalid> {
+    let bad = |reason: &str| Invalid::Rate {
+        value: s.to_string(),
+        reason: reason.to_string(),
+    };
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    let bytes = if let Some(n) = t.strip_suffix("bit").or_else(|| t.strip_suffix("bps")) {
+        let (num, scale) = match n.trim().char_indices().last() {
+            Some((i, 'k' | 'K')) => (&n[..i], 1e3),
+            Some((i, 'M')) => (&n[..i], 1e6),
+            Some((i, 'G')) => (&n[..i], 1e9),
+            _ => (n, 1.0),
+        };
+        let v: f64 = num.trim().parse().map_err(|_| bad("not a number"))?;
+        (v * scale / 8.0) as u64
+    } else {
+        t.parse::<bytesize::ByteSize>()
+            .map_err(|e| bad(&e.to_string()))?
+            .as_u64()
+    };
+    if bytes < 1024 {
+        return Err(bad("below 1 KiB per second"));
+    }
+    Ok(bytes)
 }
 
 /// Parses a cron expression with seconds (six fields: sec min hour day month weekday).
@@ -1089,5 +1143,34 @@ max_delete = "10%"
             .unwrap_err()
             .to_string();
         assert!(e.contains("/etc/mirror.toml") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn rates_read_in_bytes_or_bits() {
+        assert_eq!(parse_rate("20MiB/s").unwrap(), 20 << 20);
+        assert_eq!(parse_rate("20 MiB").unwrap(), 20 << 20);
+        assert_eq!(parse_rate("500KB/s").unwrap(), 500_000);
+        assert_eq!(parse_rate("100Mbit/s").unwrap(), 12_500_000);
+        assert_eq!(parse_rate("512kbit").unwrap(), 64_000);
+        assert_eq!(parse_rate("1048576").unwrap(), 1 << 20);
+        for bad in ["fast", "10", "20 furlongs/s", "-5MB/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn delta_and_bwlimit_have_defaults_and_checks() {
+        let c = parse(OK).unwrap();
+        let ch = c.channel("site").unwrap();
+        assert_eq!(ch.delta_min_bytes, Some(DEFAULT_DELTA_MIN_BYTES));
+        assert_eq!(ch.targets[0].bwlimit, None);
+        let off = OK.replace("max_delete", "delta = false\nmax_delete");
+        assert_eq!(parse(&off).unwrap().channels[0].delta_min_bytes, None);
+        let limited = format!("{OK}  bwlimit = \"2MiB/s\"\n");
+        assert_eq!(parse(&limited).unwrap().channels[0].targets[0].bwlimit, Some(2 << 20));
+        let e = parse(&format!("{OK}  bwlimit = \"lots\"\n")).unwrap_err().to_string();
+        assert!(e.contains("bwlimit") && e.contains("lots"), "{e}");
+        let small = OK.replace("max_delete", "delta_min_bytes = 100\nmax_delete");
+        assert!(parse(&small).unwrap_err().to_string().contains("delta_min_bytes"));
     }
 }

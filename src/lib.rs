@@ -24,6 +24,7 @@ pub use tonic;
 pub mod bounds;
 pub mod config;
 pub mod db;
+pub mod delta;
 pub mod fswalk;
 pub mod jobstore;
 pub mod model;

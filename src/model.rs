@@ -194,6 +194,9 @@ pub enum ErrorCode {
     /// A cache invalidation hook of the target failed after the commit: what it should
     /// have purged may be served stale until it runs again.
     HookFailed,
+    /// The basis of a delta transfer changed on the target after its signatures were
+    /// read: the package comes back and the file is sent whole.
+    BasisChanged,
     Io,
 }
 
@@ -214,6 +217,7 @@ impl ErrorCode {
             ErrorCode::MissingParent => "missing_parent",
             ErrorCode::SlugCollision => "slug_collision",
             ErrorCode::HookFailed => "hook_failed",
+            ErrorCode::BasisChanged => "basis_changed",
             ErrorCode::Io => "io",
         }
     }

@@ -341,13 +341,22 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
         format!(" [{}]", e.target)
     };
     let detail = match e.kind.as_str() {
-        "planned" => format!(
-            "{} items, {}, {} deletes to send ({} unchanged)",
-            d["items_total"],
-            human_bytes(d["bytes_total"].as_u64().unwrap_or(0)),
-            d["deletes_total"],
-            d["unchanged"]
-        ),
+        "planned" => {
+            let deltas = match d["delta_files"].as_u64().unwrap_or(0) {
+                0 => String::new(),
+                n => format!(
+                    "; {n} changed files ({}) may go as deltas",
+                    human_bytes(d["delta_bytes"].as_u64().unwrap_or(0))
+                ),
+            };
+            format!(
+                "{} items, {}, {} deletes to send ({} unchanged){deltas}",
+                d["items_total"],
+                human_bytes(d["bytes_total"].as_u64().unwrap_or(0)),
+                d["deletes_total"],
+                d["unchanged"]
+            )
+        }
         "progress" => {
             let (bd, bt) = (
                 d["bytes_done"].as_u64().unwrap_or(0),
@@ -359,8 +368,13 @@ pub(crate) fn event_line(e: &pb::JobEvent) -> String {
             } else {
                 String::new()
             };
+            let wire = human_bytes(d["bytes_on_wire"].as_u64().unwrap_or(0));
+            let limit = match d["bwlimit_bytes_per_sec"].as_u64() {
+                Some(l) => format!(" (limit {}/s)", human_bytes(l)),
+                None => String::new(),
+            };
             format!(
-                "items {}/{}, {}/{}, deletes {}/{}, {}/s{eta}",
+                "items {}/{}, {}/{}, deletes {}/{}, {wire} on the wire, {}/s{limit}{eta}",
                 d["items_done"],
                 d["items_total"],
                 human_bytes(bd),

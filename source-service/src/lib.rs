@@ -9,6 +9,7 @@
 //! - [`start`]: wires it all on a bound listener.
 #![forbid(unsafe_code)]
 
+pub mod bwlimit;
 pub mod error;
 pub mod events;
 #[cfg(feature = "failpoints")]
@@ -66,6 +67,10 @@ pub struct App {
     pub check_every: Option<std::time::Duration>,
     /// Finished jobs older than this are removed (`None`: kept for ever).
     pub keep_jobs: Option<std::time::Duration>,
+    /// The limit of the whole service (`--bwlimit`), shared by every target's stream.
+    pub bwlimit: Option<Arc<bwlimit::Pacer>>,
+    /// The limits of targets that set `bwlimit`.
+    pub pacers: bwlimit::Pacers,
 }
 
 impl App {
@@ -96,6 +101,8 @@ impl App {
             health: Mutex::new(HashMap::new()),
             check_every: Some(DEFAULT_CHECK_EVERY),
             keep_jobs: None,
+            bwlimit: None,
+            pacers: bwlimit::Pacers::default(),
         }
     }
 

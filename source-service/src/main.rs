@@ -48,6 +48,10 @@ struct Args {
     /// keeps them for ever.
     #[arg(long, env = "MIRROR_KEEP_JOBS", default_value_t = 90)]
     keep_jobs: u64,
+    /// Send at most this much per second to all targets together (e.g. "20MiB/s",
+    /// "100Mbit/s"); each target's own `bwlimit` holds within it.
+    #[arg(long, env = "MIRROR_BWLIMIT", value_parser = |s: &str| cms_mirror::config::parse_rate(s).map_err(|e| e.to_string()))]
+    bwlimit: Option<u64>,
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics.
     #[arg(long, env = "MIRROR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
@@ -109,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
     app.keep_jobs = (args.keep_jobs > 0).then(|| Duration::from_secs(args.keep_jobs * 86_400));
     app.check_every =
         (args.check_interval_secs > 0).then(|| Duration::from_secs(args.check_interval_secs));
+    app.bwlimit = args.bwlimit.map(mirror_source::bwlimit::Pacer::new);
     let app = Arc::new(app);
     reload_on_sighup(app.clone(), args.config.clone());
     {

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub sync_lag: Family<TargetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub target_health: Family<TargetLabels, Gauge>,
     pub target_lagging: Family<TargetLabels, Gauge>,
+    pub bwlimit: Family<TargetLabels, Gauge>,
+    pub throttled: Family<TargetLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub bytes_copied: Counters,
 }
 
 impl Default for Metrics {
@@ -50,6 +53,9 @@ impl Metrics {
             sync_lag: Family::default(),
             target_health: Family::default(),
             target_lagging: Family::default(),
+            bwlimit: Family::default(),
+            throttled: Family::default(),
+            bytes_copied: Counters::default(),
         };
         registry.register(
             "jobs",
@@ -115,6 +121,21 @@ impl Metrics {
             "target_lagging",
             "1 while a target's sync lag is over its channel's max_lag_secs",
             m.target_lagging.clone(),
+        );
+        registry.register(
+            "bwlimit_bytes_per_second",
+            "The rate a target's packages are held to (the lower of its bwlimit and the service's --bwlimit)",
+            m.bwlimit.clone(),
+        );
+        registry.register(
+            "throttled_seconds",
+            "Time a target's packages waited for the bandwidth limit",
+            m.throttled.clone(),
+        );
+        registry.register(
+            "bytes_copied",
+            "Bytes of changed files a target copied from its own earlier versions (delta transfer) instead of receiving them",
+            m.bytes_copied.clone(),
         );
         Metrics { registry, ..m }
     }

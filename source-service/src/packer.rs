@@ -3,14 +3,18 @@
 //! Bodies are read in pieces; a file larger than a package spans several. The packer
 //! never mixes phases in one package, so the sender can hold the delete phase back
 //! until every content package is acknowledged. A file that changes while it is read
-//! is aborted on the target (which keeps its old version) and reported.
+//! is aborted on the target (which keeps its old version) and reported. A changed file
+//! the target holds in another version goes as a delta against it when the target sends
+//! that version's signatures ([`Signatures`]): copies of its chunks and literal bytes.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cms_mirror::delta::{ChunkSizes, Index, chunk_hash};
 use cms_mirror::fswalk::{DirCache, io_error};
 use cms_mirror::jobstore::NewItemError;
 use cms_mirror::model::{ErrorCode, Item, Kind};
@@ -34,6 +38,8 @@ pub struct Built {
     pub items: u64,
     /// File data in this package (what crossed: rates and metrics).
     pub bytes: u64,
+    /// Bytes of files the target copies from their earlier versions (deltas).
+    pub copied: u64,
     /// Files whose body ends in this package, with their sizes: what the job counts as
     /// mirrored once the package is applied (less any the target reports an error for).
     pub completed: Vec<(String, u64)>,
@@ -54,7 +60,58 @@ struct Current {
     retries: u32,
     /// Where its put sits in the package being built (None once that package is done).
     put_at: Option<(package::Mark, usize, u64)>,
+    /// The size of the target's version, while a delta against it is planned and not
+    /// started (its signatures are fetched when the body is first packed).
+    basis: Option<u64>,
+    delta: Option<Delta>,
 }
+
+/// The target's version of a file as its signatures describe it.
+pub struct Basis {
+    pub index: Index,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// Where the packer gets the signatures of a target's version of a file.
+pub trait Signatures: Send {
+    /// The target's version of `path` cut with `sizes`, or `None` when it cannot be had
+    /// (the file then goes whole).
+    fn fetch(&mut self, path: &str, sizes: ChunkSizes) -> Option<Basis>;
+}
+
+/// A body going as a delta: its chunks read one ahead, so the chunk that ends the body
+/// is known when it is packed.
+struct Delta {
+    basis: Basis,
+    chunks: cms_mirror::delta::StreamCDC<io::Take<File>>,
+    /// The body offset the chunker started at.
+    base: u64,
+    next: Option<cms_mirror::delta::ChunkData>,
+}
+
+impl Delta {
+    fn take(&mut self) -> io::Result<Option<cms_mirror::delta::ChunkData>> {
+        let c = self.next.take();
+        if c.is_some() {
+            self.next = self.chunks.next().transpose().map_err(io::Error::from)?;
+        }
+        Ok(c)
+    }
+}
+
+/// A delta's step waiting for the next chunk: merged with it when it continues it.
+enum Step {
+    Copy { at: u64, from: u64, len: u64 },
+    Literal { at: u64, data: Vec<u8> },
+}
+
+/// Literal bytes of a delta per FileData entry at most.
+const LITERAL_MAX: usize = 1024 * 1024;
+/// A copied byte costs the target a read and a write but nothing on the wire: it counts
+/// as this fraction of a byte against the package size, so one package does not make
+/// the target copy gigabytes before it answers.
+const COPY_WEIGHT: u64 = 64;
 
 /// Reads of a file that changed while read, before it is reported.
 pub const MAX_CHANGE_RETRIES: u32 = 3;
@@ -70,6 +127,9 @@ pub struct Packer {
     seq: u64,
     current: Option<Current>,
     pending: Option<(PhaseName, PlanEntry, u64)>,
+    signatures: Option<Box<dyn Signatures>>,
+    /// Files to send whole even where a delta is planned (their basis changed).
+    whole: HashSet<String>,
 }
 
 fn mtime_ns(md: &std::fs::Metadata) -> i64 {
@@ -89,6 +149,13 @@ impl Packer {
     /// Compress packages with `c` (each one only when that makes it smaller).
     pub fn with_compression(mut self, c: pb::Compression) -> Packer {
         self.compression = c;
+        self
+    }
+
+    /// Send planned deltas with signatures from `s`, except for the files in `whole`.
+    pub fn with_delta(mut self, s: Box<dyn Signatures>, whole: HashSet<String>) -> Packer {
+        self.signatures = Some(s);
+        self.whole = whole;
         self
     }
 
@@ -123,6 +190,8 @@ impl Packer {
                     mtime_ns: mtime_ns(&md),
                     retries: 0,
                     put_at: None,
+                    basis: e.basis,
+                    delta: None,
                 });
             }
         }
@@ -136,6 +205,8 @@ impl Packer {
             seq: next_seq,
             current,
             pending: None,
+            signatures: None,
+            whole: HashSet::new(),
         })
     }
 
@@ -177,6 +248,7 @@ impl Packer {
             phase: self.current.as_ref().map(|c| c.phase),
             items: 0,
             bytes: 0,
+            copied: 0,
             completed: Vec::new(),
             deletes: 0,
             errors: Vec::new(),
@@ -221,7 +293,7 @@ impl Packer {
                 continue;
             }
             let marks = (f.out.mark(), f.size, f.bytes);
-            if self.begin(e.i, pos, ph, 0, marks, &mut f.out, &mut f.errors) {
+            if self.begin(e.i, e.basis, pos, ph, 0, marks, &mut f.out, &mut f.errors) {
                 f.items += 1;
             }
         }
@@ -237,6 +309,7 @@ impl Packer {
             cursor_after: self.cursor_now(),
             items: f.items,
             bytes: f.bytes,
+            copied: f.copied,
             completed: f.completed,
             deletes: f.deletes,
             errors: f.errors,
@@ -247,6 +320,10 @@ impl Packer {
     /// ending on a block boundary when the body goes on in the next package. A file that
     /// changed while read is read again from the start (or given up).
     fn continue_body(&mut self, f: &mut Filling) {
+        self.start_delta();
+        if self.current.as_ref().is_some_and(|c| c.delta.is_some()) {
+            return self.continue_delta(f);
+        }
         let cur = self.current.as_mut().expect("a current file");
         let remaining = cur.item.size - cur.offset;
         let budget = (self.package_bytes - f.size).max(4096) as u64;
@@ -354,10 +431,177 @@ impl Packer {
         std::thread::sleep(Duration::from_millis(20 << cur.retries));
         let marks = (f.out.mark(), f.size, f.bytes);
         let (item, pos, phase, retries) = (cur.item, cur.entry_pos, cur.phase, cur.retries + 1);
-        if self.begin(item, pos, phase, retries, marks, &mut f.out, &mut f.errors) {
+        let basis = cur.basis.or(cur.delta.map(|d| d.basis.size));
+        if self.begin(
+            item,
+            basis,
+            pos,
+            phase,
+            retries,
+            marks,
+            &mut f.out,
+            &mut f.errors,
+        ) {
             f.items += 1;
         }
     }
+
+    /// Starts the delta planned for the current file, if its target's version can be
+    /// had: the file's chunks from where its body stands.
+    fn start_delta(&mut self) {
+        let Some(cur) = self.current.as_mut() else {
+            return;
+        };
+        let Some(basis_size) = cur.basis.take() else {
+            return;
+        };
+        let Some(src) = self.signatures.as_mut() else {
+            return;
+        };
+        if self.whole.contains(&cur.item.path) {
+            return;
+        }
+        let sizes = ChunkSizes::for_size(basis_size);
+        let Some(basis) = src.fetch(&cur.item.path, sizes) else {
+            return;
+        };
+        // The dup shares the file's offset, which stands where the body does.
+        let started = cur.file.try_clone().and_then(|f| {
+            let rest = cur.item.size - cur.offset;
+            let mut chunks = sizes.chunker(f.take(rest));
+            let next = chunks.next().transpose().map_err(io::Error::from)?;
+            Ok(Delta {
+                basis,
+                chunks,
+                base: cur.offset,
+                next,
+            })
+        });
+        match started {
+            Ok(d) => cur.delta = Some(d),
+            Err(e) => {
+                tracing::debug!(path = cur.item.path, error = %e, "delta not started; sending the file whole")
+            }
+        }
+    }
+
+    /// Adds the next steps of the current file's delta to the package: copies of the
+    /// target's chunks and literal bytes, as much as fits.
+    fn continue_delta(&mut self, f: &mut Filling) {
+        let before = f.out.mark();
+        let cur = self.current.as_mut().expect("a current file");
+        let d = cur.delta.as_mut().expect("a delta");
+        let path = cur.item.path.clone();
+        let basis = (d.basis.size, d.basis.mtime_ns);
+        let mut step: Option<Step> = None;
+        while f.size < self.package_bytes && f.out.entries() + 1 < self.max_entries {
+            let c = match d.take() {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let e = io_error(&path, &e);
+                    f.out.truncate(before);
+                    f.out.push(&abort(&path, &e.message));
+                    f.errors.push(err(&path, e.code, e.message, e.retryable));
+                    self.current = None;
+                    return;
+                }
+            };
+            cur.hasher.update(&c.data);
+            let at = d.base + c.offset;
+            let len = c.length as u64;
+            match (d.basis.index.find(chunk_hash(&c.data), c.length), &mut step) {
+                (
+                    Some(from),
+                    Some(Step::Copy {
+                        from: f0, len: l0, ..
+                    }),
+                ) if *f0 + *l0 == from => {
+                    *l0 += len;
+                }
+                (Some(from), _) => {
+                    push_step(f, &path, step.take(), false, None, basis);
+                    step = Some(Step::Copy { at, from, len });
+                }
+                (None, Some(Step::Literal { data, .. })) if data.len() < LITERAL_MAX => {
+                    data.extend_from_slice(&c.data);
+                }
+                (None, _) => {
+                    push_step(f, &path, step.take(), false, None, basis);
+                    step = Some(Step::Literal { at, data: c.data });
+                }
+            }
+            cur.offset = at + len;
+        }
+        let last = d.next.is_none();
+        if !last {
+            push_step(f, &path, step, false, None, basis);
+            return;
+        }
+        let still_same = cur.offset == cur.item.size
+            && cur
+                .file
+                .metadata()
+                .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
+                .unwrap_or(false);
+        if !still_same {
+            f.out.truncate(before);
+            let cur = self.current.take().expect("current file");
+            self.read_again(cur, f);
+            return;
+        }
+        let hash = *cur.hasher.finalize().as_bytes();
+        let step = step.unwrap_or(Step::Literal {
+            at: cur.offset,
+            data: Vec::new(),
+        });
+        push_step(f, &path, Some(step), true, Some(hash), basis);
+        f.items += 1;
+        let done = self.current.take().expect("current file").item;
+        f.completed.push((done.path, done.size));
+    }
+}
+
+/// Adds a delta's step to the package as one FileData entry (the last one with the
+/// body's BLAKE3).
+fn push_step(
+    f: &mut Filling,
+    path: &str,
+    step: Option<Step>,
+    last: bool,
+    blake3: Option<[u8; 32]>,
+    (basis_size, basis_mtime_ns): (u64, i64),
+) {
+    let Some(step) = step else {
+        return;
+    };
+    let mut d = pb::FileData {
+        path: path.to_string(),
+        last,
+        blake3: blake3.map(|h| h.to_vec()).unwrap_or_default(),
+        ..Default::default()
+    };
+    match step {
+        Step::Copy { at, from, len } => {
+            d.offset = at;
+            d.copy_from = from;
+            d.copy_len = len;
+            d.basis_size = basis_size;
+            d.basis_mtime_ns = basis_mtime_ns;
+            f.size += (len / COPY_WEIGHT) as usize;
+            f.copied += len;
+        }
+        Step::Literal { at, data } => {
+            d.offset = at;
+            f.size += data.len();
+            f.bytes += data.len() as u64;
+            d.data = data.into();
+        }
+    }
+    f.size += ENTRY_OVERHEAD;
+    f.out.push(&pb::Entry {
+        op: Some(pb::entry::Op::Data(d)),
+    });
 }
 
 /// A package being filled, and what it holds so far.
@@ -368,6 +612,7 @@ struct Filling {
     phase: Option<PhaseName>,
     items: u64,
     bytes: u64,
+    copied: u64,
     completed: Vec<(String, u64)>,
     deletes: u64,
     errors: Vec<NewItemError>,
@@ -382,6 +627,7 @@ impl Packer {
     fn begin(
         &mut self,
         mut item: Item,
+        basis: Option<u64>,
         pos: u64,
         ph: PhaseName,
         retries: u32,
@@ -436,6 +682,8 @@ impl Packer {
                 phase: ph,
                 retries,
                 put_at: Some(marks),
+                basis,
+                delta: None,
             });
             return false;
         }

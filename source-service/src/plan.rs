@@ -44,6 +44,10 @@ pub struct PlanEntry {
     /// A page's document, as read when planned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<String>,
+    /// The size of the target's version of a file this update may send as a delta
+    /// against (see [`cms_mirror::delta`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<u64>,
 }
 
 /// The phases of a plan, in apply order.
@@ -80,8 +84,14 @@ pub struct Totals {
     pub updates: u64,
     pub deletes: u64,
     pub unchanged: u64,
-    /// Body bytes to send.
+    /// Body bytes to send (those of files that go as deltas included: what crosses for
+    /// them is known only once they are sent).
     pub bytes: u64,
+    /// Of them, files (and their bytes) that may go as deltas.
+    #[serde(default)]
+    pub delta_files: u64,
+    #[serde(default)]
+    pub delta_bytes: u64,
     /// Items the target held before the job (for percentage `max_delete`).
     pub target_items: u64,
 }
@@ -113,6 +123,8 @@ pub struct PlanSpec {
     pub compare: Compare,
     /// Restrict to these paths (and what is below them); empty = everything.
     pub paths: Vec<String>,
+    /// Files of at least this size on both sides go as deltas (`None`: never).
+    pub delta_min: Option<u64>,
 }
 
 /// Whether a job restricted to `paths` covers item `p`. File paths are relative;
@@ -382,7 +394,7 @@ impl Merge<'_> {
         match (src, tgt) {
             (Some(mut s), None) if within(&spec.paths, &s.path, false) => {
                 hash_if_needed(spec, &mut s, &mut self.errors);
-                self.add(Action::Create, s, doc, out)
+                self.add(Action::Create, s, doc, None, out)
             }
             (None, Some(t))
                 if spec.delete
@@ -394,6 +406,7 @@ impl Merge<'_> {
                     a: Action::Delete,
                     i: t,
                     doc: None,
+                    basis: None,
                 };
                 out.write(PhaseName::Delete, &e)
             }
@@ -402,7 +415,14 @@ impl Merge<'_> {
                     self.totals.unchanged += 1;
                     return Ok(());
                 }
-                self.add(Action::Update, s, doc, out)
+                let delta = self.spec.delta_min.is_some_and(|min| {
+                    s.kind == Kind::File && t.kind == Kind::File && s.size >= min && t.size >= min
+                });
+                if delta {
+                    self.totals.delta_files += 1;
+                    self.totals.delta_bytes += s.size;
+                }
+                self.add(Action::Update, s, doc, delta.then_some(t.size), out)
             }
             _ => Ok(()),
         }
@@ -433,6 +453,7 @@ impl Merge<'_> {
         a: Action,
         i: Item,
         doc: Option<String>,
+        basis: Option<u64>,
         out: &mut PlanFiles,
     ) -> Result<(), PlanError> {
         match a {
@@ -447,7 +468,7 @@ impl Merge<'_> {
         } else {
             PhaseName::Content
         };
-        out.write(ph, &PlanEntry { a, i, doc })
+        out.write(ph, &PlanEntry { a, i, doc, basis })
     }
 }
 

@@ -39,3 +39,19 @@ pub fn before_switch() {
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
+
+/// Test failpoint `CMS_MIRROR_FAILPOINT_CHANGE_BASIS=1`: once a file's signatures are
+/// sent, its mtime moves on a second (as if another writer touched it), so the delta's
+/// copies find their basis changed.
+pub fn after_signatures(file: &std::fs::File) {
+    if std::env::var_os("CMS_MIRROR_FAILPOINT_CHANGE_BASIS").is_none() {
+        return;
+    }
+    let Ok(md) = file.metadata() else { return };
+    let later = filetime::FileTime::from_unix_time(
+        filetime::FileTime::from_last_modification_time(&md).unix_seconds() + 1,
+        0,
+    );
+    tracing::warn!("failpoint: a delta's basis changed; never in production");
+    let _ = filetime::set_file_handle_times(file, None, Some(later));
+}

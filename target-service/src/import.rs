@@ -127,6 +127,12 @@ fn not_applied_ack(session: &str, seq: u64, out: Applied) -> pb::PackageAck {
         .unwrap_or_default();
     let what = if out.no_space {
         "target disk full"
+    } else if out
+        .errors
+        .iter()
+        .any(|e| ErrorCode::BasisChanged.is(&e.code))
+    {
+        "the basis of a delta changed"
     } else {
         "a chunk could not be written"
     };

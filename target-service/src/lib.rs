@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod pagestore;
 mod service;
 mod session;
+mod signatures;
 
 use tokio::net::TcpListener;
 

@@ -215,7 +215,8 @@ impl TargetService {
     }
 }
 
-type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type BoxStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// The oldest source protocol this target still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
@@ -454,5 +455,14 @@ impl TargetApi for TargetService {
         cms_mirror::bounds::text("site", &r.site, cms_mirror::bounds::MAX_NAME_BYTES)
             .map_err(TargetError::from)?;
         Ok(Response::new(self.generations(r).await?))
+    }
+
+    type GetSignaturesStream = BoxStream<pb::SignatureBatch>;
+
+    async fn get_signatures(
+        &self,
+        req: Request<pb::SignaturesRequest>,
+    ) -> Result<Response<Self::GetSignaturesStream>, Status> {
+        self.signatures(req.into_inner()).await.map(Response::new)
     }
 }

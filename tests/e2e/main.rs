@@ -4,6 +4,7 @@
 mod atomic;
 mod cli;
 mod dashboard;
+mod delta;
 mod expiry;
 mod faults;
 mod health;

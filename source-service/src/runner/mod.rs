@@ -107,7 +107,16 @@ async fn record_item_errors(
     }
 }
 
-async fn emit_progress(app: &Arc<App>, jid: &str, tname: &str, bytes: u64, started: Instant) {
+/// Announces a target's progress: counters from the store; the rate of what crossed
+/// since `started` (`bytes`); the bandwidth limit it is held to.
+async fn emit_progress(
+    app: &Arc<App>,
+    jid: &str,
+    tname: &str,
+    bytes: u64,
+    started: Instant,
+    bwlimit: Option<u64>,
+) {
     let r = current_row(app, jid, tname).await;
     let secs = started.elapsed().as_secs_f64().max(0.001);
     app.bus
@@ -121,6 +130,8 @@ async fn emit_progress(app: &Arc<App>, jid: &str, tname: &str, bytes: u64, start
                 "deletes_done": r.deletes_done, "deletes_total": r.deletes_total,
                 "packages_acked": r.packages_acked, "item_errors": r.item_errors,
                 "rate_bytes_per_sec": (bytes as f64 / secs) as u64,
+                "bytes_on_wire": r.bytes_on_wire,
+                "bwlimit_bytes_per_sec": bwlimit,
             }),
         )
         .await;

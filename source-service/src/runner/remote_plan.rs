@@ -82,6 +82,7 @@ fn spec(ch: &ChannelConfig, opts: &JobOptions) -> PlanSpec {
             Compare::Quick
         },
         paths: opts.paths.clone(),
+        delta_min: ch.delta_min_bytes.filter(|_| !opts.full),
     }
 }
 

@@ -3,7 +3,7 @@
 //! acknowledged; the stream ends done, or with a reason to rewind, reconnect, wait for
 //! space or give the target up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +24,9 @@ use super::retry::retryable;
 use super::{MAX_PACKAGE_ATTEMPTS, PROGRESS_EVERY, current_row, emit_progress, logged};
 use super::{pb_item_error, record_item_errors, status_text, traced};
 use crate::App;
+use crate::bwlimit::{self, Pacer};
 use crate::metrics::Metrics;
-use crate::packer::{Built, Packer};
+use crate::packer::{Basis, Built, Packer, Signatures};
 use crate::plan::{Cursor, PhaseName};
 
 /// Packages in flight and no answer for this long (or half the ack timeout, if less):
@@ -56,6 +57,7 @@ struct InFlight {
     cursor_after: Cursor,
     items: u64,
     bytes: u64,
+    copied: u64,
     completed: Vec<(String, u64)>,
     deletes: u64,
     errors: Vec<NewItemError>,
@@ -94,6 +96,7 @@ pub(super) async fn stream_once(
     plan_dir: &Path,
     cancel: &mut watch::Receiver<bool>,
     attempts: &mut HashMap<u64, u32>,
+    whole: &mut HashSet<String>,
 ) -> StreamEnd {
     let row = current_row(app, jid, &t.name).await;
     let cursor: Cursor = serde_json::from_str(&row.checkpoint_json).unwrap_or_default();
@@ -102,9 +105,33 @@ pub(super) async fn stream_once(
     if let Some(e) = too_many_errors(ch, item_errors) {
         return e;
     }
-    let packer = match packer_at(ch, plan_dir, &cursor, last_acked + 1) {
+    let lbl = Metrics::target(&ch.name, &t.name);
+    let pacers: Vec<Arc<Pacer>> = t
+        .bwlimit
+        .map(|r| app.pacers.for_target(&ch.name, &t.name, r))
+        .into_iter()
+        .chain(app.bwlimit.clone())
+        .collect();
+    let limit = pacers.iter().map(|p| p.rate()).min();
+    if let Some(r) = limit {
+        app.metrics.bwlimit.get_or_create(&lbl).set(r as i64);
+    }
+    let package_bytes = bwlimit::package_bytes(ch.package_bytes, limit);
+    let packer = match packer_at(ch, plan_dir, &cursor, last_acked + 1, package_bytes) {
         Ok(p) => p,
         Err(e) => return e,
+    };
+    let packer = match ch.delta_min_bytes {
+        Some(_) => {
+            let sigs = TargetSignatures {
+                client: client.clone(),
+                session_id: session_id.to_string(),
+                timeout: ch.ack_timeout,
+                handle: tokio::runtime::Handle::current(),
+            };
+            packer.with_delta(Box::new(sigs), whole.clone())
+        }
+        None => packer,
     };
     let (brx, producer) = produce(packer);
     let (otx, orx) = mpsc::channel::<pb::ImportRequest>(ch.window as usize + 2);
@@ -132,9 +159,12 @@ pub(super) async fn stream_once(
         jid,
         ch,
         tname: &t.name,
-        lbl: Metrics::target(&ch.name, &t.name),
+        lbl,
         otx,
         attempts,
+        whole,
+        pacers,
+        limit,
         inflight: VecDeque::new(),
         unrecorded: Sent::default(),
         max_sent_seq: row.max_sent_seq as u64,
@@ -159,13 +189,14 @@ fn packer_at(
     plan_dir: &Path,
     cursor: &Cursor,
     seq: u64,
+    package_bytes: usize,
 ) -> Result<Packer, StreamEnd> {
     let mut phases = vec![PhaseName::Content, PhaseName::Last];
     if ch.delete {
         phases.push(PhaseName::Delete);
     }
     let source = ch.source.clone();
-    match Packer::new(plan_dir, source, cursor, phases, seq, ch.package_bytes) {
+    match Packer::new(plan_dir, source, cursor, phases, seq, package_bytes) {
         Ok(p) => Ok(p.with_compression(ch.compression)),
         Err(e) => Err(StreamEnd::Fatal(format!(
             "cannot read the plan in {}: {e}",
@@ -203,6 +234,11 @@ struct Stream<'a> {
     otx: mpsc::Sender<pb::ImportRequest>,
     /// Sends per package that failed its checksum, across the streams of this target.
     attempts: &'a mut HashMap<u64, u32>,
+    /// Files to send whole (their delta's basis changed), across the streams.
+    whole: &'a mut HashSet<String>,
+    /// The bandwidth limits a package waits for, and the lowest of them.
+    pacers: Vec<Arc<Pacer>>,
+    limit: Option<u64>,
     inflight: VecDeque<InFlight>,
     /// Packages sent and not yet in the store: they go with the next checkpoint, or at
     /// the end of the stream.
@@ -393,6 +429,20 @@ impl Stream<'_> {
             {
                 Err(self.on_no_space(ack).await)
             }
+            pb::AckStatus::Retry
+                if ack
+                    .item_errors
+                    .iter()
+                    .any(|e| ErrorCode::BasisChanged.is(&e.code)) =>
+            {
+                // Packed again from the checkpoint, these files whole.
+                self.whole
+                    .extend(ack.item_errors.into_iter().map(|e| e.path));
+                Err(StreamEnd::Rewind(format!(
+                    "package {}: {}",
+                    ack.seq, ack.message
+                )))
+            }
             pb::AckStatus::Retry => Err(self.on_retry(ack).await),
             pb::AckStatus::OutOfOrder => Err(StreamEnd::Rewind(ack.message)),
             _ => Err(StreamEnd::Fatal(format!(
@@ -439,6 +489,13 @@ impl Stream<'_> {
             .bytes_acked
             .get_or_create(&self.lbl)
             .inc_by(f.bytes);
+        if f.copied > 0 {
+            self.app
+                .metrics
+                .bytes_copied
+                .get_or_create(&self.lbl)
+                .inc_by(f.copied);
+        }
         self.bytes_this_stream += f.bytes;
         if let Some(e) = too_many_errors(self.ch, self.item_errors) {
             return Err(e);
@@ -468,6 +525,7 @@ impl Stream<'_> {
             self.tname,
             self.bytes_this_stream,
             self.started,
+            self.limit,
         )
         .await;
     }
@@ -568,6 +626,7 @@ impl Stream<'_> {
             cursor_after: b.cursor_after,
             items: b.items,
             bytes: b.bytes,
+            copied: b.copied,
             completed: b.completed,
             deletes: b.deletes,
             errors: b.errors,
@@ -595,6 +654,17 @@ impl Stream<'_> {
             .bytes_sent
             .get_or_create(&self.lbl)
             .inc_by(wire as u64);
+        let mut waited = Duration::ZERO;
+        for p in &self.pacers {
+            waited += p.admit(wire as u64).await;
+        }
+        if !waited.is_zero() {
+            self.app
+                .metrics
+                .throttled
+                .get_or_create(&self.lbl)
+                .inc_by(waited.as_secs_f64());
+        }
         let req = pb::ImportRequest {
             msg: Some(pb::import_request::Msg::Package(b.pkg)),
         };
@@ -691,4 +761,67 @@ fn split_for_giving_up(payload: pb::PackagePayload) -> (Vec<pb::Entry>, Vec<Stri
         }
     }
     (keep, paths)
+}
+
+/// Signatures of the target's versions of files, fetched for the packer's thread from
+/// the session's target (GetSignatures). A target that cannot give them (no such file,
+/// an older target, a broken connection) gets the file whole.
+struct TargetSignatures {
+    client: TargetServiceClient<AuthChannel>,
+    session_id: String,
+    timeout: Duration,
+    handle: tokio::runtime::Handle,
+}
+
+impl TargetSignatures {
+    async fn basis(&mut self, path: &str, avg_chunk: u32) -> Result<Basis, String> {
+        let req = pb::SignaturesRequest {
+            session_id: self.session_id.clone(),
+            path: path.to_string(),
+            avg_chunk,
+        };
+        let mut batches = self
+            .client
+            .get_signatures(super::traced(req))
+            .await
+            .map_err(|s| status_text(&s))?
+            .into_inner();
+        let mut index = cms_mirror::delta::Index::default();
+        let mut basis: Option<(u64, i64)> = None;
+        while let Some(b) = batches.message().await.map_err(|s| status_text(&s))? {
+            basis.get_or_insert((b.basis_size, b.basis_mtime_ns));
+            index.add(&b.lengths, &b.hashes)?;
+        }
+        let (size, mtime_ns) = basis.ok_or("no signatures")?;
+        if index.size != size {
+            return Err(format!(
+                "signatures cover {} bytes of a {size}-byte file",
+                index.size
+            ));
+        }
+        Ok(Basis {
+            index,
+            size,
+            mtime_ns,
+        })
+    }
+}
+
+impl Signatures for TargetSignatures {
+    fn fetch(&mut self, path: &str, sizes: cms_mirror::delta::ChunkSizes) -> Option<Basis> {
+        let handle = self.handle.clone();
+        let timeout = self.timeout;
+        let got = handle.block_on(tokio::time::timeout(timeout, self.basis(path, sizes.avg)));
+        match got {
+            Ok(Ok(b)) => Some(b),
+            Ok(Err(e)) => {
+                tracing::info!(path, error = %e, "no signatures; sending the file whole");
+                None
+            }
+            Err(_) => {
+                tracing::info!(path, "signatures timed out; sending the file whole");
+                None
+            }
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! One target of a job, phase by phase: connect (open the session), plan, send (streams
 //! with reconnects, rewinds and waits for space), commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -482,6 +482,7 @@ impl<'a> TargetRun<'a> {
                 "items_total": items + items_done, "bytes_total": bytes + bytes_done,
                 "deletes_total": deletes + deletes_done,
                 "creates": totals.creates, "updates": totals.updates, "unchanged": totals.unchanged,
+                "delta_files": totals.delta_files, "delta_bytes": totals.delta_bytes,
                 "replanned": replanned.is_some(),
             }),
         )
@@ -493,6 +494,8 @@ impl<'a> TargetRun<'a> {
     async fn send(&mut self, session_id: &str) -> Result<u64, Stop> {
         let plan_dir = self.app.plan_dir(self.jid, self.tname());
         let mut attempts: HashMap<u64, u32> = HashMap::new();
+        // Files whose delta found the target's version changed: sent whole from then on.
+        let mut whole: HashSet<String> = HashSet::new();
         let mut failures = 0u32;
         let mut space_waits = 0u32;
         let (jid, tname) = (self.jid, self.tname());
@@ -508,6 +511,7 @@ impl<'a> TargetRun<'a> {
                 &plan_dir,
                 &mut self.cancel,
                 &mut attempts,
+                &mut whole,
             )
             .instrument(span)
             .await;

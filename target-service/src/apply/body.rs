@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -36,6 +36,9 @@ pub(super) struct OpenFile {
     /// Set once a chunk's write was left for its package's finishing task: from then on
     /// every chunk of this body is written there (see [`Deferred`]).
     pub(super) writes: Option<Arc<FileWrites>>,
+    /// The version this body's copy instructions copy from, once one came and found it
+    /// unchanged (see [`copy_chunk`]).
+    pub(super) basis: Option<File>,
 }
 
 impl OpenFile {
@@ -315,7 +318,17 @@ pub(super) fn data(
         sess.open.insert(path.clone(), of);
     }
     let of = sess.open.get_mut(&path).expect("inserted above");
-    let end = d.offset.saturating_add(d.data.len() as u64);
+    let copy = d.copy_len > 0;
+    if copy && !d.data.is_empty() {
+        let why = "a copy instruction that also carries data";
+        return Err(item_error(&path, ErrorCode::InvalidArgument, why, false));
+    }
+    let len = if copy {
+        d.copy_len
+    } else {
+        d.data.len() as u64
+    };
+    let end = d.offset.saturating_add(len);
     if end > of.meta.size {
         let why = format!(
             "chunk ends at {end}, beyond the announced size {}",
@@ -326,10 +339,13 @@ pub(super) fn data(
     if d.offset != of.next_offset {
         of.hasher = None;
     }
-    let len = d.data.len() as u64;
     let last = d.last;
     let blake3 = std::mem::take(&mut d.blake3);
-    write_chunk(&mut sess.writer, of, d, deferred, out)?;
+    if copy {
+        copy_chunk(site, &mut sess.writer, of, d, deferred, out)?;
+    } else {
+        write_chunk(&mut sess.writer, of, d, deferred, out, false)?;
+    }
     of.next_offset = end;
     out.bytes += len;
     if !last {
@@ -364,25 +380,92 @@ fn reopen_staged(dir: &Path, path: &str) -> Result<OpenFile, pb::ItemError> {
         next_offset: u64::MAX,
         meta_written: true,
         writes: None,
+        basis: None,
     })
 }
 
-/// Writes (or leaves for the finishing task) one chunk of an open body. A large chunk of
-/// a body hashed as it comes is written by the finishing task, and so is every later
-/// chunk of that body; but a last chunk whose body must be read back to be hashed is
-/// written here, once the body's other writes are done.
-fn write_chunk(
+/// Bytes of a copy instruction read from the basis and written at a time.
+const COPY_PIECE: usize = 1024 * 1024;
+
+/// Applies a copy instruction: its bytes read from the basis (the version of the file
+/// in the session's tree whose signatures the source used, checked by size and mtime)
+/// and written here a piece at a time, never left for the finishing task, so a package
+/// of copies holds no more than one piece in memory. A basis that changed fails the
+/// chunk with `basis_changed`: the package is sent again with the file whole.
+fn copy_chunk(
+    site: &SiteFs,
     writer: &mut BodyWriter,
     of: &mut OpenFile,
     d: pb::FileData,
     deferred: &mut Vec<Deferred>,
     out: &mut Applied,
 ) -> Result<(), pb::ItemError> {
-    let path = d.path.as_str();
-    let defer = match &of.writes {
-        Some(_) => !(d.last && of.hasher.is_none()),
-        None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
+    let path = d.path.clone();
+    let changed = |why: String| {
+        let m = format!("the version a delta copies from changed on the target ({why})");
+        item_error(&path, ErrorCode::BasisChanged, m, true)
     };
+    if of.basis.is_none() {
+        let mut dirs = cms_mirror::fswalk::DirCache::new(&site.root);
+        let f = dirs.open(&path).map_err(|e| changed(e.to_string()))?;
+        let md = f.metadata().map_err(|e| changed(e.to_string()))?;
+        let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        if !md.is_file() || md.len() != d.basis_size || mtime != d.basis_mtime_ns {
+            return Err(changed(format!(
+                "{} bytes, mtime {mtime} where the signatures had {} bytes, mtime {}",
+                md.len(),
+                d.basis_size,
+                d.basis_mtime_ns
+            )));
+        }
+        of.basis = Some(f);
+    }
+    if d.copy_from.saturating_add(d.copy_len) > d.basis_size {
+        let why = format!(
+            "copy of {} bytes at {} beyond the basis's {} bytes",
+            d.copy_len, d.copy_from, d.basis_size
+        );
+        return Err(item_error(&path, ErrorCode::InvalidArgument, why, false));
+    }
+    let mut buf = vec![0u8; COPY_PIECE.min(d.copy_len as usize)];
+    let mut done = 0u64;
+    while done < d.copy_len {
+        let n = COPY_PIECE.min((d.copy_len - done) as usize);
+        let basis = of.basis.as_ref().expect("opened above");
+        if let Err(e) = basis.read_exact_at(&mut buf[..n], d.copy_from + done) {
+            of.basis = None;
+            return Err(changed(e.to_string()));
+        }
+        let piece = pb::FileData {
+            path: d.path.clone(),
+            offset: d.offset + done,
+            data: bytes::Bytes::copy_from_slice(&buf[..n]),
+            ..Default::default()
+        };
+        write_chunk(writer, of, piece, deferred, out, true)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes (or leaves for the finishing task) one chunk of an open body. A large chunk of
+/// a body hashed as it comes is written by the finishing task, and so is every later
+/// chunk of that body; but a last chunk whose body must be read back to be hashed, and a
+/// piece of a copy (`now`), are written here, once the body's other writes are done.
+fn write_chunk(
+    writer: &mut BodyWriter,
+    of: &mut OpenFile,
+    d: pb::FileData,
+    deferred: &mut Vec<Deferred>,
+    out: &mut Applied,
+    now: bool,
+) -> Result<(), pb::ItemError> {
+    let path = d.path.as_str();
+    let defer = !now
+        && match &of.writes {
+            Some(_) => !(d.last && of.hasher.is_none()),
+            None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
+        };
     if defer {
         let file = of
             .file
@@ -507,7 +590,10 @@ impl io::Read for ReadAt<'_> {
 /// The item at `d.path` when it already is the complete body the last chunk `d` ends
 /// (same length, same BLAKE3) and there is nothing staged for it.
 pub(super) fn already_published(site: &SiteFs, d: &pb::FileData) -> Option<Item> {
-    let end = d.offset.checked_add(d.data.len() as u64)?;
+    let end = d
+        .offset
+        .checked_add(d.data.len() as u64)?
+        .checked_add(d.copy_len)?;
     let mut dirs = cms_mirror::fswalk::DirCache::new(&site.root);
     let mut item = dirs
         .item(&d.path)

@@ -119,14 +119,14 @@ pub fn stage(
             Some(pb::entry::Op::Abort(a)) => st.abort(a.path),
             None => {}
         }
-        if st.out.no_space {
+        if st.out.no_space || st.out.not_written {
             break;
         }
     }
-    if !st.out.no_space {
+    if !st.out.no_space && !st.out.not_written {
         st.write_wholes();
     }
-    if !st.out.no_space {
+    if !st.out.no_space && !st.out.not_written {
         st.write_sidecars();
     }
     st.into_staged()
@@ -326,6 +326,7 @@ impl Stager<'_> {
                 next_offset: 0,
                 meta_written: false,
                 writes: None,
+                basis: None,
             };
             sess.open.insert(path, of);
             return Ok(());
@@ -371,6 +372,12 @@ impl Stager<'_> {
                 // and its chunks are written at their offsets.
                 self.out.errors.push(e);
                 self.out.no_space = true;
+            }
+            Err(e) if ErrorCode::BasisChanged.is(&e.code) => {
+                // The package comes again with the file whole (what its earlier packages
+                // brought was copied from the basis as it was, and stays).
+                self.out.errors.push(e);
+                self.out.not_written = true;
             }
             Err(e) => {
                 self.out.errors.push(e);
@@ -497,10 +504,10 @@ impl Stager<'_> {
         }
     }
 
-    /// The staged package; on a full disk, nothing of it to publish.
+    /// The staged package; on a full disk or a changed basis, nothing of it to publish.
     fn into_staged(self) -> Staged {
         let sess = self.sess;
-        if self.out.no_space {
+        if self.out.no_space || self.out.not_written {
             let out = discard_for_retry(self.publish, self.out);
             return Staged::empty(sess.dir.clone(), out);
         }

@@ -1,0 +1,106 @@
+//! GetSignatures: the chunk signatures of the current version of a file in a session's
+//! tree, the basis a delta transfer copies from (see [`cms_mirror::delta`]). Read on a
+//! blocking thread and streamed a batch at a time, so neither end holds more than a
+//! batch of them in flight.
+
+use std::os::unix::fs::MetadataExt;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use cms_mirror::delta::{ChunkSizes, Signer};
+use cms_mirror::fswalk::DirCache;
+use cms_mirror::model::Kind;
+use cms_mirror::pb;
+
+use crate::error::TargetError;
+use crate::ledger::SessionStatus;
+use crate::service::{BoxStream, TargetService};
+
+impl TargetService {
+    pub(crate) async fn signatures(
+        &self,
+        r: pb::SignaturesRequest,
+    ) -> Result<BoxStream<pb::SignatureBatch>, Status> {
+        let sizes = ChunkSizes::from_avg(r.avg_chunk).ok_or_else(|| {
+            TargetError::InvalidArgument(format!(
+                "avg_chunk {} is not a power of two between 4 KiB and 4 MiB",
+                r.avg_chunk
+            ))
+        })?;
+        let max_path = self.inner.settings.limits.max_path_bytes;
+        cms_mirror::pathsafe::validate(&r.path, max_path)
+            .map_err(|e| TargetError::InvalidArgument(format!("path {:?}: {e}", r.path)))?;
+        let s = self
+            .inner
+            .ledger
+            .session(&r.session_id)
+            .await
+            .map_err(TargetError::from)?
+            .ok_or_else(|| TargetError::UnknownSession(r.session_id.clone()))?;
+        if s.state != SessionStatus::Open {
+            return Err(TargetError::Publish(format!(
+                "session {} is not open: it takes no delta transfer",
+                s.id
+            ))
+            .into());
+        }
+        let root = self.session_fs(&s)?.root;
+        let path = r.path;
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut dirs = DirCache::new(root);
+            match dirs.item(&path) {
+                Ok(i) if i.kind == Kind::File => {}
+                _ => return Err(Status::not_found(format!("no file {path:?} to copy from"))),
+            }
+            let f = dirs
+                .open(&path)
+                .map_err(|e| Status::not_found(format!("cannot open {path:?}: {e}")))?;
+            let md = f
+                .metadata()
+                .map_err(|e| Status::not_found(format!("cannot stat {path:?}: {e}")))?;
+            Ok((f, md))
+        })
+        .await
+        .map_err(TargetError::task("signature read"))??;
+        let (file, md) = opened;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            #[cfg(feature = "failpoints")]
+            let touched = file.try_clone();
+            let mut signer = Signer::new(std::io::BufReader::with_capacity(1 << 20, file), sizes);
+            // The basis's identity goes with the first batch (an empty file has one,
+            // empty, batch).
+            let mut first = Some((md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec()));
+            loop {
+                let (lengths, hashes) = match signer.next_batch() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let e = Status::internal(format!("cannot read the basis: {e}"));
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                };
+                if lengths.is_empty() && first.is_none() {
+                    break;
+                }
+                let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
+                let batch = pb::SignatureBatch {
+                    basis_size,
+                    basis_mtime_ns,
+                    lengths,
+                    hashes,
+                };
+                if tx.blocking_send(Ok(batch)).is_err() {
+                    return;
+                }
+            }
+            #[cfg(feature = "failpoints")]
+            if let Ok(f) = &touched {
+                crate::failpoints::after_signatures(f);
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,195 @@
+//! Delta transfer of changed files and the bandwidth limit, on loopback: what crosses,
+//! what lands, a basis that changes under a delta, a target killed mid-delta.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+const LARGE: usize = 6 << 20;
+
+fn large_tree(root: &Path) {
+    for i in 0..3 {
+        write(root, &format!("media/video{i}.bin"), &bytes(100 + i, LARGE));
+    }
+    write(root, "index.html", b"<html>home</html>");
+}
+
+/// Inserts 100 bytes in the middle of each large file (its tail shifts).
+fn insert_in_the_middle(root: &Path) {
+    for i in 0..3 {
+        let p = root.join(format!("media/video{i}.bin"));
+        let mut b = std::fs::read(&p).unwrap();
+        b.splice(LARGE / 2..LARGE / 2, bytes(900 + i, 100));
+        std::fs::write(&p, b).unwrap();
+    }
+}
+
+fn target0(job: &serde_json::Value) -> &serde_json::Value {
+    &job["targets"][0]
+}
+
+fn delta_round(extra: &str) {
+    let m = Mirror::start(large_tree, extra);
+    let (code, first) = run_job(&m.source.url(), &[]);
+    assert_eq!(code, 0, "{first:#}");
+    let full_wire = target0(&first)["bytes_on_wire"].as_u64().unwrap();
+    assert!(full_wire >= 3 * LARGE as u64, "first job sent {full_wire}");
+
+    insert_in_the_middle(&m.src);
+    let (code, second) = run_job(&m.source.url(), &[]);
+    assert_eq!(code, 0, "{second:#}");
+    assert_same_tree(&m.src, &m.dst);
+    let t = target0(&second);
+    // The plan counts the files' bytes; the wire carries a few chunks of each.
+    assert_eq!(
+        t["bytes_total"].as_u64(),
+        Some(3 * (LARGE as u64 + 100)),
+        "{t}"
+    );
+    let wire = t["bytes_on_wire"].as_u64().unwrap();
+    assert!(
+        wire < 600 * 1024,
+        "a 100-byte insert into each of 3 x 6 MiB files sent {wire} bytes"
+    );
+    let job = second["id"].as_str().unwrap();
+    let planned = events(&m.source.url(), job)
+        .into_iter()
+        .find(|e| e["kind"] == "planned")
+        .expect("a planned event");
+    assert_eq!(planned["data"]["delta_files"], 3, "{planned}");
+}
+
+#[test]
+fn a_changed_large_file_crosses_as_a_delta() {
+    delta_round("");
+}
+
+#[test]
+fn a_delta_builds_an_atomic_generation_from_the_live_one() {
+    delta_round("publish = \"atomic\"");
+}
+
+#[test]
+fn without_delta_the_file_goes_whole() {
+    let m = Mirror::start(large_tree, "delta = false");
+    assert_eq!(run_job(&m.source.url(), &[]).0, 0);
+    insert_in_the_middle(&m.src);
+    let (code, second) = run_job(&m.source.url(), &[]);
+    assert_eq!(code, 0, "{second:#}");
+    assert_same_tree(&m.src, &m.dst);
+    let wire = target0(&second)["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire >= 3 * LARGE as u64, "{wire}");
+}
+
+#[test]
+fn a_basis_that_changes_under_a_delta_sends_the_file_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    large_tree(&src);
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .env("CMS_MIRROR_FAILPOINT_CHANGE_BASIS", "1")
+        .spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = App::source(tmp.path(), &config).spawn();
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    insert_in_the_middle(&src);
+    let (code, second) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{second:#}");
+    assert_same_tree(&src, &dst);
+    let t = target0(&second);
+    assert_eq!(t["item_errors"], 0, "{t}");
+    let wire = t["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire >= 3 * LARGE as u64, "the files went whole: {wire}");
+    let job = second["id"].as_str().unwrap();
+    let rewinds: Vec<_> = events(&source.url(), job)
+        .into_iter()
+        .filter(|e| e["data"].to_string().contains("basis of a delta changed"))
+        .collect();
+    assert!(!rewinds.is_empty(), "no event names the changed basis");
+}
+
+#[test]
+fn a_target_killed_mid_delta_resumes_and_lands_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    // One 16 MiB file; the second job rewrites every other 256 KiB of it, so its delta
+    // is half literal bytes over many packages, slowed by the limit.
+    let n = 16 << 20;
+    write(&src, "big.bin", &bytes(7, n));
+    let target = App::target(tmp.path()).site(&dst).spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "retry_budget = 20");
+    let text = std::fs::read_to_string(&config).unwrap() + "  bwlimit = \"2MiB/s\"\n";
+    std::fs::write(&config, text).unwrap();
+    let source = App::source(tmp.path(), &config).spawn();
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    let mut b = std::fs::read(src.join("big.bin")).unwrap();
+    for (i, part) in b
+        .chunks_mut(256 << 10)
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+    {
+        part.copy_from_slice(&bytes(1000 + i as u64, part.len()));
+    }
+    std::fs::write(src.join("big.bin"), &b).unwrap();
+
+    let job = start_job(&source.url());
+    wait_acked(&source.url(), &job, 10);
+    let mut target = target;
+    let addr = target.url().trim_start_matches("http://").to_string();
+    target.kill9();
+    let _target = App::target(tmp.path()).site(&dst).listen(&addr).spawn();
+    assert_eq!(wait_for_job(&source.url(), &job), 0);
+    assert_same_tree(&src, &dst);
+    let t = target0(&show_job(&source.url(), &job)).clone();
+    let wire = t["bytes_on_wire"].as_u64().unwrap();
+    // Half the file is new; the other half was copied on the target (a resent package
+    // or two cost a little more).
+    assert!(
+        wire < (n as u64) * 3 / 4,
+        "a half-changed file sent {wire} of {n} bytes"
+    );
+}
+
+#[test]
+fn the_bandwidth_limit_holds_a_job_back_and_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    let n = 12 << 20;
+    write(&src, "big.bin", &bytes(3, n));
+    let target = App::target(tmp.path()).site(&dst).spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap() + "  bwlimit = \"4MiB/s\"\n";
+    std::fs::write(&config, text).unwrap();
+    let metrics = free_addr();
+    let source = App::source(tmp.path(), &config)
+        .args(&["--metrics-listen", &metrics])
+        .spawn();
+    let t0 = Instant::now();
+    let (code, job) = run_job(&source.url(), &[]);
+    let took = t0.elapsed();
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+    // 12 MiB at 4 MiB/s cannot land in less than ~3 s (the first package leaves at once).
+    assert!(took >= Duration::from_millis(2800), "{took:?}");
+    let (status, page) = http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    let lbl = "{channel=\"site\",target=\"web1\"}";
+    assert_eq!(
+        metric(&page, &format!("mirror_bwlimit_bytes_per_second{lbl}")),
+        Some((4u64 << 20) as f64),
+        "{page}"
+    );
+    assert!(metric(&page, &format!("mirror_throttled_seconds_total{lbl}")).unwrap_or(0.0) > 1.0);
+    let id = job["id"].as_str().unwrap();
+    let progress = events(&source.url(), id)
+        .into_iter()
+        .rfind(|e| e["kind"] == "progress")
+        .expect("progress events");
+    assert_eq!(
+        progress["data"]["bwlimit_bytes_per_sec"],
+        4u64 << 20,
+        "{progress}"
+    );
+}
