@@ -1167,10 +1167,20 @@ max_delete = "10%"
         let off = OK.replace("max_delete", "delta = false\nmax_delete");
         assert_eq!(parse(&off).unwrap().channels[0].delta_min_bytes, None);
         let limited = format!("{OK}  bwlimit = \"2MiB/s\"\n");
-        assert_eq!(parse(&limited).unwrap().channels[0].targets[0].bwlimit, Some(2 << 20));
-        let e = parse(&format!("{OK}  bwlimit = \"lots\"\n")).unwrap_err().to_string();
+        assert_eq!(
+            parse(&limited).unwrap().channels[0].targets[0].bwlimit,
+            Some(2 << 20)
+        );
+        let e = parse(&format!("{OK}  bwlimit = \"lots\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bwlimit") && e.contains("lots"), "{e}");
         let small = OK.replace("max_delete", "delta_min_bytes = 100\nmax_delete");
-        assert!(parse(&small).unwrap_err().to_string().contains("delta_min_bytes"));
+        assert!(
+            parse(&small)
+                .unwrap_err()
+                .to_string()
+                .contains("delta_min_bytes")
+        );
     }
 }

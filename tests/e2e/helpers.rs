@@ -76,6 +76,7 @@ pub struct App {
     durability: Option<&'static str>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 impl App {
@@ -88,6 +89,7 @@ impl App {
             durability: None,
             args: Vec::new(),
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -144,6 +146,13 @@ impl App {
         self
     }
 
+    /// Run in the network namespace `ns` (`ip netns exec`, which execs the binary: the
+    /// child is the service itself).
+    pub fn netns(mut self, ns: &str) -> App {
+        self.netns = Some(ns.into());
+        self
+    }
+
     pub fn envs(self, env: &[(&str, &str)]) -> App {
         env.iter().fold(self, |app, (k, v)| app.env(k, v))
     }
@@ -152,7 +161,14 @@ impl App {
     pub fn spawn(self) -> Proc {
         let role = self.bin.trim_start_matches("mirror-");
         let log = self.dir.join(format!("{role}-{}.log", stamp()));
-        let mut cmd = Command::new(bin_dir().join(self.bin));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_dir().join(self.bin));
+                c
+            }
+            None => Command::new(bin_dir().join(self.bin)),
+        };
         if let Some(listen) = &self.listen {
             cmd.args(["--listen", listen]);
         }

@@ -23,3 +23,4 @@ mod safety;
 mod security;
 mod service;
 mod triggers;
+mod wan;
