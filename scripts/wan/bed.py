@@ -5,6 +5,7 @@ kernel has no netem; latency comes from delay_proxy.py).
 
   bed.py up N --rate 20mbit     namespace cmwN, host end cmwNa 10.77.N.1, namespace end
                                 cmwNb 10.77.N.2 (N in 1..250)
+  bed.py shape N --rate R       another rate (none: unlimited)
   bed.py cut N / restore N      the link down (packets dropped, routes gone) / up again
   bed.py down N                 everything removed
 """
@@ -56,6 +57,16 @@ def up(n, rate):
         shape(["ip", "netns", "exec", ns], inner, rate)
 
 
+def reshape(n, rate):
+    ns, host, inner, *_ = names(n)
+    if rate and rate != "none":
+        shape([], host, rate)
+        shape(["ip", "netns", "exec", ns], inner, rate)
+    else:
+        sh("tc", "qdisc", "del", "dev", host, "root", check=False)
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", inner, "root", check=False)
+
+
 def down(n):
     ns, host, *_ = names(n)
     sh("ip", "link", "del", host, check=False)
@@ -64,7 +75,7 @@ def down(n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["up", "down", "cut", "restore"])
+    ap.add_argument("cmd", choices=["up", "down", "shape", "cut", "restore"])
     ap.add_argument("n", type=int)
     ap.add_argument("--rate", help="e.g. 20mbit (none: unlimited)")
     a = ap.parse_args()
@@ -75,6 +86,8 @@ def main():
         up(a.n, a.rate)
     elif a.cmd == "down":
         down(a.n)
+    elif a.cmd == "shape":
+        reshape(a.n, a.rate)
     elif a.cmd == "cut":
         sh("ip", "link", "set", host, "down")
     else:

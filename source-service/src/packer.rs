@@ -252,11 +252,12 @@ impl Packer {
             completed: Vec::new(),
             deletes: 0,
             errors: Vec::new(),
+            full: false,
         };
         if let Some(c) = &mut self.current {
             c.put_at = None;
         }
-        while f.out.entries() < self.max_entries && f.size < self.package_bytes {
+        while f.out.entries() < self.max_entries && f.size < self.package_bytes && !f.full {
             if self.current.is_some() {
                 self.continue_body(&mut f);
                 continue;
@@ -494,7 +495,18 @@ impl Packer {
         let path = cur.item.path.clone();
         let basis = (d.basis.size, d.basis.mtime_ns);
         let mut step: Option<Step> = None;
-        while f.size < self.package_bytes && f.out.entries() + 1 < self.max_entries {
+        // What the step not yet pushed weighs against the package size.
+        let mut weight = 0;
+        // Each round may push the step before it, and the last step is pushed after.
+        let (package_bytes, max_entries) = (self.package_bytes, self.max_entries);
+        let room = |f: &Filling, weight: usize| {
+            f.size + weight < package_bytes && f.out.entries() + 2 <= max_entries
+        };
+        if !room(f, 0) {
+            f.full = true;
+            return;
+        }
+        while room(f, weight) {
             let c = match d.take() {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
@@ -510,6 +522,7 @@ impl Packer {
             cur.hasher.update(&c.data);
             let at = d.base + c.offset;
             let len = c.length as u64;
+            let copy_weight = (len / COPY_WEIGHT) as usize;
             match (d.basis.index.find(chunk_hash(&c.data), c.length), &mut step) {
                 (
                     Some(from),
@@ -518,16 +531,20 @@ impl Packer {
                     }),
                 ) if *f0 + *l0 == from => {
                     *l0 += len;
+                    weight += copy_weight;
                 }
                 (Some(from), _) => {
                     push_step(f, &path, step.take(), false, None, basis);
                     step = Some(Step::Copy { at, from, len });
+                    weight = copy_weight;
                 }
                 (None, Some(Step::Literal { data, .. })) if data.len() < LITERAL_MAX => {
                     data.extend_from_slice(&c.data);
+                    weight += c.length;
                 }
                 (None, _) => {
                     push_step(f, &path, step.take(), false, None, basis);
+                    weight = c.length;
                     step = Some(Step::Literal { at, data: c.data });
                 }
             }
@@ -616,6 +633,8 @@ struct Filling {
     completed: Vec<(String, u64)>,
     deletes: u64,
     errors: Vec<NewItemError>,
+    /// No room for another step of a delta: the package ends here.
+    full: bool,
 }
 
 impl Packer {
