@@ -1,24 +1,29 @@
 //! Delta transfer: the target cuts the current version of a file (the basis) into
-//! content-defined chunks (FastCDC 2020) and sends each one's length and a short BLAKE3;
+//! content-defined chunks (FastCDC 2020) and sends each one's length and a 64-bit hash;
 //! the source cuts its new version the same way and sends each chunk either as a copy
-//! of a basis chunk with the same hash or as literal bytes. Content-defined boundaries
-//! find the old content again after an insert anywhere in the file (a block-aligned
-//! scheme loses every block after it), and matching is one hash-table lookup per chunk
-//! rather than one per byte. The whole new body is still checked by its BLAKE3.
+//! of a basis chunk with the same hash and length or as literal bytes. Content-defined
+//! boundaries find the old content again after an insert anywhere in the file (a
+//! block-aligned scheme loses every block after it), and matching is one hash-table
+//! lookup per chunk rather than one per byte. Chunks are told apart by XXH3 (as rsync's
+//! block checksums are): a false match would need two chunks of one length whose
+//! 64-bit hashes collide, and the whole new body is still checked by its BLAKE3 before
+//! it is published, so a collision can fail a file but never corrupt it.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
 
-use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN};
-pub use fastcdc::v2020::{ChunkData, StreamCDC};
+use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, Normalization};
 
-/// Bytes of a chunk's BLAKE3 sent in a signature: a false match needs two chunks of the
-/// same length whose 64-bit prefixes collide, and the body's full BLAKE3 catches it.
+/// Bytes of a chunk's hash in a signature.
 pub const HASH_LEN: usize = 8;
 /// Chunks per signature batch (about 100 KiB on the wire).
 pub const BATCH_CHUNKS: usize = 8192;
 /// Smallest average chunk: below it the signatures weigh more than they save.
 pub const MIN_AVG: u32 = 4 * 1024;
+/// Chunks an index holds at most (about 32 MiB): a basis of more than ~4 TiB is cut
+/// into more, and its chunks past this many are not looked up (their content goes as
+/// literal bytes), so memory stays bounded for any file size.
+pub const MAX_INDEXED: usize = 1 << 20;
 
 /// Chunk sizes of one delta transfer, chosen by the source from the basis's size and
 /// used by both ends.
@@ -57,28 +62,97 @@ impl ChunkSizes {
     }
 
     /// Cuts what `r` reads into chunks.
-    pub fn chunker<R: Read>(self, r: R) -> StreamCDC<R> {
-        StreamCDC::new(r, self.min(), self.avg as usize, self.max())
+    pub fn chunker<R: Read>(self, r: R) -> Chunker<R> {
+        Chunker {
+            r,
+            sizes: self,
+            masks: fastcdc::v2020::select_masks(self.avg as usize, Normalization::Level1),
+            buf: vec![0; (2 * self.max()).max(4 << 20)],
+            pos: 0,
+            filled: 0,
+            eof: false,
+            offset: 0,
+        }
     }
 }
 
-/// The first [`HASH_LEN`] bytes of a chunk's BLAKE3, as a number.
+/// Cuts a stream into content-defined chunks (FastCDC 2020), read into one buffer a few
+/// MiB at a time: a chunk is a slice of the buffer, valid until the next call (no copy
+/// per chunk; the unread rest moves to the front once per refill).
+pub struct Chunker<R> {
+    r: R,
+    sizes: ChunkSizes,
+    masks: (u64, u64),
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    eof: bool,
+    /// The stream offset of `buf[pos]`.
+    offset: u64,
+}
+
+impl<R: Read> Chunker<R> {
+    /// The next chunk, with its offset in the stream; `None` at the end.
+    pub fn next_chunk(&mut self) -> io::Result<Option<(u64, &[u8])>> {
+        loop {
+            let avail = self.filled - self.pos;
+            // A cut is content-defined only with a whole maximum chunk ahead (or the end).
+            if avail >= self.sizes.max() || (self.eof && avail > 0) {
+                let (ms, ml) = self.masks;
+                let window = &self.buf[self.pos..self.filled];
+                let s = self.sizes;
+                let (_, n) = fastcdc::v2020::cut(
+                    window,
+                    s.min(),
+                    s.avg as usize,
+                    s.max(),
+                    ms,
+                    ml,
+                    ms << 1,
+                    ml << 1,
+                );
+                let n = n.clamp(1, avail);
+                let (start, at) = (self.pos, self.offset);
+                self.pos += n;
+                self.offset += n as u64;
+                return Ok(Some((at, &self.buf[start..start + n])));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            self.buf.copy_within(self.pos..self.filled, 0);
+            self.filled -= self.pos;
+            self.pos = 0;
+            while self.filled < self.buf.len() {
+                match self.r.read(&mut self.buf[self.filled..]) {
+                    Ok(0) => {
+                        self.eof = true;
+                        break;
+                    }
+                    Ok(n) => self.filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// A chunk's hash: the low 64 bits of its XXH3-128 (several times cheaper per byte than
+/// BLAKE3, which hashes every body once more anyway).
 pub fn chunk_hash(data: &[u8]) -> u64 {
-    let h = blake3::hash(data);
-    let mut b = [0u8; HASH_LEN];
-    b.copy_from_slice(&h.as_bytes()[..HASH_LEN]);
-    u64::from_le_bytes(b)
+    twox_hash::XxHash3_128::oneshot(data) as u64
 }
 
 /// Reads a basis and yields its signatures a batch at a time (lengths, packed hashes).
 pub struct Signer<R: Read> {
-    cdc: StreamCDC<R>,
+    chunks: Chunker<R>,
 }
 
 impl<R: Read> Signer<R> {
     pub fn new(r: R, sizes: ChunkSizes) -> Self {
         Signer {
-            cdc: sizes.chunker(r),
+            chunks: sizes.chunker(r),
         }
     }
 
@@ -86,10 +160,12 @@ impl<R: Read> Signer<R> {
     pub fn next_batch(&mut self) -> io::Result<(Vec<u32>, Vec<u8>)> {
         let mut lengths = Vec::new();
         let mut hashes = Vec::new();
-        for c in self.cdc.by_ref().take(BATCH_CHUNKS) {
-            let c = c.map_err(io::Error::from)?;
-            lengths.push(c.length as u32);
-            hashes.extend_from_slice(&chunk_hash(&c.data).to_le_bytes());
+        while lengths.len() < BATCH_CHUNKS {
+            let Some((_, c)) = self.chunks.next_chunk()? else {
+                break;
+            };
+            lengths.push(c.len() as u32);
+            hashes.extend_from_slice(&chunk_hash(c).to_le_bytes());
         }
         Ok((lengths, hashes))
     }
@@ -116,7 +192,9 @@ impl Index {
         }
         for (len, h) in lengths.iter().zip(hashes.chunks_exact(HASH_LEN)) {
             let h = u64::from_le_bytes(h.try_into().expect("HASH_LEN bytes"));
-            self.chunks.entry(h).or_insert((self.size, *len));
+            if self.chunks.len() < MAX_INDEXED {
+                self.chunks.entry(h).or_insert((self.size, *len));
+            }
             self.size += *len as u64;
         }
         Ok(())
@@ -162,13 +240,14 @@ mod tests {
     fn apply(basis: &[u8], new: &[u8], ix: &Index, sizes: ChunkSizes) -> (usize, Vec<u8>) {
         let mut out = Vec::new();
         let mut literal = 0;
-        for c in sizes.chunker(new) {
-            let c = c.unwrap();
-            match ix.find(chunk_hash(&c.data), c.length) {
-                Some(at) => out.extend_from_slice(&basis[at as usize..at as usize + c.length]),
+        let mut chunks = sizes.chunker(new);
+        while let Some((at, c)) = chunks.next_chunk().unwrap() {
+            assert_eq!(at as usize, out.len());
+            match ix.find(chunk_hash(c), c.len()) {
+                Some(from) => out.extend_from_slice(&basis[from as usize..from as usize + c.len()]),
                 None => {
-                    literal += c.length;
-                    out.extend_from_slice(&c.data);
+                    literal += c.len();
+                    out.extend_from_slice(c);
                 }
             }
         }
@@ -210,6 +289,40 @@ mod tests {
         assert!(ChunkSizes::from_avg(16 * 1024).is_some());
         assert!(ChunkSizes::from_avg(1000).is_none());
         assert!(ChunkSizes::from_avg(8 << 20).is_none());
+    }
+
+    #[test]
+    fn chunks_do_not_depend_on_how_the_reader_splits_its_reads() {
+        /// Gives at most 1,000 bytes a read.
+        struct Dribble<'a>(&'a [u8]);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(1000).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let data = noise(9 << 20, 5);
+        let sizes = ChunkSizes::for_size(data.len() as u64);
+        let cuts = |mut c: Chunker<&mut dyn Read>| {
+            let mut v = Vec::new();
+            while let Some((at, ch)) = c.next_chunk().unwrap() {
+                v.push((at, ch.len()));
+            }
+            v
+        };
+        let whole = cuts(sizes.chunker(&mut &data[..]));
+        let dribbled = cuts(sizes.chunker(&mut Dribble(&data)));
+        assert_eq!(whole, dribbled);
+        assert_eq!(whole.iter().map(|c| c.1).sum::<usize>(), data.len());
+        assert!(whole.iter().all(|c| c.1 <= sizes.max()));
+        // Cut by content: the fastcdc reference cuts the same places.
+        let reference: Vec<(u64, usize)> =
+            fastcdc::v2020::FastCDC::new(&data, sizes.min(), sizes.avg as usize, sizes.max())
+                .map(|c| (c.offset as u64, c.length))
+                .collect();
+        assert_eq!(whole, reference);
     }
 
     #[test]

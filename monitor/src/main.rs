@@ -281,13 +281,14 @@ fn print_job(j: &pb::Job) {
     }
     for t in &j.targets {
         out!(
-            "  target {} [{}]: items {}/{}, bytes {}/{}, deletes {}/{}, packages {}/{} acked, {} item error(s){}",
+            "  target {} [{}]: items {}/{}, bytes {}/{} ({} on the wire), deletes {}/{}, packages {}/{} acked, {} item error(s){}",
             t.target,
             t.state,
             t.items_done,
             t.items_total,
             human_bytes(t.bytes_done),
             human_bytes(t.bytes_total),
+            human_bytes(t.bytes_on_wire),
             t.deletes_done,
             t.deletes_total,
             t.packages_acked,

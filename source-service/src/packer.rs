@@ -80,24 +80,13 @@ pub trait Signatures: Send {
     fn fetch(&mut self, path: &str, sizes: ChunkSizes) -> Option<Basis>;
 }
 
-/// A body going as a delta: its chunks read one ahead, so the chunk that ends the body
-/// is known when it is packed.
+/// A body going as a delta.
 struct Delta {
     basis: Basis,
-    chunks: cms_mirror::delta::StreamCDC<io::Take<File>>,
+    /// The body from where the delta started (at most its planned size).
+    chunks: cms_mirror::delta::Chunker<io::Take<File>>,
     /// The body offset the chunker started at.
     base: u64,
-    next: Option<cms_mirror::delta::ChunkData>,
-}
-
-impl Delta {
-    fn take(&mut self) -> io::Result<Option<cms_mirror::delta::ChunkData>> {
-        let c = self.next.take();
-        if c.is_some() {
-            self.next = self.chunks.next().transpose().map_err(io::Error::from)?;
-        }
-        Ok(c)
-    }
 }
 
 /// A delta's step waiting for the next chunk: merged with it when it continues it.
@@ -111,7 +100,7 @@ const LITERAL_MAX: usize = 1024 * 1024;
 /// A copied byte costs the target a read and a write but nothing on the wire: it counts
 /// as this fraction of a byte against the package size, so one package does not make
 /// the target copy gigabytes before it answers.
-const COPY_WEIGHT: u64 = 64;
+const COPY_WEIGHT: u64 = 4;
 
 /// Reads of a file that changed while read, before it is reported.
 pub const MAX_CHANGE_RETRIES: u32 = 3;
@@ -467,16 +456,10 @@ impl Packer {
             return;
         };
         // The dup shares the file's offset, which stands where the body does.
-        let started = cur.file.try_clone().and_then(|f| {
-            let rest = cur.item.size - cur.offset;
-            let mut chunks = sizes.chunker(f.take(rest));
-            let next = chunks.next().transpose().map_err(io::Error::from)?;
-            Ok(Delta {
-                basis,
-                chunks,
-                base: cur.offset,
-                next,
-            })
+        let started = cur.file.try_clone().map(|f| Delta {
+            basis,
+            chunks: sizes.chunker(f.take(cur.item.size - cur.offset)),
+            base: cur.offset,
         });
         match started {
             Ok(d) => cur.delta = Some(d),
@@ -506,10 +489,16 @@ impl Packer {
             f.full = true;
             return;
         }
-        while room(f, weight) {
-            let c = match d.take() {
+        let size = cur.item.size;
+        // The file ended before its planned size: it changed while read.
+        let mut short = false;
+        while cur.offset < size && room(f, weight) {
+            let (off, c) = match d.chunks.next_chunk() {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
+                Ok(None) => {
+                    short = true;
+                    break;
+                }
                 Err(e) => {
                     let e = io_error(&path, &e);
                     f.out.truncate(before);
@@ -519,11 +508,11 @@ impl Packer {
                     return;
                 }
             };
-            cur.hasher.update(&c.data);
-            let at = d.base + c.offset;
-            let len = c.length as u64;
+            cur.hasher.update(c);
+            let at = d.base + off;
+            let len = c.len() as u64;
             let copy_weight = (len / COPY_WEIGHT) as usize;
-            match (d.basis.index.find(chunk_hash(&c.data), c.length), &mut step) {
+            match (d.basis.index.find(chunk_hash(c), c.len()), &mut step) {
                 (
                     Some(from),
                     Some(Step::Copy {
@@ -539,23 +528,26 @@ impl Packer {
                     weight = copy_weight;
                 }
                 (None, Some(Step::Literal { data, .. })) if data.len() < LITERAL_MAX => {
-                    data.extend_from_slice(&c.data);
-                    weight += c.length;
+                    data.extend_from_slice(c);
+                    weight += c.len();
                 }
                 (None, _) => {
                     push_step(f, &path, step.take(), false, None, basis);
-                    weight = c.length;
-                    step = Some(Step::Literal { at, data: c.data });
+                    weight = c.len();
+                    step = Some(Step::Literal {
+                        at,
+                        data: c.to_vec(),
+                    });
                 }
             }
             cur.offset = at + len;
         }
-        let last = d.next.is_none();
-        if !last {
+        if !short && cur.offset < size {
             push_step(f, &path, step, false, None, basis);
             return;
         }
-        let still_same = cur.offset == cur.item.size
+        let still_same = !short
+            && cur.offset == cur.item.size
             && cur
                 .file
                 .metadata()

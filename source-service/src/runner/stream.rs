@@ -128,8 +128,11 @@ pub(super) async fn stream_once(
                 session_id: session_id.to_string(),
                 timeout: ch.ack_timeout,
                 handle: tokio::runtime::Handle::current(),
+                ahead: None,
+                last: None,
             };
-            packer.with_delta(Box::new(sigs), whole.clone())
+            let ahead = sigs.fetch_ahead(plan_dir, &cursor, whole.clone());
+            packer.with_delta(Box::new(sigs.with_ahead(ahead)), whole.clone())
         }
         None => packer,
     };
@@ -771,57 +774,150 @@ struct TargetSignatures {
     session_id: String,
     timeout: Duration,
     handle: tokio::runtime::Handle,
+    /// Signatures fetched ahead of the packer, in plan order.
+    ahead: Option<mpsc::Receiver<(String, Option<Basis>)>>,
+    /// The file asked for last (asked again when it is read again).
+    last: Option<String>,
 }
 
+/// Signatures fetched ahead of the packer, several at once: on a far link each fetch
+/// costs a round trip, and the target cuts and hashes the next files while the source
+/// cuts the one before.
+const SIGNATURES_AHEAD: usize = 4;
+
 impl TargetSignatures {
-    async fn basis(&mut self, path: &str, avg_chunk: u32) -> Result<Basis, String> {
-        let req = pb::SignaturesRequest {
-            session_id: self.session_id.clone(),
-            path: path.to_string(),
-            avg_chunk,
-        };
-        let mut batches = self
-            .client
-            .get_signatures(super::traced(req))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        let mut index = cms_mirror::delta::Index::default();
-        let mut basis: Option<(u64, i64)> = None;
-        while let Some(b) = batches.message().await.map_err(|s| status_text(&s))? {
-            basis.get_or_insert((b.basis_size, b.basis_mtime_ns));
-            index.add(&b.lengths, &b.hashes)?;
-        }
-        let (size, mtime_ns) = basis.ok_or("no signatures")?;
-        if index.size != size {
-            return Err(format!(
-                "signatures cover {} bytes of a {size}-byte file",
-                index.size
-            ));
-        }
-        Ok(Basis {
-            index,
-            size,
-            mtime_ns,
-        })
+    fn with_ahead(mut self, ahead: mpsc::Receiver<(String, Option<Basis>)>) -> Self {
+        self.ahead = Some(ahead);
+        self
     }
+
+    /// Reads the plan from `cursor` (on a blocking thread) and fetches the signatures
+    /// of each planned delta, [`SIGNATURES_AHEAD`] at a time, handing them on in plan
+    /// order. Ends when the receiver is dropped.
+    fn fetch_ahead(
+        &self,
+        plan_dir: &Path,
+        cursor: &Cursor,
+        whole: HashSet<String>,
+    ) -> mpsc::Receiver<(String, Option<Basis>)> {
+        use futures::StreamExt;
+        let (tx, rx) = mpsc::channel(SIGNATURES_AHEAD);
+        let (ptx, prx) = mpsc::channel::<(String, u64)>(SIGNATURES_AHEAD);
+        let phases = vec![PhaseName::Content, PhaseName::Last];
+        let reader = crate::plan::PlanReader::open(plan_dir, cursor, phases);
+        tokio::task::spawn_blocking(move || {
+            let Ok(mut reader) = reader else { return };
+            while let Ok(Some((_, e, _))) = reader.next_entry() {
+                let Some(basis) = e.basis.filter(|_| !whole.contains(&e.i.path)) else {
+                    continue;
+                };
+                if ptx.blocking_send((e.i.path, basis)).is_err() {
+                    return;
+                }
+            }
+        });
+        let (client, session_id, timeout) =
+            (self.client.clone(), self.session_id.clone(), self.timeout);
+        self.handle.spawn(async move {
+            let mut fetched = ReceiverStream::new(prx)
+                .map(|(path, basis)| {
+                    let (client, session_id) = (client.clone(), session_id.clone());
+                    async move {
+                        let avg = cms_mirror::delta::ChunkSizes::for_size(basis).avg;
+                        let got = fetch(client, session_id, timeout, &path, avg).await;
+                        (path, got)
+                    }
+                })
+                .buffered(SIGNATURES_AHEAD);
+            while let Some(got) = fetched.next().await {
+                if tx.send(got).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Fetches one file's signatures and waits for them.
+    fn fetch_now(&mut self, path: &str, sizes: cms_mirror::delta::ChunkSizes) -> Option<Basis> {
+        let (client, session_id) = (self.client.clone(), self.session_id.clone());
+        self.handle
+            .block_on(fetch(client, session_id, self.timeout, path, sizes.avg))
+    }
+}
+
+/// One file's signatures from the target, or `None` (logged) when it cannot give them
+/// within `timeout`.
+async fn fetch(
+    client: TargetServiceClient<AuthChannel>,
+    session_id: String,
+    timeout: Duration,
+    path: &str,
+    avg_chunk: u32,
+) -> Option<Basis> {
+    match tokio::time::timeout(timeout, basis(client, session_id, path, avg_chunk)).await {
+        Ok(Ok(b)) => Some(b),
+        Ok(Err(e)) => {
+            tracing::info!(path, error = %e, "no signatures; sending the file whole");
+            None
+        }
+        Err(_) => {
+            tracing::info!(path, "signatures timed out; sending the file whole");
+            None
+        }
+    }
+}
+
+async fn basis(
+    mut client: TargetServiceClient<AuthChannel>,
+    session_id: String,
+    path: &str,
+    avg_chunk: u32,
+) -> Result<Basis, String> {
+    let req = pb::SignaturesRequest {
+        session_id,
+        path: path.to_string(),
+        avg_chunk,
+    };
+    let mut batches = client
+        .get_signatures(super::traced(req))
+        .await
+        .map_err(|s| status_text(&s))?
+        .into_inner();
+    let mut index = cms_mirror::delta::Index::default();
+    let mut basis: Option<(u64, i64)> = None;
+    while let Some(b) = batches.message().await.map_err(|s| status_text(&s))? {
+        basis.get_or_insert((b.basis_size, b.basis_mtime_ns));
+        index.add(&b.lengths, &b.hashes)?;
+    }
+    let (size, mtime_ns) = basis.ok_or("no signatures")?;
+    if index.size != size {
+        return Err(format!(
+            "signatures cover {} bytes of a {size}-byte file",
+            index.size
+        ));
+    }
+    Ok(Basis {
+        index,
+        size,
+        mtime_ns,
+    })
 }
 
 impl Signatures for TargetSignatures {
     fn fetch(&mut self, path: &str, sizes: cms_mirror::delta::ChunkSizes) -> Option<Basis> {
-        let handle = self.handle.clone();
-        let timeout = self.timeout;
-        let got = handle.block_on(tokio::time::timeout(timeout, self.basis(path, sizes.avg)));
-        match got {
-            Ok(Ok(b)) => Some(b),
-            Ok(Err(e)) => {
-                tracing::info!(path, error = %e, "no signatures; sending the file whole");
-                None
+        // A file read again asks again; the others come in plan order from the fetches
+        // ahead (those of files the packer skipped are passed over).
+        let again = self.last.as_deref() == Some(path);
+        self.last = Some(path.to_string());
+        if let Some(ahead) = self.ahead.as_mut().filter(|_| !again) {
+            while let Some((p, got)) = ahead.blocking_recv() {
+                if p == path {
+                    return got;
+                }
             }
-            Err(_) => {
-                tracing::info!(path, "signatures timed out; sending the file whole");
-                None
-            }
+            self.ahead = None;
         }
+        self.fetch_now(path, sizes)
     }
 }
