@@ -97,9 +97,11 @@ enum Step {
 
 /// Literal bytes of a delta per FileData entry at most.
 const LITERAL_MAX: usize = 1024 * 1024;
-/// A copied byte costs the target a read and a write but nothing on the wire: it counts
-/// as this fraction of a byte against the package size, so one package does not make
-/// the target copy gigabytes before it answers.
+/// A copied byte costs the target a read, a write and a hash but nothing on the wire:
+/// it counts as 1/COPY_WEIGHT of a byte against the package size, so a package holds
+/// 16 MiB of copies at the default size and the target copies one part of a file while
+/// the source cuts the next (with 64 the target waited for whole files and a large
+/// insert case took twice as long).
 const COPY_WEIGHT: u64 = 4;
 
 /// Reads of a file that changed while read, before it is reported.
