@@ -293,12 +293,20 @@ impl DirCache {
         item_at(dir, rel, name)
     }
 
-    /// Opens the file at `rel` for reading.
+    /// Opens the file at `rel` for reading; a link there is not followed (ELOOP), as
+    /// [`item`](Self::item) does not follow it, so what is opened is what was looked up.
     pub fn open(&mut self, rel: &str) -> io::Result<std::fs::File> {
         let (dir, name) = self.parent_of(rel)?;
-        let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let fd = rustix::fs::openat(dir, name, flags, Mode::empty())?;
         Ok(std::fs::File::from(fd))
     }
+}
+
+/// A file's modification time in nanoseconds since the epoch (the unit of `Item`).
+pub fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
 /// The item `rel`, found as `name` in the open directory `dir` (not following links).
@@ -445,5 +453,24 @@ mod tests {
             }
         }
         assert_eq!(cache.item("d0/missing").unwrap_err().code, "vanished");
+    }
+
+    /// What a DirCache opens is the file it looked up: a link in its place is refused,
+    /// never followed (a target's delta must not read outside its site through one).
+    #[test]
+    fn a_link_is_not_opened_through() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        std::fs::write(d.path().join("plain"), b"y").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), d.path().join("link")).unwrap();
+        let mut cache = DirCache::new(d.path());
+        assert!(cache.open("plain").is_ok());
+        let e = cache.open("link").unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(rustix::io::Errno::LOOP.raw_os_error()),
+            "{e}"
+        );
     }
 }

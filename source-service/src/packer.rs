@@ -10,12 +10,11 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use cms_mirror::delta::{ChunkSizes, Index, chunk_hash};
-use cms_mirror::fswalk::{DirCache, io_error};
+use cms_mirror::fswalk::{DirCache, io_error, mtime_ns};
 use cms_mirror::jobstore::NewItemError;
 use cms_mirror::model::{ErrorCode, Item, Kind};
 use cms_mirror::package;
@@ -64,6 +63,16 @@ struct Current {
     /// started (its signatures are fetched when the body is first packed).
     basis: Option<u64>,
     delta: Option<Delta>,
+}
+
+impl Current {
+    /// Whether the file still has the size and mtime it had when its reading began (at
+    /// its end, what was read is then what is there).
+    fn unchanged(&self) -> bool {
+        self.file
+            .metadata()
+            .is_ok_and(|md| md.len() == self.item.size && mtime_ns(&md) == self.mtime_ns)
+    }
 }
 
 /// The target's version of a file as its signatures describe it.
@@ -121,10 +130,6 @@ pub struct Packer {
     signatures: Option<Box<dyn Signatures>>,
     /// Files to send whole even where a delta is planned (their basis changed).
     whole: HashSet<String>,
-}
-
-fn mtime_ns(md: &std::fs::Metadata) -> i64 {
-    md.mtime() * 1_000_000_000 + md.mtime_nsec()
 }
 
 fn err(path: &str, code: &str, message: String, retryable: bool) -> NewItemError {
@@ -364,13 +369,7 @@ impl Packer {
         };
         cur.offset += want as u64;
         // At the end, the file must still be what we started reading.
-        let still_same = !last
-            || cur
-                .file
-                .metadata()
-                .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
-                .unwrap_or(false);
-        if changed || !still_same {
+        if changed || (last && !cur.unchanged()) {
             f.out.truncate(before);
             let cur = self.current.take().expect("current file");
             self.read_again(cur, f);
@@ -548,14 +547,7 @@ impl Packer {
             push_step(f, &path, step, false, None, basis);
             return;
         }
-        let still_same = !short
-            && cur.offset == cur.item.size
-            && cur
-                .file
-                .metadata()
-                .map(|md| md.len() == cur.item.size && mtime_ns(&md) == cur.mtime_ns)
-                .unwrap_or(false);
-        if !still_same {
+        if short || cur.offset != cur.item.size || !cur.unchanged() {
             f.out.truncate(before);
             let cur = self.current.take().expect("current file");
             self.read_again(cur, f);

@@ -3,15 +3,12 @@
 //! blocking thread and streamed a batch at a time, so neither end holds more than a
 //! batch of them in flight.
 
-use std::os::unix::fs::MetadataExt;
-
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use cms_mirror::delta::{ChunkSizes, Signer};
-use cms_mirror::fswalk::DirCache;
-use cms_mirror::model::Kind;
+use cms_mirror::fswalk::{DirCache, mtime_ns};
 use cms_mirror::pb;
 
 use crate::error::TargetError;
@@ -49,17 +46,16 @@ impl TargetService {
         let root = self.session_fs(&s)?.root;
         let path = r.path;
         let opened = tokio::task::spawn_blocking(move || {
-            let mut dirs = DirCache::new(root);
-            match dirs.item(&path) {
-                Ok(i) if i.kind == Kind::File => {}
-                _ => return Err(Status::not_found(format!("no file {path:?} to copy from"))),
-            }
-            let f = dirs
+            let no_file =
+                |why: String| Status::not_found(format!("no file {path:?} to copy from: {why}"));
+            // Not through a link (the open refuses one): what is read is the file itself.
+            let f = DirCache::new(root)
                 .open(&path)
-                .map_err(|e| Status::not_found(format!("cannot open {path:?}: {e}")))?;
-            let md = f
-                .metadata()
-                .map_err(|e| Status::not_found(format!("cannot stat {path:?}: {e}")))?;
+                .map_err(|e| no_file(e.to_string()))?;
+            let md = f.metadata().map_err(|e| no_file(e.to_string()))?;
+            if !md.is_file() {
+                return Err(no_file("not a regular file".into()));
+            }
             Ok((f, md))
         })
         .await
@@ -72,7 +68,7 @@ impl TargetService {
             let mut signer = Signer::new(std::io::BufReader::with_capacity(1 << 20, file), sizes);
             // The basis's identity goes with the first batch (an empty file has one,
             // empty, batch).
-            let mut first = Some((md.len(), md.mtime() * 1_000_000_000 + md.mtime_nsec()));
+            let mut first = Some((md.len(), mtime_ns(&md)));
             loop {
                 let (lengths, hashes) = match signer.next_batch() {
                     Ok(b) => b,

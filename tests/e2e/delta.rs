@@ -119,9 +119,13 @@ fn a_target_killed_mid_delta_resumes_and_lands_exact() {
     let n = 16 << 20;
     write(&src, "big.bin", &bytes(7, n));
     let target = App::target(tmp.path()).site(&dst).spawn();
-    let config = write_config(tmp.path(), &src, &target.url(), "retry_budget = 20");
-    let text = std::fs::read_to_string(&config).unwrap() + "  bwlimit = \"2MiB/s\"\n";
-    std::fs::write(&config, text).unwrap();
+    let config = write_config_with_target(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "retry_budget = 20",
+        "  bwlimit = \"2MiB/s\"\n",
+    );
     let source = App::source(tmp.path(), &config).spawn();
     assert_eq!(run_job(&source.url(), &[]).0, 0);
     let mut b = std::fs::read(src.join("big.bin")).unwrap();
@@ -159,9 +163,13 @@ fn the_bandwidth_limit_holds_a_job_back_and_shows() {
     let n = 12 << 20;
     write(&src, "big.bin", &bytes(3, n));
     let target = App::target(tmp.path()).site(&dst).spawn();
-    let config = write_config(tmp.path(), &src, &target.url(), "");
-    let text = std::fs::read_to_string(&config).unwrap() + "  bwlimit = \"4MiB/s\"\n";
-    std::fs::write(&config, text).unwrap();
+    let config = write_config_with_target(
+        tmp.path(),
+        &src,
+        &target.url(),
+        "",
+        "  bwlimit = \"4MiB/s\"\n",
+    );
     let metrics = free_addr();
     let source = App::source(tmp.path(), &config)
         .args(&["--metrics-listen", &metrics])

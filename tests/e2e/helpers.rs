@@ -326,6 +326,21 @@ pub fn write_config(dir: &Path, source: &Path, target_url: &str, extra: &str) ->
     p
 }
 
+/// [`write_config`], with `target` (indented keys, e.g. `  bwlimit = "2MiB/s"\n`) added to
+/// its target's table.
+pub fn write_config_with_target(
+    dir: &Path,
+    source: &Path,
+    target_url: &str,
+    extra: &str,
+    target: &str,
+) -> PathBuf {
+    let config = write_config(dir, source, target_url, extra);
+    let text = std::fs::read_to_string(&config).unwrap() + target;
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// Runs mirrorctl against a source.
 pub fn mirrorctl(source_url: &str, args: &[&str]) -> Output {
     mirrorctl_env(source_url, &[], args)

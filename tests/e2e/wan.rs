@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -92,13 +92,6 @@ impl Drop for Killed {
     }
 }
 
-fn config_for(dir: &Path, src: &Path, url: &str, channel: &str, target: &str) -> PathBuf {
-    let config = write_config(dir, src, url, channel);
-    let text = std::fs::read_to_string(&config).unwrap() + target;
-    std::fs::write(&config, text).unwrap();
-    config
-}
-
 /// Seconds since the epoch of an event's time.
 fn at(e: &serde_json::Value) -> f64 {
     let t = chrono::DateTime::parse_from_rfc3339(e["at"].as_str().unwrap()).unwrap();
@@ -130,7 +123,7 @@ fn a_job_across_a_slow_far_link_with_a_cut_lands_exact() {
         "80",
     ]);
     let _proxy = Killed(proxy);
-    let config = config_for(
+    let config = write_config_with_target(
         tmp.path(),
         &src,
         &format!("http://{proxied}"),
@@ -141,7 +134,6 @@ fn a_job_across_a_slow_far_link_with_a_cut_lands_exact() {
     let job = start_job(&source.url());
     wait_acked(&source.url(), &job, 6);
     bed.cut();
-    let cut_at = Instant::now();
     std::thread::sleep(Duration::from_secs(20));
     let during = show_job(&source.url(), &job);
     bed.restore();
@@ -155,7 +147,6 @@ fn a_job_across_a_slow_far_link_with_a_cut_lands_exact() {
         "{:#}",
         show_job(&source.url(), &job)
     );
-    assert!(cut_at.elapsed() >= Duration::from_secs(20));
     assert_same_tree(&src, &dst);
     let t = &show_job(&source.url(), &job)["targets"][0];
     // Each package crossed once, or again after the cut: no more than the window over.
@@ -181,7 +172,7 @@ fn the_bandwidth_limit_holds_while_another_flow_keeps_its_share() {
         .netns(&bed.ns())
         .listen(&format!("{}:0", bed.inner_ip()))
         .spawn();
-    let config = config_for(
+    let config = write_config_with_target(
         tmp.path(),
         &src,
         &target.url(),

@@ -123,16 +123,15 @@ pub(super) async fn stream_once(
     };
     let packer = match ch.delta_min_bytes {
         Some(_) => {
-            let sigs = TargetSignatures {
-                client: client.clone(),
-                session_id: session_id.to_string(),
-                timeout: ch.ack_timeout,
-                handle: tokio::runtime::Handle::current(),
-                ahead: None,
-                last: None,
-            };
-            let ahead = sigs.fetch_ahead(plan_dir, &cursor, whole.clone());
-            packer.with_delta(Box::new(sigs.with_ahead(ahead)), whole.clone())
+            let sigs = TargetSignatures::start(
+                client,
+                session_id,
+                ch.ack_timeout,
+                plan_dir,
+                &cursor,
+                whole,
+            );
+            packer.with_delta(Box::new(sigs), whole.clone())
         }
         None => packer,
     };
@@ -786,9 +785,26 @@ struct TargetSignatures {
 const SIGNATURES_AHEAD: usize = 4;
 
 impl TargetSignatures {
-    fn with_ahead(mut self, ahead: mpsc::Receiver<(String, Option<Basis>)>) -> Self {
-        self.ahead = Some(ahead);
-        self
+    /// Signatures from the session's target, the planned deltas' fetched ahead from
+    /// `cursor` on (those of the files in `whole` left out).
+    fn start(
+        client: &TargetServiceClient<AuthChannel>,
+        session_id: &str,
+        timeout: Duration,
+        plan_dir: &Path,
+        cursor: &Cursor,
+        whole: &HashSet<String>,
+    ) -> TargetSignatures {
+        let mut me = TargetSignatures {
+            client: client.clone(),
+            session_id: session_id.to_string(),
+            timeout,
+            handle: tokio::runtime::Handle::current(),
+            ahead: None,
+            last: None,
+        };
+        me.ahead = Some(me.fetch_ahead(plan_dir, cursor, whole.clone()));
+        me
     }
 
     /// Reads the plan from `cursor` (on a blocking thread) and fetches the signatures

@@ -836,7 +836,7 @@ fn root_meta(root: &std::path::Path) -> Option<pb::ItemMeta> {
     Some(pb::ItemMeta {
         kind: pb::ItemKind::Directory as i32,
         mode: md.mode() & 0o7777,
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        mtime_ns: cms_mirror::fswalk::mtime_ns(&md),
         ..Default::default()
     })
 }

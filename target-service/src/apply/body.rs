@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -409,7 +409,7 @@ fn copy_chunk(
         let mut dirs = cms_mirror::fswalk::DirCache::new(&site.root);
         let f = dirs.open(&path).map_err(|e| changed(e.to_string()))?;
         let md = f.metadata().map_err(|e| changed(e.to_string()))?;
-        let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        let mtime = cms_mirror::fswalk::mtime_ns(&md);
         if !md.is_file() || md.len() != d.basis_size || mtime != d.basis_mtime_ns {
             return Err(changed(format!(
                 "{} bytes, mtime {mtime} where the signatures had {} bytes, mtime {}",

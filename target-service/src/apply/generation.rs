@@ -170,5 +170,5 @@ fn clone_dir(from: &Path, to: &Path, top: bool, counts: &mut (u64, u64)) -> io::
         }
     }
     fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))?;
-    unix::set_mtime(to, md.mtime() * 1_000_000_000 + md.mtime_nsec())
+    unix::set_mtime(to, cms_mirror::fswalk::mtime_ns(&md))
 }
