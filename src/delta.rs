@@ -20,7 +20,7 @@ pub const HASH_LEN: usize = 8;
 pub const BATCH_CHUNKS: usize = 8192;
 /// Smallest average chunk: below it the signatures weigh more than they save.
 pub const MIN_AVG: u32 = 4 * 1024;
-/// Chunks an index holds at most (about 32 MiB): a basis of more than ~4 TiB is cut
+/// Chunks an index holds at most (about 48 MiB): a basis of more than ~4 TiB is cut
 /// into more, and its chunks past this many are not looked up (their content goes as
 /// literal bytes), so memory stays bounded for any file size.
 pub const MAX_INDEXED: usize = 1 << 20;
@@ -92,10 +92,39 @@ pub struct Chunker<R> {
 }
 
 impl<R: Read> Chunker<R> {
+    pub fn sizes(&self) -> ChunkSizes {
+        self.sizes
+    }
+
     /// The next chunk, with its offset in the stream; `None` at the end.
     pub fn next_chunk(&mut self) -> io::Result<Option<(u64, &[u8])>> {
+        Ok(self.next_chunk_expecting(None)?.map(|(at, c, _)| (at, c)))
+    }
+
+    /// The next chunk as [`Chunker::next_chunk`] cuts it, but first checks whether it is
+    /// `expected`, a basis chunk (cut with these sizes and a whole maximum chunk ahead)
+    /// that follows one just matched: when the bytes ahead hash to it, they are taken
+    /// without cutting (true with the chunk). The cut would have ended there too: with a
+    /// whole maximum chunk ahead, FastCDC decides a cut from the chunk's own bytes alone,
+    /// so equal bytes end where the basis chunk ended. A body that is mostly its basis is
+    /// then hashed once per chunk instead of rolled over byte by byte (as rsync jumps a
+    /// whole block after a match).
+    pub fn next_chunk_expecting(
+        &mut self,
+        expected: Option<Chunk>,
+    ) -> io::Result<Option<(u64, &[u8], bool)>> {
         loop {
             let avail = self.filled - self.pos;
+            let len = expected.map_or(usize::MAX, |e| e.len as usize);
+            if avail >= self.sizes.max()
+                && len <= avail
+                && expected.is_some_and(|e| chunk_hash(&self.buf[self.pos..][..len]) == e.hash)
+            {
+                let (start, at) = (self.pos, self.offset);
+                self.pos += len;
+                self.offset += len as u64;
+                return Ok(Some((at, &self.buf[start..start + len], true)));
+            }
             // A cut is content-defined only with a whole maximum chunk ahead (or the end).
             if avail >= self.sizes.max() || (self.eof && avail > 0) {
                 let (ms, ml) = self.masks;
@@ -115,7 +144,7 @@ impl<R: Read> Chunker<R> {
                 let (start, at) = (self.pos, self.offset);
                 self.pos += n;
                 self.offset += n as u64;
-                return Ok(Some((at, &self.buf[start..start + n])));
+                return Ok(Some((at, &self.buf[start..start + n], false)));
             }
             if self.eof {
                 return Ok(None);
@@ -171,10 +200,21 @@ impl<R: Read> Signer<R> {
     }
 }
 
-/// Where each chunk of a basis lies, by hash.
+/// One chunk of a basis: its number, where it lies, and its hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub n: u32,
+    pub at: u64,
+    pub len: u32,
+    pub hash: u64,
+}
+
+/// The chunks of a basis in file order, and where each lies by hash.
 #[derive(Default)]
 pub struct Index {
-    chunks: HashMap<u64, (u64, u32)>,
+    /// (offset, hash, length) by chunk number.
+    chunks: Vec<(u64, u64, u32)>,
+    by_hash: HashMap<u64, u32>,
     /// Bytes of the basis covered so far.
     pub size: u64,
 }
@@ -193,23 +233,35 @@ impl Index {
         for (len, h) in lengths.iter().zip(hashes.chunks_exact(HASH_LEN)) {
             let h = u64::from_le_bytes(h.try_into().expect("HASH_LEN bytes"));
             if self.chunks.len() < MAX_INDEXED {
-                self.chunks.entry(h).or_insert((self.size, *len));
+                self.by_hash.entry(h).or_insert(self.chunks.len() as u32);
+                self.chunks.push((self.size, h, *len));
             }
             self.size += *len as u64;
         }
         Ok(())
     }
 
-    /// The basis offset of a chunk with this hash and length.
-    pub fn find(&self, hash: u64, len: usize) -> Option<u64> {
-        match self.chunks.get(&hash) {
-            Some((at, l)) if *l as usize == len => Some(*at),
-            _ => None,
-        }
+    /// A chunk with this hash and length.
+    pub fn find(&self, hash: u64, len: usize) -> Option<Chunk> {
+        let c = self.chunk(*self.by_hash.get(&hash)?)?;
+        (c.len as usize == len).then_some(c)
+    }
+
+    /// The chunk after `c`, if it was cut with a whole maximum chunk of `sizes` ahead
+    /// (the ones in the basis's last stretch were cut by where it ends, not by content
+    /// alone): what [`Chunker::next_chunk_expecting`] may expect after a match of `c`.
+    pub fn following(&self, c: Chunk, sizes: ChunkSizes) -> Option<Chunk> {
+        self.chunk(c.n.checked_add(1)?)
+            .filter(|next| next.at + sizes.max() as u64 <= self.size)
+    }
+
+    fn chunk(&self, n: u32) -> Option<Chunk> {
+        let &(at, hash, len) = self.chunks.get(n as usize)?;
+        Some(Chunk { n, at, len, hash })
     }
 
     pub fn chunks(&self) -> usize {
-        self.chunks.len()
+        self.by_hash.len()
     }
 }
 
@@ -244,7 +296,7 @@ mod tests {
         while let Some((at, c)) = chunks.next_chunk().unwrap() {
             assert_eq!(at as usize, out.len());
             match ix.find(chunk_hash(c), c.len()) {
-                Some(from) => out.extend_from_slice(&basis[from as usize..from as usize + c.len()]),
+                Some(m) => out.extend_from_slice(&basis[m.at as usize..m.at as usize + c.len()]),
                 None => {
                     literal += c.len();
                     out.extend_from_slice(c);
@@ -323,6 +375,54 @@ mod tests {
                 .map(|c| (c.offset as u64, c.length))
                 .collect();
         assert_eq!(whole, reference);
+    }
+
+    #[test]
+    fn expecting_the_next_basis_chunk_cuts_where_the_chunker_cuts() {
+        let basis = noise(6 << 20, 6);
+        let mut new = basis.clone();
+        // An insert, a deletion, an overwrite and a new tail: the stream goes out of step
+        // with the basis and finds it again several times.
+        new.splice(1 << 20..1 << 20, noise(100, 7));
+        new.drain(3 << 20..(3 << 20) + 5000);
+        new[(4 << 20)..(4 << 20) + 64].fill(0);
+        new.extend(noise(300_000, 8));
+        let sizes = ChunkSizes::for_size(basis.len() as u64);
+        let ix = index_of(&basis, sizes);
+        let plain: Vec<(u64, usize)> = {
+            let mut c = sizes.chunker(&new[..]);
+            std::iter::from_fn(|| c.next_chunk().unwrap().map(|(at, c)| (at, c.len()))).collect()
+        };
+        let (mut hinted, mut hits, mut last) = (Vec::new(), 0, None);
+        let mut c = sizes.chunker(&new[..]);
+        while let Some((at, ch, hit)) = c
+            .next_chunk_expecting(last.and_then(|m| ix.following(m, sizes)))
+            .unwrap()
+        {
+            let m = ix.find(chunk_hash(ch), ch.len());
+            if hit {
+                hits += 1;
+                assert_eq!(
+                    m.map(|m| m.at),
+                    last.and_then(|l| ix.following(l, sizes)).map(|n| n.at)
+                );
+            }
+            hinted.push((at, ch.len()));
+            last = m;
+        }
+        assert_eq!(hinted, plain);
+        assert!(
+            hits * 10 > plain.len() * 8,
+            "{hits} of {} chunks expected",
+            plain.len()
+        );
+        // The basis's last stretch is never expected.
+        let end = ix.find(
+            ix.chunks.last().unwrap().1,
+            ix.chunks.last().unwrap().2 as usize,
+        );
+        let before_end = ix.chunk(end.unwrap().n - 1).unwrap();
+        assert_eq!(ix.following(before_end, sizes), None);
     }
 
     #[test]

@@ -96,6 +96,8 @@ struct Delta {
     chunks: cms_mirror::delta::Chunker<io::Take<File>>,
     /// The body offset the chunker started at.
     base: u64,
+    /// The basis chunk the last chunk matched.
+    matched: Option<cms_mirror::delta::Chunk>,
 }
 
 /// A delta's step waiting for the next chunk: merged with it when it continues it.
@@ -461,6 +463,7 @@ impl Packer {
             basis,
             chunks: sizes.chunker(f.take(cur.item.size - cur.offset)),
             base: cur.offset,
+            matched: None,
         });
         match started {
             Ok(d) => cur.delta = Some(d),
@@ -494,7 +497,9 @@ impl Packer {
         // The file ended before its planned size: it changed while read.
         let mut short = false;
         while cur.offset < size && room(f, weight) {
-            let (off, c) = match d.chunks.next_chunk() {
+            let sizes = d.chunks.sizes();
+            let expected = d.matched.and_then(|m| d.basis.index.following(m, sizes));
+            let (off, c, hit) = match d.chunks.next_chunk_expecting(expected) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     short = true;
@@ -513,7 +518,11 @@ impl Packer {
             let at = d.base + off;
             let len = c.len() as u64;
             let copy_weight = (len / COPY_WEIGHT) as usize;
-            match (d.basis.index.find(chunk_hash(c), c.len()), &mut step) {
+            d.matched = match hit {
+                true => expected,
+                false => d.basis.index.find(chunk_hash(c), c.len()),
+            };
+            match (d.matched.map(|m| m.at), &mut step) {
                 (
                     Some(from),
                     Some(Step::Copy {
