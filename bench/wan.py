@@ -12,7 +12,9 @@ delaying proxy in front of each service. Per link profile:
 Wall time, and the bytes that crossed the link each way (the host end's interface
 counters: payload, headers and retransmissions alike, for both tools). cms-mirror runs
 with `compression = "zstd"` (its setting for slow links), rsync with -z; both verified
-afterwards with rsync -anc.
+afterwards with rsync -anc. BENCH_CHANNEL_TOML adds keys to each channel,
+BENCH_TARGET_ARGS arguments to mirror-target (e.g. `--durability none`, which does
+not sync, as rsync does not).
 
   bench/wan.py [--profiles 100mbit,20mbit+80ms] [--cases full,edit,insert] [--rounds 1]
 """
@@ -85,7 +87,8 @@ class Cms:
         port = 7400 + N
         listen = f"127.0.0.1:{port}" if link.delay_ms else f"{INNER_IP}:{port}"
         self.target, _ = base.start(in_ns([base.BIN / "mirror-target", "--listen", listen, "--site",
-                                           f"main={self.dst}", "--data-dir", tdir]), tdir / "log")
+                                           f"main={self.dst}", "--data-dir", tdir,
+                                           *os.environ.get("BENCH_TARGET_ARGS", "").split()]), tdir / "log")
         url = f"http://{link.front(port) or listen}"
         cfg = sdir / "mirror.toml"
         cfg.write_text("".join(

@@ -89,6 +89,9 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             TargetServiceServer::new(service)
+                // Only for a caller that asks (the source does for the manifest: paths
+                // shrink well; signatures and acks would not).
+                .send_compressed(tonic::codec::CompressionEncoding::Zstd)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
             security.auth,

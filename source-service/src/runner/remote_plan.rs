@@ -86,36 +86,84 @@ fn spec(ch: &ChannelConfig, opts: &JobOptions) -> PlanSpec {
     }
 }
 
+/// A manifest asked for while the session opens (a round trip each on a far link, and
+/// neither needs the other): the plan reads it if the job plans; dropped, the call ends.
+pub(super) struct EarlyManifest(Option<tokio::task::JoinHandle<ManifestCall>>);
+
+type ManifestCall = Result<tonic::Streaming<pb::ManifestBatch>, tonic::Status>;
+
+impl EarlyManifest {
+    pub(super) fn start(
+        client: &TargetServiceClient<AuthChannel>,
+        ch: &ChannelConfig,
+        t: &TargetConfig,
+    ) -> EarlyManifest {
+        let (client, ch, t) = (client.clone(), ch.clone(), t.clone());
+        EarlyManifest(Some(tokio::spawn(async move {
+            open_manifest(&client, &ch, &t).await
+        })))
+    }
+}
+
+impl Drop for EarlyManifest {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Asks for the target's manifest of the site (the stream, once it answers).
+async fn open_manifest(
+    client: &TargetServiceClient<AuthChannel>,
+    ch: &ChannelConfig,
+    t: &TargetConfig,
+) -> ManifestCall {
+    let request = pb::GetManifestRequest {
+        site: t.site.clone(),
+        after_path: String::new(),
+    };
+    // Compressed: a manifest is mostly paths, and on a slow link the plan waits for it.
+    let mut client = client
+        .clone()
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+    within(ch.ack_timeout, client.get_manifest(traced(request)))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Plans one target into `plan_dir`; walk errors become item errors of the job. A
-/// transport fault ([`PlanError::ManifestBroke`]) is the caller's to retry.
+/// transport fault ([`PlanError::ManifestBroke`]) is the caller's to retry. Reads the
+/// manifest `early` asked for, if given.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn make_plan(
     app: &Arc<App>,
-    client: &mut TargetServiceClient<AuthChannel>,
+    client: &TargetServiceClient<AuthChannel>,
     ch: &ChannelConfig,
     t: &TargetConfig,
     opts: &JobOptions,
     plan_dir: &Path,
     jid: &str,
+    early: Option<&mut EarlyManifest>,
 ) -> Result<plan::Totals, PlanError> {
-    let request = pb::GetManifestRequest {
-        site: t.site.clone(),
-        after_path: String::new(),
+    let opened = match early.and_then(|e| e.0.take()) {
+        Some(e) => e
+            .await
+            .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string()))),
+        None => open_manifest(client, ch, t).await,
     };
-    let stream = within(ch.ack_timeout, client.get_manifest(traced(request)))
-        .await
-        .map_err(|s| {
-            let msg = format!(
-                "{}: cannot read its manifest: {}",
-                target_label(t),
-                status_text(&s)
-            );
-            if retryable(&s) {
-                PlanError::ManifestBroke(msg)
-            } else {
-                PlanError::Fatal(msg)
-            }
-        })?
-        .into_inner();
+    let stream = opened.map_err(|s| {
+        let msg = format!(
+            "{}: cannot read its manifest: {}",
+            target_label(t),
+            status_text(&s)
+        );
+        if retryable(&s) {
+            PlanError::ManifestBroke(msg)
+        } else {
+            PlanError::Fatal(msg)
+        }
+    })?;
     let (mtx, mut mrx) = mpsc::channel::<ManifestItem>(4096);
     let feeder = tokio::spawn(feed_manifest(stream, mtx, target_label(t), ch.ack_timeout));
     // A job naming paths reads only the pages it names (URL paths), if any.

@@ -16,7 +16,7 @@ use cms_mirror::pb::target_service_client::TargetServiceClient;
 use cms_mirror::security::AuthChannel;
 
 use super::publish::{Coordinator, Decision, Prepared};
-use super::remote_plan::make_plan;
+use super::remote_plan::{EarlyManifest, make_plan};
 use super::retry::{GaveUp, backoff, retryable, retrying, wait_unless_cancelled, within};
 use super::stream::{StreamEnd, stream_once};
 use super::{current_row, logged, status_text, target_label, traced};
@@ -139,6 +139,8 @@ struct TargetRun<'a> {
     cancel: watch::Receiver<bool>,
     /// The vote of an atomic job's targets.
     coord: Option<&'a Coordinator>,
+    /// The manifest asked for beside the session's opening.
+    early_manifest: Option<EarlyManifest>,
 }
 
 impl<'a> TargetRun<'a> {
@@ -174,6 +176,7 @@ impl<'a> TargetRun<'a> {
             client,
             cancel,
             coord,
+            early_manifest: None,
         })
     }
 
@@ -206,6 +209,9 @@ impl<'a> TargetRun<'a> {
                 item_errors: 0,
                 error: None,
             });
+        }
+        if self.coord.is_none_or(|c| c.rollback_to().is_none()) {
+            self.early_manifest = Some(EarlyManifest::start(&self.client, self.ch, self.t));
         }
         let mut session = self.connect().await?;
         if self.coord.is_some_and(|c| c.rollback_to().is_some()) {
@@ -369,6 +375,7 @@ impl<'a> TargetRun<'a> {
         let planned_before = row.as_ref().is_some_and(|r| r.planned == 1);
         let stored = plan::load_totals(&plan_dir).filter(|_| planned_before && !expired);
         if let Some(totals) = stored {
+            self.early_manifest = None;
             self.check_max_delete(&totals)?;
             return Ok(totals);
         }
@@ -388,15 +395,21 @@ impl<'a> TargetRun<'a> {
         let (app, jid, tname) = (self.app, self.jid, self.tname());
         let (ch, t, opts) = (self.ch, self.t, &self.opts);
         let client = &self.client;
+        // The first attempt reads the manifest asked for early, if any; a retry asks again.
+        let early = std::sync::Mutex::new(self.early_manifest.take());
         let planned = retrying(
             ch.retry_budget,
             &mut self.cancel,
             || {
-                let mut client = client.clone();
+                let client = client.clone();
+                let mut early = early.lock().expect("early manifest").take();
                 let span = tracing::info_span!("plan", job = %jid, target = %tname);
                 Box::pin(
-                    async move { make_plan(app, &mut client, ch, t, opts, plan_dir, jid).await }
-                        .instrument(span),
+                    async move {
+                        let early = early.as_mut();
+                        make_plan(app, &client, ch, t, opts, plan_dir, jid, early).await
+                    }
+                    .instrument(span),
                 )
             },
             |e| matches!(e, PlanError::ManifestBroke(_)),
