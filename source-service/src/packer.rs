@@ -552,6 +552,8 @@ impl Packer {
             }
             cur.offset = at + len;
         }
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::maybe_change(&self.source, &path);
         if !short && cur.offset < size {
             push_step(f, &path, step, false, None, basis);
             return;

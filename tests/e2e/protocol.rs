@@ -426,3 +426,47 @@ async fn unicode_twins_and_duplicate_paths_are_refused() {
     assert_eq!(std::fs::read(t.root.join("same.txt")).unwrap(), b"first");
     assert_eq!(msgs.len(), 3, "{msgs:?}"); // the twin dir, its file, the duplicate
 }
+
+/// The manifest comes zstd-compressed to a caller that asks (the source does: on a slow
+/// link the plan waits for it), and plain to one that does not; both read the same.
+#[tokio::test]
+async fn the_manifest_is_compressed_for_a_caller_that_asks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = start_target(tmp.path()).await;
+    let (tx, mut acks, _) = session(&t.url, "job-manifest").await;
+    let entries = (0..500)
+        .flat_map(|i| {
+            put_file(
+                &format!("a-page-of-the-site-with-a-long-name-{i:04}.html"),
+                b"x",
+            )
+        })
+        .collect();
+    let a = send(&tx, &mut acks, pkg(1, entries)).await;
+    assert_eq!((status(&a), a.items_applied), (pb::AckStatus::Ok, 500));
+    let request = || pb::GetManifestRequest {
+        site: "main".into(),
+        after_path: String::new(),
+    };
+    let mut read = Vec::new();
+    for asks in [true, false] {
+        let mut c = TargetServiceClient::connect(t.url.clone()).await.unwrap();
+        if asks {
+            c = c.accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+        }
+        let resp = c.get_manifest(request()).await.unwrap();
+        let encoding = resp
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(encoding.as_deref(), asks.then_some("zstd"), "asked: {asks}");
+        let mut stream = resp.into_inner();
+        let mut paths = Vec::new();
+        while let Some(b) = stream.message().await.unwrap() {
+            paths.extend(b.entries.into_iter().map(|e| e.meta.unwrap().path));
+        }
+        read.push(paths);
+    }
+    assert_eq!(read[0].len(), 500);
+    assert_eq!(read[0], read[1]);
+}
