@@ -210,7 +210,9 @@ impl<'a> TargetRun<'a> {
                 error: None,
             });
         }
-        if self.coord.is_none_or(|c| c.rollback_to().is_none()) {
+        // In place only: an atomic session's opening may build the work area the
+        // manifest is read from.
+        if self.coord.is_none() {
             self.early_manifest = Some(EarlyManifest::start(&self.client, self.ch, self.t));
         }
         let mut session = self.connect().await?;
@@ -313,6 +315,7 @@ impl<'a> TargetRun<'a> {
         let (app, jid, tname, ack_timeout) =
             (self.app, self.jid, self.tname(), self.ch.ack_timeout);
         let client = &self.client;
+        let retried = std::sync::atomic::AtomicBool::new(false);
         let opened = retrying(
             self.ch.retry_budget,
             &mut self.cancel,
@@ -322,6 +325,7 @@ impl<'a> TargetRun<'a> {
             },
             retryable,
             |attempt, s: &tonic::Status| {
+                retried.store(true, std::sync::atomic::Ordering::Relaxed);
                 let data = json!({"attempt": attempt, "error": s.message()});
                 Box::pin(async move {
                     app.bus.emit(jid, "reconnecting", tname, data).await;
@@ -329,6 +333,10 @@ impl<'a> TargetRun<'a> {
             },
         )
         .await;
+        if retried.into_inner() {
+            // Read before a wait of unknown length: the plan asks again.
+            self.early_manifest = None;
+        }
         let s = match opened {
             Ok(r) => r.into_inner(),
             Err(GaveUp::Cancelled) => return Err(Stop::Cancelled),
