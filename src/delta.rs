@@ -259,10 +259,6 @@ impl Index {
         let &(at, hash, len) = self.chunks.get(n as usize)?;
         Some(Chunk { n, at, len, hash })
     }
-
-    pub fn chunks(&self) -> usize {
-        self.by_hash.len()
-    }
 }
 
 #[cfg(test)]

@@ -157,6 +157,15 @@ impl TargetService {
             .ok_or_else(|| TargetError::UnknownSite(name.to_string()))
     }
 
+    /// The session of an id a source names.
+    pub(crate) async fn known_session(&self, id: &str) -> Result<SessionRow, TargetError> {
+        self.inner
+            .ledger
+            .session(id)
+            .await?
+            .ok_or_else(|| TargetError::UnknownSession(id.to_string()))
+    }
+
     /// Where a session applies: the site's root in place, its work area when atomic.
     pub(crate) fn session_fs(&self, s: &SessionRow) -> Result<SiteFs, TargetError> {
         let fs = &self.site(&s.site)?.fs;
@@ -372,13 +381,7 @@ impl TargetService {
                 .into());
             }
         };
-        let session = self
-            .inner
-            .ledger
-            .session(&header.session_id)
-            .await
-            .map_err(TargetError::from)?
-            .ok_or_else(|| TargetError::UnknownSession(header.session_id.clone()))?;
+        let session = self.known_session(&header.session_id).await?;
         match session.state {
             SessionStatus::Open => {}
             SessionStatus::Prepared => {

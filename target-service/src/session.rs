@@ -48,12 +48,7 @@ impl TargetService {
         &self,
         r: pb::CommitRequest,
     ) -> Result<pb::CommitResponse, TargetError> {
-        let s = self
-            .inner
-            .ledger
-            .session(&r.session_id)
-            .await?
-            .ok_or_else(|| TargetError::UnknownSession(r.session_id.clone()))?;
+        let s = self.known_session(&r.session_id).await?;
         if r.abort {
             self.abort(&s).await?;
             return Ok(pb::CommitResponse::default());

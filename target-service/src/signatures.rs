@@ -29,13 +29,7 @@ impl TargetService {
         let max_path = self.inner.settings.limits.max_path_bytes;
         cms_mirror::pathsafe::validate(&r.path, max_path)
             .map_err(|e| TargetError::InvalidArgument(format!("path {:?}: {e}", r.path)))?;
-        let s = self
-            .inner
-            .ledger
-            .session(&r.session_id)
-            .await
-            .map_err(TargetError::from)?
-            .ok_or_else(|| TargetError::UnknownSession(r.session_id.clone()))?;
+        let s = self.known_session(&r.session_id).await?;
         if s.state != SessionStatus::Open {
             return Err(TargetError::Publish(format!(
                 "session {} is not open: it takes no delta transfer",

@@ -105,6 +105,15 @@ impl EarlyManifest {
     }
 }
 
+impl EarlyManifest {
+    /// The call's answer: the stream, or why there is none.
+    async fn answer(mut self) -> ManifestCall {
+        let call = self.0.take().expect("taken only here");
+        call.await
+            .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string())))
+    }
+}
+
 impl Drop for EarlyManifest {
     fn drop(&mut self) {
         if let Some(h) = &self.0 {
@@ -144,12 +153,10 @@ pub(super) async fn make_plan(
     opts: &JobOptions,
     plan_dir: &Path,
     jid: &str,
-    early: Option<&mut EarlyManifest>,
+    early: Option<EarlyManifest>,
 ) -> Result<plan::Totals, PlanError> {
-    let opened = match early.and_then(|e| e.0.take()) {
-        Some(e) => e
-            .await
-            .unwrap_or_else(|e| Err(tonic::Status::internal(e.to_string()))),
+    let opened = match early {
+        Some(e) => e.answer().await,
         None => open_manifest(client, ch, t).await,
     };
     let stream = opened.map_err(|s| {

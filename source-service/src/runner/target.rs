@@ -404,20 +404,16 @@ impl<'a> TargetRun<'a> {
         let (ch, t, opts) = (self.ch, self.t, &self.opts);
         let client = &self.client;
         // The first attempt reads the manifest asked for early, if any; a retry asks again.
-        let early = std::sync::Mutex::new(self.early_manifest.take());
+        let mut early = self.early_manifest.take();
         let planned = retrying(
             ch.retry_budget,
             &mut self.cancel,
             || {
-                let client = client.clone();
-                let mut early = early.lock().expect("early manifest").take();
+                let (client, early) = (client.clone(), early.take());
                 let span = tracing::info_span!("plan", job = %jid, target = %tname);
                 Box::pin(
-                    async move {
-                        let early = early.as_mut();
-                        make_plan(app, &client, ch, t, opts, plan_dir, jid, early).await
-                    }
-                    .instrument(span),
+                    async move { make_plan(app, &client, ch, t, opts, plan_dir, jid, early).await }
+                        .instrument(span),
                 )
             },
             |e| matches!(e, PlanError::ManifestBroke(_)),
