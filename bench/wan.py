@@ -16,7 +16,16 @@ afterwards with rsync -anc. BENCH_CHANNEL_TOML adds keys to each channel,
 BENCH_TARGET_ARGS arguments to mirror-target (e.g. `--durability none`, which does
 not sync, as rsync does not).
 
+Before each timed run the destination's files are dropped from the page cache
+(`--basis cold`, the default: the old versions a delta copies from are read from the
+disk, as on a mirror whose last run was a while ago) or read into it (`--basis warm`),
+for every tool alike: otherwise the condition would be whatever the tool's own untimed
+first mirror left behind (rsync leaves its writes cached, cms-mirror drops them).
+`--tools` picks the tools: cms-mirror, "rsync -z", and "rsync -z --fsync" (which syncs
+each file it writes, as cms-mirror's durable acks do).
+
   bench/wan.py [--profiles 100mbit,20mbit+80ms] [--cases full,edit,insert] [--rounds 1]
+               [--basis cold|warm] [--tools "cms-mirror,rsync -z"]
 """
 import argparse, json, os, re, subprocess, sys, time
 from pathlib import Path
@@ -112,7 +121,8 @@ class Cms:
 
 
 class Rsync:
-    def __init__(self, work, link):
+    def __init__(self, work, link, opts=()):
+        self.opts = list(opts)
         self.root = work / f"rsyncd-{time.time_ns()}"
         self.root.mkdir()
         port = 7600 + N
@@ -126,7 +136,7 @@ class Rsync:
         self.dst = self.root / "dst"
 
     def run(self, tree):
-        subprocess.run(["rsync", "-az", "--delete", f"{tree}/", self.url], check=True)
+        subprocess.run(["rsync", "-az", "--delete", *self.opts, f"{tree}/", self.url], check=True)
 
     def stop(self):
         self.daemon.terminate(); self.daemon.wait()
@@ -137,13 +147,32 @@ def insert_large(tree):
             "--delete-frac", "0", "--large-insert-all")
 
 
-def one(tool, work, link, case, data):
+def settle(dst, basis):
+    """Drops the files under `dst` from the page cache (cold) or reads them in (warm).
+    Called after `base.warm`'s sync: a dirty page is not dropped."""
+    for dirpath, _, names in os.walk(dst):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if basis == "cold":
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                else:
+                    while os.read(fd, 1 << 20):
+                        pass
+            finally:
+                os.close(fd)
+
+
+def one(tool, work, link, case, data, basis):
     mixed, mixed_mut = data / "base" / "mixed", data / "mut" / "mixed"
     large = work / f"large-{time.time_ns()}"
     if case == "insert":
         base.sh("cp", "-a", data / "base" / "large", large)
     trees = {"mixed": mixed, "mixed_mut": mixed_mut, "large": large}
-    t = Cms(work, link, trees) if tool == "cms-mirror" else Rsync(work, link)
+    t = Cms(work, link, trees) if tool == "cms-mirror" else Rsync(work, link, tool.split()[2:])
     go = (lambda name: t.run(name)) if tool == "cms-mirror" else (lambda name: t.run(trees[name]))
     try:
         if case == "full":
@@ -155,6 +184,7 @@ def one(tool, work, link, case, data):
             go("mixed")
             bed("shape", str(N), "--rate", link.rate)
             base.warm(mixed_mut)
+            settle(t.dst, basis)
             r = timed(lambda: go("mixed_mut"))
             base.verify(mixed_mut, t.dst)
         else:
@@ -163,6 +193,7 @@ def one(tool, work, link, case, data):
             bed("shape", str(N), "--rate", link.rate)
             insert_large(large)
             base.warm(large)
+            settle(t.dst, basis)
             r = timed(lambda: go("large"))
             base.verify(large, t.dst)
     finally:
@@ -177,8 +208,14 @@ def main():
     ap.add_argument("--profiles", default="100mbit,20mbit+80ms")
     ap.add_argument("--cases", default="full,edit,insert")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--basis", choices=["cold", "warm"], default="cold")
+    ap.add_argument("--tools", default="cms-mirror,rsync -z")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/tmp/cms-mirror-bench"))
     a = ap.parse_args()
+    tools = a.tools.split(",")
+    unknown = set(tools) - {"cms-mirror", "rsync -z", "rsync -z --fsync"}
+    if unknown:
+        raise SystemExit(f"unknown tools {sorted(unknown)}")
     if os.geteuid() != 0:
         raise SystemExit("the WAN bench needs root (network namespaces, tc)")
     data = Path(a.dir)
@@ -186,6 +223,7 @@ def main():
     work = data / "wan-work"
     base.sh("rm", "-rf", work)
     work.mkdir(parents=True)
+    print(f"basis {a.basis}, mirror-target {os.environ.get('BENCH_TARGET_ARGS', '')}")
     print("| link | case | tool | wall s | out MB | back MB | total MB |")
     print("|---|---|---|---:|---:|---:|---:|")
     try:
@@ -195,9 +233,8 @@ def main():
             try:
                 for case in a.cases.split(","):
                     for rnd in range(a.rounds):
-                        tools = ["cms-mirror", "rsync -z"]
                         for tool in tools if rnd % 2 == 0 else tools[::-1]:
-                            r = one(tool, work, link, case, data)
+                            r = one(tool, work, link, case, data, a.basis)
                             link.stop()
                             print(f"| {profile} | {case} | {tool} | {r['wall']:.2f} | {r['out'] / 1e6:.3f} | "
                                   f"{r['back'] / 1e6:.3f} | {(r['out'] + r['back']) / 1e6:.3f} |", flush=True)

@@ -127,20 +127,7 @@ impl<R: Read> Chunker<R> {
             }
             // A cut is content-defined only with a whole maximum chunk ahead (or the end).
             if avail >= self.sizes.max() || (self.eof && avail > 0) {
-                let (ms, ml) = self.masks;
-                let window = &self.buf[self.pos..self.filled];
-                let s = self.sizes;
-                let (_, n) = fastcdc::v2020::cut(
-                    window,
-                    s.min(),
-                    s.avg as usize,
-                    s.max(),
-                    ms,
-                    ml,
-                    ms << 1,
-                    ml << 1,
-                );
-                let n = n.clamp(1, avail);
+                let n = cut(self.sizes, self.masks, &self.buf[self.pos..self.filled]);
                 let (start, at) = (self.pos, self.offset);
                 self.pos += n;
                 self.offset += n as u64;
@@ -164,6 +151,100 @@ impl<R: Read> Chunker<R> {
                 }
             }
         }
+    }
+}
+
+/// Where the chunk at the start of `window` ends: content-defined when the window holds a
+/// whole maximum chunk, else (at the end of a stream) by the window's end.
+fn cut(s: ChunkSizes, (ms, ml): (u64, u64), window: &[u8]) -> usize {
+    let (_, n) = fastcdc::v2020::cut(
+        window,
+        s.min(),
+        s.avg as usize,
+        s.max(),
+        ms,
+        ml,
+        ms << 1,
+        ml << 1,
+    );
+    n.clamp(1, window.len())
+}
+
+/// Cuts a body pushed to it piece by piece exactly as [`Signer`] cuts it read whole:
+/// the signatures of a body as it is written (only the start of a chunk that straddles
+/// two pieces is copied, never more than a maximum chunk).
+pub struct SignSink {
+    sizes: ChunkSizes,
+    masks: (u64, u64),
+    pending: Vec<u8>,
+    pub lengths: Vec<u32>,
+    pub hashes: Vec<u64>,
+}
+
+impl SignSink {
+    pub fn new(sizes: ChunkSizes) -> Self {
+        SignSink {
+            sizes,
+            masks: fastcdc::v2020::select_masks(sizes.avg as usize, Normalization::Level1),
+            pending: Vec::new(),
+            lengths: Vec::new(),
+            hashes: Vec::new(),
+        }
+    }
+
+    pub fn sizes(&self) -> ChunkSizes {
+        self.sizes
+    }
+
+    /// The next bytes of the body.
+    pub fn push(&mut self, mut data: &[u8]) {
+        let max = self.sizes.max();
+        while !self.pending.is_empty() {
+            let take = (max - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() < max {
+                return;
+            }
+            let n = cut(self.sizes, self.masks, &self.pending);
+            self.emit_pending(n);
+        }
+        while data.len() >= max {
+            let n = cut(self.sizes, self.masks, data);
+            self.lengths.push(n as u32);
+            self.hashes.push(chunk_hash(&data[..n]));
+            data = &data[n..];
+        }
+        self.pending.extend_from_slice(data);
+    }
+
+    /// Chunks already known to come next, at a cut (where the bytes pushed so far end a
+    /// chunk, as where a delta's copy begins): what is pending is cut as a body's end,
+    /// and these are taken as they are.
+    pub fn push_known(&mut self, lengths: &[u32], hashes: &[u64]) {
+        debug_assert_eq!(lengths.len(), hashes.len());
+        self.flush();
+        self.lengths.extend_from_slice(lengths);
+        self.hashes.extend_from_slice(hashes);
+    }
+
+    fn flush(&mut self) {
+        while !self.pending.is_empty() {
+            let n = cut(self.sizes, self.masks, &self.pending);
+            self.emit_pending(n);
+        }
+    }
+
+    fn emit_pending(&mut self, n: usize) {
+        self.lengths.push(n as u32);
+        self.hashes.push(chunk_hash(&self.pending[..n]));
+        self.pending.drain(..n);
+    }
+
+    /// The body's end: cuts what is left.
+    pub fn finish(mut self) -> (Vec<u32>, Vec<u64>) {
+        self.flush();
+        (self.lengths, self.hashes)
     }
 }
 
@@ -276,6 +357,39 @@ mod tests {
             ix.add(&l, &h).unwrap();
         }
         ix
+    }
+
+    #[test]
+    fn a_body_pushed_in_pieces_is_cut_as_one_read_whole() {
+        let sizes = ChunkSizes::from_avg(4096).unwrap();
+        let body = noise(300_000, 7);
+        let mut whole = (Vec::new(), Vec::new());
+        let mut s = Signer::new(&body[..], sizes);
+        loop {
+            let (l, h) = s.next_batch().unwrap();
+            if l.is_empty() {
+                break;
+            }
+            whole.0.extend(l);
+            whole.1.extend(
+                h.chunks_exact(HASH_LEN)
+                    .map(|h| u64::from_le_bytes(h.try_into().unwrap())),
+            );
+        }
+        assert!(whole.0.len() > 40, "{} chunks", whole.0.len());
+        let mut r = fastrand::Rng::with_seed(3);
+        // Pieces smaller than a chunk, around a maximum chunk, and larger than many.
+        for most in [100, 20_000, 200_000] {
+            let mut sink = SignSink::new(sizes);
+            let mut rest = &body[..];
+            while !rest.is_empty() {
+                let n = r.usize(0..=most).min(rest.len());
+                sink.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            assert_eq!(sink.finish(), whole, "pieces of up to {most} bytes");
+        }
+        assert_eq!(SignSink::new(sizes).finish(), (vec![], vec![]));
     }
 
     fn noise(n: usize, seed: u64) -> Vec<u8> {

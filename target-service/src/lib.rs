@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod pagestore;
 mod service;
 mod session;
+pub mod sigcache;
 mod signatures;
 
 use tokio::net::TcpListener;
@@ -56,6 +57,8 @@ pub struct TargetSettings {
     pub session_expiry: std::time::Duration,
     /// A session is refused while its site has less free space than this.
     pub min_free_bytes: u64,
+    /// Memory for the delta signatures of written bodies ([`sigcache`]); 0 keeps none.
+    pub signature_cache_bytes: u64,
 }
 
 /// The default [`TargetSettings::min_free_bytes`].

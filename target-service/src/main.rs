@@ -60,6 +60,11 @@ struct Args {
     /// (e.g. 16MiB, 2GiB; 0 turns the check off).
     #[arg(long, env = "MIRROR_MIN_FREE_SPACE", default_value_t = bytesize::ByteSize(mirror_target::DEFAULT_MIN_FREE_BYTES))]
     min_free_space: bytesize::ByteSize,
+    /// Memory for the delta signatures of the large bodies this target writes, so a
+    /// later delta transfer of one does not read its old version to describe it (e.g.
+    /// 64MiB, about 12 bytes per chunk: some 90 GB of large files; 0 keeps none).
+    #[arg(long, env = "MIRROR_SIGNATURE_CACHE", default_value_t = bytesize::ByteSize(mirror_target::sigcache::DEFAULT_BUDGET))]
+    signature_cache: bytesize::ByteSize,
     /// Identity of this target in lineages (default: the listen address).
     #[arg(long, env = "MIRROR_TARGET_ID")]
     target_id: Option<String>,
@@ -120,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         target_id: args.target_id.unwrap_or_else(|| addr.to_string()),
         session_expiry: std::time::Duration::from_secs(args.session_expiry_secs),
         min_free_bytes: args.min_free_space.as_u64(),
+        signature_cache_bytes: args.signature_cache.as_u64(),
     };
     let service = TargetService::new(settings, Ledger::new(db)).await?;
     {

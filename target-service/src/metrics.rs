@@ -27,6 +27,8 @@ pub struct Metrics {
     pub sessions_expired: Counters,
     /// Packages that waited for room in the decode budget (all sites together).
     pub decode_waits: Counter,
+    pub signatures_cached: Counters,
+    pub signatures_read: Counters,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,8 @@ impl Metrics {
             sessions_committed: Counters::default(),
             sessions_expired: Counters::default(),
             decode_waits: Counter::default(),
+            signatures_cached: Counters::default(),
+            signatures_read: Counters::default(),
         };
         registry.register(
             "packages_applied",
@@ -94,6 +98,16 @@ impl Metrics {
             "decode_waits",
             "Packages that waited for room in --max-decoded-bytes before they were decoded",
             m.decode_waits.clone(),
+        );
+        registry.register(
+            "signatures_cached",
+            "Delta signatures answered from the signatures kept of written bodies",
+            m.signatures_cached.clone(),
+        );
+        registry.register(
+            "signatures_read",
+            "Delta signatures answered by reading the file and cutting it",
+            m.signatures_read.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -39,6 +39,7 @@ pub(crate) struct Inner {
     pub(crate) lineages: Mutex<HashMap<String, Vec<String>>>,
     /// Room for decoded packages, shared by all streams ([`Limits::max_decoded_bytes`]).
     pub(crate) decode_budget: DecodeBudget,
+    pub(crate) sigcache: Arc<crate::sigcache::SigCache>,
 }
 
 /// Refuses a peer of a protocol version this target does not speak.
@@ -129,6 +130,9 @@ impl TargetService {
                 },
             );
         }
+        let sigcache = Arc::new(crate::sigcache::SigCache::new(
+            settings.signature_cache_bytes,
+        ));
         Ok(TargetService {
             inner: Arc::new(Inner {
                 sites,
@@ -138,6 +142,7 @@ impl TargetService {
                 metrics,
                 lineages: Mutex::new(HashMap::new()),
                 decode_budget,
+                sigcache,
             }),
         })
     }
@@ -177,12 +182,14 @@ impl TargetService {
         let mut m = self.inner.sessions.lock().expect("sessions lock");
         Ok(m.entry(s.id.clone())
             .or_insert_with(|| {
+                let mut files = SessionFiles::new(
+                    fs.session_dir(&s.id),
+                    self.inner.settings.direct_io
+                        && self.inner.settings.durability != Durability::None,
+                );
+                files.sigcache = Some(self.inner.sigcache.clone());
                 Arc::new(SessionState {
-                    files: Mutex::new(SessionFiles::new(
-                        fs.session_dir(&s.id),
-                        self.inner.settings.direct_io
-                            && self.inner.settings.durability != Durability::None,
-                    )),
+                    files: Mutex::new(files),
                     publishing: Mutex::new(false),
                     streams: Default::default(),
                     fs,

@@ -1,19 +1,21 @@
 //! GetSignatures: the chunk signatures of the current version of a file in a session's
-//! tree, the basis a delta transfer copies from (see [`cms_mirror::delta`]). Read on a
-//! blocking thread and streamed a batch at a time, so neither end holds more than a
-//! batch of them in flight.
+//! tree, the basis a delta transfer copies from (see [`cms_mirror::delta`]). Answered
+//! from those kept of the body the target wrote ([`crate::sigcache`]) when the file is
+//! still that body; else read on a blocking thread and streamed a batch at a time, so
+//! neither end holds more than a batch of them in flight (and kept once read whole).
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use cms_mirror::delta::{ChunkSizes, Signer};
+use cms_mirror::delta::{BATCH_CHUNKS, ChunkSizes, HASH_LEN, Signer};
 use cms_mirror::fswalk::{DirCache, mtime_ns};
 use cms_mirror::pb;
 
 use crate::error::TargetError;
 use crate::ledger::SessionStatus;
 use crate::service::{BoxStream, TargetService};
+use crate::sigcache::Signatures;
 
 impl TargetService {
     pub(crate) async fn signatures(
@@ -38,6 +40,7 @@ impl TargetService {
             .into());
         }
         let root = self.session_fs(&s)?.root;
+        let labels = crate::metrics::Metrics::site(&s.site);
         let path = r.path;
         let opened = tokio::task::spawn_blocking(move || {
             let no_file =
@@ -56,6 +59,36 @@ impl TargetService {
         .map_err(TargetError::task("signature read"))??;
         let (file, md) = opened;
         let (tx, rx) = mpsc::channel(2);
+        let metrics = &self.inner.metrics;
+        if let Some(sigs) = self.inner.sigcache.get(&md, sizes) {
+            metrics.signatures_cached.get_or_create(&labels).inc();
+            tokio::spawn(async move {
+                let mut first = Some((md.len(), mtime_ns(&md)));
+                for (lengths, hashes) in sigs
+                    .lengths
+                    .chunks(BATCH_CHUNKS)
+                    .zip(sigs.hashes.chunks(BATCH_CHUNKS))
+                {
+                    let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
+                    let batch = pb::SignatureBatch {
+                        basis_size,
+                        basis_mtime_ns,
+                        lengths: lengths.to_vec(),
+                        hashes: hashes.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                    };
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                }
+                #[cfg(feature = "failpoints")]
+                crate::failpoints::after_signatures(&file);
+                #[cfg(not(feature = "failpoints"))]
+                drop(file);
+            });
+            return Ok(Box::pin(ReceiverStream::new(rx)));
+        }
+        metrics.signatures_read.get_or_create(&labels).inc();
+        let svc = self.clone();
         tokio::task::spawn_blocking(move || {
             #[cfg(feature = "failpoints")]
             let touched = file.try_clone();
@@ -63,6 +96,12 @@ impl TargetService {
             // The basis's identity goes with the first batch (an empty file has one,
             // empty, batch).
             let mut first = Some((md.len(), mtime_ns(&md)));
+            // Kept once the whole file was read, for the next delta of this version.
+            let mut kept = Signatures {
+                sizes,
+                lengths: Vec::new(),
+                hashes: Vec::new(),
+            };
             loop {
                 let (lengths, hashes) = match signer.next_batch() {
                     Ok(b) => b,
@@ -73,8 +112,15 @@ impl TargetService {
                     }
                 };
                 if lengths.is_empty() && first.is_none() {
+                    svc.inner.sigcache.put(&md, kept);
                     break;
                 }
+                kept.lengths.extend_from_slice(&lengths);
+                kept.hashes.extend(
+                    hashes
+                        .chunks_exact(HASH_LEN)
+                        .map(|h| u64::from_le_bytes(h.try_into().expect("HASH_LEN bytes"))),
+                );
                 let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
                 let batch = pb::SignatureBatch {
                     basis_size,

@@ -201,3 +201,76 @@ fn the_bandwidth_limit_holds_a_job_back_and_shows() {
         "{progress}"
     );
 }
+
+/// The target's signature counters for site "main": (answered from the cache, read from
+/// the file).
+fn signature_counts(metrics_addr: &str) -> (f64, f64) {
+    let (status, page) = http_get(metrics_addr, "/metrics");
+    assert_eq!(status, 200, "{page}");
+    let n = |name: &str| metric(&page, &format!("{name}{{site=\"main\"}}")).unwrap_or(0.0);
+    (
+        n("mirror_target_signatures_cached_total"),
+        n("mirror_target_signatures_read_total"),
+    )
+}
+
+/// The target signs the large bodies it writes (whole, and assembled by a delta from the
+/// basis's known chunks), so the deltas after them are described without reading the
+/// old versions; a file changed behind the target's back with its size and mtime put
+/// back is read again (its ctime moved), and every round lands exact.
+#[test]
+fn written_bodies_answer_the_next_deltas_signatures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    large_tree(&src);
+    let tm = free_addr();
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--metrics-listen", &tm])
+        .spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = App::source(tmp.path(), &config).spawn();
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    assert_eq!(signature_counts(&tm), (0.0, 0.0));
+    for round in 1..=2 {
+        insert_in_the_middle(&src);
+        let (code, job) = run_job(&source.url(), &[]);
+        assert_eq!(code, 0, "{job:#}");
+        assert_same_tree(&src, &dst);
+        let wire = target0(&job)["bytes_on_wire"].as_u64().unwrap();
+        assert!(wire < 600 * 1024, "round {round} sent {wire} bytes");
+        assert_eq!(
+            signature_counts(&tm),
+            (3.0 * round as f64, 0.0),
+            "round {round}: every basis described from the cache"
+        );
+    }
+
+    // Rewritten on the target in place, same size, its mtime put back.
+    let victim = dst.join("media/video0.bin");
+    let before = std::fs::metadata(&victim).unwrap();
+    let mut body = std::fs::read(&victim).unwrap();
+    body[LARGE / 4..LARGE / 4 + 4096].fill(0xee);
+    std::fs::write(&victim, &body).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap();
+    filetime::set_file_handle_times(
+        &f,
+        None,
+        Some(filetime::FileTime::from_last_modification_time(&before)),
+    )
+    .unwrap();
+    drop(f);
+    insert_in_the_middle(&src);
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_eq!(target0(&job)["item_errors"], 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+    assert_eq!(
+        signature_counts(&tm),
+        (8.0, 1.0),
+        "the changed file was read, the others came from the cache"
+    );
+}

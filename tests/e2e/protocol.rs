@@ -38,6 +38,7 @@ async fn start_target(dir: &Path) -> InProc {
         target_id: "t1".into(),
         session_expiry: mirror_target::DEFAULT_SESSION_EXPIRY,
         min_free_bytes: mirror_target::DEFAULT_MIN_FREE_BYTES,
+        signature_cache_bytes: mirror_target::sigcache::DEFAULT_BUDGET,
     };
     let svc = TargetService::new(settings, Ledger::new(db)).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -15,8 +15,11 @@ use cms_mirror::pb;
 use super::pathcheck::DestDirs;
 use super::publish::touch_parent;
 use super::unix::{create_unnamed, created_with, file_time};
-use super::writer::{BodyWriter, DIRECT_MIN, Deferred, FileWrites, write_hashed};
+use super::writer::{
+    BodyWriter, DIRECT_MIN, DIRECT_PIECE, Deferred, Digest, FileWrites, write_hashed,
+};
 use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
+use crate::sigcache::{SigCache, Signatures};
 
 /// A file whose body is arriving over several entries (possibly several packages).
 pub(super) struct OpenFile {
@@ -27,8 +30,9 @@ pub(super) struct OpenFile {
     pub(super) tmp: Option<PathBuf>,
     /// Its destination directory, open, while `tmp` is `None`.
     pub(super) dir: Option<Arc<OwnedFd>>,
-    /// Incremental hash while chunks arrive contiguously from offset 0 in this process.
-    pub(super) hasher: Option<blake3::Hasher>,
+    /// Incremental hash (and signatures) while chunks arrive contiguously from offset 0
+    /// in this process.
+    pub(super) digest: Option<Digest>,
     pub(super) next_offset: u64,
     /// Whether the metadata sidecar exists (written only for a file still in progress
     /// when its package ends, so a restarted target can finish it).
@@ -39,6 +43,9 @@ pub(super) struct OpenFile {
     /// The version this body's copy instructions copy from, once one came and found it
     /// unchanged (see [`copy_chunk`]).
     pub(super) basis: Option<File>,
+    /// The basis's cached signatures with the chunk sizes this body is signed with, and
+    /// where each chunk starts (one more: the end).
+    pub(super) basis_sigs: Option<(Arc<Signatures>, Vec<u64>)>,
 }
 
 impl OpenFile {
@@ -65,6 +72,9 @@ pub struct SessionFiles {
     /// Drop a package's bodies from the page cache once they are durable (see
     /// [`publish`]).
     pub(super) drop_cache: bool,
+    /// The target's signatures of written bodies: a delta's copies take their chunks'
+    /// signatures from its basis's instead of cutting the copied bytes again.
+    pub sigcache: Option<Arc<SigCache>>,
 }
 
 impl SessionFiles {
@@ -81,6 +91,7 @@ impl SessionFiles {
             helpers: Vec::new(),
             deferred_writer: Arc::new(Mutex::new(BodyWriter::new(direct_io))),
             drop_cache: direct_io,
+            sigcache: None,
         }
     }
 }
@@ -202,9 +213,9 @@ pub(super) fn write_whole(
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
         .map_err(|e| io_item_error(&path, "cannot write", &e))?;
-    let mut hasher = blake3::Hasher::new();
-    let written = write_hashed(writer, &file, &data.data, 0, Some(&mut hasher));
-    let actual = hasher.finalize();
+    let mut digest = Digest::new(item.size);
+    let written = write_hashed(writer, &file, &data.data, 0, Some(&mut digest));
+    let (actual, sigs) = digest.finish();
     let mut direct = 0;
     let written = written
         .map_err(|e| io_item_error(&path, "cannot write", &e))
@@ -229,6 +240,7 @@ pub(super) fn write_whole(
         item,
         had_meta: false,
         late: None,
+        sigs,
     };
     Ok((publish, direct))
 }
@@ -337,12 +349,13 @@ pub(super) fn data(
         return Err(item_error(&path, ErrorCode::InvalidArgument, why, false));
     }
     if d.offset != of.next_offset {
-        of.hasher = None;
+        of.digest = None;
     }
     let last = d.last;
     let blake3 = std::mem::take(&mut d.blake3);
     if copy {
-        copy_chunk(site, &mut sess.writer, of, d, deferred, out)?;
+        let cache = sess.sigcache.as_deref();
+        copy_chunk(site, &mut sess.writer, cache, of, d, deferred, out)?;
     } else {
         write_chunk(&mut sess.writer, of, d, deferred, out, false)?;
     }
@@ -376,25 +389,31 @@ fn reopen_staged(dir: &Path, path: &str) -> Result<OpenFile, pb::ItemError> {
         file,
         tmp: Some(tmp),
         dir: None,
-        hasher: None,
+        digest: None,
         next_offset: u64::MAX,
         meta_written: true,
         writes: None,
         basis: None,
+        basis_sigs: None,
     })
 }
 
-/// Bytes of a copy instruction read from the basis and written at a time.
-const COPY_PIECE: usize = 1024 * 1024;
+/// Bytes of a copy instruction read from the basis and written at a time (one direct
+/// write's worth).
+const COPY_PIECE: usize = DIRECT_PIECE;
 
 /// Applies a copy instruction: its bytes read from the basis (the version of the file
 /// in the session's tree whose signatures the source used, checked by size and mtime)
 /// and written here a piece at a time, never left for the finishing task, so a package
-/// of copies holds no more than one piece in memory. A basis that changed fails the
-/// chunk with `basis_changed`: the package is sent again with the file whole.
+/// of copies holds no more than one piece in memory. The pieces are cut at block
+/// boundaries of the new body, whatever the basis offset: after an insert the copies
+/// land at unaligned offsets, and only the first few bytes of each then go through the
+/// page cache, the rest with direct I/O. A basis that changed fails the chunk with
+/// `basis_changed`: the package is sent again with the file whole.
 fn copy_chunk(
     site: &SiteFs,
     writer: &mut BodyWriter,
+    cache: Option<&SigCache>,
     of: &mut OpenFile,
     d: pb::FileData,
     deferred: &mut Vec<Deferred>,
@@ -418,6 +437,24 @@ fn copy_chunk(
                 d.basis_mtime_ns
             )));
         }
+        let signed_with = of
+            .digest
+            .as_ref()
+            .and_then(|g| g.signer.as_ref())
+            .map(|s| s.sizes());
+        of.basis_sigs = cache
+            .zip(signed_with)
+            .and_then(|(c, sizes)| c.get(&md, sizes))
+            .map(|sigs| {
+                let mut starts = Vec::with_capacity(sigs.lengths.len() + 1);
+                let mut at = 0u64;
+                starts.push(0);
+                for l in &sigs.lengths {
+                    at += *l as u64;
+                    starts.push(at);
+                }
+                (sigs, starts)
+            });
         of.basis = Some(f);
     }
     if d.copy_from.saturating_add(d.copy_len) > d.basis_size {
@@ -427,23 +464,40 @@ fn copy_chunk(
         );
         return Err(item_error(&path, ErrorCode::InvalidArgument, why, false));
     }
+    // The copy's own chunks when it copies whole chunks of a basis whose signatures are
+    // known: the new body's signer takes them as they are (the source cut the new body
+    // at both ends of the copy) instead of cutting the bytes. Their bytes are still
+    // hashed for the body's BLAKE3.
+    let known = of.basis_sigs.as_ref().and_then(|(sigs, starts)| {
+        let first = starts.binary_search(&d.copy_from).ok()?;
+        let end = starts.binary_search(&(d.copy_from + d.copy_len)).ok()?;
+        (end > first).then(|| (sigs.clone(), first..end))
+    });
+    let signer = match &known {
+        Some(_) => of.digest.as_mut().and_then(|g| g.signer.take()),
+        None => None,
+    };
+    let align = cms_mirror::package::BODY_ALIGN;
     let mut buf = vec![0u8; COPY_PIECE.min(d.copy_len as usize)];
     let mut done = 0u64;
     while done < d.copy_len {
-        let n = COPY_PIECE.min((d.copy_len - done) as usize);
+        let at = d.offset + done;
+        let left = d.copy_len - done;
+        let n = match at % align {
+            0 => left.min(COPY_PIECE as u64),
+            off => left.min(align - off),
+        } as usize;
         let basis = of.basis.as_ref().expect("opened above");
         if let Err(e) = basis.read_exact_at(&mut buf[..n], d.copy_from + done) {
             of.basis = None;
             return Err(changed(e.to_string()));
         }
-        let piece = pb::FileData {
-            path: d.path.clone(),
-            offset: d.offset + done,
-            data: bytes::Bytes::copy_from_slice(&buf[..n]),
-            ..Default::default()
-        };
-        write_chunk(writer, of, piece, deferred, out, true)?;
+        write_now(writer, of, &path, &buf[..n], at, deferred, out)?;
         done += n as u64;
+    }
+    if let (Some(mut s), Some((sigs, range)), Some(g)) = (signer, known, of.digest.as_mut()) {
+        s.push_known(&sigs.lengths[range.clone()], &sigs.hashes[range]);
+        g.signer = Some(s);
     }
     Ok(())
 }
@@ -463,21 +517,35 @@ fn write_chunk(
     let path = d.path.as_str();
     let defer = !now
         && match &of.writes {
-            Some(_) => !(d.last && of.hasher.is_none()),
-            None => of.hasher.is_some() && d.data.len() >= DIRECT_MIN,
+            Some(_) => !(d.last && of.digest.is_none()),
+            None => of.digest.is_some() && d.data.len() >= DIRECT_MIN,
         };
     if defer {
         let file = of
             .file
             .try_clone()
             .map_err(|e| io_item_error(path, "cannot write", &e))?;
-        if let Some(h) = of.hasher.as_mut() {
+        if let Some(h) = of.digest.as_mut() {
             h.update(&d.data);
         }
         let writes = of.writes.get_or_insert_with(Default::default).clone();
         deferred.push(Deferred::new(d.path, file, d.data, d.offset, writes));
         return Ok(());
     }
+    write_now(writer, of, path, &d.data, d.offset, deferred, out)
+}
+
+/// Writes `data` at `offset` of an open body here, after the body's writes left by
+/// earlier chunks of this package (see [`write_chunk`]).
+fn write_now(
+    writer: &mut BodyWriter,
+    of: &mut OpenFile,
+    path: &str,
+    data: &[u8],
+    offset: u64,
+    deferred: &mut Vec<Deferred>,
+    out: &mut Applied,
+) -> Result<(), pb::ItemError> {
     if let Some(w) = &of.writes {
         // This package's own chunks of the body are written here, after those of the
         // packages before it.
@@ -490,11 +558,11 @@ fn write_chunk(
             }
         }
     }
-    match write_hashed(writer, &of.file, &d.data, d.offset, of.hasher.as_mut()) {
+    match write_hashed(writer, &of.file, data, offset, of.digest.as_mut()) {
         Ok(n) => out.bytes_direct += n,
         Err(e) => {
             // The chunk may come again: hash the file by reading it back at the end.
-            of.hasher = None;
+            of.digest = None;
             return Err(io_item_error(path, "cannot write", &e));
         }
     }
@@ -505,13 +573,13 @@ fn write_chunk(
 /// chunks did not arrive in order in this process), gives it its time (or leaves that
 /// for publish while chunks are still being written) and queues it for publishing.
 fn finish_body(
-    of: OpenFile,
+    mut of: OpenFile,
     path: &str,
     expected: &[u8],
     publish: &mut Vec<Publish>,
 ) -> Result<Option<PathBuf>, pb::ItemError> {
     // Written contiguously from 0 into a new file: its length is where writing ended.
-    let len = match &of.hasher {
+    let len = match &of.digest {
         Some(_) => of.next_offset,
         None => of
             .file
@@ -524,15 +592,15 @@ fn finish_body(
         of.remove();
         return Err(item_error(path, ErrorCode::ChecksumMismatch, m, true));
     }
-    let actual = match &of.hasher {
-        Some(h) => h.finalize(),
+    let (actual, sigs) = match of.digest.take() {
+        Some(h) => h.finish(),
         None => {
             let mut h = blake3::Hasher::new();
             if let Err(e) = h.update_reader(ReadAt::new(&of.file)) {
                 of.remove();
                 return Err(io_item_error(path, "cannot read back", &e));
             }
-            h.finalize()
+            (h.finalize(), None)
         }
     };
     if let Err(e) = check_hash(path, &actual, expected) {
@@ -563,6 +631,7 @@ fn finish_body(
         item,
         had_meta: of.meta_written,
         late,
+        sigs,
     });
     Ok(synced)
 }

@@ -231,6 +231,9 @@ pub struct Applied {
     /// Published bodies, durable, to drop from the page cache ([`uncache`]) once the
     /// package is recorded: not on the path of the next package's publish.
     pub to_uncache: Vec<File>,
+    /// Bodies put in place with their signatures (each stat'ed in place), for the
+    /// target's signature cache.
+    pub signed: Vec<(fs::Metadata, crate::sigcache::Signatures)>,
 }
 
 /// A staged item waiting to be put in place.
@@ -241,6 +244,9 @@ struct Publish {
     /// A body whose chunks were written by finishing tasks gets its time at publish,
     /// once they are all done (a write after it would change it).
     late: Option<LateTime>,
+    /// The body's delta signatures, cut as it was written, for the cache once it is in
+    /// place.
+    sigs: Option<crate::sigcache::Signatures>,
 }
 
 struct LateTime {

@@ -141,6 +141,16 @@ fn place(
             return None;
         }
     };
+    if let Some(sigs) = p.sigs {
+        // Stat'ed in place: the link or rename was the body's last change.
+        let md = match &p.body {
+            Body::Unnamed(f, _) => f.metadata(),
+            Body::Named(_) => fs::symlink_metadata(&dest),
+        };
+        if let Ok(md) = md {
+            out.signed.push((md, sigs));
+        }
+    }
     if drop_cache
         && p.item.kind == Kind::File
         && let Body::Unnamed(f, _) = p.body

@@ -20,7 +20,7 @@ use super::body::{
 use super::pathcheck::{DestDirs, Normalisation, check_parents, check_parents_cached, remove_any};
 use super::publish::{discard_for_retry, touch_parent};
 use super::unix::{file_time, link_unnamed, set_symlink_mtime};
-use super::writer::{BodyWriter, Deferred};
+use super::writer::{BodyWriter, Deferred, Digest};
 use super::{Applied, Body, Publish, SiteFs, io_item_error, item_error, staged_name};
 
 /// A package whose bodies are written and verified in the staging directory but not yet
@@ -304,6 +304,7 @@ impl Stager<'_> {
             item,
             had_meta: false,
             late: None,
+            sigs: None,
         });
         Ok(())
     }
@@ -317,16 +318,18 @@ impl Stager<'_> {
         let (file, tmp, dir) = create_body(self.site, &sess.dir, &mut self.dirs, &item)?;
         if item.size > 0 {
             let path = item.path.clone();
+            let digest = Some(Digest::new(item.size));
             let of = OpenFile {
                 meta: item,
                 file,
                 tmp,
                 dir,
-                hasher: Some(blake3::Hasher::new()),
+                digest,
                 next_offset: 0,
                 meta_written: false,
                 writes: None,
                 basis: None,
+                basis_sigs: None,
             };
             sess.open.insert(path, of);
             return Ok(());
@@ -347,6 +350,7 @@ impl Stager<'_> {
             item,
             had_meta: false,
             late: None,
+            sigs: None,
         });
         Ok(())
     }

@@ -532,3 +532,120 @@ fn leftovers_of_a_crash_are_cleaned_at_start_and_content_is_kept() {
         "date: z\n"
     );
 }
+
+/// Signs a body as `Signer` would cut the file from scratch.
+fn signed_from_scratch(path: &Path, size: usize) -> crate::sigcache::Signatures {
+    let sizes = cms_mirror::delta::ChunkSizes::for_size(size as u64);
+    let mut s = cms_mirror::delta::Signer::new(fs::File::open(path).unwrap(), sizes);
+    let mut out = crate::sigcache::Signatures {
+        sizes,
+        lengths: Vec::new(),
+        hashes: Vec::new(),
+    };
+    loop {
+        let (l, h) = s.next_batch().unwrap();
+        if l.is_empty() {
+            return out;
+        }
+        out.lengths.extend(l);
+        out.hashes.extend(
+            h.chunks_exact(8)
+                .map(|h| u64::from_le_bytes(h.try_into().unwrap())),
+        );
+    }
+}
+
+/// The target signs what it writes: a whole body as it is written, and a body a delta
+/// assembles from copies of its basis's chunks (taken from the basis's signatures) and
+/// literal bytes (cut); both are exactly what cutting the file from scratch gives.
+#[test]
+fn written_bodies_carry_the_signatures_a_fresh_cut_gives() {
+    use cms_mirror::delta::{ChunkSizes, Index, chunk_hash};
+    let root = tempfile::tempdir().unwrap();
+    let site = site_in(&root);
+    let cache = std::sync::Arc::new(crate::sigcache::SigCache::new(1 << 20));
+    let mut sess = SessionFiles::new(site.session_dir("s"), false);
+    sess.sigcache = Some(cache.clone());
+    let old: Vec<u8> = {
+        let mut r = fastrand::Rng::with_seed(11);
+        (0..3 << 20).map(|_| r.u8(..)).collect()
+    };
+    let staged = stage(
+        &site,
+        &mut sess,
+        payload(two_chunks("f", &old, 1 << 20).to_vec()),
+        4096,
+    );
+    let mut out = publish(&site, staged, Durability::None);
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let dest = root.path().join("f");
+    let (md, sigs) = out.signed.pop().expect("the body was signed");
+    assert_eq!(sigs, signed_from_scratch(&dest, old.len()));
+    cache.put(&md, sigs.clone());
+
+    // A new version: 100 bytes inserted in the middle, the tail cut off, a new end.
+    let mut new = old.clone();
+    new.splice(old.len() / 2..old.len() / 2, [7u8; 100]);
+    new.truncate(old.len() - 200_000);
+    new.extend_from_slice(&[9u8; 50_000]);
+    let sizes = ChunkSizes::for_size(old.len() as u64);
+    assert_eq!(sizes, ChunkSizes::for_size(new.len() as u64));
+    let mut ix = Index::default();
+    let packed: Vec<u8> = sigs.hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+    ix.add(&sigs.lengths, &packed).unwrap();
+    // As the source packs it: a copy per run of matching chunks, literal bytes else.
+    let mut entries = vec![put_entry(&file_item("f", new.len(), 0))];
+    let mut chunks = sizes.chunker(&new[..]);
+    let (mut copies, mut literal) = (0, 0);
+    let (bsize, bmtime) = (md.len(), cms_mirror::fswalk::mtime_ns(&md));
+    while let Some((at, c)) = chunks.next_chunk().unwrap() {
+        let e = match ix.find(chunk_hash(c), c.len()) {
+            Some(m) => {
+                copies += 1;
+                if let Some(pb::entry::Op::Data(prev)) = &mut entries.last_mut().unwrap().op
+                    && prev.copy_len > 0
+                    && prev.copy_from + prev.copy_len == m.at
+                {
+                    prev.copy_len += c.len() as u64;
+                    continue;
+                }
+                pb::FileData {
+                    path: "f".into(),
+                    offset: at,
+                    copy_from: m.at,
+                    copy_len: c.len() as u64,
+                    basis_size: bsize,
+                    basis_mtime_ns: bmtime,
+                    ..Default::default()
+                }
+            }
+            None => {
+                literal += c.len();
+                pb::FileData {
+                    path: "f".into(),
+                    offset: at,
+                    data: c.to_vec().into(),
+                    ..Default::default()
+                }
+            }
+        };
+        entries.push(pb::Entry {
+            op: Some(pb::entry::Op::Data(e)),
+        });
+    }
+    let Some(pb::entry::Op::Data(last)) = &mut entries.last_mut().unwrap().op else {
+        unreachable!()
+    };
+    last.last = true;
+    last.blake3 = blake3::hash(&new).as_bytes().to_vec();
+    assert!(
+        copies > 100 && literal < 200_000,
+        "{copies} copies, {literal} literal bytes"
+    );
+    let staged = stage(&site, &mut sess, payload(entries), 4096);
+    let mut out = publish(&site, staged, Durability::None);
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(fs::read(&dest).unwrap(), new);
+    let (_, sigs) = out.signed.pop().expect("the assembled body was signed");
+    assert_eq!(sigs, signed_from_scratch(&dest, new.len()));
+}

@@ -6,7 +6,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 
+use cms_mirror::delta::{ChunkSizes, SignSink};
 use cms_mirror::model::ErrorCode;
+
+use crate::sigcache::{SIGN_MIN, Signatures};
 
 use super::io_item_error;
 use super::publish::discard_for_retry;
@@ -188,18 +191,55 @@ pub fn write_deferred(mut staged: Staged) -> Staged {
     Staged::empty(staged.session_dir, out)
 }
 
-/// Writes `data` at `offset` of `file` and feeds it to `hasher`: a chunk of
+/// What a body's bytes are fed to while they arrive in order: its BLAKE3, and for a body
+/// large enough to be a delta's basis later its signatures ([`crate::sigcache`]).
+pub(super) struct Digest {
+    pub(super) hasher: blake3::Hasher,
+    pub(super) signer: Option<SignSink>,
+}
+
+impl Digest {
+    pub(super) fn new(size: u64) -> Digest {
+        Digest {
+            hasher: blake3::Hasher::new(),
+            signer: (size >= SIGN_MIN).then(|| SignSink::new(ChunkSizes::for_size(size))),
+        }
+    }
+
+    pub(super) fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        if let Some(s) = self.signer.as_mut() {
+            s.push(data);
+        }
+    }
+
+    /// The body's hash, and its signatures if it was signed.
+    pub(super) fn finish(self) -> (blake3::Hash, Option<Signatures>) {
+        let sigs = self.signer.map(|s| {
+            let sizes = s.sizes();
+            let (lengths, hashes) = s.finish();
+            Signatures {
+                sizes,
+                lengths,
+                hashes,
+            }
+        });
+        (self.hasher.finalize(), sigs)
+    }
+}
+
+/// Writes `data` at `offset` of `file` and feeds it to `digest`: a chunk of
 /// [`HASH_BESIDE_MIN`] or more is hashed on a second thread while it is written. The
-/// hasher has seen `data` whatever the write gave. Returns the bytes written with direct
+/// digest has seen `data` whatever the write gave. Returns the bytes written with direct
 /// I/O.
 pub(super) fn write_hashed(
     writer: &mut BodyWriter,
     file: &File,
     data: &[u8],
     offset: u64,
-    hasher: Option<&mut blake3::Hasher>,
+    digest: Option<&mut Digest>,
 ) -> io::Result<u64> {
-    match hasher {
+    match digest {
         Some(h) if data.len() >= HASH_BESIDE_MIN => std::thread::scope(|s| {
             let hashing = s.spawn(move || {
                 h.update(data);
