@@ -274,3 +274,27 @@ fn written_bodies_answer_the_next_deltas_signatures() {
         "the changed file was read, the others came from the cache"
     );
 }
+
+/// `--signature-cache 0`: nothing is signed or kept, every delta reads its basis, and
+/// the copy is as exact.
+#[test]
+fn without_a_signature_cache_every_basis_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    large_tree(&src);
+    let tm = free_addr();
+    let target = App::target(tmp.path())
+        .site(&dst)
+        .args(&["--metrics-listen", &tm, "--signature-cache", "0"])
+        .spawn();
+    let config = write_config(tmp.path(), &src, &target.url(), "");
+    let source = App::source(tmp.path(), &config).spawn();
+    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    for round in 1..=2 {
+        insert_in_the_middle(&src);
+        let (code, job) = run_job(&source.url(), &[]);
+        assert_eq!(code, 0, "{job:#}");
+        assert_same_tree(&src, &dst);
+        assert_eq!(signature_counts(&tm), (0.0, 3.0 * round as f64));
+    }
+}

@@ -72,8 +72,9 @@ pub struct SessionFiles {
     /// Drop a package's bodies from the page cache once they are durable (see
     /// [`publish`]).
     pub(super) drop_cache: bool,
-    /// The target's signatures of written bodies: a delta's copies take their chunks'
-    /// signatures from its basis's instead of cutting the copied bytes again.
+    /// The target's signatures of written bodies (`None`: none kept, and bodies are not
+    /// signed); a delta's copies take their chunks' signatures from its basis's instead
+    /// of cutting the copied bytes again.
     pub sigcache: Option<Arc<SigCache>>,
 }
 
@@ -143,6 +144,7 @@ pub(super) fn write_wholes(
     site: &SiteFs,
     session_dir: &Path,
     wholes: Vec<WholeFile>,
+    sign: bool,
     writer: &mut BodyWriter,
     helpers: &mut Vec<BodyWriter>,
 ) -> Vec<Result<(Publish, u64), (String, pb::ItemError)>> {
@@ -151,7 +153,7 @@ pub(super) fn write_wholes(
         part.into_iter()
             .map(|w| {
                 let path = w.item.path.clone();
-                write_whole(site, session_dir, &mut dirs, writer, w).map_err(|e| (path, e))
+                write_whole(site, session_dir, &mut dirs, writer, w, sign).map_err(|e| (path, e))
             })
             .collect::<Vec<_>>()
     };
@@ -208,12 +210,13 @@ pub(super) fn write_whole(
     dirs: &mut DestDirs,
     writer: &mut BodyWriter,
     w: WholeFile,
+    sign: bool,
 ) -> Result<(Publish, u64), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
         .map_err(|e| io_item_error(&path, "cannot write", &e))?;
-    let mut digest = Digest::new(item.size);
+    let mut digest = Digest::new(item.size, sign);
     let written = write_hashed(writer, &file, &data.data, 0, Some(&mut digest));
     let (actual, sigs) = digest.finish();
     let mut direct = 0;

@@ -199,10 +199,11 @@ pub(super) struct Digest {
 }
 
 impl Digest {
-    pub(super) fn new(size: u64) -> Digest {
+    /// `sign`: cut the body for its signatures too (if it is large enough).
+    pub(super) fn new(size: u64, sign: bool) -> Digest {
         Digest {
             hasher: blake3::Hasher::new(),
-            signer: (size >= SIGN_MIN).then(|| SignSink::new(ChunkSizes::for_size(size))),
+            signer: (sign && size >= SIGN_MIN).then(|| SignSink::new(ChunkSizes::for_size(size))),
         }
     }
 
