@@ -214,12 +214,9 @@ fn signature_counts(metrics_addr: &str) -> (f64, f64) {
     )
 }
 
-/// The target signs the large bodies it writes (whole, and assembled by a delta from the
-/// basis's known chunks), so the deltas after them are described without reading the
-/// old versions; a file changed behind the target's back with its size and mtime put
-/// back is read again (its ctime moved), and every round lands exact.
-#[test]
-fn written_bodies_answer_the_next_deltas_signatures() {
+/// The large tree mirrored once to a target started with `target_args` that serves its
+/// metrics (at the address returned).
+fn mirrored_with_metrics(target_args: &[&str]) -> (Mirror, String) {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     large_tree(&src);
@@ -227,16 +224,36 @@ fn written_bodies_answer_the_next_deltas_signatures() {
     let target = App::target(tmp.path())
         .site(&dst)
         .args(&["--metrics-listen", &tm])
+        .args(target_args)
         .spawn();
     let config = write_config(tmp.path(), &src, &target.url(), "");
     let source = App::source(tmp.path(), &config).spawn();
     assert_eq!(run_job(&source.url(), &[]).0, 0);
+    let m = Mirror {
+        tmp,
+        src,
+        dst,
+        config,
+        target,
+        source,
+    };
+    (m, tm)
+}
+
+/// The target signs the large bodies it writes (whole, and assembled by a delta from the
+/// basis's known chunks), so the deltas after them are described without reading the
+/// old versions; a file changed behind the target's back with its size and mtime put
+/// back is read again (its ctime moved), and every round lands exact.
+#[test]
+fn written_bodies_answer_the_next_deltas_signatures() {
+    let (m, tm) = mirrored_with_metrics(&[]);
+    let (src, dst, source) = (&m.src, &m.dst, &m.source);
     assert_eq!(signature_counts(&tm), (0.0, 0.0));
     for round in 1..=2 {
-        insert_in_the_middle(&src);
+        insert_in_the_middle(src);
         let (code, job) = run_job(&source.url(), &[]);
         assert_eq!(code, 0, "{job:#}");
-        assert_same_tree(&src, &dst);
+        assert_same_tree(src, dst);
         let wire = target0(&job)["bytes_on_wire"].as_u64().unwrap();
         assert!(wire < 600 * 1024, "round {round} sent {wire} bytes");
         assert_eq!(
@@ -263,11 +280,11 @@ fn written_bodies_answer_the_next_deltas_signatures() {
     )
     .unwrap();
     drop(f);
-    insert_in_the_middle(&src);
+    insert_in_the_middle(src);
     let (code, job) = run_job(&source.url(), &[]);
     assert_eq!(code, 0, "{job:#}");
     assert_eq!(target0(&job)["item_errors"], 0, "{job:#}");
-    assert_same_tree(&src, &dst);
+    assert_same_tree(src, dst);
     assert_eq!(
         signature_counts(&tm),
         (8.0, 1.0),
@@ -279,22 +296,13 @@ fn written_bodies_answer_the_next_deltas_signatures() {
 /// the copy is as exact.
 #[test]
 fn without_a_signature_cache_every_basis_is_read() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-    large_tree(&src);
-    let tm = free_addr();
-    let target = App::target(tmp.path())
-        .site(&dst)
-        .args(&["--metrics-listen", &tm, "--signature-cache", "0"])
-        .spawn();
-    let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = App::source(tmp.path(), &config).spawn();
-    assert_eq!(run_job(&source.url(), &[]).0, 0);
+    let (m, tm) = mirrored_with_metrics(&["--signature-cache", "0"]);
+    let (src, dst, source) = (&m.src, &m.dst, &m.source);
     for round in 1..=2 {
-        insert_in_the_middle(&src);
+        insert_in_the_middle(src);
         let (code, job) = run_job(&source.url(), &[]);
         assert_eq!(code, 0, "{job:#}");
-        assert_same_tree(&src, &dst);
+        assert_same_tree(src, dst);
         assert_eq!(signature_counts(&tm), (0.0, 3.0 * round as f64));
     }
 }

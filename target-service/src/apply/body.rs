@@ -360,7 +360,7 @@ pub(super) fn data(
         let cache = sess.sigcache.as_deref();
         copy_chunk(site, &mut sess.writer, cache, of, d, deferred, out)?;
     } else {
-        write_chunk(&mut sess.writer, of, d, deferred, out, false)?;
+        write_chunk(&mut sess.writer, of, d, deferred, out)?;
     }
     of.next_offset = end;
     out.bytes += len;
@@ -507,22 +507,21 @@ fn copy_chunk(
 
 /// Writes (or leaves for the finishing task) one chunk of an open body. A large chunk of
 /// a body hashed as it comes is written by the finishing task, and so is every later
-/// chunk of that body; but a last chunk whose body must be read back to be hashed, and a
-/// piece of a copy (`now`), are written here, once the body's other writes are done.
+/// chunk of that body; but a last chunk whose body must be read back to be hashed is
+/// written here (as a copy's pieces are, [`write_now`]), once the body's other writes
+/// are done.
 fn write_chunk(
     writer: &mut BodyWriter,
     of: &mut OpenFile,
     d: pb::FileData,
     deferred: &mut Vec<Deferred>,
     out: &mut Applied,
-    now: bool,
 ) -> Result<(), pb::ItemError> {
     let path = d.path.as_str();
-    let defer = !now
-        && match &of.writes {
-            Some(_) => !(d.last && of.digest.is_none()),
-            None => of.digest.is_some() && d.data.len() >= DIRECT_MIN,
-        };
+    let defer = match &of.writes {
+        Some(_) => !(d.last && of.digest.is_none()),
+        None => of.digest.is_some() && d.data.len() >= DIRECT_MIN,
+    };
     if defer {
         let file = of
             .file
