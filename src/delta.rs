@@ -266,8 +266,8 @@ impl<R: Read> Signer<R> {
         }
     }
 
-    /// The next batch of up to [`BATCH_CHUNKS`] chunks; empty at the end.
-    pub fn next_batch(&mut self) -> io::Result<(Vec<u32>, Vec<u8>)> {
+    /// The next batch of up to [`BATCH_CHUNKS`] chunks (lengths, hashes); empty at the end.
+    pub fn next_batch(&mut self) -> io::Result<(Vec<u32>, Vec<u64>)> {
         let mut lengths = Vec::new();
         let mut hashes = Vec::new();
         while lengths.len() < BATCH_CHUNKS {
@@ -275,10 +275,16 @@ impl<R: Read> Signer<R> {
                 break;
             };
             lengths.push(c.len() as u32);
-            hashes.extend_from_slice(&chunk_hash(c).to_le_bytes());
+            hashes.push(chunk_hash(c));
         }
         Ok((lengths, hashes))
     }
+}
+
+/// Chunk hashes as a signature batch carries them ([`HASH_LEN`] bytes each, little
+/// endian; [`Index::add`] reads them back).
+pub fn pack_hashes(hashes: &[u64]) -> Vec<u8> {
+    hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
 /// One chunk of a basis: its number, where it lies, and its hash.
@@ -354,7 +360,7 @@ mod tests {
             if l.is_empty() {
                 break;
             }
-            ix.add(&l, &h).unwrap();
+            ix.add(&l, &pack_hashes(&h)).unwrap();
         }
         ix
     }
@@ -371,10 +377,7 @@ mod tests {
                 break;
             }
             whole.0.extend(l);
-            whole.1.extend(
-                h.chunks_exact(HASH_LEN)
-                    .map(|h| u64::from_le_bytes(h.try_into().unwrap())),
-            );
+            whole.1.extend(h);
         }
         assert!(whole.0.len() > 40, "{} chunks", whole.0.len());
         let mut r = fastrand::Rng::with_seed(3);

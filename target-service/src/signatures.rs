@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use cms_mirror::delta::{BATCH_CHUNKS, ChunkSizes, HASH_LEN, Signer};
+use cms_mirror::delta::{BATCH_CHUNKS, ChunkSizes, Signer, pack_hashes};
 use cms_mirror::fswalk::{DirCache, mtime_ns};
 use cms_mirror::pb;
 
@@ -58,44 +58,31 @@ impl TargetService {
         .await
         .map_err(TargetError::task("signature read"))??;
         let (file, md) = opened;
-        let (tx, rx) = mpsc::channel(2);
+        // The basis's identity goes with the first batch (an empty file has one, empty,
+        // batch).
+        let mut first = Some((md.len(), mtime_ns(&md)));
         let metrics = &self.inner.metrics;
         if let Some(sigs) = self.inner.sigcache.get(&md, sizes) {
             metrics.signatures_cached.get_or_create(&labels).inc();
-            tokio::spawn(async move {
-                let mut first = Some((md.len(), mtime_ns(&md)));
-                for (lengths, hashes) in sigs
-                    .lengths
-                    .chunks(BATCH_CHUNKS)
-                    .zip(sigs.hashes.chunks(BATCH_CHUNKS))
-                {
-                    let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
-                    let batch = pb::SignatureBatch {
-                        basis_size,
-                        basis_mtime_ns,
-                        lengths: lengths.to_vec(),
-                        hashes: hashes.iter().flat_map(|h| h.to_le_bytes()).collect(),
-                    };
-                    if tx.send(Ok(batch)).await.is_err() {
-                        return;
-                    }
-                }
-                #[cfg(feature = "failpoints")]
-                crate::failpoints::after_signatures(&file);
-                #[cfg(not(feature = "failpoints"))]
-                drop(file);
-            });
-            return Ok(Box::pin(ReceiverStream::new(rx)));
+            let batches: Vec<_> = sigs
+                .lengths
+                .chunks(BATCH_CHUNKS)
+                .zip(sigs.hashes.chunks(BATCH_CHUNKS))
+                .map(|(l, h)| Ok(batch(&mut first, l.to_vec(), h)))
+                .collect();
+            #[cfg(feature = "failpoints")]
+            crate::failpoints::after_signatures(&file);
+            #[cfg(not(feature = "failpoints"))]
+            drop(file);
+            return Ok(Box::pin(tokio_stream::iter(batches)));
         }
         metrics.signatures_read.get_or_create(&labels).inc();
+        let (tx, rx) = mpsc::channel(2);
         let svc = self.clone();
         tokio::task::spawn_blocking(move || {
             #[cfg(feature = "failpoints")]
             let touched = file.try_clone();
             let mut signer = Signer::new(std::io::BufReader::with_capacity(1 << 20, file), sizes);
-            // The basis's identity goes with the first batch (an empty file has one,
-            // empty, batch).
-            let mut first = Some((md.len(), mtime_ns(&md)));
             // Kept once the whole file was read, for the next delta of this version.
             let mut kept = Signatures {
                 sizes,
@@ -116,19 +103,11 @@ impl TargetService {
                     break;
                 }
                 kept.lengths.extend_from_slice(&lengths);
-                kept.hashes.extend(
-                    hashes
-                        .chunks_exact(HASH_LEN)
-                        .map(|h| u64::from_le_bytes(h.try_into().expect("HASH_LEN bytes"))),
-                );
-                let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
-                let batch = pb::SignatureBatch {
-                    basis_size,
-                    basis_mtime_ns,
-                    lengths,
-                    hashes,
-                };
-                if tx.blocking_send(Ok(batch)).is_err() {
+                kept.hashes.extend_from_slice(&hashes);
+                if tx
+                    .blocking_send(Ok(batch(&mut first, lengths, &hashes)))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -138,5 +117,17 @@ impl TargetService {
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// One batch of a file's signatures as they cross; the first (`first` still set) names
+/// the basis's size and mtime.
+fn batch(first: &mut Option<(u64, i64)>, lengths: Vec<u32>, hashes: &[u64]) -> pb::SignatureBatch {
+    let (basis_size, basis_mtime_ns) = first.take().unwrap_or_default();
+    pb::SignatureBatch {
+        basis_size,
+        basis_mtime_ns,
+        lengths,
+        hashes: pack_hashes(hashes),
     }
 }

@@ -217,26 +217,13 @@ fn signature_counts(metrics_addr: &str) -> (f64, f64) {
 /// The large tree mirrored once to a target started with `target_args` that serves its
 /// metrics (at the address returned).
 fn mirrored_with_metrics(target_args: &[&str]) -> (Mirror, String) {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
-    large_tree(&src);
     let tm = free_addr();
-    let target = App::target(tmp.path())
-        .site(&dst)
-        .args(&["--metrics-listen", &tm])
-        .args(target_args)
-        .spawn();
-    let config = write_config(tmp.path(), &src, &target.url(), "");
-    let source = App::source(tmp.path(), &config).spawn();
-    assert_eq!(run_job(&source.url(), &[]).0, 0);
-    let m = Mirror {
-        tmp,
-        src,
-        dst,
-        config,
-        target,
-        source,
-    };
+    let args: Vec<&str> = ["--metrics-listen", tm.as_str()]
+        .into_iter()
+        .chain(target_args.iter().copied())
+        .collect();
+    let m = Mirror::start_with(large_tree, "", &args);
+    assert_eq!(run_job(&m.source.url(), &[]).0, 0);
     (m, tm)
 }
 

@@ -624,10 +624,19 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn start<R>(fill: impl FnOnce(&Path) -> R, extra: &str) -> Mirror {
+        Mirror::start_with(fill, extra, &[])
+    }
+
+    /// [`Mirror::start`] with `target_args` added to mirror-target's command line.
+    pub fn start_with<R>(
+        fill: impl FnOnce(&Path) -> R,
+        extra: &str,
+        target_args: &[&str],
+    ) -> Mirror {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fill(&src);
-        let target = App::target(tmp.path()).site(&dst).spawn();
+        let target = App::target(tmp.path()).site(&dst).args(target_args).spawn();
         let config = write_config(tmp.path(), &src, &target.url(), extra);
         let source = App::source(tmp.path(), &config).spawn();
         Mirror {

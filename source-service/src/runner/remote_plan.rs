@@ -103,9 +103,7 @@ impl EarlyManifest {
             open_manifest(&client, &ch, &t).await
         })))
     }
-}
 
-impl EarlyManifest {
     /// The call's answer: the stream, or why there is none.
     async fn answer(mut self) -> ManifestCall {
         let call = self.0.take().expect("taken only here");

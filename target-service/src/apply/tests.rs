@@ -548,10 +548,7 @@ fn signed_from_scratch(path: &Path, size: usize) -> crate::sigcache::Signatures 
             return out;
         }
         out.lengths.extend(l);
-        out.hashes.extend(
-            h.chunks_exact(8)
-                .map(|h| u64::from_le_bytes(h.try_into().unwrap())),
-        );
+        out.hashes.extend(h);
     }
 }
 
@@ -591,8 +588,8 @@ fn written_bodies_carry_the_signatures_a_fresh_cut_gives() {
     let sizes = ChunkSizes::for_size(old.len() as u64);
     assert_eq!(sizes, ChunkSizes::for_size(new.len() as u64));
     let mut ix = Index::default();
-    let packed: Vec<u8> = sigs.hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
-    ix.add(&sigs.lengths, &packed).unwrap();
+    ix.add(&sigs.lengths, &cms_mirror::delta::pack_hashes(&sigs.hashes))
+        .unwrap();
     // As the source packs it: a copy per run of matching chunks, literal bytes else.
     let mut entries = vec![put_entry(&file_item("f", new.len(), 0))];
     let mut chunks = sizes.chunker(&new[..]);
