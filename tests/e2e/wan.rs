@@ -214,8 +214,14 @@ fn the_bandwidth_limit_holds_while_another_flow_keeps_its_share() {
                 let rate = (b2 - b1) / (t2 - t1);
                 assert!(
                     rate <= limit * 1.05 && rate >= limit * 0.9,
-                    "{rate:.0} B/s over {:.1} s against a limit of {limit}",
-                    t2 - t1
+                    "{rate:.0} B/s over {:.1} s from {:.1} s into the job against a limit of \
+                     {limit}; (s, bytes on the wire) at each progress event: {:?}",
+                    t2 - t1,
+                    t1 - points[0].0,
+                    points
+                        .iter()
+                        .map(|(t, b)| (((t - points[0].0) * 10.0).round() / 10.0, *b as u64))
+                        .collect::<Vec<_>>()
                 );
                 spans += 1;
             }
