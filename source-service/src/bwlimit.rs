@@ -56,6 +56,19 @@ pub fn package_bytes(package_bytes: usize, limit: Option<u64>) -> usize {
     }
 }
 
+/// Packages in flight under a limit: as many more as packages were cut smaller (up to
+/// 64), so the bytes in flight, and the time the window lets acknowledgements lag, stay
+/// what the channel's `window` gives at full size. With the count alone, 8 packages of
+/// an eighth of a second each would stall the stream whenever acknowledgements lag
+/// a second, and the time lost would not come back.
+pub fn window(window: u32, package_bytes: usize, cut_to: usize) -> usize {
+    let scaled = window as usize * package_bytes / cut_to.max(1);
+    scaled.clamp(window as usize, MAX_WINDOW.max(window as usize))
+}
+
+/// The most packages a window under a limit holds.
+const MAX_WINDOW: usize = 64;
+
 /// The pacers of the targets of all channels, kept across jobs (a limit holds across
 /// job boundaries too) and made again when a reloaded configuration changes the rate.
 #[derive(Default)]
@@ -112,5 +125,13 @@ mod tests {
         assert_eq!(package_bytes(4 << 20, Some(1 << 20)), 128 << 10);
         assert_eq!(package_bytes(4 << 20, Some(1000)), 64 << 10);
         assert_eq!(package_bytes(4 << 20, Some(1 << 30)), 4 << 20);
+    }
+
+    #[test]
+    fn a_window_of_smaller_packages_holds_more_of_them() {
+        assert_eq!(window(8, 4 << 20, 4 << 20), 8);
+        assert_eq!(window(8, 1 << 20, 256 << 10), 32);
+        assert_eq!(window(8, 4 << 20, 64 << 10), 64);
+        assert_eq!(window(2, 4 << 20, 4 << 20), 2);
     }
 }

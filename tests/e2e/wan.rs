@@ -199,35 +199,7 @@ fn the_bandwidth_limit_holds_while_another_flow_keeps_its_share() {
     assert_eq!(code, 0, "{job:#}");
     assert_same_tree(&src, &dst);
 
-    // The mirror, from what its source counted sent at each progress event: over every
-    // span of 10 s or more, within a few percent of the limit and never above it.
-    let id = job["id"].as_str().unwrap();
-    let points: Vec<(f64, f64)> = events(&source.url(), id)
-        .into_iter()
-        .filter(|e| e["kind"] == "progress")
-        .map(|e| (at(&e), e["data"]["bytes_on_wire"].as_f64().unwrap()))
-        .collect();
-    let mut spans = 0;
-    for (i, (t1, b1)) in points.iter().enumerate() {
-        for (t2, b2) in &points[i + 1..] {
-            if t2 - t1 >= 10.0 {
-                let rate = (b2 - b1) / (t2 - t1);
-                assert!(
-                    rate <= limit * 1.05 && rate >= limit * 0.9,
-                    "{rate:.0} B/s over {:.1} s from {:.1} s into the job against a limit of \
-                     {limit}; (s, bytes on the wire) at each progress event: {:?}",
-                    t2 - t1,
-                    t1 - points[0].0,
-                    points
-                        .iter()
-                        .map(|(t, b)| (((t - points[0].0) * 10.0).round() / 10.0, *b as u64))
-                        .collect::<Vec<_>>()
-                );
-                spans += 1;
-            }
-        }
-    }
-    assert!(spans > 0, "the job was too short to measure: {points:?}");
+    assert_paced(&source.url(), job["id"].as_str().unwrap(), limit);
 
     // The other flow, from what its receiver counted: it kept the rest of the link.
     drop(sender);
@@ -249,4 +221,77 @@ fn the_bandwidth_limit_holds_while_another_flow_keeps_its_share() {
         other >= (link - limit) * 0.6,
         "the other flow got {other:.0} B/s beside the mirror"
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(any(ci, root_user)),
+    ignore = "needs root for network namespaces and tc"
+)]
+fn the_bandwidth_limit_holds_across_a_long_round_trip() {
+    // 1 s each way: at the limit's package size (64 KiB), a window of 8 packages is 1.3 s
+    // of sending, less than one round trip, so the window must hold more of them.
+    let bed = Bed::up("20mbit");
+    let limit = 400.0 * 1024.0;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    write(&src, "big.bin", &bytes(7, 8 << 20));
+    let target = App::target(tmp.path()).site(&dst).netns(&bed.ns()).spawn();
+    let proxied = format!("{}:7000", bed.inner_ip());
+    let (proxy, _) = bed.run(&[
+        script("delay_proxy.py").to_str().unwrap(),
+        "--listen",
+        &proxied,
+        "--to",
+        &target.addr,
+        "--delay-ms",
+        "1000",
+    ]);
+    let _proxy = Killed(proxy);
+    let config = write_config_with_target(
+        tmp.path(),
+        &src,
+        &format!("http://{proxied}"),
+        "package_bytes = 1048576",
+        "  bwlimit = \"400KiB/s\"\n",
+    );
+    let source = App::source(tmp.path(), &config).spawn();
+    let (code, job) = run_job(&source.url(), &[]);
+    assert_eq!(code, 0, "{job:#}");
+    assert_same_tree(&src, &dst);
+    assert_paced(&source.url(), job["id"].as_str().unwrap(), limit);
+}
+
+/// What the job's source counted sent at each progress event: over every span of 10 s
+/// or more until all was sent (then the last acknowledgements are on their way), within
+/// a few percent of the limit and never above it.
+fn assert_paced(source: &str, job: &str, limit: f64) {
+    let mut points: Vec<(f64, f64)> = events(source, job)
+        .into_iter()
+        .filter(|e| e["kind"] == "progress")
+        .map(|e| (at(&e), e["data"]["bytes_on_wire"].as_f64().unwrap()))
+        .collect();
+    let all = points.last().map_or(0.0, |p| p.1);
+    points.truncate(points.iter().position(|p| p.1 >= all).map_or(0, |i| i + 1));
+    let mut spans = 0;
+    for (i, (t1, b1)) in points.iter().enumerate() {
+        for (t2, b2) in &points[i + 1..] {
+            if t2 - t1 >= 10.0 {
+                let rate = (b2 - b1) / (t2 - t1);
+                assert!(
+                    rate <= limit * 1.05 && rate >= limit * 0.9,
+                    "{rate:.0} B/s over {:.1} s from {:.1} s into the job against a limit of \
+                     {limit}; (s, bytes on the wire) at each progress event: {:?}",
+                    t2 - t1,
+                    t1 - points[0].0,
+                    points
+                        .iter()
+                        .map(|(t, b)| (((t - points[0].0) * 10.0).round() / 10.0, *b as u64))
+                        .collect::<Vec<_>>()
+                );
+                spans += 1;
+            }
+        }
+    }
+    assert!(spans > 0, "the job was too short to measure: {points:?}");
 }

@@ -136,7 +136,8 @@ pub(super) async fn stream_once(
         None => packer,
     };
     let (brx, producer) = produce(packer);
-    let (otx, orx) = mpsc::channel::<pb::ImportRequest>(ch.window as usize + 2);
+    let window = bwlimit::window(ch.window, ch.package_bytes, package_bytes);
+    let (otx, orx) = mpsc::channel::<pb::ImportRequest>(window + 2);
     let header = pb::ImportRequest {
         msg: Some(pb::import_request::Msg::Header(pb::ImportHeader {
             session_id: session_id.to_string(),
@@ -168,6 +169,7 @@ pub(super) async fn stream_once(
         pacers,
         limit,
         inflight: VecDeque::new(),
+        window,
         unrecorded: Sent::default(),
         max_sent_seq: row.max_sent_seq as u64,
         held: None,
@@ -242,6 +244,8 @@ struct Stream<'a> {
     pacers: Vec<Arc<Pacer>>,
     limit: Option<u64>,
     inflight: VecDeque<InFlight>,
+    /// Packages allowed in flight ([`bwlimit::window`]).
+    window: usize,
     /// Packages sent and not yet in the store: they go with the next checkpoint, or at
     /// the end of the stream.
     unrecorded: Sent,
@@ -298,7 +302,7 @@ impl Stream<'_> {
             let room = draining.is_none()
                 && !self.packer_done
                 && self.held.is_none()
-                && self.inflight.len() < self.ch.window as usize;
+                && self.inflight.len() < self.window;
             let step = tokio::select! {
                 _ = cancel.changed(), if draining.is_none() => {
                     if *cancel.borrow() {
