@@ -286,8 +286,8 @@ impl TargetService {
         }
         let mut applied = self.publish(&p.session, staged).await?;
         let uncache = std::mem::take(&mut applied.to_uncache);
-        for (md, sigs) in std::mem::take(&mut applied.signed) {
-            self.inner.sigcache.put(&md, sigs);
+        for (md, ticket) in std::mem::take(&mut applied.signed) {
+            self.inner.sigcache.put_signed(md, ticket);
         }
         if applied.no_space || applied.not_written {
             return Ok(not_applied_ack(session, seq, applied));

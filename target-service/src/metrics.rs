@@ -29,6 +29,8 @@ pub struct Metrics {
     pub decode_waits: Counter,
     pub signatures_cached: Counters,
     pub signatures_read: Counters,
+    /// Bodies signed as written, or not (all sites together).
+    pub signing: crate::sigcache::SigningCounters,
 }
 
 impl Default for Metrics {
@@ -53,6 +55,7 @@ impl Metrics {
             decode_waits: Counter::default(),
             signatures_cached: Counters::default(),
             signatures_read: Counters::default(),
+            signing: Default::default(),
         };
         registry.register(
             "packages_applied",
@@ -108,6 +111,16 @@ impl Metrics {
             "signatures_read",
             "Delta signatures answered by reading the file and cutting it",
             m.signatures_read.clone(),
+        );
+        registry.register(
+            "bodies_signed",
+            "Written bodies cut for their delta signatures on the idle-priority signing thread",
+            m.signing.signed.clone(),
+        );
+        registry.register(
+            "bodies_unsigned",
+            "Written bodies left unsigned because the signing thread was too far behind",
+            m.signing.unsigned.clone(),
         );
         Metrics { registry, ..m }
     }

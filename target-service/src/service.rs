@@ -130,9 +130,8 @@ impl TargetService {
                 },
             );
         }
-        let sigcache = Arc::new(crate::sigcache::SigCache::new(
-            settings.signature_cache_bytes,
-        ));
+        let sigcache =
+            crate::sigcache::SigCache::new(settings.signature_cache_bytes, metrics.signing.clone());
         Ok(TargetService {
             inner: Arc::new(Inner {
                 sites,

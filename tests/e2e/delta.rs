@@ -214,6 +214,28 @@ fn signature_counts(metrics_addr: &str) -> (f64, f64) {
     )
 }
 
+/// Waits until the target's signing thread has signed `n` bodies in all (it signs at the
+/// lowest priority, after the job may have ended), with none left unsigned.
+fn wait_signed(metrics_addr: &str, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, page) = http_get(metrics_addr, "/metrics");
+        assert_eq!(status, 200, "{page}");
+        let signed = metric(&page, "mirror_target_bodies_signed_total").unwrap_or(0.0);
+        let unsigned = metric(&page, "mirror_target_bodies_unsigned_total").unwrap_or(0.0);
+        assert_eq!(unsigned, 0.0, "bodies left unsigned");
+        if signed >= n {
+            assert_eq!(signed, n, "more bodies signed than written");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{signed} of {n} bodies signed after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The large tree mirrored once to a target started with `target_args` that serves its
 /// metrics (at the address returned).
 fn mirrored_with_metrics(target_args: &[&str]) -> (Mirror, String) {
@@ -237,6 +259,7 @@ fn written_bodies_answer_the_next_deltas_signatures() {
     let (src, dst, source) = (&m.src, &m.dst, &m.source);
     assert_eq!(signature_counts(&tm), (0.0, 0.0));
     for round in 1..=2 {
+        wait_signed(&tm, 3.0 * round as f64);
         insert_in_the_middle(src);
         let (code, job) = run_job(&source.url(), &[]);
         assert_eq!(code, 0, "{job:#}");
@@ -250,6 +273,7 @@ fn written_bodies_answer_the_next_deltas_signatures() {
         );
     }
 
+    wait_signed(&tm, 9.0);
     // Rewritten on the target in place, same size, its mtime put back.
     let victim = dst.join("media/video0.bin");
     let before = std::fs::metadata(&victim).unwrap();
@@ -292,4 +316,5 @@ fn without_a_signature_cache_every_basis_is_read() {
         assert_same_tree(src, dst);
         assert_eq!(signature_counts(&tm), (0.0, 3.0 * round as f64));
     }
+    wait_signed(&tm, 0.0);
 }

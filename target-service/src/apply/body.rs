@@ -20,6 +20,7 @@ use super::writer::{
 };
 use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
 use crate::sigcache::{SigCache, Signatures};
+use bytes::Bytes;
 
 /// A file whose body is arriving over several entries (possibly several packages).
 pub(super) struct OpenFile {
@@ -144,7 +145,7 @@ pub(super) fn write_wholes(
     site: &SiteFs,
     session_dir: &Path,
     wholes: Vec<WholeFile>,
-    sign: bool,
+    cache: Option<&Arc<SigCache>>,
     writer: &mut BodyWriter,
     helpers: &mut Vec<BodyWriter>,
 ) -> Vec<Result<(Publish, u64), (String, pb::ItemError)>> {
@@ -153,7 +154,7 @@ pub(super) fn write_wholes(
         part.into_iter()
             .map(|w| {
                 let path = w.item.path.clone();
-                write_whole(site, session_dir, &mut dirs, writer, w, sign).map_err(|e| (path, e))
+                write_whole(site, session_dir, &mut dirs, writer, w, cache).map_err(|e| (path, e))
             })
             .collect::<Vec<_>>()
     };
@@ -210,13 +211,14 @@ pub(super) fn write_whole(
     dirs: &mut DestDirs,
     writer: &mut BodyWriter,
     w: WholeFile,
-    sign: bool,
+    cache: Option<&Arc<SigCache>>,
 ) -> Result<(Publish, u64), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
     let (file, tmp, dir) = create_body(site, session_dir, dirs, &item)
         .map_err(|e| io_item_error(&path, "cannot write", &e))?;
-    let mut digest = Digest::new(item.size, sign);
+    let mut digest = Digest::new(item.size, cache);
+    digest.sign(&data.data);
     let written = write_hashed(writer, &file, &data.data, 0, Some(&mut digest));
     let (actual, sigs) = digest.finish();
     let mut direct = 0;
@@ -495,11 +497,14 @@ fn copy_chunk(
             of.basis = None;
             return Err(changed(e.to_string()));
         }
+        if let Some(g) = of.digest.as_mut().filter(|g| g.signer.is_some()) {
+            g.sign(&Bytes::copy_from_slice(&buf[..n]));
+        }
         write_now(writer, of, &path, &buf[..n], at, deferred, out)?;
         done += n as u64;
     }
     if let (Some(mut s), Some((sigs, range)), Some(g)) = (signer, known, of.digest.as_mut()) {
-        s.push_known(&sigs.lengths[range.clone()], &sigs.hashes[range]);
+        s.push_known(&sigs, range);
         g.signer = Some(s);
     }
     Ok(())
@@ -529,10 +534,14 @@ fn write_chunk(
             .map_err(|e| io_item_error(path, "cannot write", &e))?;
         if let Some(h) = of.digest.as_mut() {
             h.update(&d.data);
+            h.sign(&d.data);
         }
         let writes = of.writes.get_or_insert_with(Default::default).clone();
         deferred.push(Deferred::new(d.path, file, d.data, d.offset, writes));
         return Ok(());
+    }
+    if let Some(h) = of.digest.as_mut() {
+        h.sign(&d.data);
     }
     write_now(writer, of, path, &d.data, d.offset, deferred, out)
 }

@@ -233,7 +233,7 @@ pub struct Applied {
     pub to_uncache: Vec<File>,
     /// Bodies put in place with their signatures (each stat'ed in place), for the
     /// target's signature cache.
-    pub signed: Vec<(fs::Metadata, crate::sigcache::Signatures)>,
+    pub signed: Vec<(fs::Metadata, crate::sigcache::Ticket)>,
 }
 
 /// A staged item waiting to be put in place.
@@ -244,9 +244,9 @@ struct Publish {
     /// A body whose chunks were written by finishing tasks gets its time at publish,
     /// once they are all done (a write after it would change it).
     late: Option<LateTime>,
-    /// The body's delta signatures, cut as it was written, for the cache once it is in
-    /// place.
-    sigs: Option<crate::sigcache::Signatures>,
+    /// The body's delta signatures, being cut as it was written, for the cache once it
+    /// is in place.
+    sigs: Option<crate::sigcache::Ticket>,
 }
 
 struct LateTime {

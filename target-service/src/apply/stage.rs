@@ -318,7 +318,7 @@ impl Stager<'_> {
         let (file, tmp, dir) = create_body(self.site, &sess.dir, &mut self.dirs, &item)?;
         if item.size > 0 {
             let path = item.path.clone();
-            let digest = Some(Digest::new(item.size, sess.sigcache.is_some()));
+            let digest = Some(Digest::new(item.size, sess.sigcache.as_ref()));
             let of = OpenFile {
                 meta: item,
                 file,
@@ -448,12 +448,11 @@ impl Stager<'_> {
     fn write_wholes(&mut self) {
         let sess = &mut *self.sess;
         let wholes = std::mem::take(&mut self.wholes);
-        let sign = sess.sigcache.is_some();
         let results = write_wholes(
             self.site,
             &sess.dir,
             wholes,
-            sign,
+            sess.sigcache.as_ref(),
             &mut sess.writer,
             &mut sess.helpers,
         );

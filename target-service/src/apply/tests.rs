@@ -553,96 +553,119 @@ fn signed_from_scratch(path: &Path, size: usize) -> crate::sigcache::Signatures 
 }
 
 /// The target signs what it writes: a whole body as it is written, and a body a delta
-/// assembles from copies of its basis's chunks (taken from the basis's signatures) and
-/// literal bytes (cut); both are exactly what cutting the file from scratch gives.
+/// assembles from copies of its basis and literal bytes, the copies' chunks taken from
+/// the basis's signatures when they are kept ("f") and cut from the copied bytes when
+/// they are not ("g"); each is exactly what cutting the file from scratch gives.
 #[test]
 fn written_bodies_carry_the_signatures_a_fresh_cut_gives() {
     use cms_mirror::delta::{ChunkSizes, Index, chunk_hash};
     let root = tempfile::tempdir().unwrap();
     let site = site_in(&root);
-    let cache = std::sync::Arc::new(crate::sigcache::SigCache::new(1 << 20));
+    let cache = crate::sigcache::SigCache::new(1 << 20, Default::default());
     let mut sess = SessionFiles::new(site.session_dir("s"), false);
     sess.sigcache = Some(cache.clone());
     let old: Vec<u8> = {
         let mut r = fastrand::Rng::with_seed(11);
         (0..3 << 20).map(|_| r.u8(..)).collect()
     };
-    let staged = stage(
-        &site,
-        &mut sess,
-        payload(two_chunks("f", &old, 1 << 20).to_vec()),
-        4096,
-    );
+    let mut entries = two_chunks("f", &old, 1 << 20).to_vec();
+    entries.extend(two_chunks("g", &old, 1 << 20));
+    let staged = stage(&site, &mut sess, payload(entries), 4096);
     let mut out = publish(&site, staged, Durability::None);
     assert!(out.errors.is_empty(), "{:?}", out.errors);
-    let dest = root.path().join("f");
-    let (md, sigs) = out.signed.pop().expect("the body was signed");
-    assert_eq!(sigs, signed_from_scratch(&dest, old.len()));
-    cache.put(&md, sigs.clone());
+    let sizes = ChunkSizes::for_size(old.len() as u64);
+    let mut signed = out.signed.drain(..);
+    let (md, ticket) = signed.next().expect("f is being signed");
+    // Put before the cut is done: the signing thread puts it when it is.
+    cache.put_signed(md.clone(), ticket);
+    cache.settle();
+    let sigs = cache.get(&md, sizes).expect("the body's signatures");
+    assert_eq!(
+        *sigs,
+        signed_from_scratch(&root.path().join("f"), old.len())
+    );
+    let (g_md, _) = signed.next().expect("g is being signed, and is left out");
+    drop(signed);
 
     // A new version: 100 bytes inserted in the middle, the tail cut off, a new end.
     let mut new = old.clone();
     new.splice(old.len() / 2..old.len() / 2, [7u8; 100]);
     new.truncate(old.len() - 200_000);
     new.extend_from_slice(&[9u8; 50_000]);
-    let sizes = ChunkSizes::for_size(old.len() as u64);
     assert_eq!(sizes, ChunkSizes::for_size(new.len() as u64));
     let mut ix = Index::default();
     ix.add(&sigs.lengths, &cms_mirror::delta::pack_hashes(&sigs.hashes))
         .unwrap();
     // As the source packs it: a copy per run of matching chunks, literal bytes else.
-    let mut entries = vec![put_entry(&file_item("f", new.len(), 0))];
-    let mut chunks = sizes.chunker(&new[..]);
-    let (mut copies, mut literal) = (0, 0);
-    let (bsize, bmtime) = (md.len(), cms_mirror::fswalk::mtime_ns(&md));
-    while let Some((at, c)) = chunks.next_chunk().unwrap() {
-        let e = match ix.find(chunk_hash(c), c.len()) {
-            Some(m) => {
-                copies += 1;
-                if let Some(pb::entry::Op::Data(prev)) = &mut entries.last_mut().unwrap().op
-                    && prev.copy_len > 0
-                    && prev.copy_from + prev.copy_len == m.at
-                {
-                    prev.copy_len += c.len() as u64;
-                    continue;
+    let delta = |path: &str, md: &fs::Metadata| {
+        let mut entries = vec![put_entry(&file_item(path, new.len(), 0))];
+        let mut chunks = sizes.chunker(&new[..]);
+        let (mut copies, mut literal) = (0, 0);
+        let (bsize, bmtime) = (md.len(), cms_mirror::fswalk::mtime_ns(md));
+        while let Some((at, c)) = chunks.next_chunk().unwrap() {
+            let e = match ix.find(chunk_hash(c), c.len()) {
+                Some(m) => {
+                    copies += 1;
+                    if let Some(pb::entry::Op::Data(prev)) = &mut entries.last_mut().unwrap().op
+                        && prev.copy_len > 0
+                        && prev.copy_from + prev.copy_len == m.at
+                    {
+                        prev.copy_len += c.len() as u64;
+                        continue;
+                    }
+                    pb::FileData {
+                        path: path.into(),
+                        offset: at,
+                        copy_from: m.at,
+                        copy_len: c.len() as u64,
+                        basis_size: bsize,
+                        basis_mtime_ns: bmtime,
+                        ..Default::default()
+                    }
                 }
-                pb::FileData {
-                    path: "f".into(),
-                    offset: at,
-                    copy_from: m.at,
-                    copy_len: c.len() as u64,
-                    basis_size: bsize,
-                    basis_mtime_ns: bmtime,
-                    ..Default::default()
+                None => {
+                    literal += c.len();
+                    pb::FileData {
+                        path: path.into(),
+                        offset: at,
+                        data: c.to_vec().into(),
+                        ..Default::default()
+                    }
                 }
-            }
-            None => {
-                literal += c.len();
-                pb::FileData {
-                    path: "f".into(),
-                    offset: at,
-                    data: c.to_vec().into(),
-                    ..Default::default()
-                }
-            }
+            };
+            entries.push(pb::Entry {
+                op: Some(pb::entry::Op::Data(e)),
+            });
+        }
+        let Some(pb::entry::Op::Data(last)) = &mut entries.last_mut().unwrap().op else {
+            unreachable!()
         };
-        entries.push(pb::Entry {
-            op: Some(pb::entry::Op::Data(e)),
-        });
-    }
-    let Some(pb::entry::Op::Data(last)) = &mut entries.last_mut().unwrap().op else {
-        unreachable!()
+        last.last = true;
+        last.blake3 = blake3::hash(&new).as_bytes().to_vec();
+        assert!(
+            copies > 100 && literal < 200_000,
+            "{copies} copies, {literal} literal bytes"
+        );
+        entries
     };
-    last.last = true;
-    last.blake3 = blake3::hash(&new).as_bytes().to_vec();
-    assert!(
-        copies > 100 && literal < 200_000,
-        "{copies} copies, {literal} literal bytes"
-    );
+    let mut entries = delta("f", &md);
+    entries.extend(delta("g", &g_md));
     let staged = stage(&site, &mut sess, payload(entries), 4096);
     let mut out = publish(&site, staged, Durability::None);
     assert!(out.errors.is_empty(), "{:?}", out.errors);
-    assert_eq!(fs::read(&dest).unwrap(), new);
-    let (_, sigs) = out.signed.pop().expect("the assembled body was signed");
-    assert_eq!(sigs, signed_from_scratch(&dest, new.len()));
+    assert_eq!(out.signed.len(), 2);
+    cache.settle();
+    for (md, ticket) in out.signed.drain(..) {
+        // Put after the cut is done.
+        cache.put_signed(md.clone(), ticket);
+        let sigs = cache
+            .get(&md, sizes)
+            .expect("the assembled body's signatures");
+        use std::os::unix::fs::MetadataExt;
+        let g = fs::metadata(root.path().join("g")).unwrap();
+        let which = if md.ino() == g.ino() { "g" } else { "f" };
+        let dest = root.path().join(which);
+        assert_eq!(fs::read(&dest).unwrap(), new);
+        assert_eq!(*sigs, signed_from_scratch(&dest, new.len()), "{which}");
+    }
 }

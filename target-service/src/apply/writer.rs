@@ -6,10 +6,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 
-use cms_mirror::delta::{ChunkSizes, SignSink};
+use bytes::Bytes;
 use cms_mirror::model::ErrorCode;
 
-use crate::sigcache::{SIGN_MIN, Signatures};
+use crate::sigcache::{SigCache, Signing, Ticket};
 
 use super::io_item_error;
 use super::publish::discard_for_retry;
@@ -195,37 +195,36 @@ pub fn write_deferred(mut staged: Staged) -> Staged {
 /// large enough to be a delta's basis later its signatures ([`crate::sigcache`]).
 pub(super) struct Digest {
     pub(super) hasher: blake3::Hasher,
-    pub(super) signer: Option<SignSink>,
+    pub(super) signer: Option<Signing>,
 }
 
 impl Digest {
-    /// `sign`: cut the body for its signatures too (if it is large enough).
-    pub(super) fn new(size: u64, sign: bool) -> Digest {
+    /// `cache`: sign the body for it too (if it is large enough).
+    pub(super) fn new(size: u64, cache: Option<&Arc<SigCache>>) -> Digest {
         Digest {
             hasher: blake3::Hasher::new(),
-            signer: (sign && size >= SIGN_MIN).then(|| SignSink::new(ChunkSizes::for_size(size))),
+            signer: cache.and_then(|c| c.signing(size)),
         }
     }
 
+    /// Hashes the body's next bytes ([`write_hashed`] does it beside the write).
     pub(super) fn update(&mut self, data: &[u8]) {
         self.hasher.update(data);
+    }
+
+    /// Queues the body's next bytes for signing (in the body's order, like `update`).
+    pub(super) fn sign(&mut self, data: &Bytes) {
         if let Some(s) = self.signer.as_mut() {
             s.push(data);
         }
     }
 
-    /// The body's hash, and its signatures if it was signed.
-    pub(super) fn finish(self) -> (blake3::Hash, Option<Signatures>) {
-        let sigs = self.signer.map(|s| {
-            let sizes = s.sizes();
-            let (lengths, hashes) = s.finish();
-            Signatures {
-                sizes,
-                lengths,
-                hashes,
-            }
-        });
-        (self.hasher.finalize(), sigs)
+    /// The body's hash, and its signatures' ticket if it is being signed.
+    pub(super) fn finish(self) -> (blake3::Hash, Option<Ticket>) {
+        (
+            self.hasher.finalize(),
+            self.signer.and_then(Signing::finish),
+        )
     }
 }
 
