@@ -3,7 +3,7 @@
 //! hashes for the same reason). GetSignatures answers from here when the file is still
 //! that body, and otherwise reads it as before.
 //!
-//! A body is cut as it is written, on one thread at the lowest priority (nice 19) fed
+//! A body is cut as it is written, on one thread at idle priority (SCHED_IDLE) fed
 //! the written bytes through a queue of at most [`QUEUE_BYTES`]: signing takes only CPU
 //! the transfer leaves idle, all it needs behind a slow link and none a fast link's
 //! transfer wants. A body whose bytes find the queue full is not signed (its next delta
@@ -38,7 +38,7 @@ pub const DEFAULT_BUDGET: u64 = 64 * 1024 * 1024;
 
 /// Written bytes waiting for the signing thread, at most: a body that would pass it is
 /// not signed.
-pub const QUEUE_BYTES: u64 = 64 * 1024 * 1024;
+pub const QUEUE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The signatures of one body, as GetSignatures sends them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,8 +295,15 @@ impl Signing {
 /// The signing thread: cuts bodies from the bytes queued for them, with only the CPU
 /// nothing else wants.
 fn sign_idle(rx: mpsc::Receiver<Work>, cache: Weak<SigCache>, queued: Arc<AtomicU64>) {
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-        tracing::warn!(error = %e, "cannot lower the signing thread's priority");
+    // SCHED_IDLE: any other thread that wakes takes the CPU at once (at nice 19 it would
+    // wait out the running slice, which on a CPU-bound fast link costs ~10%).
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+        tracing::warn!(error = ?e, "cannot give the signing thread idle priority");
     }
     for w in rx {
         match w {
