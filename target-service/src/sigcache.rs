@@ -405,13 +405,13 @@ mod tests {
         // The thread waits for this body's slot: what follows stays queued.
         held.push(&Bytes::from(vec![1u8; 4096]));
         let mut big = cache.signing(1 << 30).unwrap();
-        let piece = Bytes::from(vec![2u8; 16 << 20]);
-        for _ in 1..(QUEUE_BYTES >> 24) {
+        let piece = Bytes::from(vec![2u8; QUEUE_BYTES as usize / 4]);
+        for _ in 0..3 {
             big.push(&piece);
         }
-        assert!(big.live, "4 KiB and all but 16 MiB of the bound are queued");
+        assert!(big.live, "4 KiB and three quarters of the bound are queued");
         big.push(&piece);
-        assert!(!big.live, "16 MiB more is past the bound");
+        assert!(!big.live, "a quarter more is past the bound");
         assert_eq!(counters.unsigned.get(), 1);
         drop(busy);
         assert!(big.finish().is_none());
