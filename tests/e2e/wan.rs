@@ -62,6 +62,22 @@ impl Bed {
         assert!(line.contains("listening on"), "{args:?}: {line}");
         (child, out)
     }
+
+    /// A delaying proxy in the namespace in front of `to`, `ms` each way: the URL that
+    /// reaches `to` through it, and the proxy (stopped when dropped).
+    pub fn delayed(&self, to: &str, ms: u32) -> (String, Killed) {
+        let proxied = format!("{}:7000", self.inner_ip());
+        let (proxy, _) = self.run(&[
+            script("delay_proxy.py").to_str().unwrap(),
+            "--listen",
+            &proxied,
+            "--to",
+            to,
+            "--delay-ms",
+            &ms.to_string(),
+        ]);
+        (format!("http://{proxied}"), Killed(proxy))
+    }
 }
 
 impl Drop for Bed {
@@ -83,7 +99,7 @@ fn bed(args: &[&str]) {
     );
 }
 
-struct Killed(Child);
+pub struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -112,21 +128,11 @@ fn a_job_across_a_slow_far_link_with_a_cut_lands_exact() {
     }
     write(&src, "video.mp4", &bytes(99, 8 << 20));
     let target = App::target(tmp.path()).site(&dst).netns(&bed.ns()).spawn();
-    let proxied = format!("{}:7000", bed.inner_ip());
-    let (proxy, _) = bed.run(&[
-        script("delay_proxy.py").to_str().unwrap(),
-        "--listen",
-        &proxied,
-        "--to",
-        &target.addr,
-        "--delay-ms",
-        "80",
-    ]);
-    let _proxy = Killed(proxy);
+    let (url, _proxy) = bed.delayed(&target.addr, 80);
     let config = write_config_with_target(
         tmp.path(),
         &src,
-        &format!("http://{proxied}"),
+        &url,
         "package_bytes = 1048576\nretry_budget = 30",
         "",
     );
@@ -237,21 +243,11 @@ fn the_bandwidth_limit_holds_across_a_long_round_trip() {
     let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
     write(&src, "big.bin", &bytes(7, 8 << 20));
     let target = App::target(tmp.path()).site(&dst).netns(&bed.ns()).spawn();
-    let proxied = format!("{}:7000", bed.inner_ip());
-    let (proxy, _) = bed.run(&[
-        script("delay_proxy.py").to_str().unwrap(),
-        "--listen",
-        &proxied,
-        "--to",
-        &target.addr,
-        "--delay-ms",
-        "1000",
-    ]);
-    let _proxy = Killed(proxy);
+    let (url, _proxy) = bed.delayed(&target.addr, 1000);
     let config = write_config_with_target(
         tmp.path(),
         &src,
-        &format!("http://{proxied}"),
+        &url,
         "package_bytes = 1048576",
         "  bwlimit = \"400KiB/s\"\n",
     );
