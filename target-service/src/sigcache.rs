@@ -245,24 +245,24 @@ impl Signing {
         self.sizes
     }
 
-    /// The body's next bytes.
-    pub fn push(&mut self, data: &Bytes) {
+    /// The body's next bytes. False once the body is left unsigned.
+    pub fn push(&mut self, data: &Bytes) -> bool {
         if !self.live {
-            return;
+            return false;
         }
         let n = data.len() as u64;
         let queued = &self.cache.queued;
         if queued.fetch_add(n, Ordering::Relaxed) + n > QUEUE_BYTES {
             queued.fetch_sub(n, Ordering::Relaxed);
-            return self.abandon();
-        }
-        if self
+            self.abandon();
+        } else if self
             .work
             .send(Work::Data(self.ticket.clone(), data.clone()))
             .is_err()
         {
             self.abandon();
         }
+        self.live
     }
 
     /// Chunks of `sigs` known to come next, at a cut ([`SignSink::push_known`]).
@@ -403,15 +403,20 @@ mod tests {
         let slot = held.ticket.clone();
         let busy = slot.0.lock().unwrap();
         // The thread waits for this body's slot: what follows stays queued.
-        held.push(&Bytes::from(vec![1u8; 4096]));
+        assert!(held.push(&Bytes::from(vec![1u8; 4096])));
         let mut big = cache.signing(1 << 30).unwrap();
         let piece = Bytes::from(vec![2u8; QUEUE_BYTES as usize / 4]);
         for _ in 0..3 {
-            big.push(&piece);
+            assert!(
+                big.push(&piece),
+                "4 KiB and three quarters of the bound queued"
+            );
         }
-        assert!(big.live, "4 KiB and three quarters of the bound are queued");
-        big.push(&piece);
-        assert!(!big.live, "a quarter more is past the bound");
+        assert!(!big.push(&piece), "a quarter more is past the bound");
+        assert!(
+            !big.push(&Bytes::from_static(b"x")),
+            "and it stays unsigned"
+        );
         assert_eq!(counters.unsigned.get(), 1);
         drop(busy);
         assert!(big.finish().is_none());

@@ -212,10 +212,13 @@ impl Digest {
         self.hasher.update(data);
     }
 
-    /// Queues the body's next bytes for signing (in the body's order, like `update`).
+    /// Queues the body's next bytes for signing (in the body's order, like `update`); a
+    /// body left unsigned drops its signer.
     pub(super) fn sign(&mut self, data: &Bytes) {
-        if let Some(s) = self.signer.as_mut() {
-            s.push(data);
+        if let Some(s) = self.signer.as_mut()
+            && !s.push(data)
+        {
+            self.signer = None;
         }
     }
 
