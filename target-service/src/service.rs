@@ -186,8 +186,7 @@ impl TargetService {
                     self.inner.settings.direct_io
                         && self.inner.settings.durability != Durability::None,
                 );
-                files.sigcache = (self.inner.settings.signature_cache_bytes > 0)
-                    .then(|| self.inner.sigcache.clone());
+                files.sigcache = self.inner.sigcache.clone();
                 Arc::new(SessionState {
                     files: Mutex::new(files),
                     publishing: Mutex::new(false),

@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use cms_mirror::model::{ChangeAction, ErrorCode, Item, Kind, hex, parent};
 use cms_mirror::pb;
 
@@ -20,7 +21,6 @@ use super::writer::{
 };
 use super::{Applied, Body, LateTime, Publish, SiteFs, io_item_error, item_error, staged_name};
 use crate::sigcache::{SigCache, Signatures};
-use bytes::Bytes;
 
 /// A file whose body is arriving over several entries (possibly several packages).
 pub(super) struct OpenFile {
@@ -73,10 +73,10 @@ pub struct SessionFiles {
     /// Drop a package's bodies from the page cache once they are durable (see
     /// [`publish`]).
     pub(super) drop_cache: bool,
-    /// The target's signatures of written bodies (`None`: none kept, and bodies are not
-    /// signed); a delta's copies take their chunks' signatures from its basis's instead
-    /// of cutting the copied bytes again.
-    pub sigcache: Option<Arc<SigCache>>,
+    /// The target's signatures of written bodies (one without a budget, as made here,
+    /// keeps none and signs nothing); a delta's copies take their chunks' signatures
+    /// from its basis's instead of cutting the copied bytes again.
+    pub sigcache: Arc<SigCache>,
 }
 
 impl SessionFiles {
@@ -93,7 +93,7 @@ impl SessionFiles {
             helpers: Vec::new(),
             deferred_writer: Arc::new(Mutex::new(BodyWriter::new(direct_io))),
             drop_cache: direct_io,
-            sigcache: None,
+            sigcache: SigCache::new(0, Default::default()),
         }
     }
 }
@@ -145,7 +145,7 @@ pub(super) fn write_wholes(
     site: &SiteFs,
     session_dir: &Path,
     wholes: Vec<WholeFile>,
-    cache: Option<&Arc<SigCache>>,
+    cache: &Arc<SigCache>,
     writer: &mut BodyWriter,
     helpers: &mut Vec<BodyWriter>,
 ) -> Vec<Result<(Publish, u64), (String, pb::ItemError)>> {
@@ -211,7 +211,7 @@ pub(super) fn write_whole(
     dirs: &mut DestDirs,
     writer: &mut BodyWriter,
     w: WholeFile,
-    cache: Option<&Arc<SigCache>>,
+    cache: &Arc<SigCache>,
 ) -> Result<(Publish, u64), pb::ItemError> {
     let WholeFile { mut item, data } = w;
     let path = item.path.clone();
@@ -359,8 +359,7 @@ pub(super) fn data(
     let last = d.last;
     let blake3 = std::mem::take(&mut d.blake3);
     if copy {
-        let cache = sess.sigcache.as_deref();
-        copy_chunk(site, &mut sess.writer, cache, of, d, deferred, out)?;
+        copy_chunk(site, &mut sess.writer, &sess.sigcache, of, d, deferred, out)?;
     } else {
         write_chunk(&mut sess.writer, of, d, deferred, out)?;
     }
@@ -418,7 +417,7 @@ const COPY_PIECE: usize = DIRECT_PIECE;
 fn copy_chunk(
     site: &SiteFs,
     writer: &mut BodyWriter,
-    cache: Option<&SigCache>,
+    cache: &SigCache,
     of: &mut OpenFile,
     d: pb::FileData,
     deferred: &mut Vec<Deferred>,
@@ -447,9 +446,8 @@ fn copy_chunk(
             .as_ref()
             .and_then(|g| g.signer.as_ref())
             .map(|s| s.sizes());
-        of.basis_sigs = cache
-            .zip(signed_with)
-            .and_then(|(c, sizes)| c.get(&md, sizes))
+        of.basis_sigs = signed_with
+            .and_then(|sizes| cache.get(&md, sizes))
             .map(|sigs| {
                 let mut starts = Vec::with_capacity(sigs.lengths.len() + 1);
                 let mut at = 0u64;
@@ -478,10 +476,6 @@ fn copy_chunk(
         let end = starts.binary_search(&(d.copy_from + d.copy_len)).ok()?;
         (end > first).then(|| (sigs.clone(), first..end))
     });
-    let signer = match &known {
-        Some(_) => of.digest.as_mut().and_then(|g| g.signer.take()),
-        None => None,
-    };
     let align = cms_mirror::package::BODY_ALIGN;
     let mut buf = vec![0u8; COPY_PIECE.min(d.copy_len as usize)];
     let mut done = 0u64;
@@ -497,15 +491,18 @@ fn copy_chunk(
             of.basis = None;
             return Err(changed(e.to_string()));
         }
-        if let Some(g) = of.digest.as_mut().filter(|g| g.signer.is_some()) {
+        if known.is_none()
+            && let Some(g) = of.digest.as_mut().filter(|g| g.signer.is_some())
+        {
             g.sign(&Bytes::copy_from_slice(&buf[..n]));
         }
         write_now(writer, of, &path, &buf[..n], at, deferred, out)?;
         done += n as u64;
     }
-    if let (Some(mut s), Some((sigs, range)), Some(g)) = (signer, known, of.digest.as_mut()) {
+    if let Some((sigs, range)) = known
+        && let Some(s) = of.digest.as_mut().and_then(|g| g.signer.as_mut())
+    {
         s.push_known(&sigs, range);
-        g.signer = Some(s);
     }
     Ok(())
 }

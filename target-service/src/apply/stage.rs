@@ -318,7 +318,7 @@ impl Stager<'_> {
         let (file, tmp, dir) = create_body(self.site, &sess.dir, &mut self.dirs, &item)?;
         if item.size > 0 {
             let path = item.path.clone();
-            let digest = Some(Digest::new(item.size, sess.sigcache.as_ref()));
+            let digest = Some(Digest::new(item.size, &sess.sigcache));
             let of = OpenFile {
                 meta: item,
                 file,
@@ -452,7 +452,7 @@ impl Stager<'_> {
             self.site,
             &sess.dir,
             wholes,
-            sess.sigcache.as_ref(),
+            &sess.sigcache,
             &mut sess.writer,
             &mut sess.helpers,
         );

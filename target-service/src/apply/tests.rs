@@ -563,7 +563,7 @@ fn written_bodies_carry_the_signatures_a_fresh_cut_gives() {
     let site = site_in(&root);
     let cache = crate::sigcache::SigCache::new(1 << 20, Default::default());
     let mut sess = SessionFiles::new(site.session_dir("s"), false);
-    sess.sigcache = Some(cache.clone());
+    sess.sigcache = cache.clone();
     let old: Vec<u8> = {
         let mut r = fastrand::Rng::with_seed(11);
         (0..3 << 20).map(|_| r.u8(..)).collect()

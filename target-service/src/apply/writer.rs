@@ -199,11 +199,12 @@ pub(super) struct Digest {
 }
 
 impl Digest {
-    /// `cache`: sign the body for it too (if it is large enough).
-    pub(super) fn new(size: u64, cache: Option<&Arc<SigCache>>) -> Digest {
+    /// `cache`: sign the body for it too (if it is large enough and the cache keeps
+    /// signatures).
+    pub(super) fn new(size: u64, cache: &Arc<SigCache>) -> Digest {
         Digest {
             hasher: blake3::Hasher::new(),
-            signer: cache.and_then(|c| c.signing(size)),
+            signer: cache.signing(size),
         }
     }
 
